@@ -1,0 +1,105 @@
+"""The one error tree of dtx.
+
+Every error dtx raises derives from :class:`DtxError`. Errors that describe
+a fault of *this* side (bad arguments, sending on a closed session) derive
+from :class:`LocalProtocolError`; faults of the *remote* side (malformed
+input, a wrong key) derive from :class:`RemoteProtocolError`, in the manner
+of h11. Decoders raise :class:`DecodeError` and nothing else.
+"""
+
+from __future__ import annotations
+
+
+class DtxError(Exception):
+    """Base of every error dtx raises."""
+
+
+class LocalProtocolError(DtxError):
+    """This side did something the protocol does not allow."""
+
+
+class RemoteProtocolError(DtxError):
+    """The remote side sent something the protocol does not allow."""
+
+
+class DecodeError(RemoteProtocolError):
+    """Bytes that do not decode as the expected wire format."""
+
+
+# -- identity and trust -----------------------------------------------------
+
+
+class KeyFileError(DtxError):
+    """A device key file is missing, malformed or readable by others."""
+
+
+class VCardError(DtxError):
+    """A vCard could not be parsed or does not have the expected shape."""
+
+
+class TrustError(DtxError):
+    """A peer's key is not one that may speak for the JID it claims."""
+
+
+class UnknownPeerError(TrustError):
+    """No trusted key is known for the JID (no vCard, no pin)."""
+
+
+class UntrustedKeyError(TrustError):
+    """The peer's key is not among the keys trusted for its JID."""
+
+    def __init__(self, jid: str, fingerprint: str, trusted: list[str]) -> None:
+        self.jid = jid
+        self.fingerprint = fingerprint
+        self.trusted = trusted
+        listed = ", ".join(trusted) if trusted else "none"
+        super().__init__(
+            f"key {fingerprint} is not trusted for {jid} (trusted: {listed})"
+        )
+
+
+class PinMismatchError(TrustError):
+    """The peer's key differs from the key pinned for its JID."""
+
+    def __init__(self, jid: str, pinned: str, presented: str) -> None:
+        self.jid = jid
+        self.pinned = pinned
+        self.presented = presented
+        super().__init__(
+            f"key for {jid} changed: pinned {pinned}, presented {presented}; "
+            f"if the device really has a new key, remove the pin "
+            f"(dtx pin forget {jid}) and connect again"
+        )
+
+
+# -- sessions -----------------------------------------------------------------
+
+
+class AuthenticationError(RemoteProtocolError):
+    """The session handshake failed: the peer's key or proof was refused,
+    or the peer refused ours."""
+
+
+class StreamError(RemoteProtocolError):
+    """An XML stream error (RFC 6120 section 4.9), sent or received.
+
+    ``condition`` is the defined condition's element name, for example
+    ``not-well-formed`` or ``policy-violation``.
+    """
+
+    def __init__(self, condition: str, text: str = "") -> None:
+        self.condition = condition
+        self.text = text
+        super().__init__(f"{condition}: {text}" if text else condition)
+
+
+class StanzaTooLargeError(LocalProtocolError):
+    """A stanza does not fit where the application asked to send it."""
+
+
+class SessionClosedError(DtxError):
+    """The session is closed; nothing more can be sent or received on it."""
+
+
+class ConnectError(DtxError):
+    """A session could not be established (timeout, no route, refused)."""
