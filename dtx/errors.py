@@ -37,6 +37,14 @@ class VCardError(DtxError):
     """A vCard could not be parsed or does not have the expected shape."""
 
 
+class JIDError(DtxError):
+    """A string is not a JID dtx accepts (RFC 7622, in a simplified form)."""
+
+
+class FingerprintError(DtxError):
+    """A string is not a key fingerprint in the form dtx prints."""
+
+
 class TrustError(DtxError):
     """A peer's key is not one that may speak for the JID it claims."""
 
