@@ -111,3 +111,10 @@ class SessionClosedError(DtxError):
 
 class ConnectError(DtxError):
     """A session could not be established (timeout, no route, refused)."""
+
+
+# -- NAT lab ----------------------------------------------------------------
+
+
+class LabError(DtxError):
+    """The network lab could not be built, changed or torn down."""
