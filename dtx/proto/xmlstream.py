@@ -1,0 +1,703 @@
+"""Sans-IO XML stream parser and serialiser (RFC 6120 framing, XEP-0174 rules).
+
+Two dtx peers run one XML stream over one bidirectional QUIC stream. Bytes
+arrive split anywhere; :class:`XmlStreamParser` turns them into
+:data:`XmlEvent` values and turns every hostile or malformed input into a
+:class:`dtx.errors.StreamError` carrying the RFC 6120 condition to send back.
+
+The parser drives ``xml.parsers.expat`` directly, with handlers that *reject*
+everything RFC 6120 section 11.1 forbids (DTDs, entity declarations and
+references beyond the five predefined ones, comments, processing
+instructions). It does not rely on expat's own amplification protection:
+a document type declaration is refused before any entity can be declared.
+
+Memory is bounded by ``max_stanza_bytes``: input is handed to expat in
+slices no longer than the limit, and after each slice the bytes of the
+stanza (or pending token) in progress are counted, so a 64 MB text node
+fails after about ``max_stanza_bytes``, not after buffering 64 MB.
+
+See ``docs/xml-stream.md`` for the limits and the error mapping.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Final, Union
+from xml.etree.ElementTree import Element
+from xml.parsers import expat
+
+from dtx.errors import LocalProtocolError, StreamError
+
+__all__ = [
+    "DEFAULT_MAX_DEPTH",
+    "DEFAULT_MAX_STANZA_BYTES",
+    "MIN_MAX_STANZA_BYTES",
+    "NS_CLIENT",
+    "NS_STREAM",
+    "NS_STREAMS_ERR",
+    "NS_XML",
+    "Condition",
+    "StanzaReceived",
+    "StreamClosed",
+    "StreamErrorReceived",
+    "StreamOpened",
+    "XmlEvent",
+    "XmlStreamParser",
+    "XmlStreamStatistics",
+    "encode_stanza",
+    "encode_stream_error",
+    "encode_stream_footer",
+    "encode_stream_header",
+]
+
+logger = logging.getLogger(__name__)
+
+NS_CLIENT: Final = "jabber:client"
+NS_STREAM: Final = "http://etherx.jabber.org/streams"
+NS_STREAMS_ERR: Final = "urn:ietf:params:xml:ns:xmpp-streams"
+NS_XML: Final = "http://www.w3.org/XML/1998/namespace"
+
+#: Default limit on one stanza, counted in input bytes from its ``<``.
+DEFAULT_MAX_STANZA_BYTES: Final = 256 * 1024
+#: RFC 6120 section 13.12 requires accepting stanzas of at least 10000 bytes.
+MIN_MAX_STANZA_BYTES: Final = 10_000
+#: Default limit on nesting inside a stanza; the stanza element is depth 1.
+DEFAULT_MAX_DEPTH: Final = 32
+
+
+class Condition(enum.StrEnum):
+    """Defined stream error conditions (RFC 6120 section 4.9.3)."""
+
+    BAD_FORMAT = "bad-format"
+    BAD_NAMESPACE_PREFIX = "bad-namespace-prefix"
+    CONFLICT = "conflict"
+    CONNECTION_TIMEOUT = "connection-timeout"
+    HOST_GONE = "host-gone"
+    HOST_UNKNOWN = "host-unknown"
+    IMPROPER_ADDRESSING = "improper-addressing"
+    INTERNAL_SERVER_ERROR = "internal-server-error"
+    INVALID_FROM = "invalid-from"
+    INVALID_NAMESPACE = "invalid-namespace"
+    INVALID_XML = "invalid-xml"
+    NOT_AUTHORIZED = "not-authorized"
+    NOT_WELL_FORMED = "not-well-formed"
+    POLICY_VIOLATION = "policy-violation"
+    REMOTE_CONNECTION_FAILED = "remote-connection-failed"
+    RESET = "reset"
+    RESOURCE_CONSTRAINT = "resource-constraint"
+    RESTRICTED_XML = "restricted-xml"
+    SEE_OTHER_HOST = "see-other-host"
+    SYSTEM_SHUTDOWN = "system-shutdown"
+    UNDEFINED_CONDITION = "undefined-condition"
+    UNSUPPORTED_ENCODING = "unsupported-encoding"
+    UNSUPPORTED_FEATURE = "unsupported-feature"
+    UNSUPPORTED_STANZA_TYPE = "unsupported-stanza-type"
+    UNSUPPORTED_VERSION = "unsupported-version"
+
+
+_CONDITIONS: Final = frozenset(c.value for c in Condition)
+
+# -- events -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StreamOpened:
+    """The peer's stream header arrived.
+
+    ``attrs`` holds the header's attributes in Clark notation: ``to``,
+    ``from``, ``id``, ``version``, ``{http://www.w3.org/XML/1998/namespace}lang``.
+    """
+
+    attrs: dict[str, str]
+
+
+@dataclass(frozen=True)
+class StanzaReceived:
+    """One complete top-level stanza: ``{jabber:client}message|presence|iq``."""
+
+    element: Element
+
+
+@dataclass(frozen=True)
+class StreamErrorReceived:
+    """The peer sent ``<stream:error>``; it will close the stream next."""
+
+    condition: str
+    text: str
+
+
+@dataclass(frozen=True)
+class StreamClosed:
+    """The peer sent ``</stream:stream>``."""
+
+
+XmlEvent = Union[StreamOpened, StanzaReceived, StreamErrorReceived, StreamClosed]
+
+
+@dataclass(frozen=True)
+class XmlStreamStatistics:
+    """Counters of one parser: input bytes and top-level stanzas seen."""
+
+    bytes_received: int
+    stanzas_received: int
+
+
+# -- parser -----------------------------------------------------------------
+
+_SEP: Final = "}"
+_STREAM_TAG: Final = "{" + NS_STREAM + "}stream"
+_STANZA_TAGS: Final = frozenset(
+    "{" + NS_CLIENT + "}" + name for name in ("message", "presence", "iq")
+)
+_ERROR_TAG: Final = "{" + NS_STREAM + "}error"
+_FEATURES_TAG: Final = "{" + NS_STREAM + "}features"
+_ERR_TEXT_TAG: Final = "{" + NS_STREAMS_ERR + "}text"
+_ERR_PREFIX: Final = "{" + NS_STREAMS_ERR + "}"
+
+#: Bound on the name caches (ours and expat's interning dict): a peer that
+#: sends endless distinct element names must not grow memory without end.
+_NAME_CACHE_MAX: Final = 4096
+#: Input is handed to expat in slices of at most this many bytes.
+_SLICE_BYTES: Final = 64 * 1024
+
+_ERR = expat.errors
+# expat error code -> RFC 6120 condition; anything else is not-well-formed.
+_EXPAT_CONDITIONS: Final[dict[int, Condition]] = {
+    _ERR.codes[_ERR.XML_ERROR_UNDEFINED_ENTITY]: Condition.RESTRICTED_XML,
+    _ERR.codes[_ERR.XML_ERROR_RECURSIVE_ENTITY_REF]: Condition.RESTRICTED_XML,
+    _ERR.codes[_ERR.XML_ERROR_PARAM_ENTITY_REF]: Condition.RESTRICTED_XML,
+    _ERR.codes[_ERR.XML_ERROR_BINARY_ENTITY_REF]: Condition.RESTRICTED_XML,
+    _ERR.codes[_ERR.XML_ERROR_ATTRIBUTE_EXTERNAL_ENTITY_REF]: (
+        Condition.RESTRICTED_XML
+    ),
+    _ERR.codes[_ERR.XML_ERROR_EXTERNAL_ENTITY_HANDLING]: Condition.RESTRICTED_XML,
+    _ERR.codes[_ERR.XML_ERROR_UNBOUND_PREFIX]: Condition.BAD_NAMESPACE_PREFIX,
+    _ERR.codes[_ERR.XML_ERROR_UNKNOWN_ENCODING]: Condition.UNSUPPORTED_ENCODING,
+    _ERR.codes[_ERR.XML_ERROR_INCORRECT_ENCODING]: Condition.UNSUPPORTED_ENCODING,
+}
+_AMPLIFICATION_CODE = getattr(_ERR, "XML_ERROR_AMPLIFICATION_LIMIT_BREACH", None)
+if _AMPLIFICATION_CODE is not None:  # expat >= 2.4
+    _EXPAT_CONDITIONS[_ERR.codes[_AMPLIFICATION_CODE]] = Condition.RESTRICTED_XML
+
+
+class _State(enum.Enum):
+    """Where the parser is in the stream."""
+
+    HEADER = "header"  # waiting for <stream:stream>
+    OPEN = "open"  # between or inside top-level elements
+    CLOSED = "closed"  # </stream:stream> seen; further input is ignored
+    FAILED = "failed"  # a StreamError was raised; it is raised again
+
+
+class _Closed(Exception):
+    """Raised from the end handler to stop expat at ``</stream:stream>``."""
+
+
+@dataclass
+class _Config:
+    max_stanza_bytes: int
+    max_depth: int
+    slice_bytes: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.slice_bytes = min(_SLICE_BYTES, self.max_stanza_bytes)
+
+
+class XmlStreamParser:
+    """Incremental, strict parser of one inbound XML stream.
+
+    Feed bytes as they arrive; get events back. On any fault the parser
+    raises :class:`~dtx.errors.StreamError` whose ``condition`` is the
+    RFC 6120 stream error to send; it is then dead and raises the same error
+    on every later :meth:`feed`. After ``</stream:stream>`` further input,
+    including the rest of the same chunk, is ignored.
+
+    ``max_depth`` counts nesting inside one stanza: the stanza element is at
+    depth 1, its children at depth 2, and so on.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_stanza_bytes: int = DEFAULT_MAX_STANZA_BYTES,
+        max_depth: int = DEFAULT_MAX_DEPTH,
+    ) -> None:
+        if max_stanza_bytes < MIN_MAX_STANZA_BYTES:
+            raise LocalProtocolError(
+                f"max_stanza_bytes must be at least {MIN_MAX_STANZA_BYTES}"
+                f" (RFC 6120 section 13.12), not {max_stanza_bytes}"
+            )
+        if max_depth < 1:
+            raise LocalProtocolError(f"max_depth must be at least 1, not {max_depth}")
+        self._config = _Config(max_stanza_bytes, max_depth)
+        self._state = _State.HEADER
+        self._error: StreamError | None = None
+        self._events: list[XmlEvent] = []
+        self._fed = 0  # bytes handed to expat so far
+        self._stanzas = 0
+        # Element tree of the top-level element in progress.
+        self._depth = 0  # 0 outside the stream, 1 at stream level, 2 a stanza
+        self._stack: list[Element] = []
+        self._last: Element | None = None  # last element opened or closed
+        self._tail = False  # True: text goes to _last.tail, else _last.text
+        self._text: list[str] = []
+        self._top_start = 0  # byte index of the top-level element's '<'
+        self._default_ns: str | None = None
+        self._names: dict[str, str] = {}
+        self._intern: dict[str, str] = {}
+        self._parser = self._make_expat()
+
+    # -- public --------------------------------------------------------------
+
+    def feed(self, data: bytes) -> list[XmlEvent]:
+        """Parse ``data`` and return the events it completes.
+
+        Raises :class:`~dtx.errors.StreamError` only.
+        """
+        if self._error is not None:
+            raise self._error
+        if self._state is _State.CLOSED or not data:
+            return []
+        step = self._config.slice_bytes
+        view = memoryview(data)
+        try:
+            for offset in range(0, len(data), step):
+                chunk = view[offset : offset + step]
+                self._fed += len(chunk)
+                self._parser.Parse(chunk, False)
+                self._check_pending()
+        except _Closed:
+            pass
+        except StreamError as exc:
+            self._fail(exc)
+        except expat.ExpatError as exc:
+            code = exc.code if isinstance(exc.code, int) else -1
+            condition = _EXPAT_CONDITIONS.get(code, Condition.NOT_WELL_FORMED)
+            self._fail(StreamError(condition, expat.errors.messages.get(code, str(exc))))
+        except RecursionError:  # pragma: no cover - defensive, depth is bounded
+            self._fail(StreamError(Condition.POLICY_VIOLATION, "nesting too deep"))
+        events, self._events = self._events, []
+        return events
+
+    def statistics(self) -> XmlStreamStatistics:
+        """Bytes fed and top-level stanzas received so far."""
+        return XmlStreamStatistics(self._fed, self._stanzas)
+
+    @property
+    def closed(self) -> bool:
+        """True once ``</stream:stream>`` was parsed."""
+        return self._state is _State.CLOSED
+
+    # -- internals -----------------------------------------------------------
+
+    def _make_expat(self) -> expat.XMLParserType:
+        p = expat.ParserCreate("UTF-8", _SEP, intern=self._intern)
+        p.buffer_text = True
+        p.ordered_attributes = False
+        p.specified_attributes = True
+        p.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
+        p.StartElementHandler = self._start
+        p.EndElementHandler = self._end
+        p.CharacterDataHandler = self._chars
+        p.XmlDeclHandler = self._xml_decl
+        p.StartNamespaceDeclHandler = self._ns_decl
+        p.StartDoctypeDeclHandler = self._reject_dtd
+        p.EntityDeclHandler = self._reject_entity
+        p.UnparsedEntityDeclHandler = self._reject_entity
+        p.NotationDeclHandler = self._reject_dtd
+        p.ElementDeclHandler = self._reject_dtd
+        p.AttlistDeclHandler = self._reject_dtd
+        p.ExternalEntityRefHandler = self._reject_external
+        p.SkippedEntityHandler = self._reject_skipped
+        p.CommentHandler = self._reject_comment
+        p.ProcessingInstructionHandler = self._reject_pi
+        return p
+
+    def _fail(self, exc: StreamError) -> None:
+        self._state = _State.FAILED
+        self._error = exc
+        self._events = []
+        self._stack = []
+        self._text = []
+        self._last = None
+        logger.debug("xml stream failed: %s", exc)
+        raise exc
+
+    def _check_pending(self) -> None:
+        """Fail if the element (or token) in progress outgrew the limit."""
+        if self._depth >= 2:
+            size = self._fed - self._top_start
+        else:
+            size = self._fed - self._parser.CurrentByteIndex
+        if size > self._config.max_stanza_bytes:
+            raise StreamError(
+                Condition.POLICY_VIOLATION,
+                f"stanza exceeds {self._config.max_stanza_bytes} bytes",
+            )
+        if len(self._intern) > _NAME_CACHE_MAX:
+            self._intern.clear()
+        if len(self._names) > _NAME_CACHE_MAX:
+            self._names.clear()
+
+    def _fixname(self, name: str) -> str:
+        if _SEP in name:
+            fixed = "{" + name
+        else:
+            fixed = name
+        self._names[name] = fixed
+        return fixed
+
+    def _flush_text(self) -> None:
+        text = "".join(self._text)
+        self._text = []
+        last = self._last
+        if last is None:  # pragma: no cover - text is only kept inside elements
+            return
+        if self._tail:
+            last.tail = text if last.tail is None else last.tail + text
+        else:
+            last.text = text if last.text is None else last.text + text
+
+    def _start(self, name: str, attrs: dict[str, str]) -> None:
+        if self._text:
+            self._flush_text()
+        try:
+            tag = self._names[name]
+        except KeyError:
+            tag = self._fixname(name)
+        if attrs:
+            for key in attrs:
+                if _SEP in key:
+                    attrs = {
+                        ("{" + k if _SEP in k else k): v for k, v in attrs.items()
+                    }
+                    break
+        depth = self._depth + 1
+        self._depth = depth
+        if depth > 2:
+            if depth - 1 > self._config.max_depth:
+                raise StreamError(
+                    Condition.POLICY_VIOLATION,
+                    f"stanza nested deeper than {self._config.max_depth}",
+                )
+            parent = self._stack[-1]
+            elem = parent.makeelement(tag, attrs)
+            parent.append(elem)
+            self._stack.append(elem)
+            self._last = elem
+            self._tail = False
+        elif depth == 2:
+            if tag not in _STANZA_TAGS and tag != _ERROR_TAG and tag != _FEATURES_TAG:
+                raise StreamError(
+                    Condition.UNSUPPORTED_STANZA_TYPE, f"unexpected element {tag}"
+                )
+            self._top_start = self._parser.CurrentByteIndex
+            elem = Element(tag, attrs)
+            self._stack.append(elem)
+            self._last = elem
+            self._tail = False
+        else:
+            self._open_stream(tag, attrs)
+
+    def _open_stream(self, tag: str, attrs: dict[str, str]) -> None:
+        if tag != _STREAM_TAG:
+            local = tag.rpartition("}")[2]
+            if local == "stream":
+                raise StreamError(
+                    Condition.INVALID_NAMESPACE,
+                    f"stream element in namespace {tag[1:].partition('}')[0]!r}",
+                )
+            raise StreamError(
+                Condition.NOT_WELL_FORMED, f"first element is {tag}, not stream"
+            )
+        if self._default_ns != NS_CLIENT:
+            raise StreamError(
+                Condition.INVALID_NAMESPACE,
+                f"content namespace is {self._default_ns!r}, not {NS_CLIENT!r}",
+            )
+        version = attrs.get("version")
+        if version is not None:
+            major, _, minor = version.partition(".")
+            if not (major.isdigit() and minor.isdigit()):
+                raise StreamError(
+                    Condition.UNSUPPORTED_VERSION, f"bad version {version!r}"
+                )
+            if int(major) != 1:
+                raise StreamError(
+                    Condition.UNSUPPORTED_VERSION, f"version {version} not supported"
+                )
+        self._parser.StartNamespaceDeclHandler = None
+        self._state = _State.OPEN
+        self._events.append(StreamOpened(dict(attrs)))
+
+    def _end(self, name: str) -> None:
+        if self._text:
+            self._flush_text()
+        depth = self._depth
+        self._depth = depth - 1
+        if depth > 2:
+            self._last = self._stack.pop()
+            self._tail = True
+            return
+        if depth == 2:
+            elem = self._stack.pop()
+            self._last = None
+            size = self._parser.CurrentByteIndex - self._top_start
+            if size > self._config.max_stanza_bytes:
+                raise StreamError(
+                    Condition.POLICY_VIOLATION,
+                    f"stanza exceeds {self._config.max_stanza_bytes} bytes",
+                )
+            tag = elem.tag
+            if tag in _STANZA_TAGS:
+                self._stanzas += 1
+                self._events.append(StanzaReceived(elem))
+            elif tag == _ERROR_TAG:
+                self._events.append(_stream_error_event(elem))
+            return
+        self._state = _State.CLOSED
+        self._events.append(StreamClosed())
+        raise _Closed
+
+    def _chars(self, data: str) -> None:
+        if self._depth >= 2:
+            self._text.append(data)
+        elif not data.isspace():
+            raise StreamError(
+                Condition.BAD_FORMAT, "text outside stanzas (only whitespace allowed)"
+            )
+
+    def _xml_decl(self, version: str, encoding: str | None, standalone: int) -> None:
+        if encoding is not None and encoding.lower() not in ("utf-8", "utf8"):
+            raise StreamError(
+                Condition.UNSUPPORTED_ENCODING, f"encoding {encoding!r}, not UTF-8"
+            )
+
+    def _ns_decl(self, prefix: str | None, uri: str) -> None:
+        if prefix is None and self._depth == 0:
+            self._default_ns = uri
+
+    def _reject_dtd(self, *args: object) -> None:
+        raise StreamError(Condition.RESTRICTED_XML, "document type declarations")
+
+    def _reject_entity(self, *args: object) -> None:
+        raise StreamError(Condition.RESTRICTED_XML, "entity declarations")
+
+    def _reject_external(self, *args: object) -> int:
+        raise StreamError(Condition.RESTRICTED_XML, "external entity references")
+
+    def _reject_skipped(self, name: str, is_parameter_entity: int) -> None:
+        raise StreamError(Condition.RESTRICTED_XML, f"entity reference &{name};")
+
+    def _reject_comment(self, data: str) -> None:
+        raise StreamError(Condition.RESTRICTED_XML, "comments")
+
+    def _reject_pi(self, target: str, data: str) -> None:
+        raise StreamError(Condition.RESTRICTED_XML, "processing instructions")
+
+
+def _stream_error_event(elem: Element) -> StreamErrorReceived:
+    condition = Condition.UNDEFINED_CONDITION.value
+    text = ""
+    found = False
+    for child in elem:
+        tag = child.tag
+        if tag == _ERR_TEXT_TAG:
+            text = child.text or ""
+        elif not found and tag.startswith(_ERR_PREFIX):
+            condition = tag[len(_ERR_PREFIX) :]
+            found = True
+    return StreamErrorReceived(condition, text)
+
+
+# -- serialiser ---------------------------------------------------------------
+
+# XML 1.0 Char production, inverted: what can never appear in a document.
+_INVALID_CHARS: Final = re.compile(
+    "[^\t\n\r\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]"
+)
+_NAME_START = (
+    "A-Z_a-z\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u02ff\u0370-\u037d"
+    "\u037f-\u1fff\u200c-\u200d\u2070-\u218f\u2c00-\u2fef\u3001-\ud7ff"
+    "\uf900-\ufdcf\ufdf0-\ufffd\U00010000-\U000effff"
+)
+#: NCName: an XML name without colons.
+_NCNAME: Final = re.compile(
+    f"[{_NAME_START}][{_NAME_START}\\-.0-9\u00b7\u0300-\u036f\u203f-\u2040]*"
+)
+
+# Clark-notation name -> (namespace or None, local name), validated once.
+_split_cache: dict[str, tuple[str | None, str]] = {}
+
+
+def _split(name: str) -> tuple[str | None, str]:
+    try:
+        return _split_cache[name]
+    except KeyError:
+        pass
+    if name[:1] == "{":
+        ns, brace, local = name[1:].partition("}")
+        if not brace or not ns:
+            raise LocalProtocolError(f"bad qualified name {name!r}")
+        result: tuple[str | None, str] = (ns, local)
+    else:
+        result = (None, name)
+    if _NCNAME.fullmatch(result[1]) is None:
+        raise LocalProtocolError(f"not an XML name: {result[1]!r}")
+    if len(_split_cache) >= _NAME_CACHE_MAX:
+        _split_cache.clear()
+    _split_cache[name] = result
+    return result
+
+
+def _escape_text(text: str) -> str:
+    if "&" in text:
+        text = text.replace("&", "&amp;")
+    if "<" in text:
+        text = text.replace("<", "&lt;")
+    if ">" in text:
+        text = text.replace(">", "&gt;")
+    if "\r" in text:  # a literal CR would be normalised away by the reader
+        text = text.replace("\r", "&#13;")
+    return text
+
+
+def _escape_attr(value: str) -> str:
+    """Escape for a single-quoted attribute; whitespace survives normalisation."""
+    if "&" in value:
+        value = value.replace("&", "&amp;")
+    if "<" in value:
+        value = value.replace("<", "&lt;")
+    if ">" in value:
+        value = value.replace(">", "&gt;")
+    if "'" in value:
+        value = value.replace("'", "&apos;")
+    if "\n" in value:
+        value = value.replace("\n", "&#10;")
+    if "\r" in value:
+        value = value.replace("\r", "&#13;")
+    if "\t" in value:
+        value = value.replace("\t", "&#9;")
+    return value
+
+
+def _write(elem: Element, out: list[str], default_ns: str) -> None:
+    """Append ``elem`` as XML to ``out``; ``default_ns`` is in scope."""
+    ns, local = _split(elem.tag)
+    if ns is None:
+        ns = default_ns  # an unqualified tag inherits its parent's namespace
+    out.append("<" + local)
+    if ns != default_ns:
+        out.append(" xmlns='" + _escape_attr(ns) + "'")
+    if elem.attrib:
+        prefixes: dict[str, str] | None = None
+        for key, value in elem.attrib.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise LocalProtocolError(f"attribute {key!r}={value!r} is not text")
+            ans, alocal = _split(key)
+            if ans is None:
+                out.append(" " + alocal + "='" + _escape_attr(value) + "'")
+            elif ans == NS_XML:
+                out.append(" xml:" + alocal + "='" + _escape_attr(value) + "'")
+            else:
+                if prefixes is None:
+                    prefixes = {}
+                prefix = prefixes.get(ans)
+                if prefix is None:
+                    prefix = prefixes[ans] = f"ns{len(prefixes)}"
+                    out.append(" xmlns:" + prefix + "='" + _escape_attr(ans) + "'")
+                out.append(" " + prefix + ":" + alocal + "='" + _escape_attr(value) + "'")
+    text = elem.text
+    if len(elem) == 0 and not text:
+        out.append("/>")
+    else:
+        out.append(">")
+        if text:
+            out.append(_escape_text(text))
+        for child in elem:
+            _write(child, out, ns)
+            if child.tail:
+                out.append(_escape_text(child.tail))
+        out.append("</" + local + ">")
+
+
+def encode_stanza(element: Element) -> bytes:
+    """Serialise a stanza for a ``jabber:client`` stream.
+
+    The element's own namespace must be ``jabber:client`` (or none, meaning
+    the stream's default). Children in other namespaces get an ``xmlns``
+    declaration; unqualified children inherit their parent's namespace.
+    Never emits ``ns0:`` prefixes. The element's own tail is not written.
+    Raises :class:`~dtx.errors.LocalProtocolError` for names that are not
+    XML names and for characters XML 1.0 cannot carry.
+    """
+    ns, _ = _split(element.tag)
+    if ns is not None and ns != NS_CLIENT:
+        raise LocalProtocolError(f"stanza {element.tag} is not in {NS_CLIENT}")
+    out: list[str] = []
+    try:
+        _write(element, out, NS_CLIENT)
+        xml = "".join(out)
+    except TypeError as exc:  # text or tail that is not a str
+        raise LocalProtocolError(f"stanza holds non-text content: {exc}") from None
+    bad = _INVALID_CHARS.search(xml)
+    if bad is not None:
+        raise LocalProtocolError(
+            f"character U+{ord(bad.group()):04X} cannot be carried in XML 1.0"
+        )
+    return xml.encode("utf-8")
+
+
+def _header_attr(value: str) -> str:
+    value = _escape_attr(value).replace('"', "&quot;")
+    if _INVALID_CHARS.search(value) is not None:
+        raise LocalProtocolError("stream header value holds a character XML forbids")
+    return value
+
+
+def encode_stream_header(
+    *,
+    from_: str,
+    to: str,
+    stream_id: str | None = None,
+    version: str = "1.0",
+    lang: str | None = None,
+) -> bytes:
+    """Serialise the XML declaration and the opening ``<stream:stream>`` tag."""
+    parts = [
+        '<?xml version="1.0"?><stream:stream xmlns="jabber:client"'
+        ' xmlns:stream="http://etherx.jabber.org/streams"',
+        f' from="{_header_attr(from_)}" to="{_header_attr(to)}"',
+    ]
+    if stream_id is not None:
+        parts.append(f' id="{_header_attr(stream_id)}"')
+    parts.append(f' version="{_header_attr(version)}"')
+    if lang is not None:
+        parts.append(f' xml:lang="{_header_attr(lang)}"')
+    parts.append(">")
+    return "".join(parts).encode("utf-8")
+
+
+def encode_stream_footer() -> bytes:
+    """Serialise the closing ``</stream:stream>`` tag."""
+    return b"</stream:stream>"
+
+
+def encode_stream_error(condition: str, text: str = "") -> bytes:
+    """Serialise ``<stream:error>`` with a defined condition and optional text.
+
+    Raises :class:`~dtx.errors.LocalProtocolError` for a condition that
+    RFC 6120 section 4.9.3 does not define.
+    """
+    if condition not in _CONDITIONS:
+        raise LocalProtocolError(f"not a defined stream error condition: {condition!r}")
+    body = f"<{condition} xmlns='{NS_STREAMS_ERR}'/>"
+    if text:
+        escaped = _escape_text(text)
+        if _INVALID_CHARS.search(escaped) is not None:
+            raise LocalProtocolError("stream error text holds a character XML forbids")
+        body += f"<text xmlns='{NS_STREAMS_ERR}'>{escaped}</text>"
+    return f"<stream:error>{body}</stream:error>".encode("utf-8")
