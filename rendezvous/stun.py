@@ -1,0 +1,351 @@
+"""Sans-IO STUN Binding responder of the rendezvous server.
+
+:func:`answer_binding` takes one datagram, who sent it and which local
+address received it, and returns the response together with the local
+address to send it *from* (which differs from the receiving one when a
+CHANGE-REQUEST is honoured), or None when the datagram gets no answer. The
+driver owns the sockets: one per local address in
+:meth:`ServerAddresses.sockets`.
+
+Served: Binding requests of RFC 8489 (XOR-MAPPED-ADDRESS, FINGERPRINT,
+optional SOFTWARE), of RFC 5780 when the server has an alternate IP *and*
+an alternate port (OTHER-ADDRESS, RESPONSE-ORIGIN, CHANGE-REQUEST), and of
+classic RFC 3489 clients such as pystun3 (MAPPED-ADDRESS, SOURCE-ADDRESS,
+CHANGED-ADDRESS, CHANGE-REQUEST; no FINGERPRINT, no SOFTWARE, because those
+clients walk attributes without padding).
+
+What is answered and what is dropped, with amplification in mind
+(the rules hold for every request shape and are checked by tests):
+
+* Never answered: anything that does not decode as STUN (including a bad
+  FINGERPRINT), indications, responses, classic requests for other methods
+  or carrying a CHANGE-REQUEST that cannot be honoured.
+* Error responses, RFC 8489 requests only, sent back from the receiving
+  address: 400 for a method other than Binding; 420 with UNKNOWN-ATTRIBUTES
+  for comprehension-required attributes this server does not understand
+  (RESPONSE-PORT among them: answering to another port is not offered); 420
+  listing CHANGE-REQUEST when a flag asks for an alternate IP or port that
+  this server does not have (RFC 5780 section 6.1).
+* No response is ever more than ``AMPLIFICATION_FACTOR`` (3) times the size
+  of the request. Mandatory content (the mapped address, the error code)
+  always fits; optional attributes are added in priority order while they
+  fit: OTHER-ADDRESS, RESPONSE-ORIGIN, FINGERPRINT, SOFTWARE. A FINGERPRINT
+  is mandatory when the request had one. A bare 20-byte RFC 8489 request
+  therefore gets XOR-MAPPED-ADDRESS plus the RFC 5780 pair but no
+  FINGERPRINT; a client that wants everything sends a FINGERPRINT (as
+  :func:`dtx.wire.stun.binding_request` does) or PADDING.
+* RESPONSE-ADDRESS (RFC 3489) is never honoured: the answer always goes back
+  to the sender. Credential attributes (USERNAME, MESSAGE-INTEGRITY, ...)
+  are accepted and ignored: this server has no STUN credentials, like any
+  public STUN server.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from dataclasses import dataclass
+
+from dtx.errors import DecodeError
+from dtx.wire.stun import (
+    Address,
+    Attribute,
+    AttrType,
+    StunClass,
+    StunMessage,
+    StunMethod,
+    address_attribute,
+    decode_stun,
+    encode_stun,
+    error_code_attribute,
+    is_stun,
+    software_attribute,
+    unknown_attributes_attribute,
+    xor_address_attribute,
+)
+
+__all__ = ["AMPLIFICATION_FACTOR", "ServerAddresses", "answer_binding"]
+
+logger = logging.getLogger(__name__)
+
+AMPLIFICATION_FACTOR = 3
+_HEADER_BYTES = 20
+_FINGERPRINT_BYTES = 8
+
+# Comprehension-required attributes a Binding request may carry here.
+_UNDERSTOOD = frozenset(
+    {
+        AttrType.CHANGE_REQUEST,
+        AttrType.PADDING,
+        # credentials: accepted and ignored (no STUN authentication here)
+        AttrType.USERNAME,
+        AttrType.MESSAGE_INTEGRITY,
+        AttrType.MESSAGE_INTEGRITY_SHA256,
+        AttrType.USERHASH,
+        AttrType.REALM,
+        AttrType.NONCE,
+    }
+)
+
+
+@dataclass(frozen=True)
+class ServerAddresses:
+    """The server's transport addresses.
+
+    ``primary`` is the main (IP, port). With both ``alt_ip`` and
+    ``alt_port`` the server has the four addresses RFC 5780 needs; with only
+    one of them it can honour just that half of a CHANGE-REQUEST and does
+    not advertise OTHER-ADDRESS / CHANGED-ADDRESS.
+    """
+
+    primary: Address
+    alt_ip: str | None = None
+    alt_port: int | None = None
+
+    @property
+    def rfc5780(self) -> bool:
+        """Whether the server has an alternate IP and an alternate port."""
+        return self.alt_ip is not None and self.alt_port is not None
+
+    def sockets(self) -> tuple[Address, ...]:
+        """Every local address the driver must bind (1, 2 or 4)."""
+        ips = [self.primary[0]] + ([self.alt_ip] if self.alt_ip is not None else [])
+        ports = [self.primary[1]] + ([self.alt_port] if self.alt_port is not None else [])
+        return tuple((ip, port) for ip in ips for port in ports)
+
+    def other_ip(self, ip: str) -> str | None:
+        """The IP that is not ``ip``, or None without an alternate."""
+        if self.alt_ip is None:
+            return None
+        return self.primary[0] if ip == self.alt_ip else self.alt_ip
+
+    def other_port(self, port: int) -> int | None:
+        """The port that is not ``port``, or None without an alternate."""
+        if self.alt_port is None:
+            return None
+        return self.primary[1] if port == self.alt_port else self.alt_port
+
+    def other_address(self, local: Address) -> Address | None:
+        """OTHER-ADDRESS / CHANGED-ADDRESS for a request received on ``local``."""
+        ip = self.other_ip(local[0])
+        port = self.other_port(local[1])
+        if ip is None or port is None:
+            return None
+        return (ip, port)
+
+
+def _normalise(addr: Address) -> Address:
+    """Unwrap IPv4-mapped IPv6 (a dual-stack socket's view of IPv4)."""
+    host, port = addr[0], addr[1]
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return (host, port)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return (str(ip.ipv4_mapped), port)
+    return (str(ip), port)
+
+
+def _local_ip(local: Address, addresses: ServerAddresses) -> str:
+    """The receiving IP; the primary one if the socket is bound to any."""
+    host = _normalise(local)[0]
+    try:
+        if ipaddress.ip_address(host).is_unspecified:
+            return addresses.primary[0]
+    except ValueError:
+        pass
+    return host
+
+
+def _attr_bytes(attr: Attribute) -> int:
+    return 4 + len(attr.value) + (-len(attr.value) % 4)
+
+
+def _build(
+    request: StunMessage,
+    cls: StunClass,
+    required: list[Attribute],
+    optional: list[Attribute | None],
+    *,
+    budget: int,
+    fingerprint_required: bool,
+) -> bytes | None:
+    """Encode a response within ``budget`` bytes, or None if it cannot fit.
+
+    ``optional`` is in priority order; ``None`` in it marks where an
+    optional FINGERPRINT ranks (classic messages never get one).
+    """
+    size = _HEADER_BYTES + sum(_attr_bytes(a) for a in required)
+    use_fp = fingerprint_required and not request.classic
+    if use_fp:
+        size += _FINGERPRINT_BYTES
+    if size > budget:
+        return None
+    chosen = list(required)
+    for attr in optional:
+        if attr is None:
+            if not use_fp and not request.classic:
+                if size + _FINGERPRINT_BYTES <= budget:
+                    use_fp = True
+                    size += _FINGERPRINT_BYTES
+            continue
+        if size + _attr_bytes(attr) <= budget:
+            chosen.append(attr)
+            size += _attr_bytes(attr)
+    response = StunMessage(
+        method=request.method,
+        cls=cls,
+        transaction_id=request.transaction_id,
+        attributes=tuple(chosen),
+        classic=request.classic,
+    )
+    return encode_stun(response, fingerprint=use_fp)
+
+
+def answer_binding(
+    data: bytes,
+    *,
+    src: Address,
+    local: Address,
+    addresses: ServerAddresses,
+    software: str | None = None,
+) -> tuple[bytes, Address] | None:
+    """Answer one datagram received on ``local`` from ``src``.
+
+    Returns ``(response, send_from)``, ``send_from`` one of
+    ``addresses.sockets()`` (or ``local``), or None when nothing is to be
+    sent. Never raises on any input; see the module docs for the rules.
+    """
+    if not is_stun(data):
+        return None
+    try:
+        request = decode_stun(data)
+    except DecodeError as exc:
+        logger.debug("dropping malformed STUN from %s: %s", src, exc)
+        return None
+    if request.cls != StunClass.REQUEST:
+        logger.debug("dropping STUN %s from %s: not a request", request.cls.name, src)
+        return None
+    budget = AMPLIFICATION_FACTOR * len(data)
+    here: Address = (_local_ip(local, addresses), local[1])
+    mapped = _normalise(src)
+    if request.classic:
+        return _answer_classic(request, mapped, here, addresses, budget)
+    return _answer_modern(request, mapped, here, addresses, budget, software)
+
+
+def _answer_modern(
+    request: StunMessage,
+    mapped: Address,
+    here: Address,
+    addresses: ServerAddresses,
+    budget: int,
+    software: str | None,
+) -> tuple[bytes, Address] | None:
+    fp_required = request.has_fingerprint
+    soft = [software_attribute(software)] if software else []
+
+    def error(code: int, reason: str, extra: list[Attribute]) -> tuple[bytes, Address] | None:
+        required = [error_code_attribute(code, reason), *extra]
+        out = _build(
+            request,
+            StunClass.ERROR,
+            required,
+            [None, *soft],
+            budget=budget,
+            fingerprint_required=fp_required,
+        )
+        if out is None:
+            logger.debug("dropping %d answer to %s: over the amplification budget", code, mapped)
+            return None
+        logger.debug("answering %s with error %d", mapped, code)
+        return out, here
+
+    if request.method != StunMethod.BINDING:
+        return error(400, "Bad Request", [])
+    unknown: list[int] = []
+    for attr in request.attributes:
+        if attr.comprehension_required and attr.type not in _UNDERSTOOD:
+            if attr.type not in unknown:
+                unknown.append(attr.type)
+    if unknown:
+        return error(420, "Unknown Attribute", [unknown_attributes_attribute(tuple(unknown))])
+    origin = _origin(request, here, addresses)
+    if origin is None:
+        return error(
+            420,
+            "Unknown Attribute",
+            [unknown_attributes_attribute((AttrType.CHANGE_REQUEST,))],
+        )
+    required = [xor_address_attribute(mapped, request.transaction_id)]
+    optional: list[Attribute | None] = []
+    other = addresses.other_address(here)
+    if other is not None:
+        optional.append(address_attribute(AttrType.OTHER_ADDRESS, other))
+        optional.append(address_attribute(AttrType.RESPONSE_ORIGIN, origin))
+    optional.append(None)  # FINGERPRINT, when not required
+    optional.extend(soft)
+    out = _build(
+        request,
+        StunClass.SUCCESS,
+        required,
+        optional,
+        budget=budget,
+        fingerprint_required=fp_required,
+    )
+    if out is None:
+        return None
+    logger.debug("binding request from %s answered from %s", mapped, origin)
+    return out, origin
+
+
+def _origin(request: StunMessage, here: Address, addresses: ServerAddresses) -> Address | None:
+    """Where to answer from, or None if a CHANGE-REQUEST cannot be honoured."""
+    change = request.change_request
+    ip, port = here
+    if change is None:
+        return here
+    if change.change_ip:
+        other_ip = addresses.other_ip(ip)
+        if other_ip is None:
+            return None
+        ip = other_ip
+    if change.change_port:
+        other_port = addresses.other_port(port)
+        if other_port is None:
+            return None
+        port = other_port
+    return (ip, port)
+
+
+def _answer_classic(
+    request: StunMessage,
+    mapped: Address,
+    here: Address,
+    addresses: ServerAddresses,
+    budget: int,
+) -> tuple[bytes, Address] | None:
+    if request.method != StunMethod.BINDING:
+        logger.debug("dropping classic STUN method %d from %s", request.method, mapped)
+        return None
+    origin = _origin(request, here, addresses)
+    if origin is None:
+        logger.debug("dropping classic request from %s: cannot change address", mapped)
+        return None
+    required = [address_attribute(AttrType.MAPPED_ADDRESS, mapped)]
+    optional: list[Attribute | None] = [address_attribute(AttrType.SOURCE_ADDRESS, origin)]
+    other = addresses.other_address(here)
+    if other is not None:
+        optional.append(address_attribute(AttrType.CHANGED_ADDRESS, other))
+    out = _build(
+        request,
+        StunClass.SUCCESS,
+        required,
+        optional,
+        budget=budget,
+        fingerprint_required=False,
+    )
+    if out is None:
+        return None
+    logger.debug("classic binding %s, sent from %s", mapped, origin)
+    return out, origin
