@@ -152,6 +152,11 @@ _STREAM_TAG: Final = "{" + NS_STREAM + "}stream"
 _STANZA_TAGS: Final = frozenset(
     "{" + NS_CLIENT + "}" + name for name in ("message", "presence", "iq")
 )
+#: XEP-0198 acknowledgement elements, always on in dtx streams (see
+#: docs/protocol.md); reported as StanzaReceived for the session to consume.
+NS_SM: Final = "urn:xmpp:sm:3"
+_SM_TAGS: Final = frozenset("{" + NS_SM + "}" + name for name in ("r", "a"))
+_TOP_TAGS: Final = _STANZA_TAGS | _SM_TAGS
 _ERROR_TAG: Final = "{" + NS_STREAM + "}error"
 _FEATURES_TAG: Final = "{" + NS_STREAM + "}features"
 _ERR_TEXT_TAG: Final = "{" + NS_STREAMS_ERR + "}text"
@@ -162,6 +167,9 @@ _ERR_PREFIX: Final = "{" + NS_STREAMS_ERR + "}"
 _NAME_CACHE_MAX: Final = 4096
 #: Input is handed to expat in slices of at most this many bytes.
 _SLICE_BYTES: Final = 64 * 1024
+
+#: First bytes of a UTF-16 byte order mark; never valid in UTF-8.
+_UTF16_BOM_BYTES: Final = frozenset((0xFE, 0xFF))
 
 _ERR = expat.errors
 # expat error code -> RFC 6120 condition; anything else is not-well-formed.
@@ -264,6 +272,10 @@ class XmlStreamParser:
         step = self._config.slice_bytes
         view = memoryview(data)
         try:
+            if self._fed == 0 and data[0] in _UTF16_BOM_BYTES:
+                # expat honours a UTF-16 byte order mark even when told the
+                # input is UTF-8; RFC 6120 section 11.6 allows UTF-8 only.
+                raise StreamError(Condition.UNSUPPORTED_ENCODING, "UTF-8 only")
             for offset in range(0, len(data), step):
                 chunk = view[offset : offset + step]
                 self._fed += len(chunk)
@@ -390,7 +402,7 @@ class XmlStreamParser:
             self._last = elem
             self._tail = False
         elif depth == 2:
-            if tag not in _STANZA_TAGS and tag != _ERROR_TAG and tag != _FEATURES_TAG:
+            if tag not in _TOP_TAGS and tag != _ERROR_TAG and tag != _FEATURES_TAG:
                 raise StreamError(
                     Condition.UNSUPPORTED_STANZA_TYPE, f"unexpected element {tag}"
                 )
@@ -454,6 +466,8 @@ class XmlStreamParser:
             tag = elem.tag
             if tag in _STANZA_TAGS:
                 self._stanzas += 1
+                self._events.append(StanzaReceived(elem))
+            elif tag in _SM_TAGS:
                 self._events.append(StanzaReceived(elem))
             elif tag == _ERROR_TAG:
                 self._events.append(_stream_error_event(elem))

@@ -1,0 +1,591 @@
+"""The asyncio driver: one UDP socket, many sessions.
+
+A :class:`Peer` owns one UDP socket. It listens (answers QUIC handshakes from
+devices its trust store accepts) and connects (to a JID at an address). Each
+connection is an :class:`~dtx.proto.auth.AuthenticatedQuicConnection` with an
+:class:`~dtx.proto.session.XmlSession` stacked on it; this module only moves
+datagrams, runs one timer per connection and turns session events into
+awaitable results, in the manner of aioquic's ``QuicConnectionProtocol``.
+
+Transmissions are coalesced: ``Session.send`` only queues, and one callback
+per event-loop iteration writes everything queued, so a burst of stanzas
+leaves in as few QUIC packets as fit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+import socket
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol
+from xml.etree.ElementTree import Element
+
+from aioquic.buffer import Buffer
+from aioquic.quic.packet import (
+    QuicPacketType,
+    pull_quic_header,
+)
+
+from .. import stanza as st
+from ..errors import (
+    ConnectError,
+    DtxError,
+    RemoteProtocolError,
+    SessionClosedError,
+)
+from ..identity import DeviceIdentity
+from ..proto.auth import (
+    AuthenticatedQuicConnection,
+    make_certificate,
+    quic_configuration,
+)
+from ..proto.session import (
+    DatagramReceived,
+    HandshakeConfirmed,
+    SessionConfig,
+    SessionEnded,
+    SessionEvent,
+    SessionOpened,
+    StanzaReceived,
+    StanzasAcknowledged,
+    XmlSession,
+    trust_check_for,
+)
+
+logger = logging.getLogger(__name__)
+
+Address = tuple[str, int]
+
+
+class KeyVerifier(Protocol):
+    """Decides whether ``key`` may speak for ``jid`` (raises TrustError)."""
+
+    def verify(self, jid: str, key: bytes) -> None: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class PeerConfig:
+    """Options of a :class:`Peer`. Times in seconds."""
+
+    session: SessionConfig = SessionConfig()
+    idle_timeout: float = 30.0
+    connect_timeout: float = 10.0
+    datagrams: bool = True
+    """Offer the unreliable DATAGRAM channel (RFC 9221)."""
+    max_connections: int = 1024
+    """Bound on concurrent connections, half-open ones included."""
+    accept_backlog: int = 128
+    """Sessions opened by remote devices and not yet taken by accept()."""
+
+
+class _SessionAdapter(logging.LoggerAdapter):  # type: ignore[type-arg]
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return f"[{self.extra['sid']}] {msg}", kwargs  # type: ignore[index]
+
+
+_sid_counter = itertools.count(1)
+
+
+class Session:
+    """One authenticated XML stream with a remote device.
+
+    Obtained from :meth:`Peer.connect` or :meth:`Peer.accept`.
+    """
+
+    def __init__(self, peer: Peer, quic: AuthenticatedQuicConnection, addr: Address,
+                 core: XmlSession, log: logging.LoggerAdapter) -> None:  # type: ignore[type-arg]
+        self._peer = peer
+        self._quic = quic
+        self._addr = addr
+        self._core = core
+        self._log = log
+        self._loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._stanzas: deque[Element] = deque()
+        self._datagrams: deque[Element] = deque()
+        self._readable = asyncio.Event()
+        self._handshake: asyncio.Future[None] = self._loop.create_future()
+        self._opened: asyncio.Future[None] = self._loop.create_future()
+        self._closed: asyncio.Future[SessionEnded] = self._loop.create_future()
+        self._acked = asyncio.Event()
+        self._iq_waiters: dict[str, asyncio.Future[Element]] = {}
+        self._iq_ids = itertools.count(1)
+        self.path = "direct"
+        self.started_at = self._loop.time()
+
+    # -- properties -------------------------------------------------------------
+
+    @property
+    def peer_jid(self) -> str:
+        """The JID the peer authenticated as (its key proved it)."""
+        return self._core.peer_jid or ""
+
+    @property
+    def local_jid(self) -> str:
+        return self._core._local_jid
+
+    @property
+    def remote_address(self) -> Address:
+        return self._addr
+
+    @property
+    def is_open(self) -> bool:
+        return self._core.is_open
+
+    @property
+    def stream_id(self) -> str | None:
+        return self._core.stream_id
+
+    def statistics(self) -> dict[str, Any]:
+        stats = dict(vars(self._core.statistics))
+        stats.pop("extra", None)
+        stats["unacknowledged"] = len(self._core.unacknowledged)
+        rtt = getattr(self._quic._loss, "_rtt_smoothed", 0.0)
+        stats["rtt_ms"] = round(rtt * 1000, 3)
+        return stats
+
+    # -- sending ----------------------------------------------------------------
+
+    def send(self, stanza: Element) -> None:
+        """Queue ``stanza``; it is kept until the peer acknowledges it."""
+        self._core.send(stanza)
+        self._peer._schedule(self)
+
+    def send_datagram(self, stanza: Element) -> None:
+        """Send ``stanza`` in one unreliable DATAGRAM (see XmlSession)."""
+        self._core.send_datagram(stanza)
+        self._peer._schedule(self)
+
+    async def wait_acknowledged(self, timeout: float | None = None) -> None:
+        """Wait until the peer acknowledged every stanza sent so far."""
+        async with asyncio.timeout(timeout):
+            while self._core.unacknowledged:
+                if self._closed.done():
+                    raise SessionClosedError(
+                        f"session ended with {len(self._core.unacknowledged)} "
+                        "stanzas unacknowledged"
+                    )
+                self._acked.clear()
+                await self._acked.wait()
+
+    async def request(self, iq: Element, timeout: float | None = 10.0) -> Element:
+        """Send an iq get/set and return its result (or error) stanza."""
+        iq_id = iq.get("id")
+        if not iq_id:
+            iq_id = f"dtx{next(self._iq_ids)}"
+            iq.set("id", iq_id)
+        if iq_id in self._iq_waiters:
+            raise DtxError(f"an iq with id {iq_id!r} is already pending")
+        fut: asyncio.Future[Element] = self._loop.create_future()
+        self._iq_waiters[iq_id] = fut
+        try:
+            self.send(iq)
+            async with asyncio.timeout(timeout):
+                return await fut
+        finally:
+            self._iq_waiters.pop(iq_id, None)
+
+    async def ping(self, timeout: float | None = 10.0) -> float:
+        """One XEP-0199 round trip; returns its duration in seconds."""
+        start = self._loop.time()
+        reply = await self.request(st.ping(f"ping{next(self._iq_ids)}"), timeout)
+        if reply.get("type") != "result":
+            raise RemoteProtocolError("ping answered with an error")
+        return self._loop.time() - start
+
+    # -- receiving --------------------------------------------------------------
+
+    async def receive(self) -> Element:
+        """The next stanza from the stream (in order).
+
+        Raises :class:`SessionClosedError` once the session has ended and
+        every received stanza was read.
+        """
+        while not self._stanzas:
+            if self._closed.done():
+                ended = self._closed.result()
+                raise SessionClosedError(
+                    f"session closed: {ended.error}" if ended.error else "session closed"
+                )
+            self._readable.clear()
+            await self._readable.wait()
+        return self._stanzas.popleft()
+
+    def receive_nowait(self) -> Element | None:
+        return self._stanzas.popleft() if self._stanzas else None
+
+    async def receive_datagram(self) -> Element:
+        """The next stanza from the unreliable channel."""
+        while not self._datagrams:
+            if self._closed.done():
+                raise SessionClosedError("session closed")
+            self._readable.clear()
+            await self._readable.wait()
+        return self._datagrams.popleft()
+
+    def __aiter__(self) -> AsyncIterator[Element]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Element]:
+        while True:
+            try:
+                yield await self.receive()
+            except SessionClosedError:
+                return
+
+    # -- closing ----------------------------------------------------------------
+
+    async def close(self, timeout: float | None = 5.0) -> SessionEnded:
+        """Close gracefully; every stanza already sent is delivered first.
+
+        Returns how the session ended, with any unacknowledged stanzas.
+        """
+        if not self._closed.done():
+            self._core.close()
+            self._peer._schedule(self)
+            try:
+                async with asyncio.timeout(timeout):
+                    await asyncio.shield(self._closed)
+            except TimeoutError:
+                self._core.abort("close timed out")
+                self._peer._schedule(self)
+                self._peer._terminate(self, SessionEnded(
+                    SessionClosedError("close timed out"), self._core.unacknowledged))
+        return self._closed.result()
+
+    async def wait_closed(self) -> SessionEnded:
+        return await asyncio.shield(self._closed)
+
+    def abort(self) -> None:
+        self._core.abort()
+        self._peer._schedule(self)
+
+    # -- driver side --------------------------------------------------------------
+
+    def _dispatch(self, events: list[SessionEvent]) -> None:
+        for ev in events:
+            if isinstance(ev, StanzaReceived):
+                el = ev.stanza
+                if el.tag == st.IQ and el.get("type") in ("result", "error"):
+                    fut = self._iq_waiters.get(el.get("id", ""))
+                    if fut is not None and not fut.done():
+                        fut.set_result(el)
+                        continue
+                self._stanzas.append(el)
+                self._readable.set()
+            elif isinstance(ev, DatagramReceived):
+                self._datagrams.append(ev.stanza)
+                self._readable.set()
+            elif isinstance(ev, StanzasAcknowledged):
+                self._acked.set()
+            elif isinstance(ev, HandshakeConfirmed):
+                if not self._handshake.done():
+                    self._handshake.set_result(None)
+            elif isinstance(ev, SessionOpened):
+                if not self._handshake.done():
+                    self._handshake.set_result(None)
+                if not self._opened.done():
+                    self._opened.set_result(None)
+                self._peer._on_opened(self)
+            elif isinstance(ev, SessionEnded):
+                self._peer._terminate(self, ev)
+
+    def _finish(self, ended: SessionEnded) -> None:
+        if self._closed.done():
+            return
+        self._closed.set_result(ended)
+        error = ended.error or SessionClosedError("session closed")
+        for fut in (self._handshake, self._opened):
+            if not fut.done():
+                fut.set_exception(error)
+                fut.exception()  # mark retrieved: the caller may be gone
+        for fut2 in self._iq_waiters.values():
+            if not fut2.done():
+                fut2.set_exception(SessionClosedError("session closed"))
+        self._readable.set()
+        self._acked.set()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+class _Protocol(asyncio.DatagramProtocol):
+    def __init__(self, peer: Peer) -> None:
+        self._peer = peer
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self._peer._datagram_received(data, (addr[0], addr[1]))
+
+    def error_received(self, exc: Exception) -> None:
+        logger.debug("socket error: %s", exc)
+
+
+class Peer:
+    """A device: its identity, its trust decisions and one UDP socket."""
+
+    def __init__(
+        self,
+        identity: DeviceIdentity,
+        verifier: KeyVerifier,
+        *,
+        config: PeerConfig | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.identity = identity
+        self.jid = str(identity.jid)
+        self.verifier = verifier
+        self.config = config or PeerConfig()
+        self._rng = rng or random.SystemRandom()
+        self._certificate = make_certificate(identity.private_key, self.jid)
+        self._transport: asyncio.DatagramTransport | None = None
+        self._sessions: dict[Address, Session] = {}
+        self._incoming: asyncio.Queue[Session] = asyncio.Queue(self.config.accept_backlog)
+        self._listening = False
+        self._dirty: set[Session] = set()
+        self._flush_scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.counters: dict[str, int] = {
+            "handshakes_refused": 0,
+            "datagrams_dropped": 0,
+            "connections_refused": 0,
+        }
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    async def start(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        sock: socket.socket | None = None,
+        listen: bool = True,
+    ) -> None:
+        """Bind the UDP socket (or adopt ``sock``); accept sessions if ``listen``."""
+        self._loop = asyncio.get_running_loop()
+        if sock is not None:
+            transport, _ = await self._loop.create_datagram_endpoint(
+                lambda: _Protocol(self), sock=sock
+            )
+        else:
+            transport, _ = await self._loop.create_datagram_endpoint(
+                lambda: _Protocol(self), local_addr=(host, port)
+            )
+        self._transport = transport
+        self._listening = listen
+
+    @property
+    def address(self) -> Address:
+        if self._transport is None:
+            raise DtxError("peer not started")
+        name = self._transport.get_extra_info("sockname")
+        return (name[0], name[1])
+
+    async def close(self) -> None:
+        """Close every session gracefully, then the socket."""
+        sessions = list(self._sessions.values())
+        if sessions:
+            await asyncio.gather(*(s.close(timeout=2.0) for s in sessions),
+                                 return_exceptions=True)
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+
+    # -- sessions -------------------------------------------------------------------
+
+    async def connect(
+        self, jid: str, addr: Address, *, timeout: float | None = None
+    ) -> Session:
+        """Open a session with ``jid`` at ``addr``.
+
+        Returns once the peer's key is checked and trusted, which lets the
+        first stanza leave in the same flight as the handshake's end; the
+        peer delivers it once it has checked this device's key in turn.
+        Raises :class:`~dtx.errors.TrustError` (a key this side refused),
+        :class:`~dtx.errors.AuthenticationError` (the peer refused ours) or
+        :class:`~dtx.errors.ConnectError`.
+        """
+        if self._transport is None:
+            raise DtxError("peer not started")
+        if addr in self._sessions:
+            raise ConnectError(f"a session with {addr[0]}:{addr[1]} already exists")
+        session = self._new_session(addr, is_client=True, expected=jid)
+        session._quic.connect(addr, now=self._now())
+        self._schedule(session)
+        try:
+            async with asyncio.timeout(timeout or self.config.connect_timeout):
+                await asyncio.shield(session._handshake)
+        except TimeoutError:
+            session.abort()
+            self._terminate(session, SessionEnded(
+                ConnectError(f"no answer from {jid} at {addr[0]}:{addr[1]}"), ()))
+            raise ConnectError(
+                f"no answer from {jid} at {addr[0]}:{addr[1]} within "
+                f"{timeout or self.config.connect_timeout:.1f} s"
+            ) from None
+        return session
+
+    async def accept(self) -> Session:
+        """The next session a remote device opened (keys checked both ways)."""
+        return await self._incoming.get()
+
+    def sessions(self) -> list[Session]:
+        return list(self._sessions.values())
+
+    # -- internals ----------------------------------------------------------------
+
+    def _now(self) -> float:
+        assert self._loop is not None
+        return self._loop.time()
+
+    def _new_session(self, addr: Address, *, is_client: bool, expected: str | None,
+                     original_dcid: bytes | None = None) -> Session:
+        cfg = self.config
+        qconf = quic_configuration(
+            is_client=is_client,
+            private_key=self.identity.private_key,
+            certificate=self._certificate,
+            idle_timeout=cfg.idle_timeout,
+            max_datagram_frame_size=65536 if cfg.datagrams else None,
+        )
+        quic = AuthenticatedQuicConnection(
+            configuration=qconf,
+            check=trust_check_for(self.verifier.verify, expected),
+            original_destination_connection_id=original_dcid,
+        )
+        sid = f"{next(_sid_counter):x}"
+        log = _SessionAdapter(logger, {"sid": sid})
+        core = XmlSession(
+            quic,
+            local_jid=self.jid,
+            peer_jid=expected,
+            config=cfg.session,
+            rng=random.Random(self._rng.getrandbits(64)),
+            logger=log,
+        )
+        session = Session(self, quic, addr, core, log)
+        self._sessions[addr] = session
+        return session
+
+    def _datagram_received(self, data: bytes, addr: Address) -> None:
+        session = self._sessions.get(addr)
+        if session is None:
+            session = self._maybe_accept(data, addr)
+            if session is None:
+                return
+        now = self._now()
+        quic = session._quic
+        quic.receive_datagram(data, addr, now)
+        self._process(session)
+
+    def _maybe_accept(self, data: bytes, addr: Address) -> Session | None:
+        if not self._listening:
+            self.counters["datagrams_dropped"] += 1
+            return None
+        try:
+            header = pull_quic_header(Buffer(data=data), host_cid_length=8)
+        except ValueError:
+            self.counters["datagrams_dropped"] += 1
+            logger.debug("dropped a non-QUIC datagram from %s", addr)
+            return None
+        if header.packet_type != QuicPacketType.INITIAL or len(data) < 1200:
+            self.counters["datagrams_dropped"] += 1
+            return None
+        if len(self._sessions) >= self.config.max_connections:
+            self.counters["connections_refused"] += 1
+            logger.warning("connection table full; refusing %s", addr)
+            return None
+        return self._new_session(addr, is_client=False, expected=None,
+                                 original_dcid=header.destination_cid)
+
+    def _process(self, session: Session) -> None:
+        quic = session._quic
+        core = session._core
+        while (ev := quic.next_event()) is not None:
+            session._dispatch(core.handle_quic_event(ev))
+        self._schedule(session)
+
+    def _schedule(self, session: Session) -> None:
+        self._dirty.add(session)
+        if not self._flush_scheduled and self._loop is not None:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        dirty, self._dirty = self._dirty, set()
+        for session in dirty:
+            self._transmit(session)
+
+    def _transmit(self, session: Session) -> None:
+        if self._transport is None:
+            return
+        quic = session._quic
+        session._core.flush()
+        now = self._now()
+        sendto = self._transport.sendto
+        for data, addr in quic.datagrams_to_send(now=now):
+            sendto(data, addr)
+        # Events may appear on transmit (e.g. the idle timeout fired).
+        while (ev := quic.next_event()) is not None:
+            session._dispatch(session._core.handle_quic_event(ev))
+        timer_at = quic.get_timer()
+        if session._timer is not None and session._timer_at != timer_at:
+            session._timer.cancel()
+            session._timer = None
+        if timer_at is not None and session._timer is None and not session._closed.done():
+            session._timer = self._loop.call_at(timer_at, self._on_timer, session)  # type: ignore[union-attr]
+            session._timer_at = timer_at
+
+    def _on_timer(self, session: Session) -> None:
+        session._timer = None
+        session._quic.handle_timer(now=self._now())
+        self._process(session)
+
+    def _on_opened(self, session: Session) -> None:
+        if not session._quic.configuration.is_client:
+            try:
+                self._incoming.put_nowait(session)
+            except asyncio.QueueFull:
+                logger.warning("accept backlog full; closing session from %s",
+                               session.peer_jid)
+                session.abort()
+
+    def _terminate(self, session: Session, ended: SessionEnded) -> None:
+        if self._sessions.get(session._addr) is session:
+            del self._sessions[session._addr]
+        if ended.error is not None and not session._quic.configuration.is_client \
+                and session._core.peer_jid is None:
+            self.counters["handshakes_refused"] += 1
+            session._log.warning("handshake from %s refused: %s", session._addr, ended.error)
+        session._finish(ended)
+
+
+@asynccontextmanager
+async def open_peer(
+    identity: DeviceIdentity,
+    verifier: KeyVerifier,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    listen: bool = True,
+    config: PeerConfig | None = None,
+    sock: socket.socket | None = None,
+) -> AsyncIterator[Peer]:
+    """A started :class:`Peer`, closed (gracefully) on exit."""
+    peer = Peer(identity, verifier, config=config)
+    await peer.start(host, port, sock=sock, listen=listen)
+    try:
+        yield peer
+    finally:
+        await peer.close()
+
+
+__all__ = ["Peer", "PeerConfig", "Session", "open_peer", "KeyVerifier"]
+

@@ -1,0 +1,256 @@
+"""Mutual Ed25519 key authentication inside the QUIC (TLS 1.3) handshake.
+
+Each side presents a self-signed X.509 certificate that is only a container
+for its Ed25519 device key and its JID (subjectAltName ``id-on-xmppAddr``,
+RFC 6120 section 13.7.1.4). No CA and no validity dates are checked: what
+makes a key trusted is the trust store (vCards, pins). TLS 1.3's
+CertificateVerify proves that the peer holds the private key of the
+certificate, signed over this handshake's transcript, so the proof is bound
+to this session.
+
+Stock aioquic (1.2 to 1.7) neither asks a client for a certificate nor offers
+a hook to check a peer certificate against anything but a CA store. dtx
+therefore reaches into two private parts of ``aioquic.tls.Context``, and pins
+the aioquic version range (see ``pyproject.toml`` and ``docs/security.md``):
+
+* ``_request_client_certificate``: set on the server so it sends a
+  CertificateRequest;
+* ``_set_peer_certificate`` and ``_server_handle_certificate``: wrapped so
+  the key is checked the moment the Certificate message arrives, and so a
+  client that answers with an empty Certificate is refused
+  (``certificate_required``) instead of being let in without one.
+
+A refused key raises a TLS alert inside aioquic, which closes the connection
+with ``CRYPTO_ERROR + alert`` (RFC 9001 section 4.8): the handshake ends on
+both sides. The reason sent to the peer is generic; the detailed
+:class:`~dtx.errors.TrustError` (with fingerprints) stays local.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aioquic import tls
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.x509.oid import NameOID, ObjectIdentifier
+
+from ..errors import DtxError, TrustError
+
+ALPN = "dtx/1"
+"""The ALPN protocol identifier of dtx sessions."""
+
+ID_ON_XMPPADDR = ObjectIdentifier("1.3.6.1.5.5.7.8.5")
+"""RFC 6120 section 13.7.1.4: a JID inside a certificate's subjectAltName."""
+
+# Certificates are key containers only, so their dates carry no meaning; a
+# fixed, wide window keeps them deterministic and never "expired".
+_NOT_BEFORE = datetime.datetime(2000, 1, 1, tzinfo=datetime.timezone.utc)
+_NOT_AFTER = datetime.datetime(9999, 12, 31, tzinfo=datetime.timezone.utc)
+
+ALERT_REFUSED = tls.AlertDescription.bad_certificate
+ALERT_CERTIFICATE_REQUIRED = tls.AlertDescription.certificate_required
+CRYPTO_ERROR_BASE = 0x100
+"""QUIC CRYPTO_ERROR range: 0x100 + TLS alert (RFC 9001 section 4.8)."""
+
+
+def raw_public_key(key: ed25519.Ed25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def _der_utf8string(text: str) -> bytes:
+    data = text.encode("utf-8")
+    n = len(data)
+    if n < 0x80:
+        length = bytes([n])
+    else:
+        size = (n.bit_length() + 7) // 8
+        length = bytes([0x80 | size]) + n.to_bytes(size, "big")
+    return b"\x0c" + length + data
+
+
+def _parse_der_utf8string(data: bytes) -> str | None:
+    if len(data) < 2 or data[0] != 0x0C:
+        return None
+    n = data[1]
+    offset = 2
+    if n & 0x80:
+        size = n & 0x7F
+        if size == 0 or size > 4 or len(data) < 2 + size:
+            return None
+        n = int.from_bytes(data[2 : 2 + size], "big")
+        offset = 2 + size
+    if len(data) != offset + n:
+        return None
+    try:
+        return data[offset:].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def make_certificate(private_key: ed25519.Ed25519PrivateKey, jid: str) -> x509.Certificate:
+    """A deterministic self-signed certificate carrying ``jid`` and the key."""
+    public = private_key.public_key()
+    digest = hashlib.sha256(raw_public_key(public)).digest()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dtx device")])
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(public)
+        .serial_number(int.from_bytes(digest[:16], "big") >> 1 or 1)
+        .not_valid_before(_NOT_BEFORE)
+        .not_valid_after(_NOT_AFTER)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.OtherName(ID_ON_XMPPADDR, _der_utf8string(jid))]
+            ),
+            critical=False,
+        )
+        .sign(private_key, None)
+    )
+
+
+@dataclass(frozen=True)
+class PeerCredential:
+    """What a peer proved in the handshake: its JID and its Ed25519 key."""
+
+    jid: str
+    key: bytes
+
+
+class CertificateContentError(TrustError):
+    """The peer's certificate is not a dtx device certificate."""
+
+
+def credential_from_certificate(cert: x509.Certificate) -> PeerCredential:
+    """Extract the JID and raw Ed25519 key from a dtx device certificate."""
+    public = cert.public_key()
+    if not isinstance(public, ed25519.Ed25519PublicKey):
+        raise CertificateContentError("peer certificate key is not Ed25519")
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        raise CertificateContentError("peer certificate names no JID") from None
+    jids = [
+        _parse_der_utf8string(other.value)
+        for other in san.value.get_values_for_type(x509.OtherName)
+        if other.type_id == ID_ON_XMPPADDR
+    ]
+    valid = [j for j in jids if j]
+    if len(valid) != 1:
+        raise CertificateContentError("peer certificate must name exactly one JID")
+    return PeerCredential(jid=valid[0], key=raw_public_key(public))
+
+
+CredentialCheck = Callable[[PeerCredential], None]
+"""Raises :class:`~dtx.errors.TrustError` to refuse a peer."""
+
+
+class _AlertCertificateRequired(tls.Alert):
+    description = tls.AlertDescription.certificate_required
+
+
+class _DtxTlsContext(tls.Context):
+    """aioquic's TLS context, checking the peer's key on arrival.
+
+    Instances are made by re-classing the context aioquic builds in
+    ``QuicConnection._initialize``; the only added state is set there.
+    """
+
+    _dtx_connection: AuthenticatedQuicConnection
+
+    def _set_peer_certificate(self, certificate: tls.Certificate) -> None:
+        super()._set_peer_certificate(certificate)
+        self._dtx_connection._check_peer_certificate(self._peer_certificate)
+
+    def _server_handle_certificate(self, input_buf: Any) -> None:
+        # aioquic lets a client that sends an empty Certificate in without
+        # authentication (RFC 8446 allows it); dtx requires a key.
+        super()._server_handle_certificate(input_buf)
+        if self._peer_certificate is None:
+            self._dtx_connection._auth_error = TrustError(
+                "peer sent no certificate"
+            )
+            raise _AlertCertificateRequired("a device certificate is required")
+
+
+class AuthenticatedQuicConnection(QuicConnection):
+    """A :class:`QuicConnection` that requires and checks Ed25519 device keys.
+
+    ``check`` is called with the peer's credential as soon as its
+    Certificate message arrives; it raises :class:`TrustError` to refuse.
+    After a refusal, :attr:`auth_error` holds the local, detailed error.
+    """
+
+    def __init__(
+        self,
+        *,
+        configuration: QuicConfiguration,
+        check: CredentialCheck,
+        **kwargs: Any,
+    ) -> None:
+        self._check = check
+        self._auth_error: DtxError | None = None
+        self.peer_credential: PeerCredential | None = None
+        super().__init__(configuration=configuration, **kwargs)
+
+    @property
+    def auth_error(self) -> DtxError | None:
+        return self._auth_error
+
+    def _initialize(self, peer_cid: bytes) -> None:
+        super()._initialize(peer_cid)
+        self.tls.__class__ = _DtxTlsContext
+        ctx: Any = self.tls
+        ctx._dtx_connection = self
+        if not self._is_client:
+            ctx._request_client_certificate = True
+
+    def _check_peer_certificate(self, cert: x509.Certificate | None) -> None:
+        if cert is None:  # pragma: no cover - aioquic raises before this
+            raise tls.AlertBadCertificate("no certificate")
+        try:
+            credential = credential_from_certificate(cert)
+            self._check(credential)
+        except TrustError as exc:
+            self._auth_error = exc
+            raise tls.AlertBadCertificate("dtx: device key refused") from exc
+        self.peer_credential = credential
+
+
+def quic_configuration(
+    *,
+    is_client: bool,
+    private_key: ed25519.Ed25519PrivateKey,
+    certificate: x509.Certificate,
+    idle_timeout: float,
+    max_datagram_frame_size: int | None,
+) -> QuicConfiguration:
+    """The QUIC configuration of a dtx endpoint (0-RTT and tickets off)."""
+    config = QuicConfiguration(
+        is_client=is_client,
+        alpn_protocols=[ALPN],
+        idle_timeout=idle_timeout,
+        max_datagram_frame_size=max_datagram_frame_size,
+        # CA verification is replaced by the key check above.
+        verify_mode=ssl.CERT_NONE,
+        certificate=certificate,
+        private_key=private_key,
+        # Large windows: stanzas are small and many; the stream is long-lived.
+        max_data=16 * 1024 * 1024,
+        max_stream_data=8 * 1024 * 1024,
+    )
+    return config
+
+
+def certificate_fingerprint(cert: x509.Certificate) -> bytes:
+    return cert.fingerprint(hashes.SHA256())

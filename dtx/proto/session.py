@@ -1,0 +1,631 @@
+"""The sans-IO dtx session: an XML stream on an authenticated QUIC connection.
+
+Stacked on aioquic's :class:`~aioquic.quic.connection.QuicConnection` the way
+``aioquic.h3.connection.H3Connection`` is: the driver feeds every QUIC event
+to :meth:`XmlSession.handle_quic_event`, which returns session events, and
+calls :meth:`XmlSession.flush` before it collects datagrams to send.
+
+Stream rules (``docs/protocol.md``):
+
+* the initiator (QUIC client) opens bidirectional stream 0 and sends its
+  stream header at once; the responder sends its header only after it has
+  checked the initiator's key *and* header, so the initiator treats the
+  session as open (and delivers stanzas) only once that header arrives;
+* the ``from`` of each header must be the JID the sender authenticated as;
+  a stanza's ``from`` must be that JID or its bare form, or absent (then it
+  is stamped with the authenticated JID); anything else is ``invalid-from``;
+* delivery is acknowledged with XEP-0198 ``<r/>``/``<a h=''/>`` elements,
+  always on (no ``<enable/>``): the sender keeps every stanza until it is
+  acknowledged, and hands the unacknowledged ones back when the session ends;
+* XEP-0199 pings and XEP-0030 disco#info queries are answered here;
+* ``</stream:stream>`` closes gracefully: the side that closes first ends
+  the QUIC connection once the peer's closing tag arrives, by which point
+  the peer has processed every stanza sent before it;
+* an optional unreliable channel carries one whole stanza per QUIC DATAGRAM
+  frame.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from xml.etree.ElementTree import Element
+
+from aioquic.quic import events as qe
+from aioquic.quic.connection import QuicConnection
+
+from .. import stanza as st
+from ..errors import (
+    AuthenticationError,
+    DtxError,
+    RemoteProtocolError,
+    SessionClosedError,
+    StanzaTooLargeError,
+    StreamError,
+    TrustError,
+)
+from . import xmlstream as xs
+from .auth import (
+    ALERT_CERTIFICATE_REQUIRED,
+    ALERT_REFUSED,
+    CRYPTO_ERROR_BASE,
+    CredentialCheck,
+    PeerCredential,
+)
+
+NS_SM = "urn:xmpp:sm:3"
+SM_R = f"{{{NS_SM}}}r"
+SM_A = f"{{{NS_SM}}}a"
+
+ERROR_NONE = 0x0
+"""QUIC application close code: graceful end of the session."""
+ERROR_STREAM = 0x10
+"""QUIC application close code: an XML stream error; the reason phrase is
+the RFC 6120 condition, then a colon and text."""
+ERROR_SESSION = 0x11
+"""QUIC application close code: the session was aborted locally."""
+
+DATAGRAM_OVERHEAD_BYTES = 1 + 20 + 4 + 16 + 1 + 2 + 8
+"""Worst-case bytes a 1-RTT QUIC packet adds around a DATAGRAM frame's
+payload: flags, destination CID (up to 20), packet number (4), AEAD tag,
+frame type and length, and room for an ACK frame aioquic may put first."""
+
+_H_MOD = 1 << 32
+
+
+class SessionState(Enum):
+    HANDSHAKING = "handshaking"
+    """QUIC/TLS handshake running; keys not yet checked both ways."""
+    AUTHENTICATED = "authenticated"
+    """Handshake done; waiting for the peer's stream header."""
+    OPEN = "open"
+    CLOSING = "closing"
+    """We sent ``</stream:stream>``; waiting for the peer's."""
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SessionConfig:
+    """Tunables of one session. All sizes in bytes, times in seconds."""
+
+    max_stanza_bytes: int = xs.DEFAULT_MAX_STANZA_BYTES
+    max_depth: int = xs.DEFAULT_MAX_DEPTH
+    features: tuple[str, ...] = ()
+    """XEP-0030 features the application supports (disco#info answers)."""
+    answer_pings: bool = True
+    max_datagram_size: int = 1200
+    """The QUIC packet size in use; bounds the DATAGRAM channel."""
+
+
+# -- events -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HandshakeConfirmed:
+    """The peer's key was checked and trusted (locally)."""
+
+    peer_jid: str
+
+
+@dataclass(frozen=True)
+class SessionOpened:
+    """Both stream headers exchanged: stanzas now flow both ways."""
+
+    peer_jid: str
+    stream_id: str | None
+
+
+@dataclass(frozen=True)
+class StanzaReceived:
+    stanza: Element
+
+
+@dataclass(frozen=True)
+class DatagramReceived:
+    """A stanza from the unreliable channel."""
+
+    stanza: Element
+
+
+@dataclass(frozen=True)
+class StanzasAcknowledged:
+    """The peer confirmed it processed ``count`` more stanzas (``total`` so far)."""
+
+    count: int
+    total: int
+
+
+@dataclass(frozen=True)
+class SessionEnded:
+    """The session is over. ``error`` is None after a graceful close.
+
+    ``unacknowledged`` holds every stanza handed to :meth:`XmlSession.send`
+    that the peer did not confirm, in order, so nothing is silently lost.
+    """
+
+    error: DtxError | None
+    unacknowledged: tuple[Element, ...] = ()
+
+
+SessionEvent = (
+    HandshakeConfirmed
+    | SessionOpened
+    | StanzaReceived
+    | DatagramReceived
+    | StanzasAcknowledged
+    | SessionEnded
+)
+
+
+@dataclass
+class SessionStatistics:
+    stanzas_sent: int = 0
+    stanzas_received: int = 0
+    stanzas_acknowledged: int = 0
+    datagrams_sent: int = 0
+    datagrams_received: int = 0
+    datagrams_dropped: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    pings_answered: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+def _bare(jid: str) -> str:
+    return jid.split("/", 1)[0]
+
+
+class XmlSession:
+    """The XML stream and session rules, over one QUIC connection.
+
+    ``local_jid`` is this device's full JID; on the initiating side,
+    ``peer_jid`` is the JID it meant to reach (bare or full), already
+    enforced by the key check. ``rng`` makes the stream id.
+    """
+
+    def __init__(
+        self,
+        quic: QuicConnection,
+        *,
+        local_jid: str,
+        peer_jid: str | None,
+        config: SessionConfig,
+        rng: random.Random,
+        logger: logging.Logger | logging.LoggerAdapter[logging.Logger] | None = None,
+    ) -> None:
+        self._quic = quic
+        self._is_client = quic.configuration.is_client
+        self._local_jid = local_jid
+        self._requested_peer = peer_jid
+        self._config = config
+        self._rng = rng
+        self._log = logger or logging.getLogger(__name__)
+        self._parser = xs.XmlStreamParser(
+            max_stanza_bytes=config.max_stanza_bytes, max_depth=config.max_depth
+        )
+        self.state = SessionState.HANDSHAKING
+        self.peer_jid: str | None = None
+        self.stream_id: str | None = None
+        self.statistics = SessionStatistics()
+        self._stream: int | None = None
+        self._peer_closed = False
+        # XEP-0198 style accounting: h counts stanzas, modulo 2**32.
+        self._unacked: deque[Element] = deque()
+        self._acked_total = 0
+        self._handled_in = 0
+        self._r_outstanding = False
+        self._ended: SessionEnded | None = None
+        self._ended_error: DtxError | None = None
+        self._out: list[bytes] = []
+        if self._is_client:
+            self._stream = quic.get_next_available_stream_id()
+            header = xs.encode_stream_header(
+                from_=local_jid, to=peer_jid or "", version="1.0"
+            )
+            self._quic.send_stream_data(self._stream, header)
+
+    # -- user calls -----------------------------------------------------------
+
+    @property
+    def unacknowledged(self) -> tuple[Element, ...]:
+        return tuple(self._unacked)
+
+    @property
+    def is_open(self) -> bool:
+        return self.state in (SessionState.AUTHENTICATED, SessionState.OPEN)
+
+    def send(self, stanza: Element) -> None:
+        """Queue ``stanza`` on the reliable stream.
+
+        Allowed once the handshake is done (the peer's key is trusted); the
+        stanza is then encrypted to that peer only. It is kept until the peer
+        acknowledges it.
+        """
+        if self.state not in (SessionState.AUTHENTICATED, SessionState.OPEN):
+            raise SessionClosedError(f"cannot send: session is {self.state.value}")
+        data = xs.encode_stanza(stanza)
+        if len(data) > self._config.max_stanza_bytes:
+            raise StanzaTooLargeError(
+                f"stanza of {len(data)} bytes exceeds the limit of "
+                f"{self._config.max_stanza_bytes} bytes"
+            )
+        self._unacked.append(stanza)
+        self._out.append(data)
+        self.statistics.stanzas_sent += 1
+        self.statistics.bytes_sent += len(data)
+
+    def max_datagram_bytes(self) -> int:
+        """The largest encoded stanza the DATAGRAM channel accepts now."""
+        remote = getattr(self._quic, "_remote_max_datagram_frame_size", None)
+        local_cap = self._config.max_datagram_size - DATAGRAM_OVERHEAD_BYTES
+        if remote is None:
+            return 0
+        return max(0, min(local_cap, int(remote) - 3))
+
+    def send_datagram(self, stanza: Element) -> None:
+        """Send ``stanza`` in one QUIC DATAGRAM frame: unreliable, unordered.
+
+        Raises :class:`StanzaTooLargeError` when it cannot fit one datagram
+        (rather than letting it block the datagram queue), and
+        :class:`SessionClosedError` when the session is not open.
+        """
+        if self.state is not SessionState.OPEN:
+            raise SessionClosedError(f"cannot send: session is {self.state.value}")
+        data = xs.encode_stanza(stanza)
+        limit = self.max_datagram_bytes()
+        if limit == 0:
+            raise StanzaTooLargeError("the peer does not accept DATAGRAM frames")
+        if len(data) > limit:
+            raise StanzaTooLargeError(
+                f"stanza of {len(data)} bytes does not fit one datagram "
+                f"(at most {limit} bytes); send it on the stream instead"
+            )
+        self._quic.send_datagram_frame(data)
+        self.statistics.datagrams_sent += 1
+
+    def close(self) -> None:
+        """Close gracefully: ``</stream:stream>`` after everything queued."""
+        if self.state in (SessionState.CLOSING, SessionState.CLOSED):
+            return
+        if self.state is SessionState.HANDSHAKING or self._stream is None:
+            self._quic.close(error_code=ERROR_SESSION, reason_phrase="closed")
+            self.state = SessionState.CLOSED
+            return
+        self.flush()
+        self._quic.send_stream_data(
+            self._stream, xs.encode_stream_footer(), end_stream=self._peer_closed
+        )
+        self.state = SessionState.CLOSING
+        if self._peer_closed:
+            self._quic.close(error_code=ERROR_NONE, reason_phrase="")
+
+    def abort(self, reason: str = "aborted") -> None:
+        """End the session at once (unacknowledged stanzas are handed back)."""
+        if self.state is not SessionState.CLOSED:
+            self._quic.close(error_code=ERROR_SESSION, reason_phrase=reason)
+
+    def flush(self) -> None:
+        """Hand queued stanzas to QUIC as one write, asking for an ack."""
+        if self._stream is None or not self._out:
+            return
+        if self._unacked and not self._r_outstanding and self.state is SessionState.OPEN:
+            self._out.append(b"<r xmlns='urn:xmpp:sm:3'/>")
+            self._r_outstanding = True
+        data = b"".join(self._out)
+        self._out.clear()
+        self._quic.send_stream_data(self._stream, data)
+
+    # -- QUIC events ------------------------------------------------------------
+
+    def handle_quic_event(self, event: qe.QuicEvent) -> list[SessionEvent]:
+        """Feed one QUIC event; returns what happened to the session."""
+        if isinstance(event, qe.StreamDataReceived):
+            return self._on_stream_data(event)
+        if isinstance(event, qe.DatagramFrameReceived):
+            return self._on_datagram(event.data)
+        if isinstance(event, qe.HandshakeCompleted):
+            return self._on_handshake()
+        if isinstance(event, qe.ConnectionTerminated):
+            return self._on_terminated(event)
+        return []
+
+    def _on_handshake(self) -> list[SessionEvent]:
+        credential = getattr(self._quic, "peer_credential", None)
+        if credential is None:
+            # Unreachable with AuthenticatedQuicConnection: no key, no handshake.
+            self._fail_local(AuthenticationError("handshake completed without a key"))
+            return []
+        self.peer_jid = credential.jid
+        self.state = SessionState.AUTHENTICATED
+        self._log.info("handshake done, peer key trusted for %s", credential.jid)
+        return [HandshakeConfirmed(credential.jid)]
+
+    def _on_stream_data(self, event: qe.StreamDataReceived) -> list[SessionEvent]:
+        if self._stream is None:
+            if self._is_client or event.stream_id != 0:
+                self._stream_error("unsupported-feature", "unexpected QUIC stream")
+                return []
+            self._stream = event.stream_id
+        elif event.stream_id != self._stream:
+            self._stream_error("unsupported-feature", "unexpected QUIC stream")
+            return []
+        self.statistics.bytes_received += len(event.data)
+        out: list[SessionEvent] = []
+        try:
+            xml_events = self._parser.feed(event.data) if event.data else []
+        except StreamError as exc:
+            self._log.warning("stream error from %s: %s", self.peer_jid, exc)
+            self._stream_error(exc.condition, exc.text)
+            return []
+        for xev in xml_events:
+            if self.state is SessionState.CLOSED:
+                break
+            try:
+                self._on_xml_event(xev, out)
+            except StreamError as exc:
+                self._log.warning("stream error from %s: %s", self.peer_jid, exc)
+                self._stream_error(exc.condition, exc.text)
+                break
+        if event.end_stream and not self._peer_closed and self.state is not SessionState.CLOSED:
+            self._stream_error("not-well-formed", "stream ended without closing tag")
+        return out
+
+    def _on_xml_event(self, xev: xs.XmlEvent, out: list[SessionEvent]) -> None:
+        if isinstance(xev, xs.StanzaReceived):
+            el = xev.element
+            if el.tag == SM_R:
+                self._out.append(b"<a xmlns='urn:xmpp:sm:3' h='%d'/>" % self._handled_in)
+                return
+            if el.tag == SM_A:
+                acked = self._on_ack(el)
+                if acked:
+                    out.append(StanzasAcknowledged(acked, self._acked_total))
+                return
+            self._on_stanza(el, out)
+        elif isinstance(xev, xs.StreamOpened):
+            self._on_header(xev.attrs, out)
+        elif isinstance(xev, xs.StreamClosed):
+            self._peer_closed = True
+            if self.state is SessionState.CLOSING:
+                assert self._stream is not None
+                self._quic.send_stream_data(self._stream, b"", end_stream=True)
+                self._quic.close(error_code=ERROR_NONE, reason_phrase="")
+            elif self._stream is not None:
+                self.flush()
+                self._quic.send_stream_data(
+                    self._stream, xs.encode_stream_footer(), end_stream=True
+                )
+                self.state = SessionState.CLOSING
+        elif isinstance(xev, xs.StreamErrorReceived):
+            self._log.warning(
+                "peer %s sent stream error %s %s", self.peer_jid, xev.condition, xev.text
+            )
+            self._fail_local(StreamError(xev.condition, xev.text))
+
+    def _on_header(self, attrs: dict[str, str], out: list[SessionEvent]) -> None:
+        if self.state is not SessionState.AUTHENTICATED or self.peer_jid is None:
+            raise StreamError("not-authorized", "stream header before authentication")
+        sender = attrs.get("from", "")
+        if sender != self.peer_jid:
+            raise StreamError(
+                "invalid-from",
+                f"stream from {sender!r} but the key authenticated {self.peer_jid}",
+            )
+        to = attrs.get("to", "")
+        if to not in (self._local_jid, _bare(self._local_jid)):
+            raise StreamError("host-unknown", f"this device is {self._local_jid}")
+        if attrs.get("version", "0.9").split(".")[0] != "1":
+            raise StreamError("unsupported-version", "version 1.0 is required")
+        if self._is_client:
+            self.stream_id = attrs.get("id")
+        else:
+            self.stream_id = "%016x" % self._rng.getrandbits(64)
+            assert self._stream is not None
+            self._quic.send_stream_data(
+                self._stream,
+                xs.encode_stream_header(
+                    from_=self._local_jid,
+                    to=self.peer_jid,
+                    stream_id=self.stream_id,
+                    version="1.0",
+                ),
+            )
+        self.state = SessionState.OPEN
+        self._log.info("session open with %s", self.peer_jid)
+        out.append(SessionOpened(self.peer_jid, self.stream_id))
+
+    def _on_stanza(self, el: Element, out: list[SessionEvent]) -> None:
+        if self.state not in (SessionState.OPEN, SessionState.CLOSING):
+            raise StreamError("not-authorized", "stanza before the stream opened")
+        assert self.peer_jid is not None
+        self._check_from(el)
+        self._handled_in = (self._handled_in + 1) % _H_MOD
+        self.statistics.stanzas_received += 1
+        if el.tag == st.IQ and self._answer_iq(el):
+            return
+        out.append(StanzaReceived(el))
+
+    def _check_from(self, el: Element) -> None:
+        assert self.peer_jid is not None
+        sender = el.get("from")
+        if sender is None:
+            el.set("from", self.peer_jid)
+        elif sender != self.peer_jid and sender != _bare(self.peer_jid):
+            raise StreamError(
+                "invalid-from",
+                f"stanza from {sender!r} on a stream authenticated as {self.peer_jid}",
+            )
+
+    def _answer_iq(self, el: Element) -> bool:
+        if self.state is not SessionState.OPEN:
+            return False
+        if self._config.answer_pings and st.is_ping(el):
+            self.send(st.result_for(el, from_=self._local_jid))
+            self.statistics.pings_answered += 1
+            return True
+        if st.is_disco_info_query(el):
+            features = [st.NS_PING, st.NS_DISCO_INFO, *self._config.features]
+            self.send(st.disco_info_result(el, features, from_=self._local_jid))
+            return True
+        return False
+
+    def _on_ack(self, el: Element) -> int:
+        """Drop acknowledged stanzas; returns how many were acknowledged."""
+        self._r_outstanding = False
+        try:
+            h = int(el.get("h", ""))
+        except ValueError:
+            raise StreamError("bad-format", "ack without a valid h") from None
+        if not 0 <= h < _H_MOD:
+            raise StreamError("bad-format", "ack h out of range")
+        count = (h - self._acked_total) % _H_MOD
+        if count > len(self._unacked):
+            raise StreamError(
+                "undefined-condition",
+                f"peer acknowledged {count} stanzas, only {len(self._unacked)} unacknowledged",
+            )
+        for _ in range(count):
+            self._unacked.popleft()
+        self._acked_total = h
+        self.statistics.stanzas_acknowledged += count
+        return count
+
+    def _on_datagram(self, data: bytes) -> list[SessionEvent]:
+        if self.state is not SessionState.OPEN or self.peer_jid is None:
+            self.statistics.datagrams_dropped += 1
+            return []
+        parser = xs.XmlStreamParser(
+            max_stanza_bytes=max(self._config.max_stanza_bytes, xs.MIN_MAX_STANZA_BYTES),
+            max_depth=self._config.max_depth,
+        )
+        try:
+            events = parser.feed(_DATAGRAM_PREFIX + data)
+            stanzas = [e.element for e in events if isinstance(e, xs.StanzaReceived)]
+            if len(stanzas) != 1 or stanzas[0].tag not in st.STANZA_TAGS:
+                raise StreamError("bad-format", "a datagram must hold one stanza")
+            self._check_from(stanzas[0])
+        except StreamError as exc:
+            self.statistics.datagrams_dropped += 1
+            self._log.warning("dropped a bad datagram from %s: %s", self.peer_jid, exc)
+            return []
+        self.statistics.datagrams_received += 1
+        return [DatagramReceived(stanzas[0])]
+
+    # -- ending -------------------------------------------------------------------
+
+    def _stream_error(self, condition: str, text: str) -> None:
+        """Send a stream error, close the stream and the connection."""
+        if self.state is SessionState.CLOSED:
+            return
+        if self._stream is not None:
+            try:
+                self._quic.send_stream_data(
+                    self._stream,
+                    xs.encode_stream_error(condition, text) + xs.encode_stream_footer(),
+                    end_stream=True,
+                )
+            except Exception:  # noqa: BLE001 - stream may already be finished
+                pass
+        self._ended_error = StreamError(condition, text)
+        self._quic.close(
+            error_code=ERROR_STREAM, reason_phrase=f"{condition}:{text}"[:200]
+        )
+        self.state = SessionState.CLOSED
+
+    def _fail_local(self, error: DtxError) -> None:
+        self._ended_error = error
+        self._quic.close(error_code=ERROR_SESSION, reason_phrase=str(error)[:200])
+        self.state = SessionState.CLOSED
+
+    def _on_terminated(self, event: qe.ConnectionTerminated) -> list[SessionEvent]:
+        if self._ended is not None:
+            return []
+        error = self._termination_error(event)
+        self.state = SessionState.CLOSED
+        self._ended = SessionEnded(error, tuple(self._unacked))
+        if error is None:
+            self._log.info("session with %s closed", self.peer_jid)
+        else:
+            self._log.info("session with %s ended: %s", self.peer_jid, error)
+        return [self._ended]
+
+    def _termination_error(self, event: qe.ConnectionTerminated) -> DtxError | None:
+        local_auth: DtxError | None = getattr(self._quic, "auth_error", None)
+        if local_auth is not None:
+            return local_auth
+        if self._ended_error is not None:
+            return self._ended_error
+        code = event.error_code
+        reason = event.reason_phrase
+        if code == ERROR_NONE and event.frame_type is None and self._peer_closed:
+            return None
+        if code == ERROR_NONE and self.state is SessionState.CLOSING and self._peer_closed:
+            return None
+        if code in (CRYPTO_ERROR_BASE + ALERT_REFUSED, CRYPTO_ERROR_BASE + ALERT_CERTIFICATE_REQUIRED):
+            return AuthenticationError(
+                f"the peer refused this device's key ({reason or 'no reason given'})"
+            )
+        if CRYPTO_ERROR_BASE <= code < CRYPTO_ERROR_BASE + 0x100:
+            return AuthenticationError(f"TLS handshake failed: {reason}")
+        if code == ERROR_STREAM and event.frame_type is None:
+            condition, _, text = reason.partition(":")
+            return StreamError(condition or "undefined-condition", text)
+        if code == ERROR_NONE and event.frame_type is None:
+            if self.state is SessionState.HANDSHAKING:
+                return SessionClosedError("connection closed during the handshake")
+            return SessionClosedError("peer closed the connection without closing the stream")
+        if code == 0 and reason == "" and self.state is SessionState.HANDSHAKING:
+            return SessionClosedError("no answer from the peer (timeout)")
+        return RemoteProtocolError(f"connection closed: code {code:#x} {reason}".strip())
+
+
+_DATAGRAM_PREFIX = (
+    b"<stream:stream xmlns='jabber:client' "
+    b"xmlns:stream='http://etherx.jabber.org/streams' version='1.0'>"
+)
+
+
+Verify = Callable[[str, bytes], None]
+"""Raises :class:`TrustError` unless ``key`` may speak for ``jid``."""
+
+
+def trust_check_for(verify: Verify, expected_jid: str | None) -> CredentialCheck:
+    """The key check of one connection: the JID matches, the key is trusted.
+
+    ``expected_jid`` (initiator side) is the JID the application asked for:
+    a bare JID accepts any device of that account, a full JID only that one.
+    """
+
+    def check(credential: PeerCredential) -> None:
+        if expected_jid is not None:
+            same = (
+                credential.jid == expected_jid
+                if "/" in expected_jid
+                else _bare(credential.jid) == expected_jid
+            )
+            if not same:
+                raise TrustError(
+                    f"reached {credential.jid}, not the requested {expected_jid}"
+                )
+        verify(credential.jid, credential.key)
+
+    return check
+
+
+__all__: Sequence[str] = [
+    "SessionConfig",
+    "SessionState",
+    "XmlSession",
+    "HandshakeConfirmed",
+    "SessionOpened",
+    "StanzaReceived",
+    "DatagramReceived",
+    "StanzasAcknowledged",
+    "SessionEnded",
+    "SessionEvent",
+    "trust_check_for",
+]
