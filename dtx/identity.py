@@ -238,13 +238,14 @@ def load_identity(path: str | os.PathLike[str]) -> DeviceIdentity:
     try:
         fd = os.open(name, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError as exc:
-        raise KeyFileError(f"{name}: no such key file (create one with: dtx keygen)") from exc
+        raise KeyFileError(f"{name}: no such key file") from exc
     except OSError as exc:
         raise KeyFileError(f"{name}: cannot open key file: {exc.strerror}") from exc
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise KeyFileError(f"{name}: not a regular file")
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise KeyFileError(f"{name}: not a regular file")
         if os.name == "posix":
             problem = _mode_problem(st.st_mode)
             if problem is not None:
@@ -252,7 +253,10 @@ def load_identity(path: str | os.PathLike[str]) -> DeviceIdentity:
                     f"{name}: refusing to use a private key file whose {problem}; "
                     f"run: chmod 600 {name}"
                 )
-        data = f.read(MAX_KEY_FILE_BYTES + 1)
+        try:
+            data = f.read(MAX_KEY_FILE_BYTES + 1)
+        except OSError as exc:
+            raise KeyFileError(f"{name}: cannot read key file: {exc.strerror}") from exc
     return decode_key_file(data, source=name)
 
 
