@@ -1,4 +1,4 @@
-"""Sans-IO XML stream parser and serialiser (RFC 6120 framing, XEP-0174 rules).
+"""Sans-IO XML stream parser (RFC 6120 framing, XEP-0174 stream rules).
 
 Two dtx peers run one XML stream over one bidirectional QUIC stream. Bytes
 arrive split anywhere; :class:`XmlStreamParser` turns them into
@@ -16,20 +16,32 @@ slices no longer than the limit, and after each slice the bytes of the
 stanza (or pending token) in progress are counted, so a 64 MB text node
 fails after about ``max_stanza_bytes``, not after buffering 64 MB.
 
-See ``docs/xml-stream.md`` for the limits and the error mapping.
+The serialiser lives in :mod:`dtx.wire.xml` and is re-exported here, so
+that one import gives both directions. See ``docs/xml-stream.md`` for the
+limits and the error mapping.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
-import re
 from dataclasses import dataclass, field
 from typing import Final, Union
 from xml.etree.ElementTree import Element
 from xml.parsers import expat
 
 from dtx.errors import LocalProtocolError, StreamError
+from dtx.wire.xml import (
+    NS_CLIENT,
+    NS_STREAM,
+    NS_STREAMS_ERR,
+    NS_XML,
+    Condition,
+    encode_stanza,
+    encode_stream_error,
+    encode_stream_footer,
+    encode_stream_header,
+)
 
 __all__ = [
     "DEFAULT_MAX_DEPTH",
@@ -55,11 +67,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-NS_CLIENT: Final = "jabber:client"
-NS_STREAM: Final = "http://etherx.jabber.org/streams"
-NS_STREAMS_ERR: Final = "urn:ietf:params:xml:ns:xmpp-streams"
-NS_XML: Final = "http://www.w3.org/XML/1998/namespace"
-
 #: Default limit on one stanza, counted in input bytes from its ``<``.
 DEFAULT_MAX_STANZA_BYTES: Final = 256 * 1024
 #: RFC 6120 section 13.12 requires accepting stanzas of at least 10000 bytes.
@@ -67,38 +74,6 @@ MIN_MAX_STANZA_BYTES: Final = 10_000
 #: Default limit on nesting inside a stanza; the stanza element is depth 1.
 DEFAULT_MAX_DEPTH: Final = 32
 
-
-class Condition(enum.StrEnum):
-    """Defined stream error conditions (RFC 6120 section 4.9.3)."""
-
-    BAD_FORMAT = "bad-format"
-    BAD_NAMESPACE_PREFIX = "bad-namespace-prefix"
-    CONFLICT = "conflict"
-    CONNECTION_TIMEOUT = "connection-timeout"
-    HOST_GONE = "host-gone"
-    HOST_UNKNOWN = "host-unknown"
-    IMPROPER_ADDRESSING = "improper-addressing"
-    INTERNAL_SERVER_ERROR = "internal-server-error"
-    INVALID_FROM = "invalid-from"
-    INVALID_NAMESPACE = "invalid-namespace"
-    INVALID_XML = "invalid-xml"
-    NOT_AUTHORIZED = "not-authorized"
-    NOT_WELL_FORMED = "not-well-formed"
-    POLICY_VIOLATION = "policy-violation"
-    REMOTE_CONNECTION_FAILED = "remote-connection-failed"
-    RESET = "reset"
-    RESOURCE_CONSTRAINT = "resource-constraint"
-    RESTRICTED_XML = "restricted-xml"
-    SEE_OTHER_HOST = "see-other-host"
-    SYSTEM_SHUTDOWN = "system-shutdown"
-    UNDEFINED_CONDITION = "undefined-condition"
-    UNSUPPORTED_ENCODING = "unsupported-encoding"
-    UNSUPPORTED_FEATURE = "unsupported-feature"
-    UNSUPPORTED_STANZA_TYPE = "unsupported-stanza-type"
-    UNSUPPORTED_VERSION = "unsupported-version"
-
-
-_CONDITIONS: Final = frozenset(c.value for c in Condition)
 
 # -- events -----------------------------------------------------------------
 
@@ -270,17 +245,22 @@ class XmlStreamParser:
         if self._state is _State.CLOSED or not data:
             return []
         step = self._config.slice_bytes
-        view = memoryview(data)
         try:
             if self._fed == 0 and data[0] in _UTF16_BOM_BYTES:
                 # expat honours a UTF-16 byte order mark even when told the
                 # input is UTF-8; RFC 6120 section 11.6 allows UTF-8 only.
                 raise StreamError(Condition.UNSUPPORTED_ENCODING, "UTF-8 only")
-            for offset in range(0, len(data), step):
-                chunk = view[offset : offset + step]
-                self._fed += len(chunk)
-                self._parser.Parse(chunk, False)
+            if len(data) <= step:
+                self._fed += len(data)
+                self._parser.Parse(data, False)
                 self._check_pending()
+            else:
+                view = memoryview(data)
+                for offset in range(0, len(data), step):
+                    chunk = view[offset : offset + step]
+                    self._fed += len(chunk)
+                    self._parser.Parse(chunk, False)
+                    self._check_pending()
         except _Closed:
             pass
         except StreamError as exc:
@@ -525,193 +505,3 @@ def _stream_error_event(elem: Element) -> StreamErrorReceived:
             condition = tag[len(_ERR_PREFIX) :]
             found = True
     return StreamErrorReceived(condition, text)
-
-
-# -- serialiser ---------------------------------------------------------------
-
-# XML 1.0 Char production, inverted: what can never appear in a document.
-_INVALID_CHARS: Final = re.compile(
-    "[^\t\n\r\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]"
-)
-_NAME_START = (
-    "A-Z_a-z\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u02ff\u0370-\u037d"
-    "\u037f-\u1fff\u200c-\u200d\u2070-\u218f\u2c00-\u2fef\u3001-\ud7ff"
-    "\uf900-\ufdcf\ufdf0-\ufffd\U00010000-\U000effff"
-)
-#: NCName: an XML name without colons.
-_NCNAME: Final = re.compile(
-    f"[{_NAME_START}][{_NAME_START}\\-.0-9\u00b7\u0300-\u036f\u203f-\u2040]*"
-)
-
-# Clark-notation name -> (namespace or None, local name), validated once.
-_split_cache: dict[str, tuple[str | None, str]] = {}
-
-
-def _split(name: str) -> tuple[str | None, str]:
-    try:
-        return _split_cache[name]
-    except KeyError:
-        pass
-    if name[:1] == "{":
-        ns, brace, local = name[1:].partition("}")
-        if not brace or not ns:
-            raise LocalProtocolError(f"bad qualified name {name!r}")
-        result: tuple[str | None, str] = (ns, local)
-    else:
-        result = (None, name)
-    if _NCNAME.fullmatch(result[1]) is None:
-        raise LocalProtocolError(f"not an XML name: {result[1]!r}")
-    if len(_split_cache) >= _NAME_CACHE_MAX:
-        _split_cache.clear()
-    _split_cache[name] = result
-    return result
-
-
-def _escape_text(text: str) -> str:
-    if "&" in text:
-        text = text.replace("&", "&amp;")
-    if "<" in text:
-        text = text.replace("<", "&lt;")
-    if ">" in text:
-        text = text.replace(">", "&gt;")
-    if "\r" in text:  # a literal CR would be normalised away by the reader
-        text = text.replace("\r", "&#13;")
-    return text
-
-
-def _escape_attr(value: str) -> str:
-    """Escape for a single-quoted attribute; whitespace survives normalisation."""
-    if "&" in value:
-        value = value.replace("&", "&amp;")
-    if "<" in value:
-        value = value.replace("<", "&lt;")
-    if ">" in value:
-        value = value.replace(">", "&gt;")
-    if "'" in value:
-        value = value.replace("'", "&apos;")
-    if "\n" in value:
-        value = value.replace("\n", "&#10;")
-    if "\r" in value:
-        value = value.replace("\r", "&#13;")
-    if "\t" in value:
-        value = value.replace("\t", "&#9;")
-    return value
-
-
-def _write(elem: Element, out: list[str], default_ns: str) -> None:
-    """Append ``elem`` as XML to ``out``; ``default_ns`` is in scope."""
-    ns, local = _split(elem.tag)
-    if ns is None:
-        ns = default_ns  # an unqualified tag inherits its parent's namespace
-    out.append("<" + local)
-    if ns != default_ns:
-        out.append(" xmlns='" + _escape_attr(ns) + "'")
-    if elem.attrib:
-        prefixes: dict[str, str] | None = None
-        for key, value in elem.attrib.items():
-            if not isinstance(key, str) or not isinstance(value, str):
-                raise LocalProtocolError(f"attribute {key!r}={value!r} is not text")
-            ans, alocal = _split(key)
-            if ans is None:
-                out.append(" " + alocal + "='" + _escape_attr(value) + "'")
-            elif ans == NS_XML:
-                out.append(" xml:" + alocal + "='" + _escape_attr(value) + "'")
-            else:
-                if prefixes is None:
-                    prefixes = {}
-                prefix = prefixes.get(ans)
-                if prefix is None:
-                    prefix = prefixes[ans] = f"ns{len(prefixes)}"
-                    out.append(" xmlns:" + prefix + "='" + _escape_attr(ans) + "'")
-                out.append(" " + prefix + ":" + alocal + "='" + _escape_attr(value) + "'")
-    text = elem.text
-    if len(elem) == 0 and not text:
-        out.append("/>")
-    else:
-        out.append(">")
-        if text:
-            out.append(_escape_text(text))
-        for child in elem:
-            _write(child, out, ns)
-            if child.tail:
-                out.append(_escape_text(child.tail))
-        out.append("</" + local + ">")
-
-
-def encode_stanza(element: Element) -> bytes:
-    """Serialise a stanza for a ``jabber:client`` stream.
-
-    The element's own namespace must be ``jabber:client`` (or none, meaning
-    the stream's default). Children in other namespaces get an ``xmlns``
-    declaration; unqualified children inherit their parent's namespace.
-    Never emits ``ns0:`` prefixes. The element's own tail is not written.
-    Raises :class:`~dtx.errors.LocalProtocolError` for names that are not
-    XML names and for characters XML 1.0 cannot carry.
-    """
-    ns, _ = _split(element.tag)
-    if ns is not None and ns != NS_CLIENT:
-        raise LocalProtocolError(f"stanza {element.tag} is not in {NS_CLIENT}")
-    out: list[str] = []
-    try:
-        _write(element, out, NS_CLIENT)
-        xml = "".join(out)
-    except TypeError as exc:  # text or tail that is not a str
-        raise LocalProtocolError(f"stanza holds non-text content: {exc}") from None
-    bad = _INVALID_CHARS.search(xml)
-    if bad is not None:
-        raise LocalProtocolError(
-            f"character U+{ord(bad.group()):04X} cannot be carried in XML 1.0"
-        )
-    return xml.encode("utf-8")
-
-
-def _header_attr(value: str) -> str:
-    value = _escape_attr(value).replace('"', "&quot;")
-    if _INVALID_CHARS.search(value) is not None:
-        raise LocalProtocolError("stream header value holds a character XML forbids")
-    return value
-
-
-def encode_stream_header(
-    *,
-    from_: str,
-    to: str,
-    stream_id: str | None = None,
-    version: str = "1.0",
-    lang: str | None = None,
-) -> bytes:
-    """Serialise the XML declaration and the opening ``<stream:stream>`` tag."""
-    parts = [
-        '<?xml version="1.0"?><stream:stream xmlns="jabber:client"'
-        ' xmlns:stream="http://etherx.jabber.org/streams"',
-        f' from="{_header_attr(from_)}" to="{_header_attr(to)}"',
-    ]
-    if stream_id is not None:
-        parts.append(f' id="{_header_attr(stream_id)}"')
-    parts.append(f' version="{_header_attr(version)}"')
-    if lang is not None:
-        parts.append(f' xml:lang="{_header_attr(lang)}"')
-    parts.append(">")
-    return "".join(parts).encode("utf-8")
-
-
-def encode_stream_footer() -> bytes:
-    """Serialise the closing ``</stream:stream>`` tag."""
-    return b"</stream:stream>"
-
-
-def encode_stream_error(condition: str, text: str = "") -> bytes:
-    """Serialise ``<stream:error>`` with a defined condition and optional text.
-
-    Raises :class:`~dtx.errors.LocalProtocolError` for a condition that
-    RFC 6120 section 4.9.3 does not define.
-    """
-    if condition not in _CONDITIONS:
-        raise LocalProtocolError(f"not a defined stream error condition: {condition!r}")
-    body = f"<{condition} xmlns='{NS_STREAMS_ERR}'/>"
-    if text:
-        escaped = _escape_text(text)
-        if _INVALID_CHARS.search(escaped) is not None:
-            raise LocalProtocolError("stream error text holds a character XML forbids")
-        body += f"<text xmlns='{NS_STREAMS_ERR}'>{escaped}</text>"
-    return f"<stream:error>{body}</stream:error>".encode("utf-8")
