@@ -142,15 +142,80 @@ def _parse(data: bytes) -> ET.Element:
     return root
 
 
+_XML_NS = "http://www.w3.org/XML/1998/namespace"
+
+
+def _split(name: str) -> tuple[str, str]:
+    if name.startswith("{"):
+        uri, _, local = name[1:].partition("}")
+        return uri, local
+    return "", name
+
+
+def _escape_text(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace(
+        "\r", "&#13;"
+    )
+
+
+def _escape_attr(text: str) -> str:
+    return (
+        _escape_text(text)
+        .replace('"', "&quot;")
+        .replace("\n", "&#10;")
+        .replace("\t", "&#9;")
+    )
+
+
+def _write(elem: ET.Element, default_ns: str | None, out: list[str]) -> None:
+    """Serialise one element: each element whose namespace differs from its
+    parent's declares it as the default namespace, so the output reads like
+    hand-written XMPP XML (no ``ns0:`` prefixes) and unqualified attributes
+    stay unqualified."""
+    if elem.tag is ET.Comment:
+        out.append(f"<!--{elem.text or ''}-->")
+    elif elem.tag is ET.ProcessingInstruction:
+        out.append(f"<?{elem.text or ''}?>")
+    else:
+        uri, local = _split(str(elem.tag))
+        parts = [local]
+        if uri != default_ns:
+            parts.append(f'xmlns="{_escape_attr(uri)}"')
+        prefixes: dict[str, str] = {}
+        for name, value in elem.attrib.items():
+            a_uri, a_local = _split(name)
+            if not a_uri:
+                qname = a_local
+            elif a_uri == _XML_NS:
+                qname = f"xml:{a_local}"
+            else:
+                if a_uri not in prefixes:
+                    prefixes[a_uri] = f"a{len(prefixes)}"
+                    parts.append(f'xmlns:{prefixes[a_uri]}="{_escape_attr(a_uri)}"')
+                qname = f"{prefixes[a_uri]}:{a_local}"
+            parts.append(f'{qname}="{_escape_attr(value)}"')
+        head = " ".join(parts)
+        if elem.text or len(elem):
+            out.append(f"<{head}>")
+            if elem.text:
+                out.append(_escape_text(elem.text))
+            for child in elem:
+                _write(child, uri, out)
+            out.append(f"</{local}>")
+        else:
+            out.append(f"<{head}/>")
+    if elem.tail:
+        out.append(_escape_text(elem.tail))
+
+
 def _serialize(root: ET.Element) -> bytes:
-    ns = _FORMAT_NS[_ROOT_FORMAT[root.tag]]
+    out: list[str] = []
+    tail, root.tail = root.tail, None
     try:
-        text = ET.tostring(root, encoding="unicode", default_namespace=ns)
-    except ValueError:
-        # Some element has no namespace at all; it cannot sit under a
-        # default namespace, so let ElementTree use prefixes throughout.
-        text = ET.tostring(root, encoding="unicode")
-    return text.encode("utf-8")
+        _write(root, None, out)
+    finally:
+        root.tail = tail
+    return "".join(out).encode("utf-8")
 
 
 # -- reading keys -------------------------------------------------------------
