@@ -172,13 +172,13 @@ def classify(new_socket: Callable[[], socket.socket], addresses: tuple[str, str]
     f = new_socket()
     if not request(f, (a1, port), "same", timeout=timeout):
         raise TimeoutError(f"no answer from {(a1, port)}")
-    alt_addr = request(f, (a1, port), "alt-addr", timeout=timeout)
-    alt_port = request(f, (a1, port), "alt-port", timeout=timeout)
-    if not alt_addr or not alt_port:
+    by_addr = request(f, (a1, port), "alt-addr", timeout=timeout)
+    by_port = request(f, (a1, port), "alt-port", timeout=timeout)
+    if not by_addr or not by_port:
         raise TimeoutError("filtering probes got no final answer")
-    if any(r.via == "alt-addr" and r.sender == (a2, port) for r in alt_addr):
+    if any(r.via == "alt-addr" and r.sender == (a2, port) for r in by_addr):
         filtering = Filtering.ENDPOINT_INDEPENDENT
-    elif any(r.via == "alt-port" and r.sender == (a1, alt_port) for r in alt_port):
+    elif any(r.via == "alt-port" and r.sender == (a1, alt_port) for r in by_port):
         filtering = Filtering.ADDRESS_DEPENDENT
     else:
         filtering = Filtering.ADDRESS_AND_PORT_DEPENDENT
