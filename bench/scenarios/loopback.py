@@ -1,0 +1,542 @@
+"""The loopback scenario: dtx beside its floors, all on 127.0.0.1.
+
+Systems, measured in the same process and event loop, one after another:
+
+* ``udp`` — a raw asyncio UDP echo; the floor any UDP transport stands on;
+* ``aioquic`` — a bare aioquic stream echo (``aioquic.asyncio.connect`` /
+  ``serve``, throwaway self-signed certificate made in memory, one
+  bidirectional stream, fixed-size newline-ended messages); what dtx adds
+  its XML stream, acks and key checks to;
+* ``aioquic-flush`` — the same, one-way, calling ``transmit()`` after every
+  message instead of once per event-loop turn;
+* ``dtx`` — a dtx session: ``<message/>`` stanzas of the same size, echoed
+  back by the other side as new ``<message/>`` stanzas;
+* ``dtx-ping`` — XEP-0199 pings on the same session (answered by the core);
+* ``dtx-datagram`` — stanzas echoed over the QUIC DATAGRAM channel.
+
+Every message is ``Options.message_bytes`` long on the wire (the encoded
+stanza for dtx, the framed message for the others). Both ends run in this
+process, so arrival times and send times share one clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import ssl
+import time
+from dataclasses import dataclass, field
+from typing import Any, cast
+from xml.etree.ElementTree import Element
+
+from aioquic.asyncio import QuicConnectionProtocol, connect, serve
+from aioquic.asyncio.server import QuicServer
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.events import QuicEvent, StreamDataReceived
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from dtx import stanza as st
+from dtx.aio.peer import Peer, Session, open_peer
+from dtx.identity import DeviceIdentity, generate_identity
+from dtx.proto.xmlstream import encode_stanza
+from dtx.trust import PinStore, StaticKeys, Verifier
+
+from .common import Metric, Options, Result
+
+logger = logging.getLogger(__name__)
+
+NAME = "loopback"
+HOST = "127.0.0.1"
+TV_JID = "tv@example.org/living-room"
+REMOTE_JID = "remote@example.org/phone"
+ALPN = "dtx-bench-echo"
+
+ECHO = b"E"
+"""First byte of a stream the aioquic server echoes."""
+SINK = b"S"
+"""First byte of a stream the aioquic server only counts."""
+
+
+# -- helpers ------------------------------------------------------------------
+
+
+def framed_message(size: int, kind: bytes = ECHO) -> bytes:
+    """A ``size``-byte message: a kind byte, filler, a newline."""
+    if size < 2:
+        raise ValueError("messages need at least 2 bytes")
+    return kind + b"x" * (size - 2) + b"\n"
+
+
+def sized_stanza(size: int, *, to: str, index: int = 0) -> Element:
+    """A ``<message/>`` with a body, exactly ``size`` bytes once encoded.
+
+    The body starts with ``index`` so echoes can be matched; the filler is
+    then grown until the encoding reaches ``size`` (or the smallest size
+    above it that the attributes allow).
+    """
+    head = f"{index}:"
+    el = st.message(head, to=to, id_=f"m{index}")
+    short = size - len(encode_stanza(el))
+    if short > 0:
+        el = st.message(head + "x" * short, to=to, id_=f"m{index}")
+    return el
+
+
+def self_signed(host: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A throwaway certificate for the bare aioquic server, made in memory."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def _trusting(*ids: DeviceIdentity) -> Verifier:
+    keys: dict[str, list[bytes]] = {}
+    for ident in ids:
+        keys.setdefault(str(ident.jid.bare), []).append(ident.public_key)
+    return Verifier([StaticKeys(keys)], PinStore(None))
+
+
+async def _yield() -> None:
+    """Give the event loop one turn (not a wait: nothing is timed by it)."""
+    await asyncio.sleep(0)
+
+
+# -- raw UDP ------------------------------------------------------------------
+
+
+class _UdpEcho(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        if self.transport is not None:
+            self.transport.sendto(data, addr)
+
+
+class _UdpClient(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.waiter: asyncio.Future[bytes] | None = None
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(data)
+
+
+async def udp_rtt(opts: Options) -> list[float]:
+    """Sequential round trips of a raw UDP echo."""
+    loop = asyncio.get_running_loop()
+    server_t, _ = await loop.create_datagram_endpoint(_UdpEcho, local_addr=(HOST, 0))
+    client_t, client = await loop.create_datagram_endpoint(
+        _UdpClient, remote_addr=server_t.get_extra_info("sockname"))
+    payload = framed_message(opts.message_bytes)
+    samples: list[float] = []
+    try:
+        for _ in range(opts.rtt_samples):
+            client.waiter = loop.create_future()
+            start = time.perf_counter()
+            client_t.sendto(payload)
+            async with asyncio.timeout(opts.timeout):
+                await client.waiter
+            samples.append(time.perf_counter() - start)
+    finally:
+        client_t.close()
+        server_t.close()
+    return samples
+
+
+# -- bare aioquic -------------------------------------------------------------
+
+
+@dataclass
+class _SinkState:
+    """What the aioquic server saw, shared by all its connections."""
+
+    target_bytes: int = 0
+    received_bytes: int = 0
+    last_arrival: float = 0.0
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    first_arrivals: list[float] = field(default_factory=list)
+    first_arrival: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class _EchoServerProtocol(QuicConnectionProtocol):
+    """Echoes ``E`` streams; counts ``S`` streams into a :class:`_SinkState`."""
+
+    def __init__(self, *args: Any, state: _SinkState, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._state = state
+        self._modes: dict[int, bytes] = {}
+        self._seen_data = False
+
+    def quic_event_received(self, event: QuicEvent) -> None:
+        if not isinstance(event, StreamDataReceived) or not event.data:
+            return
+        state = self._state
+        if not self._seen_data:
+            self._seen_data = True
+            state.first_arrivals.append(time.perf_counter())
+            state.first_arrival.set()
+        mode = self._modes.setdefault(event.stream_id, event.data[:1])
+        if mode == ECHO:
+            self._quic.send_stream_data(event.stream_id, event.data)
+            self.transmit()
+        else:
+            state.received_bytes += len(event.data)
+            if state.target_bytes and state.received_bytes >= state.target_bytes:
+                state.last_arrival = time.perf_counter()
+                state.done.set()
+
+
+class _EchoClientProtocol(QuicConnectionProtocol):
+    """Collects echoed bytes and wakes a waiter once enough came back."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.expect = 0
+        self.got = 0
+        self.waiter: asyncio.Future[None] | None = None
+
+    def quic_event_received(self, event: QuicEvent) -> None:
+        if isinstance(event, StreamDataReceived):
+            self.got += len(event.data)
+            if self.waiter is not None and not self.waiter.done() and self.got >= self.expect:
+                self.waiter.set_result(None)
+
+
+class _AioquicServer:
+    def __init__(self, server: QuicServer, state: _SinkState) -> None:
+        self.server = server
+        self.state = state
+
+    @property
+    def port(self) -> int:
+        return int(self.server._transport.get_extra_info("sockname")[1])
+
+
+async def _start_aioquic_server() -> _AioquicServer:
+    cert, key = self_signed("localhost")
+    config = QuicConfiguration(is_client=False, alpn_protocols=[ALPN])
+    config.certificate = cert
+    config.private_key = key
+    state = _SinkState()
+
+    def factory(*args: Any, **kwargs: Any) -> QuicConnectionProtocol:
+        return _EchoServerProtocol(*args, state=state, **kwargs)
+
+    server = await serve(HOST, 0, configuration=config, create_protocol=factory)
+    return _AioquicServer(server, state)
+
+
+def _client_config() -> QuicConfiguration:
+    config = QuicConfiguration(is_client=True, alpn_protocols=[ALPN])
+    config.verify_mode = ssl.CERT_NONE  # throwaway certificate; loopback only
+    return config
+
+
+async def aioquic_rtt(opts: Options, server: _AioquicServer) -> list[float]:
+    """Sequential round trips on one bidirectional stream."""
+    loop = asyncio.get_running_loop()
+    payload = framed_message(opts.message_bytes, ECHO)
+    samples: list[float] = []
+    async with connect(HOST, server.port, configuration=_client_config(),
+                       create_protocol=_EchoClientProtocol) as proto:
+        client = cast(_EchoClientProtocol, proto)
+        stream = client._quic.get_next_available_stream_id()
+        for _ in range(opts.rtt_samples):
+            client.expect += len(payload)
+            client.waiter = loop.create_future()
+            start = time.perf_counter()
+            client._quic.send_stream_data(stream, payload)
+            client.transmit()
+            async with asyncio.timeout(opts.timeout):
+                await client.waiter
+            samples.append(time.perf_counter() - start)
+    return samples
+
+
+async def aioquic_connect(opts: Options, server: _AioquicServer) -> list[float]:
+    """From ``connect()`` to the first message's arrival, new connection each."""
+    samples: list[float] = []
+    payload = framed_message(opts.message_bytes, SINK)
+    state = server.state
+    for _ in range(opts.connects):
+        state.first_arrival.clear()
+        count = len(state.first_arrivals)
+        start = time.perf_counter()
+        async with connect(HOST, server.port, configuration=_client_config()) as client:
+            stream = client._quic.get_next_available_stream_id()
+            client._quic.send_stream_data(stream, payload)
+            client.transmit()
+            async with asyncio.timeout(opts.timeout):
+                while len(state.first_arrivals) == count:
+                    await state.first_arrival.wait()
+                    state.first_arrival.clear()
+            samples.append(state.first_arrivals[count] - start)
+    return samples
+
+
+async def aioquic_throughput(opts: Options, server: _AioquicServer, *,
+                             flush_each: bool) -> tuple[float, float]:
+    """One-way messages/s and CPU seconds per message on one stream."""
+    payload = framed_message(opts.message_bytes, SINK)
+    n = opts.stanzas
+    state = server.state
+    async with connect(HOST, server.port, configuration=_client_config()) as client:
+        quic = client._quic
+        stream = quic.get_next_available_stream_id()
+        state.received_bytes = 0
+        state.target_bytes = n * len(payload)
+        state.done.clear()
+        cpu0 = time.process_time()
+        start = time.perf_counter()
+        for i in range(n):
+            quic.send_stream_data(stream, payload)
+            if flush_each:
+                client.transmit()
+            if (i + 1) % opts.burst == 0:
+                if not flush_each:
+                    client.transmit()
+                await _yield()
+        client.transmit()
+        async with asyncio.timeout(opts.timeout):
+            await state.done.wait()
+        cpu = time.process_time() - cpu0
+        elapsed = state.last_arrival - start
+        state.target_bytes = 0
+    return n / elapsed, cpu / n
+
+
+# -- dtx ----------------------------------------------------------------------
+
+
+@dataclass
+class _DtxPair:
+    tv_id: DeviceIdentity
+    remote_id: DeviceIdentity
+    tv: Peer
+    verifier: Verifier
+
+
+async def _echo_stanzas(srv: Session, count: int) -> None:
+    for _ in range(count):
+        m = await srv.receive()
+        srv.send(st.message(st.body_of(m), to=m.get("from"), id_=m.get("id")))
+
+
+async def dtx_stanza_rtt(opts: Options, client: Session, srv: Session) -> list[float]:
+    """Send a message, wait for the echoed message; sequentially."""
+    n = opts.rtt_samples
+    echo = asyncio.create_task(_echo_stanzas(srv, n))
+    samples: list[float] = []
+    try:
+        for i in range(n):
+            el = sized_stanza(opts.message_bytes, to=TV_JID, index=i)
+            start = time.perf_counter()
+            client.send(el)
+            async with asyncio.timeout(opts.timeout):
+                await client.receive()
+            samples.append(time.perf_counter() - start)
+        async with asyncio.timeout(opts.timeout):
+            await echo
+    finally:
+        echo.cancel()
+    return samples
+
+
+async def dtx_ping_rtt(opts: Options, client: Session) -> list[float]:
+    """XEP-0199 pings, timed here with the same clock as the others."""
+    samples: list[float] = []
+    for _ in range(opts.rtt_samples):
+        start = time.perf_counter()
+        await client.ping(timeout=opts.timeout)
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+async def _echo_datagrams(srv: Session) -> None:
+    while True:
+        m = await srv.receive_datagram()
+        srv.send_datagram(st.message(st.body_of(m), to=m.get("from"), id_=m.get("id")))
+
+
+async def dtx_datagram_rtt(opts: Options, client: Session,
+                           srv: Session) -> tuple[list[float], int]:
+    """Stanzas echoed over DATAGRAM frames; returns samples and losses.
+
+    A datagram may be lost, so each round trip waits at most a second;
+    a late answer to an earlier probe is recognised by its id and skipped.
+    """
+    echo = asyncio.create_task(_echo_datagrams(srv))
+    samples: list[float] = []
+    lost = 0
+    try:
+        for i in range(opts.rtt_samples):
+            el = sized_stanza(opts.message_bytes, to=TV_JID, index=i)
+            want = f"m{i}"
+            start = time.perf_counter()
+            client.send_datagram(el)
+            try:
+                async with asyncio.timeout(1.0):
+                    while (await client.receive_datagram()).get("id") != want:
+                        pass
+            except TimeoutError:
+                lost += 1
+                continue
+            samples.append(time.perf_counter() - start)
+    finally:
+        echo.cancel()
+    return samples, lost
+
+
+async def dtx_throughput(opts: Options, client: Session,
+                         srv: Session) -> tuple[float, float]:
+    """One-way stanzas/s, one ``send()`` per stanza; and CPU s per stanza."""
+    n = opts.stanzas
+    done: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+
+    async def sink() -> None:
+        got = 0
+        while got < n:
+            await srv.receive()
+            got += 1
+            while got < n and srv.receive_nowait() is not None:
+                got += 1
+        done.set_result(time.perf_counter())
+
+    task = asyncio.create_task(sink())
+    try:
+        cpu0 = time.process_time()
+        start = time.perf_counter()
+        for i in range(n):
+            client.send(sized_stanza(opts.message_bytes, to=TV_JID, index=i))
+            if (i + 1) % opts.burst == 0:
+                await _yield()
+        async with asyncio.timeout(opts.timeout):
+            end = await done
+        cpu = time.process_time() - cpu0
+    finally:
+        task.cancel()
+    return n / (end - start), cpu / n
+
+
+async def dtx_connect(opts: Options, pair: _DtxPair) -> list[float]:
+    """From ``Peer.connect()`` to the first stanza received, new peer each time.
+
+    The listening side records the arrival time; the connecting device gets
+    a fresh socket each time, so every sample is a full handshake.
+    """
+    samples: list[float] = []
+    for i in range(opts.connects):
+        async with open_peer(pair.remote_id, pair.verifier, host=HOST, listen=False) as rc:
+            start = time.perf_counter()
+            s = await rc.connect(TV_JID, pair.tv.address, timeout=opts.timeout)
+            s.send(sized_stanza(opts.message_bytes, to=TV_JID, index=i))
+            async with asyncio.timeout(opts.timeout):
+                srv = await pair.tv.accept()
+                await srv.receive()
+                samples.append(time.perf_counter() - start)
+            await s.close(timeout=opts.timeout)
+    return samples
+
+
+# -- the scenario -------------------------------------------------------------
+
+
+async def _run_once(opts: Options, run: int) -> list[Result]:
+    results: list[Result] = []
+    step = opts.progress.step
+    tag = f"{NAME} run {run + 1}/{opts.runs}"
+
+    def add(system: str, metric: Metric, samples: list[float], lost: int = 0,
+            note: str = "") -> None:
+        results.append(Result(scenario=NAME, system=system, metric=metric, run=run,
+                              samples=tuple(samples), lost=lost, note=note))
+
+    step(f"{tag}: udp rtt x{opts.rtt_samples}")
+    add("udp", Metric.RTT, await udp_rtt(opts))
+
+    step(f"{tag}: aioquic rtt x{opts.rtt_samples}")
+    server = await _start_aioquic_server()
+    try:
+        add("aioquic", Metric.RTT, await aioquic_rtt(opts, server))
+        step(f"{tag}: aioquic connect x{opts.connects}")
+        add("aioquic", Metric.CONNECT, await aioquic_connect(opts, server))
+        for system, flush in (("aioquic", False), ("aioquic-flush", True)):
+            step(f"{tag}: {system} one-way x{opts.stanzas}")
+            rate, cpu = await aioquic_throughput(opts, server, flush_each=flush)
+            note = "transmit() after every message" if flush else \
+                f"transmit() every {opts.burst} messages"
+            add(system, Metric.THROUGHPUT, [rate], note=note)
+            add(system, Metric.CPU, [cpu], note=note)
+    finally:
+        server.server.close()
+
+    tv_id = generate_identity(TV_JID)
+    remote_id = generate_identity(REMOTE_JID)
+    verifier = _trusting(tv_id, remote_id)
+    async with open_peer(tv_id, verifier, host=HOST) as tv, \
+            open_peer(remote_id, verifier, host=HOST, listen=False) as rc:
+        pair = _DtxPair(tv_id, remote_id, tv, verifier)
+        client = await rc.connect(TV_JID, tv.address, timeout=opts.timeout)
+        async with asyncio.timeout(opts.timeout):
+            srv = await tv.accept()
+        step(f"{tag}: dtx stanza rtt x{opts.rtt_samples}")
+        add("dtx", Metric.RTT, await dtx_stanza_rtt(opts, client, srv))
+        step(f"{tag}: dtx ping rtt x{opts.rtt_samples}")
+        add("dtx-ping", Metric.RTT, await dtx_ping_rtt(opts, client))
+        step(f"{tag}: dtx datagram rtt x{opts.rtt_samples}")
+        samples, lost = await dtx_datagram_rtt(opts, client, srv)
+        add("dtx-datagram", Metric.RTT, samples, lost=lost)
+        step(f"{tag}: dtx one-way x{opts.stanzas}")
+        rate, cpu = await dtx_throughput(opts, client, srv)
+        note = f"one send() per stanza, event loop turn every {opts.burst}"
+        add("dtx", Metric.THROUGHPUT, [rate], note=note)
+        add("dtx", Metric.CPU, [cpu], note=note)
+        await client.close(timeout=opts.timeout)
+        step(f"{tag}: dtx connect x{opts.connects}")
+        add("dtx", Metric.CONNECT, await dtx_connect(opts, pair))
+    return results
+
+
+def run(opts: Options) -> list[Result]:
+    """Measure every loopback system ``opts.runs`` times."""
+    results: list[Result] = []
+    for i in range(opts.runs):
+        results.extend(asyncio.run(_run_once(opts, i)))
+    return results
+
+
+SYSTEMS: tuple[str, ...] = (
+    "udp", "aioquic", "aioquic-flush", "dtx", "dtx-ping", "dtx-datagram",
+)
+"""Every system this scenario reports, in display order."""
+
+DESCRIPTIONS: dict[str, str] = {
+    "udp": "raw asyncio UDP echo (the floor)",
+    "aioquic": "bare aioquic, one bidirectional stream",
+    "aioquic-flush": "bare aioquic, transmit() after every message",
+    "dtx": "dtx session, <message/> stanzas",
+    "dtx-ping": "dtx session, XEP-0199 ping",
+    "dtx-datagram": "dtx DATAGRAM channel, stanza echo",
+}
+
+__all__ = ["NAME", "SYSTEMS", "DESCRIPTIONS", "run", "framed_message", "sized_stanza",
+           "self_signed"]
