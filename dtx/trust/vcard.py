@@ -101,6 +101,9 @@ def _parse(data: bytes) -> ET.Element:
     def refuse_entity(*_: object) -> None:
         raise _Refused("entity declarations are not allowed in a vCard")
 
+    def refuse_external(*_: object) -> int:
+        raise _Refused("external entities are not allowed in a vCard")
+
     def start(name: str, attrs: dict[str, str]) -> None:
         nonlocal depth
         depth += 1
@@ -116,7 +119,7 @@ def _parse(data: bytes) -> ET.Element:
     parser.StartDoctypeDeclHandler = refuse_dtd
     parser.EntityDeclHandler = refuse_entity
     parser.UnparsedEntityDeclHandler = refuse_entity
-    parser.ExternalEntityRefHandler = refuse_entity
+    parser.ExternalEntityRefHandler = refuse_external
     parser.StartElementHandler = start
     parser.EndElementHandler = end
     parser.CharacterDataHandler = builder.data
@@ -172,9 +175,10 @@ def _write(elem: ET.Element, default_ns: str | None, out: list[str]) -> None:
     parent's declares it as the default namespace, so the output reads like
     hand-written XMPP XML (no ``ns0:`` prefixes) and unqualified attributes
     stay unqualified."""
-    if elem.tag is ET.Comment:
+    tag: object = elem.tag  # a str, or the Comment / PI factory
+    if tag is ET.Comment:
         out.append(f"<!--{elem.text or ''}-->")
-    elif elem.tag is ET.ProcessingInstruction:
+    elif tag is ET.ProcessingInstruction:
         out.append(f"<?{elem.text or ''}?>")
     else:
         uri, local = _split(str(elem.tag))
