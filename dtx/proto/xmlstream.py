@@ -143,8 +143,8 @@ _NAME_CACHE_MAX: Final = 4096
 #: Input is handed to expat in slices of at most this many bytes.
 _SLICE_BYTES: Final = 64 * 1024
 
-#: First bytes of a UTF-16 byte order mark; never valid in UTF-8.
-_UTF16_BOM_BYTES: Final = frozenset((0xFE, 0xFF))
+#: Bytes that make expat guess UTF-16 at the start; never valid UTF-8 XML.
+_UTF16_SIGNS: Final = frozenset((0x00, 0xFE, 0xFF))
 
 _ERR = expat.errors
 # expat error code -> RFC 6120 condition; anything else is not-well-formed.
@@ -246,9 +246,10 @@ class XmlStreamParser:
             return []
         step = self._config.slice_bytes
         try:
-            if self._fed == 0 and data[0] in _UTF16_BOM_BYTES:
-                # expat honours a UTF-16 byte order mark even when told the
-                # input is UTF-8; RFC 6120 section 11.6 allows UTF-8 only.
+            if self._fed < 2 and not _UTF16_SIGNS.isdisjoint(data[: 2 - self._fed]):
+                # expat detects UTF-16 from a byte order mark or a NUL in the
+                # first two bytes even when told the input is UTF-8; RFC 6120
+                # section 11.6 allows UTF-8 only.
                 raise StreamError(Condition.UNSUPPORTED_ENCODING, "UTF-8 only")
             if len(data) <= step:
                 self._fed += len(data)
@@ -437,7 +438,10 @@ class XmlStreamParser:
         if depth == 2:
             elem = self._stack.pop()
             self._last = None
-            size = self._parser.CurrentByteIndex - self._top_start
+            # From the stanza's '<' to the end of its end tag (as written
+            # without a prefix): a stanza of exactly the limit is accepted.
+            local = elem.tag.rpartition("}")[2]
+            size = self._parser.CurrentByteIndex + len(local) + 3 - self._top_start
             if size > self._config.max_stanza_bytes:
                 raise StreamError(
                     Condition.POLICY_VIOLATION,
