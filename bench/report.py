@@ -1,0 +1,216 @@
+"""Markdown and PNG reports from the ``results.json`` document.
+
+Everything here reads the JSON document (not live objects), so a report
+can be drawn again from a saved run: ``python -m bench.report results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+RTT_COLUMNS: tuple[str, ...] = ("p50", "p90", "p99", "max")
+
+
+def _summaries(doc: dict[str, Any], metric: str) -> list[dict[str, Any]]:
+    order = [s["name"] for s in doc["systems"]]
+    rows = [s for s in doc["summaries"] if s["metric"] == metric]
+    return sorted(rows, key=lambda s: order.index(s["system"])
+                  if s["system"] in order else len(order))
+
+
+def _description(doc: dict[str, Any], system: str) -> str:
+    for s in doc["systems"]:
+        if s["name"] == system:
+            return str(s["description"])
+    return ""
+
+
+def _fmt(value: float) -> str:
+    if value >= 100:
+        return f"{value:,.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def cell(rng: dict[str, float], scale: float, runs: int) -> str:
+    """``median`` alone for one run, else ``median (min–max)``."""
+    med = _fmt(rng["median"] * scale)
+    if runs <= 1:
+        return med
+    return f"{med} ({_fmt(rng['min'] * scale)}–{_fmt(rng['max'] * scale)})"
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    """The results as Markdown: conditions, then one table per figure."""
+    c = doc["conditions"]
+    o = doc["options"]
+    lines = [
+        "# dtx benchmark results",
+        "",
+        f"Command: `{c['command']}` ({c['date']}"
+        + (f", commit {c['git_commit']}" if c.get("git_commit") else "") + ").",
+        "",
+        f"Python {c['python']} ({c['python_implementation']}), aioquic {c['aioquic']}, "
+        f"{c['cpus_usable']} of {c['cpu_count']} CPUs usable, {c['platform']}.",
+        f"Runs: {o['runs']}; {o['message_bytes']}-byte messages; "
+        f"{o['rtt_samples']} round trips, {o['stanzas']} one-way messages and "
+        f"{o['connects']} connections per system per run. "
+        "With several runs a cell reads `median (min–max)` over the runs.",
+        "",
+        "## Round-trip time (µs)",
+        "",
+        "| System | What | " + " | ".join(RTT_COLUMNS) + " | Samples | Lost |",
+        "|---|---|" + "---:|" * len(RTT_COLUMNS) + "---:|---:|",
+    ]
+    for s in _summaries(doc, "rtt"):
+        cells = [cell(s["stats"][k], 1e6, s["runs"]) for k in RTT_COLUMNS]
+        lines.append(f"| {s['system']} | {_description(doc, s['system'])} | "
+                     + " | ".join(cells) + f" | {s['samples']} | {s['lost']} |")
+
+    rates = {s["system"]: s for s in _summaries(doc, "throughput")}
+    cpus = {s["system"]: s for s in _summaries(doc, "cpu_per_message")}
+    if rates:
+        lines += [
+            "",
+            "## One-way throughput and CPU cost",
+            "",
+            "| System | Messages/s | CPU µs per message | How it sends |",
+            "|---|---:|---:|---|",
+        ]
+        for system, s in rates.items():
+            cpu = cpus.get(system)
+            cpu_cell = cell(cpu["stats"]["median"], 1e6, cpu["runs"]) if cpu else "–"
+            lines.append(f"| {system} | {cell(s['stats']['median'], 1.0, s['runs'])} | "
+                         f"{cpu_cell} | {s['note']} |")
+
+    connects = _summaries(doc, "connect")
+    if connects:
+        lines += [
+            "",
+            "## Connect time (ms): connect call to first message delivered",
+            "",
+            "| System | Median | Samples |",
+            "|---|---:|---:|",
+        ]
+        for s in connects:
+            lines.append(f"| {s['system']} | {cell(s['stats']['median'], 1e3, s['runs'])} "
+                         f"| {s['samples']} |")
+
+    if doc.get("targets"):
+        lines += [
+            "",
+            "## Targets (shown, not asserted)",
+            "",
+            "| Figure | Measured | Target | Met |",
+            "|---|---:|---:|---|",
+        ]
+        for t in doc["targets"]:
+            sign = "≥" if t["higher_is_better"] else "≤"
+            lines.append(f"| {t['name']} | {_fmt(t['value'])} | {sign} {_fmt(t['target'])} "
+                         f"| {'yes' if t['met'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def _pooled(doc: dict[str, Any], metric: str) -> dict[str, list[float]]:
+    pooled: dict[str, list[float]] = {}
+    for r in doc["results"]:
+        if r["metric"] == metric:
+            pooled.setdefault(r["system"], []).extend(r["samples"])
+    order = [s["name"] for s in doc["systems"]]
+    return dict(sorted(pooled.items(), key=lambda kv: order.index(kv[0])
+                       if kv[0] in order else len(order)))
+
+
+def plots(doc: dict[str, Any], out: Path) -> list[Path]:
+    """RTT CDF per system; bars of throughput, CPU and connect time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written: list[Path] = []
+    title_tail = f"(Python {doc['conditions']['python']}, aioquic {doc['conditions']['aioquic']})"
+
+    rtts = _pooled(doc, "rtt")
+    if rtts:
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for system, samples in rtts.items():
+            xs = sorted(v * 1e6 for v in samples)
+            ys = [(i + 1) / len(xs) for i in range(len(xs))]
+            ax.step(xs, ys, where="post", label=system)
+        ax.set_xscale("log")
+        ax.set_xlabel("round-trip time (µs, log scale)")
+        ax.set_ylabel("fraction of round trips")
+        ax.set_title(f"Loopback RTT CDF {title_tail}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = out / "rtt_cdf.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+
+    def bars(metric: str, scale: float, ylabel: str, title: str, name: str) -> None:
+        rows = _summaries(doc, metric)
+        if not rows:
+            return
+        labels = [s["system"] for s in rows]
+        meds = [s["stats"]["median"]["median"] * scale for s in rows]
+        lows = [m - s["stats"]["median"]["min"] * scale for m, s in zip(meds, rows)]
+        highs = [s["stats"]["median"]["max"] * scale - m for m, s in zip(meds, rows)]
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        ax.bar(labels, meds, yerr=[lows, highs], capsize=6, color="tab:blue")
+        for x, m in enumerate(meds):
+            ax.annotate(_fmt(m), (x, m), ha="center", va="bottom",
+                        xytext=(0, 3), textcoords="offset points")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{title} {title_tail}", fontsize=10)
+        ax.grid(True, axis="y", alpha=0.3)
+        fig.tight_layout()
+        path = out / name
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+
+    bars("throughput", 1.0, "messages per second (median, min–max)",
+         "One-way throughput, 200-byte messages", "throughput.png")
+    bars("cpu_per_message", 1e6, "CPU µs per message (both ends)",
+         "CPU time per message", "cpu.png")
+    bars("connect", 1e3, "ms from connect call to first message delivered",
+         "Connect time", "connect.png")
+    return written
+
+
+def write_report(doc: dict[str, Any], out: Path, with_plots: bool = True) -> list[Path]:
+    """Write ``results.md`` and (with ``with_plots``) the PNG plots to ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    md = out / "results.md"
+    md.write_text(markdown(doc), encoding="utf-8")
+    written = [md]
+    if with_plots:
+        written.extend(plots(doc, out))
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Draw the report again from a saved ``results.json``."""
+    p = argparse.ArgumentParser(prog="python -m bench.report",
+                                description="Write results.md and plots from results.json.")
+    p.add_argument("results", type=Path)
+    p.add_argument("--out", type=Path, help="default: the folder of RESULTS")
+    p.add_argument("--no-plots", action="store_true")
+    args = p.parse_args(argv)
+    doc = json.loads(args.results.read_text(encoding="utf-8"))
+    for path in write_report(doc, args.out or args.results.parent, not args.no_plots):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

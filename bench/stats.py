@@ -1,0 +1,154 @@
+"""Summaries of raw samples: percentiles per run, then median over runs.
+
+Each run is summarised on its own (p50, p90, p99, max of its round trips;
+the value of a throughput batch); the figure reported is the median of the
+runs' summaries, with their minimum and maximum, so one noisy run shows as
+a wide range instead of moving the headline number.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from .scenarios.common import Metric, Result
+
+RTT_STATS: tuple[str, ...] = ("p50", "p90", "p99", "max")
+VALUE_STATS: tuple[str, ...] = ("median",)
+"""Connect time, throughput and CPU are reported by their median per run."""
+
+
+def percentile(samples: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0..100) by the nearest-rank method.
+
+    Nearest rank always returns an observed sample, so p99 of 300 round
+    trips is a round trip that happened, not an interpolation.
+    """
+    if not samples:
+        raise ValueError("percentile of no samples")
+    if not 0.0 <= q <= 100.0:
+        raise ValueError(f"percentile {q} outside 0..100")
+    ordered = sorted(samples)
+    rank = max(1, math.ceil(q / 100.0 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def summarise_samples(metric: Metric, samples: Sequence[float]) -> dict[str, float]:
+    """One run's summary statistics of ``samples``."""
+    if metric is Metric.RTT:
+        return {
+            "p50": percentile(samples, 50),
+            "p90": percentile(samples, 90),
+            "p99": percentile(samples, 99),
+            "max": max(samples),
+        }
+    return {"median": statistics.median(samples)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Range:
+    """The median of per-run values, with their minimum and maximum."""
+
+    median: float
+    min: float
+    max: float
+
+    @classmethod
+    def of(cls, values: Iterable[float]) -> Range:
+        vals = list(values)
+        return cls(median=statistics.median(vals), min=min(vals), max=max(vals))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Summary:
+    """Every run of one metric of one system, summarised."""
+
+    scenario: str
+    system: str
+    metric: Metric
+    unit: str
+    runs: int
+    samples: int
+    """Samples over all runs."""
+    lost: int
+    stats: dict[str, Range]
+    note: str = ""
+
+
+def summarise(results: Iterable[Result]) -> list[Summary]:
+    """Group results by (scenario, system, metric) and summarise each group.
+
+    Groups keep the order in which they first appear; runs without samples
+    (everything lost) are skipped rather than counted as zero.
+    """
+    groups: dict[tuple[str, str, Metric], list[Result]] = {}
+    for r in results:
+        groups.setdefault((r.scenario, r.system, r.metric), []).append(r)
+    out: list[Summary] = []
+    for (scenario, system, metric), rs in groups.items():
+        per_run = [summarise_samples(metric, r.samples) for r in rs if r.samples]
+        if not per_run:
+            continue
+        keys = per_run[0].keys()
+        out.append(Summary(
+            scenario=scenario,
+            system=system,
+            metric=metric,
+            unit=rs[0].unit,
+            runs=len(per_run),
+            samples=sum(len(r.samples) for r in rs),
+            lost=sum(r.lost for r in rs),
+            stats={k: Range.of(s[k] for s in per_run) for k in keys},
+            note=rs[0].note,
+        ))
+    return out
+
+
+def find(summaries: Iterable[Summary], system: str, metric: Metric) -> Summary | None:
+    """The summary of ``system``'s ``metric``, if it was measured."""
+    for s in summaries:
+        if s.system == system and s.metric is metric:
+            return s
+    return None
+
+
+RTT_RATIO_TARGET = 1.25
+"""dtx stanza RTT at most this many times the bare aioquic stream RTT."""
+THROUGHPUT_TARGET = 60_000.0
+"""One-way dtx stanzas per second, one ``send()`` per stanza."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Target:
+    """A figure set against its target; shown, never asserted."""
+
+    name: str
+    value: float
+    target: float
+    higher_is_better: bool
+    met: bool
+
+
+def targets(summaries: Sequence[Summary]) -> list[Target]:
+    """The project's targets, for whichever of their inputs were measured."""
+    out: list[Target] = []
+    dtx_rtt = find(summaries, "dtx", Metric.RTT)
+    quic_rtt = find(summaries, "aioquic", Metric.RTT)
+    if dtx_rtt is not None and quic_rtt is not None:
+        for stat in ("p50", "p99"):
+            ratio = dtx_rtt.stats[stat].median / quic_rtt.stats[stat].median
+            out.append(Target(
+                name=f"dtx stanza RTT {stat} / bare aioquic stream RTT {stat}",
+                value=ratio, target=RTT_RATIO_TARGET, higher_is_better=False,
+                met=ratio <= RTT_RATIO_TARGET,
+            ))
+    rate = find(summaries, "dtx", Metric.THROUGHPUT)
+    if rate is not None:
+        value = rate.stats["median"].median
+        out.append(Target(
+            name="dtx one-way stanzas/s", value=value, target=THROUGHPUT_TARGET,
+            higher_is_better=True, met=value >= THROUGHPUT_TARGET,
+        ))
+    return out
