@@ -7,7 +7,7 @@ one side, decides its fate with :class:`Direction` (a sans-IO scheduler that
 takes ``now`` and a seeded ``random.Random``), and writes it to the other
 side when its deadline comes. ARP passes through like any other frame.
 
-Run as ``python -m dtx.lab.netem --lab PREFIX``: the first line on stdin is
+Run as ``python -m dtx.lab.forwarder --lab PREFIX``: the first line on stdin is
 the JSON link table; the forwarder creates the TAP devices inside the named
 namespaces, answers ``ready``, then reads one JSON line per link change
 (``{"id": n, "spec": {...}}``, answered ``ok``). End of stdin (the lab
@@ -181,10 +181,10 @@ class Forwarder:
             self.control_out.flush()
         return True
 
-    def _receive(self, fd: int, now: float) -> None:
+    def _receive(self, fd: int, now: float, burst: int = READ_BURST) -> None:
         out = self.peer[fd]
         direction = self.direction[fd]
-        for _ in range(READ_BURST):
+        for _ in range(burst):
             try:
                 frame = os.read(fd, MAX_FRAME_BYTES)
             except BlockingIOError:
@@ -220,11 +220,15 @@ class Forwarder:
             readable, _, _ = select.select(fds, [], [], timeout)
             now = time.monotonic()
             for fd in readable:
-                if fd == self.control_in:
-                    if not self._control():
-                        return
-                else:
+                if fd != self.control_in:
                     self._receive(fd, now)
+            if self.control_in in readable:
+                # Frames sent before a change was asked for take the old
+                # fate: drain every queue before applying the change.
+                for fd in self.peer:
+                    self._receive(fd, now, burst=MAX_QUEUED_FRAMES)
+                if not self._control():
+                    return
 
 
 def _die_with_parent() -> None:
@@ -260,6 +264,3 @@ def main(argv: list[str] | None = None) -> int:
     forwarder.run()
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

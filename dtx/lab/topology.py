@@ -503,7 +503,7 @@ class Lab:
         config = {"links": [{"id": l.id, "a": [l.upper, l.upper_if], "b": [l.lower, l.lower_if],
                              "spec": (l.spec or LinkSpec()).to_json()} for l in links]}
         proc = subprocess.Popen(
-            [sys.executable, "-m", "dtx.lab.netem", "--lab", self.prefix],
+            [sys.executable, "-m", "dtx.lab.forwarder", "--lab", self.prefix],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         self._forwarder = proc
         assert proc.stdin is not None and proc.stdout is not None  # noqa: S101 (Popen with PIPE)
