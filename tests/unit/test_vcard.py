@@ -304,3 +304,17 @@ def test_serialisation_round_trips_awkward_content() -> None:
     assert root.find("plain/inner") is not None
     assert b"<?app some data?>" in out
     assert extract_keys(remove_key(out, NEW)) == []
+
+
+def test_golden_key_elements() -> None:
+    """The encodings docs/identity.md specifies, for the seed 00..1f key."""
+    public = bytes.fromhex("03a107bff3ce10be1d70dd18e74bc09967e4d6309ba50d5f1ddc8664125531b8")
+    cred = "A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg="
+    assert add_key(None, public) == (
+        '<vCard xmlns="vcard-temp"><KEY><TYPE>application/x-dtx-ed25519</TYPE>'
+        f"<CRED>{cred}</CRED></KEY></vCard>"
+    ).encode()
+    assert add_key(None, public, fmt="vcard4") == (
+        '<vcard xmlns="urn:ietf:params:xml:ns:vcard-4.0"><key>'
+        f"<uri>data:application/x-dtx-ed25519;base64,{cred}</uri></key></vcard>"
+    ).encode()
