@@ -1,0 +1,154 @@
+"""The benchmark runs end to end on loopback and writes well-formed results.
+
+No figure is asserted against a number: these tests check that every figure
+is there, positive and in the documented shape, never how fast it is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.run import available_scenarios, load_scenario, main, ScenarioError
+from bench.scenarios.common import Metric, Result
+from bench.scenarios.loopback import SYSTEMS, framed_message, sized_stanza
+from bench.stats import percentile, summarise, targets
+from dtx.proto.xmlstream import encode_stanza
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+ROOT = Path(__file__).resolve().parents[2]
+PLOTS = ("rtt_cdf.png", "throughput.png", "cpu.png", "connect.png")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("bench-out")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--samples", "40", "--stanzas", "2000",
+         "--connects", "2", "--runs", "2", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return out, proc.stderr
+
+
+def _load(out: Path) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    return doc
+
+
+def test_json_has_conditions_and_options(quick_run: tuple[Path, str]) -> None:
+    doc = _load(quick_run[0])
+    c = doc["conditions"]
+    for key in ("date", "command", "python", "aioquic", "cpu_count", "platform"):
+        assert c[key], key
+    assert c["command"].startswith("python -m bench --quick")
+    assert doc["options"]["runs"] == 2
+    assert doc["options"]["rtt_samples"] == 40
+    assert doc["scenarios"] == ["loopback"]
+    assert [s["name"] for s in doc["systems"]] == list(SYSTEMS)
+
+
+def test_json_raw_samples_are_positive_and_complete(quick_run: tuple[Path, str]) -> None:
+    doc = _load(quick_run[0])
+    seen = {(r["system"], r["metric"], r["run"]) for r in doc["results"]}
+    for run in (0, 1):
+        for system in ("udp", "aioquic", "dtx", "dtx-ping", "dtx-datagram"):
+            assert (system, "rtt", run) in seen
+        for system in ("aioquic", "aioquic-flush", "dtx"):
+            assert (system, "throughput", run) in seen
+            assert (system, "cpu_per_message", run) in seen
+        for system in ("aioquic", "dtx"):
+            assert (system, "connect", run) in seen
+    for r in doc["results"]:
+        assert r["samples"], r
+        assert all(isinstance(v, float) and v > 0 and math.isfinite(v)
+                   for v in r["samples"]), r
+        if r["metric"] == "rtt" and r["system"] != "dtx-datagram":
+            assert len(r["samples"]) == 40
+            assert r["lost"] == 0
+        if r["metric"] == "connect":
+            assert len(r["samples"]) == 2
+
+
+def test_json_summaries_are_ordered_ranges(quick_run: tuple[Path, str]) -> None:
+    doc = _load(quick_run[0])
+    assert len(doc["summaries"]) == 5 + 3 + 3 + 2  # rtt, throughput, cpu, connect
+    for s in doc["summaries"]:
+        assert s["runs"] == 2
+        for name, rng in s["stats"].items():
+            assert 0 < rng["min"] <= rng["median"] <= rng["max"], (s["system"], name)
+        if s["metric"] == "rtt":
+            p = s["stats"]
+            assert p["p50"]["median"] <= p["p90"]["median"] <= p["p99"]["median"] \
+                <= p["max"]["median"]
+    names = [t["name"] for t in doc["targets"]]
+    assert "dtx one-way stanzas/s" in names
+    assert all(t["value"] > 0 and isinstance(t["met"], bool) for t in doc["targets"])
+
+
+def test_markdown_tables(quick_run: tuple[Path, str]) -> None:
+    md = (quick_run[0] / "results.md").read_text(encoding="utf-8")
+    assert "| System | What | p50 | p90 | p99 | max | Samples | Lost |" in md
+    assert "| System | Messages/s | CPU µs per message | How it sends |" in md
+    assert "## Connect time" in md
+    assert "## Targets" in md
+    for system in SYSTEMS:
+        assert f"\n| {system} |" in md, system
+    assert "python -m bench --quick" in md
+
+
+def test_png_plots(quick_run: tuple[Path, str]) -> None:
+    for name in PLOTS:
+        data = (quick_run[0] / name).read_bytes()
+        assert data.startswith(PNG_SIGNATURE), name
+        assert len(data) > 1000, name
+
+
+def test_progress_on_stderr(quick_run: tuple[Path, str]) -> None:
+    stderr = quick_run[1]
+    assert "loopback run 1/2: udp rtt x40" in stderr
+    assert "loopback run 2/2: dtx connect x2" in stderr
+
+
+def test_unknown_scenario_is_refused(tmp_path: Path) -> None:
+    assert main(["--scenario", "nowhere", "--out", str(tmp_path)]) == 2
+    assert not (tmp_path / "results.json").exists()
+    with pytest.raises(ScenarioError):
+        load_scenario("common")
+    assert "loopback" in available_scenarios()
+    assert "common" not in available_scenarios()
+
+
+def test_messages_are_the_stated_size() -> None:
+    assert len(framed_message(200)) == 200
+    for i in (-10, 0, 7, 12345):
+        assert len(encode_stanza(sized_stanza(200, to="tv@example.org/living-room",
+                                              index=i))) == 200
+
+
+def test_percentile_nearest_rank() -> None:
+    samples = [float(v) for v in range(1, 101)]
+    assert percentile(samples, 50) == 50.0
+    assert percentile(samples, 99) == 99.0
+    assert percentile(samples, 100) == 100.0
+    assert percentile(samples, 0) == 1.0
+    assert percentile([3.0], 99) == 3.0
+
+
+def test_summary_is_median_of_runs_with_range() -> None:
+    results = [
+        Result(scenario="s", system="dtx", metric=Metric.THROUGHPUT, run=i, samples=(v,))
+        for i, v in enumerate((30_000.0, 10_000.0, 70_000.0))
+    ]
+    (summary,) = summarise(results)
+    rng = summary.stats["median"]
+    assert (rng.median, rng.min, rng.max) == (30_000.0, 10_000.0, 70_000.0)
+    (target,) = targets([summary])
+    assert target.met is False and target.value == 30_000.0
