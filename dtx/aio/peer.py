@@ -351,6 +351,8 @@ class Peer:
         self._dirty: set[Session] = set()
         self._flush_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.refusals: deque[tuple[Address, DtxError]] = deque(maxlen=64)
+        """The latest handshakes this peer refused or was refused in, newest last."""
         self.counters: dict[str, int] = {
             "handshakes_refused": 0,
             "datagrams_dropped": 0,
@@ -563,6 +565,7 @@ class Peer:
         if ended.error is not None and not session._quic.configuration.is_client \
                 and session._core.peer_jid is None:
             self.counters["handshakes_refused"] += 1
+            self.refusals.append((session._addr, ended.error))
             session._log.warning("handshake from %s refused: %s", session._addr, ended.error)
         session._finish(ended)
 

@@ -213,6 +213,7 @@ class XmlSession:
         self.statistics = SessionStatistics()
         self._stream: int | None = None
         self._peer_closed = False
+        self._header_seen = False
         # XEP-0198 style accounting: h counts stanzas, modulo 2**32.
         self._unacked: deque[Element] = deque()
         self._acked_total = 0
@@ -310,11 +311,15 @@ class XmlSession:
 
     def flush(self) -> None:
         """Hand queued stanzas to QUIC as one write, asking for an ack."""
-        if self._stream is None or not self._out:
+        if self._stream is None:
             return
-        if self._unacked and not self._r_outstanding and self.state is SessionState.OPEN:
+        # One outstanding request at a time: about one <r/> per round trip
+        # while anything is unacknowledged.
+        if self._unacked and not self._r_outstanding and self.is_open:
             self._out.append(b"<r xmlns='urn:xmpp:sm:3'/>")
             self._r_outstanding = True
+        if not self._out:
+            return
         data = b"".join(self._out)
         self._out.clear()
         self._quic.send_stream_data(self._stream, data)
@@ -395,6 +400,8 @@ class XmlSession:
                 self._quic.send_stream_data(self._stream, b"", end_stream=True)
                 self._quic.close(error_code=ERROR_NONE, reason_phrase="")
             elif self._stream is not None:
+                # Confirm everything received, then close our side too.
+                self._out.append(b"<a xmlns='urn:xmpp:sm:3' h='%d'/>" % self._handled_in)
                 self.flush()
                 self._quic.send_stream_data(
                     self._stream, xs.encode_stream_footer(), end_stream=True
@@ -407,8 +414,10 @@ class XmlSession:
             self._fail_local(StreamError(xev.condition, xev.text))
 
     def _on_header(self, attrs: dict[str, str], out: list[SessionEvent]) -> None:
-        if self.state is not SessionState.AUTHENTICATED or self.peer_jid is None:
+        if self.peer_jid is None or self.state is SessionState.HANDSHAKING:
             raise StreamError("not-authorized", "stream header before authentication")
+        if self._header_seen:
+            raise StreamError("not-well-formed", "second stream header")
         sender = attrs.get("from", "")
         if sender != self.peer_jid:
             raise StreamError(
@@ -434,12 +443,14 @@ class XmlSession:
                     version="1.0",
                 ),
             )
-        self.state = SessionState.OPEN
+        self._header_seen = True
+        if self.state is SessionState.AUTHENTICATED:
+            self.state = SessionState.OPEN
         self._log.info("session open with %s", self.peer_jid)
         out.append(SessionOpened(self.peer_jid, self.stream_id))
 
     def _on_stanza(self, el: Element, out: list[SessionEvent]) -> None:
-        if self.state not in (SessionState.OPEN, SessionState.CLOSING):
+        if not self._header_seen:
             raise StreamError("not-authorized", "stanza before the stream opened")
         assert self.peer_jid is not None
         self._check_from(el)
