@@ -14,7 +14,6 @@ import ctypes
 import ctypes.util
 import logging
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -180,9 +179,6 @@ def delete_netns(names: Iterable[str]) -> None:
                input_text="".join(f"netns del {n}\n" for n in names), check=False)
     if proc.returncode != 0:
         logger.warning("netns delete: %s", proc.stderr.strip())
-
-
-_CMDLINE_SAFE = re.compile(r"[^\x20-\x7e]")
 
 
 def processes_with_arg(arg: str) -> list[int]:

@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from dtx.lab.nat import Filtering, Mapping
 
@@ -97,13 +98,12 @@ class ProbeResponder:
         self.sockets[key].sendto(b" ".join([MAGIC, token, observed, via.encode()]), src)
 
 
-class HostLike:
+class HostLike(Protocol):
     """What :meth:`ProbeResponder.open_on` needs of a lab host."""
 
     addresses: list[str]
 
-    def udp_socket(self, bind_port: int = 0, bind_ip: str = "0.0.0.0") -> socket.socket:
-        raise NotImplementedError
+    def udp_socket(self, bind_port: int = 0, bind_ip: str = "0.0.0.0") -> socket.socket: ...
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ are veth pairs. Nothing is created in the namespace of the caller.
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import ipaddress
 import json
 import logging
@@ -43,6 +43,7 @@ from dtx.lab.nat import NatProfile
 from dtx.lab.netem import LinkSpec
 
 logger = logging.getLogger(__name__)
+Socket = socket.socket
 
 CORE_GATEWAY = "192.0.2.1"
 PUBLIC_HOST_BASE = ipaddress.IPv4Address("192.0.2.10")
@@ -108,7 +109,7 @@ class Host:
         return proc
 
     def socket(self, family: int = socket.AF_INET,
-               type_: int = socket.SOCK_DGRAM) -> socket.socket:
+               type_: int = socket.SOCK_DGRAM) -> Socket:
         """A socket inside this host's namespace, usable from this process.
         The lab closes it at teardown."""
         self.lab._require_up()
@@ -116,13 +117,13 @@ class Host:
         self.lab._sockets.append(sock)
         return sock
 
-    def udp_socket(self, bind_port: int = 0, bind_ip: str = "0.0.0.0") -> socket.socket:
+    def udp_socket(self, bind_port: int = 0, bind_ip: str = "0.0.0.0") -> Socket:
         """A bound UDP socket inside this host."""
         sock = self.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.bind((bind_ip, bind_port))
         return sock
 
-    def tcp_socket(self) -> socket.socket:
+    def tcp_socket(self) -> Socket:
         """An unbound TCP socket inside this host."""
         return self.socket(socket.AF_INET, socket.SOCK_STREAM)
 
@@ -222,7 +223,7 @@ class Lab:
         self._is_up = False
         self._closed = False
         self._processes: list[subprocess.Popen[Any]] = []
-        self._sockets: list[socket.socket] = []
+        self._sockets: list[Socket] = []
         self._forwarder: subprocess.Popen[str] | None = None
         self._forwarder_lock = threading.Lock()
         self.bringup_seconds: float | None = None
@@ -446,7 +447,7 @@ class Lab:
                 create.setdefault(link.upper, []).append(
                     f"link add {link.upper_if} type veth peer name {link.lower_if} "
                     f"netns {link.lower}")
-        self._parallel([(lambda n=n, c=c: ns.ip_batch(n, c)) for n, c in create.items()])
+        self._parallel([functools.partial(ns.ip_batch, n, c) for n, c in create.items()])
         # 2. addresses, routes, links up.
         conf: dict[str, list[str]] = {h.netns: ["link set lo up"] for h in self.hosts}
         core = conf[self.core.netns]
@@ -484,7 +485,7 @@ class Lab:
                       f"route add default via {up.lan_gateway} dev wan"]
                 conf[up.router.netns] += [f"link set {link.upper_if} master br0",
                                           f"link set {link.upper_if} up"]
-        self._parallel([(lambda n=n, c=c: ns.ip_batch(n, c)) for n, c in conf.items()])
+        self._parallel([functools.partial(ns.ip_batch, n, c) for n, c in conf.items()])
         # 3. rules.
         jobs: list[Callable[[], None]] = [
             lambda: ns.nft_load(self.core.netns, nat.render_core_ruleset())]
