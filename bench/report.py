@@ -57,7 +57,9 @@ def markdown(doc: dict[str, Any]) -> str:
         + (f", commit {c['git_commit']}" if c.get("git_commit") else "") + ").",
         "",
         f"Python {c['python']} ({c['python_implementation']}), aioquic {c['aioquic']}, "
-        f"{c['cpus_usable']} of {c['cpu_count']} CPUs usable, {c['platform']}.",
+        f"{c['cpus_usable']} of {c['cpu_count']} CPUs usable, {c['platform']}"
+        + (f", load average {' / '.join(str(v) for v in c['load_average'])}"
+           if c.get("load_average") else "") + ".",
         f"Runs: {o['runs']}; {o['message_bytes']}-byte messages; "
         f"{o['rtt_samples']} round trips, {o['stanzas']} one-way messages and "
         f"{o['connects']} connections per system per run. "

@@ -92,11 +92,19 @@ def _git_commit() -> str | None:
 
 
 def conditions(argv: Sequence[str]) -> dict[str, Any]:
-    """What the numbers depend on: versions, CPUs, date, command line."""
+    """What the numbers depend on: versions, CPUs, date, command line.
+
+    The load average (1, 5, 15 min, taken when the run ends) shows whether
+    other work shared the CPUs: on a busy machine every figure gets worse.
+    """
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
         usable = os.cpu_count() or 0
+    try:
+        load = [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        load = []
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join(["python", "-m", "bench", *argv]),
@@ -109,6 +117,7 @@ def conditions(argv: Sequence[str]) -> dict[str, Any]:
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
         "cpus_usable": usable,
+        "load_average": load,
         "git_commit": _git_commit(),
     }
 
