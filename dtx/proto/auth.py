@@ -43,7 +43,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.x509.oid import NameOID, ObjectIdentifier
 
-from ..errors import DtxError, TrustError
+from ..errors import DtxError, JIDError, TrustError
+from ..jid import JID
 
 ALPN = "dtx/1"
 """The ALPN protocol identifier of dtx sessions."""
@@ -148,7 +149,11 @@ def credential_from_certificate(cert: x509.Certificate) -> PeerCredential:
     valid = [j for j in jids if j]
     if len(valid) != 1:
         raise CertificateContentError("peer certificate must name exactly one JID")
-    return PeerCredential(jid=valid[0], key=raw_public_key(public))
+    try:
+        jid = JID.parse(valid[0]).full
+    except JIDError as exc:
+        raise CertificateContentError(f"peer certificate names a bad JID: {exc}") from None
+    return PeerCredential(jid=jid, key=raw_public_key(public))
 
 
 CredentialCheck = Callable[[PeerCredential], None]

@@ -42,12 +42,14 @@ from .. import stanza as st
 from ..errors import (
     AuthenticationError,
     DtxError,
+    JIDError,
     RemoteProtocolError,
     SessionClosedError,
     StanzaTooLargeError,
     StreamError,
     TrustError,
 )
+from ..jid import JID
 from . import xmlstream as xs
 from .auth import (
     ALERT_CERTIFICATE_REQUIRED,
@@ -177,6 +179,14 @@ class SessionStatistics:
 
 def _bare(jid: str) -> str:
     return jid.split("/", 1)[0]
+
+
+def _norm(jid: str) -> str | None:
+    """The normalised form of ``jid`` (RFC 7622 as dtx.jid does it), or None."""
+    try:
+        return JID.parse(jid).full
+    except JIDError:
+        return None
 
 
 class XmlSession:
@@ -419,12 +429,12 @@ class XmlSession:
         if self._header_seen:
             raise StreamError("not-well-formed", "second stream header")
         sender = attrs.get("from", "")
-        if sender != self.peer_jid:
+        if _norm(sender) != self.peer_jid:
             raise StreamError(
                 "invalid-from",
                 f"stream from {sender!r} but the key authenticated {self.peer_jid}",
             )
-        to = attrs.get("to", "")
+        to = _norm(attrs.get("to", ""))
         if to not in (self._local_jid, _bare(self._local_jid)):
             raise StreamError("host-unknown", f"this device is {self._local_jid}")
         if attrs.get("version", "0.9").split(".")[0] != "1":
@@ -465,7 +475,10 @@ class XmlSession:
         sender = el.get("from")
         if sender is None:
             el.set("from", self.peer_jid)
-        elif sender != self.peer_jid and sender != _bare(self.peer_jid):
+        elif sender != self.peer_jid and _norm(sender) not in (
+            self.peer_jid,
+            _bare(self.peer_jid),
+        ):
             raise StreamError(
                 "invalid-from",
                 f"stanza from {sender!r} on a stream authenticated as {self.peer_jid}",
@@ -610,6 +623,9 @@ def trust_check_for(verify: Verify, expected_jid: str | None) -> CredentialCheck
     ``expected_jid`` (initiator side) is the JID the application asked for:
     a bare JID accepts any device of that account, a full JID only that one.
     """
+
+    if expected_jid is not None:
+        expected_jid = JID.parse(expected_jid).full
 
     def check(credential: PeerCredential) -> None:
         if expected_jid is not None:
