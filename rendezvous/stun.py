@@ -1,11 +1,14 @@
 """Sans-IO STUN Binding responder of the rendezvous server.
 
-:func:`answer_binding` takes one datagram, who sent it and which local
-address received it, and returns the response together with the local
-address to send it *from* (which differs from the receiving one when a
-CHANGE-REQUEST is honoured), or None when the datagram gets no answer. The
-driver owns the sockets: one per local address in
-:meth:`ServerAddresses.sockets`.
+:func:`answer_stun` takes one datagram, who sent it and which local
+address received it, and returns a :class:`StunReply`: the response, the
+local address to send it *from* (which differs from the receiving one when
+a CHANGE-REQUEST is honoured) and the address to send it *to* (the sender,
+or the sender's IP at its RESPONSE-PORT); or None when the datagram gets no
+answer. :func:`answer_binding` is the same for a driver that always replies
+to the sender: it returns ``(response, send_from)`` and refuses
+RESPONSE-PORT with 420. The driver owns the sockets: one per local address
+in :meth:`ServerAddresses.sockets`.
 
 Served: Binding requests of RFC 8489 (XOR-MAPPED-ADDRESS, FINGERPRINT,
 optional SOFTWARE), of RFC 5780 when the server has an alternate IP *and*
@@ -20,12 +23,13 @@ What is answered and what is dropped, with amplification in mind
 * Never answered: anything that does not decode as STUN (including a bad
   FINGERPRINT), indications, responses, classic requests for other methods
   or carrying a CHANGE-REQUEST that cannot be honoured.
-* Error responses, RFC 8489 requests only, sent back from the receiving
-  address: 400 for a method other than Binding; 420 with UNKNOWN-ATTRIBUTES
-  for comprehension-required attributes this server does not understand
-  (RESPONSE-PORT among them: answering to another port is not offered); 420
-  listing CHANGE-REQUEST when a flag asks for an alternate IP or port that
-  this server does not have (RFC 5780 section 6.1).
+* Error responses, RFC 8489 requests only, sent back to the sender from
+  the receiving address: 400 for a method other than Binding or a
+  RESPONSE-PORT of 0; 420 with UNKNOWN-ATTRIBUTES for comprehension-required
+  attributes this server does not understand (RESPONSE-PORT among them in
+  :func:`answer_binding`); 420 listing CHANGE-REQUEST when a flag asks for
+  an alternate IP or port that this server does not have (RFC 5780
+  section 6.1).
 * No response is ever more than ``AMPLIFICATION_FACTOR`` (3) times the size
   of the request. Mandatory content (the mapped address, the error code)
   always fits; optional attributes are added in priority order while they
@@ -34,8 +38,13 @@ What is answered and what is dropped, with amplification in mind
   therefore gets XOR-MAPPED-ADDRESS plus the RFC 5780 pair but no
   FINGERPRINT; a client that wants everything sends a FINGERPRINT (as
   :func:`dtx.wire.stun.binding_request` does) or PADDING.
-* RESPONSE-ADDRESS (RFC 3489) is never honoured: the answer always goes back
-  to the sender. Credential attributes (USERNAME, MESSAGE-INTEGRITY, ...)
+* RESPONSE-PORT (RFC 5780, :func:`answer_stun` only) sends a success
+  response to the sender's own IP at another port: no more reach than a
+  spoofed source address already has, and the 3x cap still holds; coturn's
+  ``turnutils_stunclient`` needs it for its RFC 5780 run. PADDING is
+  accepted and not echoed. RESPONSE-ADDRESS (RFC 3489), which would name
+  any third party, is never honoured: a classic answer always goes back to
+  the sender. Credential attributes (USERNAME, MESSAGE-INTEGRITY, ...)
   are accepted and ignored: this server has no STUN credentials, like any
   public STUN server.
 """
@@ -64,7 +73,7 @@ from dtx.wire.stun import (
     xor_address_attribute,
 )
 
-__all__ = ["AMPLIFICATION_FACTOR", "ServerAddresses", "answer_binding"]
+__all__ = ["AMPLIFICATION_FACTOR", "ServerAddresses", "StunReply", "answer_binding", "answer_stun"]
 
 logger = logging.getLogger(__name__)
 
@@ -202,6 +211,34 @@ def _build(
     return encode_stun(response, fingerprint=use_fp)
 
 
+@dataclass(frozen=True)
+class StunReply:
+    """A response to send: its bytes, the local address to send it from,
+    and where to (the sender, or its RESPONSE-PORT)."""
+
+    data: bytes
+    send_from: Address
+    send_to: Address
+
+
+def answer_stun(
+    data: bytes,
+    *,
+    src: Address,
+    local: Address,
+    addresses: ServerAddresses,
+    software: str | None = None,
+) -> StunReply | None:
+    """Answer one datagram received on ``local`` from ``src``.
+
+    Returns the reply, ``send_from`` being one of ``addresses.sockets()``
+    (or ``local``) and ``send_to`` the sender or, for an RFC 5780
+    RESPONSE-PORT, the same IP at that port; or None when nothing is to be
+    sent. Never raises on any input; see the module docs for the rules.
+    """
+    return _answer(data, src, local, addresses, software, allow_response_port=True)
+
+
 def answer_binding(
     data: bytes,
     *,
@@ -210,12 +247,26 @@ def answer_binding(
     addresses: ServerAddresses,
     software: str | None = None,
 ) -> tuple[bytes, Address] | None:
-    """Answer one datagram received on ``local`` from ``src``.
+    """Like :func:`answer_stun` for a driver that always replies to ``src``.
 
-    Returns ``(response, send_from)``, ``send_from`` one of
-    ``addresses.sockets()`` (or ``local``), or None when nothing is to be
-    sent. Never raises on any input; see the module docs for the rules.
+    Returns ``(response, send_from)``. Since the reply always goes back to
+    the sender, RESPONSE-PORT is not offered here: such requests get 420.
     """
+    reply = _answer(data, src, local, addresses, software, allow_response_port=False)
+    if reply is None:
+        return None
+    return reply.data, reply.send_from
+
+
+def _answer(
+    data: bytes,
+    src: Address,
+    local: Address,
+    addresses: ServerAddresses,
+    software: str | None,
+    *,
+    allow_response_port: bool,
+) -> StunReply | None:
     if not is_stun(data):
         return None
     try:
@@ -230,8 +281,20 @@ def answer_binding(
     here: Address = (_local_ip(local, addresses), local[1])
     mapped = _normalise(src)
     if request.classic:
-        return _answer_classic(request, mapped, here, addresses, budget)
-    return _answer_modern(request, mapped, here, addresses, budget, software)
+        out = _answer_classic(request, mapped, here, addresses, budget)
+    else:
+        out = _answer_modern(
+            request, mapped, here, addresses, budget, software, allow_response_port
+        )
+    if out is None:
+        return None
+    response, send_from, success = out
+    send_to = src
+    port = request.response_port if allow_response_port and not request.classic else None
+    if success and port:
+        # RFC 5780 section 7.5: the same IP, another port; errors go to src
+        send_to = (src[0], port)
+    return StunReply(data=response, send_from=send_from, send_to=send_to)
 
 
 def _answer_modern(
@@ -241,11 +304,14 @@ def _answer_modern(
     addresses: ServerAddresses,
     budget: int,
     software: str | None,
-) -> tuple[bytes, Address] | None:
+    allow_response_port: bool,
+) -> tuple[bytes, Address, bool] | None:
     fp_required = request.has_fingerprint
     soft = [software_attribute(software)] if software else []
 
-    def error(code: int, reason: str, extra: list[Attribute]) -> tuple[bytes, Address] | None:
+    def error(
+        code: int, reason: str, extra: list[Attribute]
+    ) -> tuple[bytes, Address, bool] | None:
         required = [error_code_attribute(code, reason), *extra]
         out = _build(
             request,
@@ -259,17 +325,20 @@ def _answer_modern(
             logger.debug("dropping %d answer to %s: over the amplification budget", code, mapped)
             return None
         logger.debug("answering %s with error %d", mapped, code)
-        return out, here
+        return out, here, False
 
     if request.method != StunMethod.BINDING:
         return error(400, "Bad Request", [])
+    understood = _UNDERSTOOD | ({AttrType.RESPONSE_PORT} if allow_response_port else set())
     unknown: list[int] = []
     for attr in request.attributes:
-        if attr.comprehension_required and attr.type not in _UNDERSTOOD:
+        if attr.comprehension_required and attr.type not in understood:
             if attr.type not in unknown:
                 unknown.append(attr.type)
     if unknown:
         return error(420, "Unknown Attribute", [unknown_attributes_attribute(tuple(unknown))])
+    if request.response_port == 0:
+        return error(400, "Bad Request", [])
     origin = _origin(request, here, addresses)
     if origin is None:
         return error(
@@ -296,7 +365,7 @@ def _answer_modern(
     if out is None:
         return None
     logger.debug("binding request from %s answered from %s", mapped, origin)
-    return out, origin
+    return out, origin, True
 
 
 def _origin(request: StunMessage, here: Address, addresses: ServerAddresses) -> Address | None:
@@ -324,7 +393,7 @@ def _answer_classic(
     here: Address,
     addresses: ServerAddresses,
     budget: int,
-) -> tuple[bytes, Address] | None:
+) -> tuple[bytes, Address, bool] | None:
     if request.method != StunMethod.BINDING:
         logger.debug("dropping classic STUN method %d from %s", request.method, mapped)
         return None
@@ -348,4 +417,4 @@ def _answer_classic(
     if out is None:
         return None
     logger.debug("classic binding %s, sent from %s", mapped, origin)
-    return out, origin
+    return out, origin, True

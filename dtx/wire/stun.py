@@ -48,6 +48,7 @@ __all__ = [
     "encode_stun",
     "error_code_attribute",
     "is_stun",
+    "response_port_attribute",
     "software_attribute",
     "unknown_attributes_attribute",
     "xor_address_attribute",
@@ -296,6 +297,14 @@ class StunMessage:
         return _unpack_unknown(attr.value)
 
     @property
+    def response_port(self) -> int | None:
+        """RESPONSE-PORT (RFC 5780): the client port to send the response to."""
+        attr = self.attribute(AttrType.RESPONSE_PORT)
+        if attr is None:
+            return None
+        return _unpack_response_port(attr.value)
+
+    @property
     def has_fingerprint(self) -> bool:
         """Whether the message ended with a (checked) FINGERPRINT."""
         return (
@@ -348,6 +357,12 @@ def _unpack_change_request(value: bytes) -> ChangeRequest:
     return ChangeRequest(
         change_ip=bool(flags & _CHANGE_IP), change_port=bool(flags & _CHANGE_PORT)
     )
+
+
+def _unpack_response_port(value: bytes) -> int:
+    if len(value) != 4:
+        raise DecodeError(f"RESPONSE-PORT of {len(value)} bytes")
+    return int.from_bytes(value[:2], "big")
 
 
 def _utf8(value: bytes, what: str) -> str:
@@ -403,6 +418,13 @@ def change_request_attribute(*, change_ip: bool, change_port: bool) -> Attribute
     """CHANGE-REQUEST with the given flags."""
     flags = (_CHANGE_IP if change_ip else 0) | (_CHANGE_PORT if change_port else 0)
     return Attribute(AttrType.CHANGE_REQUEST, flags.to_bytes(4, "big"))
+
+
+def response_port_attribute(port: int) -> Attribute:
+    """RESPONSE-PORT asking for the response on this port of the client."""
+    if not 0 <= port <= 0xFFFF:
+        raise LocalProtocolError(f"port {port} out of range")
+    return Attribute(AttrType.RESPONSE_PORT, port.to_bytes(2, "big") + bytes(2))
 
 
 def software_attribute(text: str) -> Attribute:
@@ -473,6 +495,8 @@ def _check_value(attr_type: int, value: bytes, classic: bool, key: bytes) -> Non
         _unpack_address(value, key)
     elif attr_type == AttrType.CHANGE_REQUEST:
         _unpack_change_request(value)
+    elif attr_type == AttrType.RESPONSE_PORT:
+        _unpack_response_port(value)
     elif attr_type == AttrType.ERROR_CODE:
         _unpack_error_code(value)
     elif attr_type == AttrType.UNKNOWN_ATTRIBUTES:

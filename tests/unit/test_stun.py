@@ -28,6 +28,7 @@ from dtx.wire.stun import (
     encode_stun,
     error_code_attribute,
     is_stun,
+    response_port_attribute,
     software_attribute,
     unknown_attributes_attribute,
     xor_address_attribute,
@@ -222,6 +223,7 @@ def test_typed_views() -> None:
             software_attribute("x"),
             error_code_attribute(420, "Unknown"),
             unknown_attributes_attribute((0x27, 0x24)),
+            response_port_attribute(4242),
         ),
     )
     m = decode_stun(encode_stun(msg))
@@ -236,6 +238,7 @@ def test_typed_views() -> None:
     assert m.software == "x"
     assert m.error_code == ErrorCode(420, "Unknown")
     assert m.unknown_attributes == (0x27, 0x24)
+    assert m.response_port == 4242
     empty = StunMessage(method=1, cls=StunClass.REQUEST, transaction_id=TID)
     assert empty.xor_mapped_address is None
     assert empty.change_request is None
@@ -330,6 +333,7 @@ MALFORMED = [
     ("error class 2", with_body(b"\x00\x09\x00\x04\x00\x00\x02\x00")),
     ("error number 100", with_body(b"\x00\x09\x00\x04\x00\x00\x04\x64")),
     ("unknown attrs odd", with_body(b"\x00\x0a\x00\x03\x00\x01\x00\x00")),
+    ("response port 2 bytes", with_body(b"\x00\x27\x00\x02\x13\x88\x00\x00")),
     ("integrity 16 bytes", with_body(b"\x00\x08\x00\x10" + bytes(16))),
     ("fingerprint not last", with_body(b"\x80\x28\x00\x04" + bytes(4) + b"\x80\x22\x00\x00")),
     ("fingerprint 8 bytes", with_body(b"\x80\x28\x00\x08" + bytes(8))),
@@ -468,5 +472,6 @@ def test_property_stunlike_bytes_raise_only_decode_error(data: bytes) -> None:
         "software",
         "error_code",
         "unknown_attributes",
+        "response_port",
     ):
         getattr(msg, view)

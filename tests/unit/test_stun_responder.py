@@ -20,9 +20,10 @@ from dtx.wire.stun import (
     change_request_attribute,
     decode_stun,
     encode_stun,
+    response_port_attribute,
     software_attribute,
 )
-from rendezvous.stun import AMPLIFICATION_FACTOR, ServerAddresses, answer_binding
+from rendezvous.stun import AMPLIFICATION_FACTOR, ServerAddresses, answer_binding, answer_stun
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "stun"
 TID = bytes(range(12))
@@ -323,7 +324,10 @@ SHAPES: dict[str, bytes] = {
     "unknown required": request((Attribute(0x7777, b""),)),
     "many unknown": request(tuple(Attribute(0x7000 + i, b"") for i in range(8))),
     "unknown + fp": request((Attribute(0x7777, b""),), fingerprint=True),
-    "response port": request((Attribute(AttrType.RESPONSE_PORT, b"\x00\x01\x00\x00"),)),
+    "response port": request((response_port_attribute(1),)),
+    "response port + change": request(
+        (response_port_attribute(1), change_request_attribute(change_ip=True, change_port=True))
+    ),
     "other method": request(method=0x003),
     "other method + fp": request(method=0x003, fingerprint=True),
     "padding": request((Attribute(AttrType.PADDING, bytes(100)),)),
@@ -388,6 +392,7 @@ def requests(draw: st.DrawFn) -> bytes:
         st.builds(Attribute, st.integers(0, 0xFFFF).filter(
             lambda t: t not in {int(a) for a in AttrType}), st.binary(max_size=12)),
         st.builds(lambda n: Attribute(AttrType.PADDING, bytes(n)), st.integers(0, 64)),
+        st.builds(response_port_attribute, st.integers(0, 0xFFFF)),
     )
     return request(
         tuple(draw(st.lists(attr, max_size=4))),
@@ -410,3 +415,65 @@ def test_property_never_raises_never_amplifies(
         response, _ = out
         assert len(response) <= AMPLIFICATION_FACTOR * len(data)
         decode_stun(response)
+
+
+# -- RFC 5780 RESPONSE-PORT (answer_stun) -------------------------------------------
+
+
+def test_response_port_goes_to_the_same_ip() -> None:
+    data = request(
+        (
+            response_port_attribute(50001),
+            change_request_attribute(change_ip=True, change_port=True),
+        )
+    )
+    reply = answer_stun(data, src=CLIENT, local=PRIMARY, addresses=FULL)
+    assert reply is not None
+    assert reply.send_to == ("203.0.113.5", 50001)
+    assert reply.send_from == ("192.0.2.2", 3479)
+    assert len(reply.data) <= AMPLIFICATION_FACTOR * len(data)
+    msg = decode_stun(reply.data)
+    assert msg.cls == StunClass.SUCCESS
+    assert msg.xor_mapped_address == CLIENT  # the sender, not the response port
+
+
+def test_answer_binding_refuses_response_port() -> None:
+    data = request((response_port_attribute(50001),))
+    msg, send_from = answer(data)
+    assert msg.cls == StunClass.ERROR
+    assert msg.unknown_attributes == (AttrType.RESPONSE_PORT,)
+
+
+def test_errors_never_go_to_the_response_port() -> None:
+    data = request((response_port_attribute(50001), Attribute(0x7777, b"")))
+    reply = answer_stun(data, src=CLIENT, local=PRIMARY, addresses=FULL)
+    assert reply is not None and reply.send_to == CLIENT
+    assert decode_stun(reply.data).unknown_attributes == (0x7777,)
+    zero = answer_stun(
+        request((response_port_attribute(0),)), src=CLIENT, local=PRIMARY, addresses=FULL
+    )
+    assert zero is not None and zero.send_to == CLIENT
+    error = decode_stun(zero.data).error_code
+    assert error is not None and error.code == 400
+
+
+def test_plain_reply_goes_to_sender() -> None:
+    reply = answer_stun(request(), src=CLIENT6, local=PRIMARY, addresses=FULL)
+    assert reply is not None
+    assert reply.send_to == CLIENT6 and reply.send_from == PRIMARY
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(st.binary(max_size=120), stunlike(), requests()),
+    st.sampled_from(list(SERVERS.values())),
+    st.sampled_from([CLIENT, CLIENT6]),
+)
+def test_property_answer_stun_stays_on_the_sender_ip(
+    data: bytes, server: ServerAddresses, src: tuple[str, int]
+) -> None:
+    reply = answer_stun(data, src=src, local=PRIMARY, addresses=server)
+    if reply is not None:
+        assert len(reply.data) <= AMPLIFICATION_FACTOR * len(data)
+        assert reply.send_to[0] == src[0]
+        assert reply.send_from in server.sockets()
