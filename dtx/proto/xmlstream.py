@@ -45,6 +45,7 @@ from dtx.wire.xml import (
 
 __all__ = [
     "DEFAULT_MAX_DEPTH",
+    "DEFAULT_MAX_NAMES",
     "DEFAULT_MAX_STANZA_BYTES",
     "MIN_MAX_STANZA_BYTES",
     "NS_CLIENT",
@@ -73,6 +74,9 @@ DEFAULT_MAX_STANZA_BYTES: Final = 256 * 1024
 MIN_MAX_STANZA_BYTES: Final = 10_000
 #: Default limit on nesting inside a stanza; the stanza element is depth 1.
 DEFAULT_MAX_DEPTH: Final = 32
+#: Default limit on distinct element and attribute names (and namespace
+#: prefixes) over the life of one stream; expat never forgets a name.
+DEFAULT_MAX_NAMES: Final = 10_000
 
 
 # -- events -----------------------------------------------------------------
@@ -137,9 +141,6 @@ _FEATURES_TAG: Final = "{" + NS_STREAM + "}features"
 _ERR_TEXT_TAG: Final = "{" + NS_STREAMS_ERR + "}text"
 _ERR_PREFIX: Final = "{" + NS_STREAMS_ERR + "}"
 
-#: Bound on the name caches (ours and expat's interning dict): a peer that
-#: sends endless distinct element names must not grow memory without end.
-_NAME_CACHE_MAX: Final = 4096
 #: Input is handed to expat in slices of at most this many bytes.
 _SLICE_BYTES: Final = 64 * 1024
 
@@ -183,6 +184,7 @@ class _Closed(Exception):
 class _Config:
     max_stanza_bytes: int
     max_depth: int
+    max_names: int
     slice_bytes: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -207,6 +209,7 @@ class XmlStreamParser:
         *,
         max_stanza_bytes: int = DEFAULT_MAX_STANZA_BYTES,
         max_depth: int = DEFAULT_MAX_DEPTH,
+        max_names: int = DEFAULT_MAX_NAMES,
     ) -> None:
         if max_stanza_bytes < MIN_MAX_STANZA_BYTES:
             raise LocalProtocolError(
@@ -215,7 +218,9 @@ class XmlStreamParser:
             )
         if max_depth < 1:
             raise LocalProtocolError(f"max_depth must be at least 1, not {max_depth}")
-        self._config = _Config(max_stanza_bytes, max_depth)
+        if max_names < 100:
+            raise LocalProtocolError(f"max_names must be at least 100, not {max_names}")
+        self._config = _Config(max_stanza_bytes, max_depth, max_names)
         self._state = _State.HEADER
         self._error: StreamError | None = None
         self._events: list[XmlEvent] = []
@@ -231,6 +236,7 @@ class XmlStreamParser:
         self._default_ns: str | None = None
         self._names: dict[str, str] = {}
         self._intern: dict[str, str] = {}
+        self._prefixes: set[str] = set()
         self._parser = self._make_expat()
 
     # -- public --------------------------------------------------------------
@@ -289,6 +295,9 @@ class XmlStreamParser:
     def _make_expat(self) -> expat.XMLParserType:
         p = expat.ParserCreate("UTF-8", _SEP, intern=self._intern)
         p.buffer_text = True
+        # Report prefixes too ("uri}local}prefix"), so that every distinct
+        # qualified name expat stores is also a distinct interned string.
+        p.namespace_prefixes = True
         p.ordered_attributes = False
         p.specified_attributes = True
         p.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
@@ -330,16 +339,19 @@ class XmlStreamParser:
                 Condition.POLICY_VIOLATION,
                 f"stanza exceeds {self._config.max_stanza_bytes} bytes",
             )
-        if len(self._intern) > _NAME_CACHE_MAX:
-            self._intern.clear()
-        if len(self._names) > _NAME_CACHE_MAX:
-            self._names.clear()
+        # expat keeps every distinct name (and prefix) it has seen for the
+        # life of the document; pyexpat interns each name once, so the
+        # intern table counts them.
+        if len(self._intern) + len(self._prefixes) > self._config.max_names:
+            raise StreamError(
+                Condition.POLICY_VIOLATION,
+                f"more than {self._config.max_names} distinct names in one stream",
+            )
 
     def _fixname(self, name: str) -> str:
-        if _SEP in name:
-            fixed = "{" + name
-        else:
-            fixed = name
+        """Map expat's ``uri}local[}prefix]`` to Clark notation, cached."""
+        parts = name.split(_SEP)
+        fixed = name if len(parts) == 1 else "{" + parts[0] + "}" + parts[1]
         self._names[name] = fixed
         return fixed
 
@@ -364,8 +376,9 @@ class XmlStreamParser:
         if attrs:
             for key in attrs:
                 if _SEP in key:
+                    names = self._names
                     attrs = {
-                        ("{" + k if _SEP in k else k): v for k, v in attrs.items()
+                        (names.get(k) or self._fixname(k)): v for k, v in attrs.items()
                     }
                     break
         depth = self._depth + 1
@@ -422,7 +435,6 @@ class XmlStreamParser:
                 raise StreamError(
                     Condition.UNSUPPORTED_VERSION, f"version {version} not supported"
                 )
-        self._parser.StartNamespaceDeclHandler = None
         self._state = _State.OPEN
         self._events.append(StreamOpened(dict(attrs)))
 
@@ -475,8 +487,15 @@ class XmlStreamParser:
             )
 
     def _ns_decl(self, prefix: str | None, uri: str) -> None:
-        if prefix is None and self._depth == 0:
-            self._default_ns = uri
+        if _SEP in uri:  # would make expat's names ambiguous
+            raise StreamError(
+                Condition.INVALID_NAMESPACE, f"namespace name with {_SEP!r}: {uri!r}"
+            )
+        if prefix is None:
+            if self._depth == 0:
+                self._default_ns = uri
+        else:
+            self._prefixes.add(prefix)
 
     def _reject_dtd(self, *args: object) -> None:
         raise StreamError(Condition.RESTRICTED_XML, "document type declarations")
