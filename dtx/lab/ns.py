@@ -1,4 +1,4 @@
-"""Network-namespace helpers for the NAT lab: create, enter, list, delete.
+"""Network-namespace plumbing for the NAT lab: create, enter, list, delete.
 
 Namespaces are the named ones that ``ip netns`` manages (a bind mount under
 ``/run/netns``). Entering one is done by ``setns(2)`` in a short-lived

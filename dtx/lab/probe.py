@@ -43,9 +43,9 @@ class ProbeResponder:
     def open_on(host: "HostLike", port: int = 3478, alt_port: int = 3479) -> ProbeResponder:
         """A responder bound on every address of ``host`` at two ports."""
         socks = {}
-        for ai, addr in enumerate(host.addresses[:2]):
-            for pi, p in enumerate((port, alt_port)):
-                socks[(ai, pi)] = host.udp_socket(p, addr)
+        for addr_i, addr in enumerate(host.addresses[:2]):
+            for port_i, p in enumerate((port, alt_port)):
+                socks[(addr_i, port_i)] = host.udp_socket(p, addr)
         return ProbeResponder(socks)
 
     def __enter__(self) -> ProbeResponder:
@@ -89,9 +89,9 @@ class ProbeResponder:
         observed = f"{src[0]}:{src[1]}".encode()
         if via == "count":
             return
-        ai, pi = key
+        addr_i, port_i = key
         if via != "same":
-            alt = (1 - ai, pi) if via == "alt-addr" else (ai, 1 - pi)
+            alt = (1 - addr_i, port_i) if via == "alt-addr" else (addr_i, 1 - port_i)
             if alt in self.sockets:
                 self.sockets[alt].sendto(b" ".join([MAGIC, token, observed, via.encode()]), src)
             via = "done"
