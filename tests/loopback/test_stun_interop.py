@@ -20,7 +20,7 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-import stun as pystun3
+import stun as pystun3  # type: ignore[import-untyped]
 
 from dtx.wire.stun import binding_request, decode_stun
 from rendezvous.stun import ServerAddresses, answer_stun
@@ -81,8 +81,10 @@ class LoopbackStunServer:
                         data, src=src, local=local, addresses=self.addresses, software="dtx-test"
                     )
                     if reply is not None:
-                        self.socks[reply.send_from].sendto(reply.data, reply.send_to)
+                        # counted before sending, so a client that has its
+                        # answer always sees the count include it
                         self.answered += 1
+                        self.socks[reply.send_from].sendto(reply.data, reply.send_to)
 
     def close(self) -> None:
         self._stop.set()
