@@ -183,8 +183,10 @@ class StunMessage:
     """One STUN message.
 
     ``transaction_id`` is 12 bytes for a modern message and 16 bytes (the
-    cookie position included) when ``classic`` is true. ``method`` is a
-    :class:`StunMethod` where known, else the plain 12-bit number.
+    cookie position included) when ``classic`` is true; a classic id that
+    begins with the magic cookie is read back as a modern message, as any
+    RFC 5389 receiver would. ``method`` is a :class:`StunMethod` where
+    known, else the plain 12-bit number.
     """
 
     method: int
