@@ -564,7 +564,7 @@ DESCRIPTIONS: dict[str, str] = {
     "udp": "raw asyncio UDP echo (the floor)",
     "aioquic": "bare aioquic, one bidirectional stream",
     "aioquic-flush": "bare aioquic, transmit() after every message",
-    "dtx": "dtx session, <message/> stanzas",
+    "dtx": "dtx session, `<message/>` stanzas",
     "dtx-ping": "dtx session, XEP-0199 ping",
     "dtx-datagram": "dtx DATAGRAM channel, stanza echo",
 }
