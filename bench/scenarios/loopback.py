@@ -63,7 +63,7 @@ SINK = b"S"
 """First byte of a stream the aioquic server only counts."""
 
 
-# -- helpers ------------------------------------------------------------------
+# -- messages and certificates --------------------------------------------------
 
 
 def framed_message(size: int, kind: bytes = ECHO) -> bytes:
@@ -452,7 +452,7 @@ async def dtx_throughput(opts: Options, client: Session,
                 got += 1
         done.set_result(time.perf_counter())
 
-    task = asyncio.create_task(sink())
+    receiver = asyncio.create_task(sink())
     try:
         cpu0 = time.process_time()
         start = time.perf_counter()
@@ -464,7 +464,7 @@ async def dtx_throughput(opts: Options, client: Session,
             end = await done
         cpu = time.process_time() - cpu0
     finally:
-        task.cancel()
+        receiver.cancel()
     return n / (end - start), cpu / n
 
 
