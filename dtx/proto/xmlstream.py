@@ -27,7 +27,7 @@ import enum
 import logging
 from dataclasses import dataclass, field
 from typing import Final, Union
-from xml.etree.ElementTree import Element
+from xml.etree.ElementTree import Element, SubElement
 from xml.parsers import expat
 
 from dtx.errors import LocalProtocolError, StreamError
@@ -225,6 +225,8 @@ class XmlStreamParser:
         self._error: StreamError | None = None
         self._events: list[XmlEvent] = []
         self._fed = 0  # bytes handed to expat so far
+        self._slice_start = 0  # value of _fed before the current slice
+        self._depth_limit = max_depth + 1  # counted from the stream element
         self._stanzas = 0
         # Element tree of the top-level element in progress.
         self._depth = 0  # 0 outside the stream, 1 at stream level, 2 a stanza
@@ -258,6 +260,7 @@ class XmlStreamParser:
                 # section 11.6 allows UTF-8 only.
                 raise StreamError(Condition.UNSUPPORTED_ENCODING, "UTF-8 only")
             if len(data) <= step:
+                self._slice_start = self._fed
                 self._fed += len(data)
                 self._parser.Parse(data, False)
                 self._check_pending()
@@ -265,6 +268,7 @@ class XmlStreamParser:
                 view = memoryview(data)
                 for offset in range(0, len(data), step):
                     chunk = view[offset : offset + step]
+                    self._slice_start = self._fed
                     self._fed += len(chunk)
                     self._parser.Parse(chunk, False)
                     self._check_pending()
@@ -384,14 +388,12 @@ class XmlStreamParser:
         depth = self._depth + 1
         self._depth = depth
         if depth > 2:
-            if depth - 1 > self._config.max_depth:
+            if depth > self._depth_limit:
                 raise StreamError(
                     Condition.POLICY_VIOLATION,
                     f"stanza nested deeper than {self._config.max_depth}",
                 )
-            parent = self._stack[-1]
-            elem = parent.makeelement(tag, attrs)
-            parent.append(elem)
+            elem = SubElement(self._stack[-1], tag, attrs)
             self._stack.append(elem)
             self._last = elem
             self._tail = False
@@ -450,16 +452,19 @@ class XmlStreamParser:
         if depth == 2:
             elem = self._stack.pop()
             self._last = None
-            # From the stanza's '<' to the end of its end tag (as written
-            # without a prefix): a stanza of exactly the limit is accepted.
-            local = elem.tag.rpartition("}")[2]
-            size = self._parser.CurrentByteIndex + len(local) + 3 - self._top_start
-            if size > self._config.max_stanza_bytes:
-                raise StreamError(
-                    Condition.POLICY_VIOLATION,
-                    f"stanza exceeds {self._config.max_stanza_bytes} bytes",
-                )
             tag = elem.tag
+            if self._top_start < self._slice_start:
+                # Begun in an earlier slice, so possibly over the limit (one
+                # that begins and ends in this slice is no bigger than it).
+                # Counted from its '<' to the end of its end tag as written
+                # without a prefix: a stanza of exactly the limit passes.
+                local = tag.rpartition("}")[2]
+                end = self._parser.CurrentByteIndex + len(local) + 3
+                if end - self._top_start > self._config.max_stanza_bytes:
+                    raise StreamError(
+                        Condition.POLICY_VIOLATION,
+                        f"stanza exceeds {self._config.max_stanza_bytes} bytes",
+                    )
             if tag in _STANZA_TAGS:
                 self._stanzas += 1
                 self._events.append(StanzaReceived(elem))
