@@ -376,7 +376,8 @@ def test_after_close_input_is_ignored() -> None:
         (RAW_HEADER + b"<message xmlns='jabber:server'/>", "unsupported-stanza-type"),
         (RAW_HEADER + b"<stream:stream/>", "unsupported-stanza-type"),
         (RAW_HEADER + b"hello", "bad-format"),
-        (RAW_HEADER + b"<message><x xmlns='urn:a}b'/></message>", "invalid-namespace"),
+        # expat refuses its own separator in a namespace name as a syntax error
+        (RAW_HEADER + b"<message><x xmlns='urn:a}b'/></message>", "not-well-formed"),
         (RAW_HEADER + b"<message><x:y/></message>", "bad-namespace-prefix"),
         (RAW_HEADER + b"<message></presence>", "not-well-formed"),
         (RAW_HEADER + b"<message a='1' a='2'/>", "not-well-formed"),
