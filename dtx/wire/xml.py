@@ -218,6 +218,8 @@ def encode_stanza(element: Element) -> bytes:
         xml = "".join(out)
     except (TypeError, AttributeError) as exc:  # bytes, None, numbers, ...
         raise LocalProtocolError(f"stanza holds non-text content: {exc}") from None
+    except RecursionError:
+        raise LocalProtocolError("stanza nested too deeply to write") from None
     return _to_utf8(xml)
 
 

@@ -195,6 +195,15 @@ def test_encode_refuses_what_cannot_round_trip(build: object) -> None:
         encode_stanza(build())  # type: ignore[operator]
 
 
+def test_encode_refuses_absurd_nesting() -> None:
+    msg = message()
+    elem = msg
+    for _ in range(100_000):
+        elem = SubElement(elem, C + "x")
+    with pytest.raises(LocalProtocolError):
+        encode_stanza(msg)
+
+
 def test_encode_refuses_bad_text_and_conditions() -> None:
     msg = message()
     SubElement(msg, C + "body").text = "bell\x07"
