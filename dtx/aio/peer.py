@@ -40,6 +40,7 @@ from ..errors import (
     SessionClosedError,
 )
 from ..identity import DeviceIdentity
+from .socket import UdpSocket
 from ..proto.auth import (
     AuthenticatedQuicConnection,
     make_certificate,
@@ -316,17 +317,6 @@ class Session:
             self._timer = None
 
 
-class _Protocol(asyncio.DatagramProtocol):
-    def __init__(self, peer: Peer) -> None:
-        self._peer = peer
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        self._peer._datagram_received(data, (addr[0], addr[1]))
-
-    def error_received(self, exc: Exception) -> None:
-        logger.debug("socket error: %s", exc)
-
-
 class Peer:
     """A device: its identity, its trust decisions and one UDP socket."""
 
@@ -344,7 +334,7 @@ class Peer:
         self.config = config or PeerConfig()
         self._rng = rng or random.SystemRandom()
         self._certificate = make_certificate(identity.private_key, self.jid)
-        self._transport: asyncio.DatagramTransport | None = None
+        self._socket: UdpSocket | None = None
         self._sessions: dict[Address, Session] = {}
         self._incoming: asyncio.Queue[Session] = asyncio.Queue(self.config.accept_backlog)
         self._listening = False
@@ -372,22 +362,16 @@ class Peer:
         """Bind the UDP socket (or adopt ``sock``); accept sessions if ``listen``."""
         self._loop = asyncio.get_running_loop()
         if sock is not None:
-            transport, _ = await self._loop.create_datagram_endpoint(
-                lambda: _Protocol(self), sock=sock
-            )
+            self._socket = UdpSocket(sock, self._datagram_received, self._flush)
         else:
-            transport, _ = await self._loop.create_datagram_endpoint(
-                lambda: _Protocol(self), local_addr=(host, port)
-            )
-        self._transport = transport
+            self._socket = UdpSocket.bind(host, port, self._datagram_received, self._flush)
         self._listening = listen
 
     @property
     def address(self) -> Address:
-        if self._transport is None:
+        if self._socket is None:
             raise DtxError("peer not started")
-        name = self._transport.get_extra_info("sockname")
-        return (name[0], name[1])
+        return self._socket.address
 
     async def close(self) -> None:
         """Close every session gracefully, then the socket."""
@@ -395,9 +379,9 @@ class Peer:
         if sessions:
             await asyncio.gather(*(s.close(timeout=2.0) for s in sessions),
                                  return_exceptions=True)
-        if self._transport is not None:
-            self._transport.close()
-            self._transport = None
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
 
     # -- sessions -------------------------------------------------------------------
 
@@ -413,7 +397,7 @@ class Peer:
         :class:`~dtx.errors.AuthenticationError` (the peer refused ours) or
         :class:`~dtx.errors.ConnectError`.
         """
-        if self._transport is None:
+        if self._socket is None:
             raise DtxError("peer not started")
         if addr in self._sessions:
             raise ConnectError(f"a session with {addr[0]}:{addr[1]} already exists")
@@ -526,12 +510,12 @@ class Peer:
             self._transmit(session)
 
     def _transmit(self, session: Session) -> None:
-        if self._transport is None:
+        if self._socket is None:
             return
         quic = session._quic
         session._core.flush()
         now = self._now()
-        sendto = self._transport.sendto
+        sendto = self._socket.sendto
         for data, addr in quic.datagrams_to_send(now=now):
             sendto(data, addr)
         # Events may appear on transmit (e.g. the idle timeout fired).

@@ -1,0 +1,120 @@
+"""The one UDP socket of a device, read in batches.
+
+asyncio's datagram transport reads one datagram per event-loop iteration;
+at tens of thousands of packets per second the loop's own overhead then
+dominates. :class:`UdpSocket` registers a reader and drains up to
+``batch`` datagrams per wake-up, then calls ``on_batch_end`` once, so the
+layers above can coalesce their answers (ACKs, acknowledgements) into one
+transmission per batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from collections.abc import Callable
+
+logger = logging.getLogger(__name__)
+
+Address = tuple[str, int]
+
+MAX_DATAGRAM_BYTES = 65535
+DEFAULT_BATCH = 128
+SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
+
+
+class UdpSocket:
+    """A non-blocking UDP socket driven by the event loop's reader callback."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        on_datagram: Callable[[bytes, Address], None],
+        on_batch_end: Callable[[], None],
+        *,
+        batch: int = DEFAULT_BATCH,
+    ) -> None:
+        sock.setblocking(False)
+        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER_BYTES)
+            except OSError:  # pragma: no cover - capped by the kernel
+                pass
+        self._sock = sock
+        self._on_datagram = on_datagram
+        self._on_batch_end = on_batch_end
+        self._batch = batch
+        self._loop = asyncio.get_running_loop()
+        self._closed = False
+        self.send_errors = 0
+        self._loop.add_reader(sock.fileno(), self._read_ready)
+
+    @classmethod
+    def bind(
+        cls,
+        host: str,
+        port: int,
+        on_datagram: Callable[[bytes, Address], None],
+        on_batch_end: Callable[[], None],
+    ) -> UdpSocket:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            sock.close()
+            raise
+        return cls(sock, on_datagram, on_batch_end)
+
+    @property
+    def address(self) -> Address:
+        name = self._sock.getsockname()
+        return (name[0], name[1])
+
+    @property
+    def family(self) -> int:
+        return self._sock.family
+
+    def sendto(self, data: bytes, addr: Address) -> None:
+        """Send one datagram; a full buffer or an unreachable address drops it
+        (UDP semantics: QUIC and the probes retransmit)."""
+        if self._closed:
+            return
+        try:
+            self._sock.sendto(data, addr)
+        except (BlockingIOError, InterruptedError):
+            self.send_errors += 1
+        except OSError as exc:
+            self.send_errors += 1
+            if exc.errno not in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ECONNREFUSED,
+                                 errno.EPERM, errno.EINVAL, errno.EAFNOSUPPORT):
+                logger.warning("sendto %s failed: %s", addr, exc)
+            else:
+                logger.debug("sendto %s failed: %s", addr, exc)
+
+    def _read_ready(self) -> None:
+        recvfrom = self._sock.recvfrom
+        handler = self._on_datagram
+        try:
+            for _ in range(self._batch):
+                try:
+                    data, addr = recvfrom(MAX_DATAGRAM_BYTES)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except ConnectionRefusedError:
+                    # An ICMP port unreachable for something we sent earlier.
+                    continue
+                except OSError as exc:
+                    logger.debug("recvfrom failed: %s", exc)
+                    break
+                handler(data, (addr[0], addr[1]))
+        finally:
+            self._on_batch_end()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()
