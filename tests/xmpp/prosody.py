@@ -1,0 +1,244 @@
+"""Start a throwaway Prosody on loopback for the XMPP tests.
+
+Each :class:`ProsodyServer` gets its own folder (config, data, log, TLS
+certificate), its own free port on 127.0.0.1 and its own users. Only client
+connections are served: no server-to-server, no HTTP, no components.
+
+Two module sets mirror the two server behaviours dtx must cope with:
+
+- ``"vcard4"``: as Debian's Prosody ships (``pep`` + ``vcard4`` +
+  ``vcard_legacy``); vcard-temp is translated to and from vCard4 on PEP and
+  fields it does not know (``KEY``) are dropped;
+- ``"vcard-temp"``: ``vcard`` (vcard-temp stored as sent, as ejabberd does),
+  no PEP and no vCard4.
+
+Prosody refuses to run as root only through ``mod_posix``, which is not
+loaded here; ``run_as_root`` also stops ``prosodyctl`` from switching to the
+``prosody`` user (which could not read the temporary folder). As another
+user the server runs as that user.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+ServerKind = Literal["vcard4", "vcard-temp"]
+
+DOMAIN = "example.org"
+START_TIMEOUT = 20.0
+STOP_TIMEOUT = 10.0
+
+_MODULES: dict[ServerKind, tuple[str, ...]] = {
+    "vcard4": ("roster", "saslauth", "tls", "disco", "pep", "vcard4", "vcard_legacy", "ping"),
+    "vcard-temp": ("roster", "saslauth", "tls", "disco", "vcard", "ping"),
+}
+
+
+def prosody_missing() -> str | None:
+    """Why Prosody cannot be used here, or None when it can."""
+    for tool in ("prosody", "prosodyctl"):
+        if shutil.which(tool) is None:
+            return (
+                f"needs Debian's prosody package ({tool} not on PATH): "
+                f"run scripts/setup as root"
+            )
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _lua(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def make_self_signed(folder: str, domain: str) -> tuple[str, str]:
+    """A self-signed certificate for ``domain``; returns (cert, key) paths.
+    The certificate is its own CA, so a client given it as CA file trusts it."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, domain)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(domain)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path = os.path.join(folder, f"{domain}.crt")
+    key_path = os.path.join(folder, f"{domain}.key")
+    with open(cert_path, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(key_path, "wb") as f:
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.TraditionalOpenSSL,
+                serialization.NoEncryption(),
+            )
+        )
+    os.chmod(key_path, 0o600)
+    return cert_path, key_path
+
+
+@dataclass
+class ProsodyServer:
+    """One running Prosody; ``start()`` then ``stop()`` (or a ``with`` block)."""
+
+    kind: ServerKind
+    tls: bool = False
+    domain: str = DOMAIN
+    folder: str = ""
+    port: int = 0
+    ca_file: str | None = None
+    _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    _owns_folder: bool = field(default=False, repr=False)
+
+    @property
+    def config_path(self) -> str:
+        return os.path.join(self.folder, "prosody.cfg.lua")
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.folder, "prosody.log")
+
+    def address(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.port)
+
+    def _config(self) -> str:
+        modules = "; ".join(_lua(m) for m in _MODULES[self.kind])
+        lines = [
+            "-- throwaway configuration written by the dtx tests",
+            "run_as_root = true",
+            f"data_path = {_lua(os.path.join(self.folder, 'data'))}",
+            f"pidfile = {_lua(os.path.join(self.folder, 'prosody.pid'))}",
+            f"log = {{ debug = {_lua(self.log_path)} }}",
+            'interfaces = { "127.0.0.1" }',
+            'local_interfaces = { "127.0.0.1" }',
+            f"c2s_ports = {{ {self.port} }}",
+            "c2s_direct_tls_ports = { }",
+            "legacy_ssl_ports = { }",
+            "s2s_ports = { }",
+            "component_ports = { }",
+            "http_ports = { }",
+            "https_ports = { }",
+            'modules_disabled = { "s2s" }',
+            f"modules_enabled = {{ {modules} }}",
+            'authentication = "internal_plain"',
+            'storage = "internal"',
+            "allow_registration = false",
+            "use_libevent = false",
+        ]
+        if self.tls:
+            cert, key = make_self_signed(self.folder, self.domain)
+            self.ca_file = cert
+            lines += [
+                f"ssl = {{ certificate = {_lua(cert)}; key = {_lua(key)} }}",
+                "c2s_require_encryption = true",
+            ]
+        else:
+            lines += [
+                "c2s_require_encryption = false",
+                "allow_unencrypted_plain_auth = true",
+            ]
+        lines += [f"VirtualHost {_lua(self.domain)}", ""]
+        return "\n".join(lines)
+
+    def start(self) -> None:
+        if not self.folder:
+            self.folder = tempfile.mkdtemp(prefix="dtx-prosody-")
+            self._owns_folder = True
+        os.makedirs(os.path.join(self.folder, "data"), mode=0o700, exist_ok=True)
+        self.port = _free_port()
+        with open(self.config_path, "w", encoding="utf-8") as f:
+            f.write(self._config())
+        self._proc = subprocess.Popen(
+            ["prosody", "--config", self.config_path, "-F"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self._wait_listening()
+
+    def _wait_listening(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        for _ in range(10_000):
+            if self._proc is not None and self._proc.poll() is not None:
+                raise RuntimeError(f"prosody exited at start; log:\n{self.log_tail()}")
+            try:
+                with socket.create_connection(self.address(), timeout=1.0):
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                break
+            # Polling a port that is not open yet: nothing to await on.
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"prosody did not listen within {START_TIMEOUT} s; log:\n{self.log_tail()}")
+
+    def register(self, user: str, password: str) -> str:
+        """Create an account; returns its bare JID."""
+        done = subprocess.run(
+            ["prosodyctl", "--config", self.config_path, "register", user, self.domain, password],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"prosodyctl register {user} failed ({done.returncode}): "
+                f"{done.stdout.decode(errors='replace')}{done.stderr.decode(errors='replace')}"
+            )
+        return f"{user}@{self.domain}"
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=STOP_TIMEOUT)
+        if self._owns_folder and self.folder:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def __enter__(self) -> ProsodyServer:
+        self.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
