@@ -118,3 +118,19 @@ class ConnectError(DtxError):
 
 class LabError(DtxError):
     """The network lab could not be built, changed or torn down."""
+
+
+# -- LAN discovery ----------------------------------------------------------
+
+
+class DiscoveryError(DtxError):
+    """LAN discovery (mDNS/DNS-SD) could not advertise or browse: no address
+    to announce, a name already taken on the link, a TXT entry too long."""
+
+
+# -- XMPP server ----------------------------------------------------------------
+
+
+class XmppError(DtxError):
+    """An XMPP server could not be used as asked: login refused, a vCard
+    request failed, or the connection would not be encrypted."""
