@@ -38,7 +38,7 @@ RAW_HEADER = (
 C = "{" + NS_CLIENT + "}"
 
 
-# -- helpers --------------------------------------------------------------
+# -- test plumbing ------------------------------------------------------------
 
 
 def feed_split(data: bytes, cuts: Iterable[int], **limits: int) -> list[XmlEvent]:
