@@ -1,0 +1,707 @@
+"""LAN discovery over mDNS / DNS-SD (RFC 6762, RFC 6763) with python-zeroconf.
+
+A device announces itself as a ``_dtx._udp.local.`` service: the SRV record
+carries the UDP port of its dtx socket, A records its IPv4 addresses, and the
+TXT record (see :func:`txt_for`) its JID, key fingerprint and protocol
+version. Optionally it also announces XEP-0174 presence
+(``_presence._tcp.local.``, ``txtvers=1`` first) so that Bonjour-style XMPP
+clients list it.
+
+Discovery is not trust: anybody on the LAN can announce any JID with any
+fingerprint. A :class:`LanRecord` only says where to knock; the session
+handshake checks the key as on every other path, and :func:`select_records`
+merely puts the records whose fingerprint is trusted first so that the
+genuine device is tried before an impostor.
+
+The pure parts (TXT codec, instance naming, record parsing and selection)
+open no sockets; :class:`LanAdvertiser` and :class:`LanBrowser` are thin
+asyncio drivers around zeroconf's ``AsyncZeroconf``, IPv4 only.
+
+``python -m dtx.aio.mdns advertise|resolve|lookup`` is a small command line
+for people and for the namespace tests (one JSON object per line on stdout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import ipaddress
+import json
+import logging
+import re
+import signal
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Protocol, TypeAlias
+
+import ifaddr
+from zeroconf import (
+    BadTypeInNameException,
+    InterfaceChoice,
+    IPVersion,
+    NonUniqueNameException,
+    ServiceStateChange,
+    Zeroconf,
+)
+from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+
+from dtx.errors import (
+    DecodeError,
+    DiscoveryError,
+    FingerprintError,
+    JIDError,
+)
+from dtx.identity import FINGERPRINT_PREFIX, parse_fingerprint
+from dtx.jid import JID
+
+__all__ = [
+    "DEFAULT_RESOLVE_SETTLE",
+    "PRESENCE_TYPE",
+    "PROTOCOL_VERSION",
+    "SERVICE_TYPE",
+    "TXT_KEY_FINGERPRINT",
+    "TXT_KEY_JID",
+    "TXT_KEY_TXTVERS",
+    "TXT_KEY_VERSION",
+    "LanAdvertiser",
+    "LanBrowser",
+    "LanRecord",
+    "decode_txt",
+    "encode_txt",
+    "host_label",
+    "instance_name",
+    "jid_matches",
+    "presence_instance_name",
+    "presence_txt_for",
+    "record_from_service_info",
+    "select_records",
+    "txt_for",
+]
+
+logger = logging.getLogger(__name__)
+
+SERVICE_TYPE = "_dtx._udp.local."
+PRESENCE_TYPE = "_presence._tcp.local."
+PROTOCOL_VERSION = "1"
+"""The dtx protocol version announced in ``v`` and required by :meth:`LanBrowser.resolve`."""
+
+TXT_VERSION = "1"
+"""Version of the TXT layout itself (``txtvers``, RFC 6763 section 6.7)."""
+
+TXT_KEY_TXTVERS = "txtvers"
+TXT_KEY_VERSION = "v"
+TXT_KEY_JID = "jid"
+TXT_KEY_FINGERPRINT = "fp"
+_RESERVED_KEYS = frozenset({TXT_KEY_TXTVERS, TXT_KEY_VERSION, TXT_KEY_JID, TXT_KEY_FINGERPRINT})
+
+MAX_TXT_STRING_BYTES = 255
+"""One TXT string is a length byte and at most 255 bytes (RFC 6763 section 6.1)."""
+
+MAX_LABEL_BYTES = 63
+"""One DNS label, e.g. a service instance name (RFC 6763 section 4.1.1)."""
+
+FINGERPRINT_PREFIX_CHARS = 8
+"""Characters of the fingerprint digest in instance and host names (40 bits):
+enough that two devices announcing the same JID get different names."""
+
+DEFAULT_RESOLVE_SETTLE = 0.3
+"""After the first matching answer, how long :meth:`LanBrowser.resolve` keeps
+collecting: responders answer a shared (PTR) question after a random 20-120 ms
+delay (RFC 6762 section 6), so the others arrive within this window."""
+
+DEFAULT_INFO_TIMEOUT = 3.0
+"""How long the browser waits for SRV/TXT/A of one announced instance."""
+
+_UNSAFE = re.compile(r"[^a-z0-9-]+")
+
+
+# -- TXT codec (RFC 6763 section 6) -------------------------------------------
+
+
+def encode_txt(items: Mapping[str, str] | Iterable[tuple[str, str]]) -> bytes:
+    """TXT RDATA for ``key=value`` pairs, in the given order.
+
+    Raises :class:`DiscoveryError` for an empty key, a key that is not
+    printable ASCII without ``=``, or a pair longer than 255 bytes.
+    """
+    pairs = items.items() if isinstance(items, Mapping) else items
+    out = bytearray()
+    for key, value in pairs:
+        if not key or "=" in key or any(not " " <= ch <= "~" for ch in key):
+            raise DiscoveryError(f"TXT key {key!r} is not printable ASCII without '='")
+        entry = key.encode("ascii") + b"=" + value.encode("utf-8")
+        if len(entry) > MAX_TXT_STRING_BYTES:
+            raise DiscoveryError(
+                f"TXT entry {key!r} is {len(entry)} bytes; the limit is {MAX_TXT_STRING_BYTES}")
+        out.append(len(entry))
+        out += entry
+    return bytes(out)
+
+
+def decode_txt(data: bytes) -> dict[str, bytes | None]:
+    """The attributes of TXT RDATA: lower-cased key to value bytes, or None
+    for a boolean attribute (a string without ``=``).
+
+    As RFC 6763 section 6.4 says: the first occurrence of a key wins, and
+    strings with an empty or non-ASCII key are ignored. A string running past
+    the end of the data raises :class:`DecodeError`.
+    """
+    attributes: dict[str, bytes | None] = {}
+    pos = 0
+    while pos < len(data):
+        length = data[pos]
+        start = pos + 1
+        end = start + length
+        if end > len(data):
+            raise DecodeError(f"TXT string of {length} bytes runs past the end at {pos}")
+        pos = end
+        raw_key, sep, value = data[start:end].partition(b"=")
+        if not raw_key or any(not 0x20 <= b <= 0x7E for b in raw_key):
+            continue
+        key = raw_key.decode("ascii").lower()
+        if key not in attributes:
+            attributes[key] = value if sep else None
+    return attributes
+
+
+# -- names ------------------------------------------------------------------
+
+
+def _canonical_fingerprint(text: str) -> str:
+    """The fingerprint as dtx prints it; raises :class:`FingerprintError`."""
+    digest = parse_fingerprint(text)
+    b32 = base64.b32encode(digest).decode("ascii").rstrip("=").lower()
+    return FINGERPRINT_PREFIX + "-".join(b32[i : i + 4] for i in range(0, len(b32), 4))
+
+
+def _fingerprint_tag(fingerprint: str) -> str:
+    digest = parse_fingerprint(fingerprint)
+    return base64.b32encode(digest).decode("ascii").lower()[:FINGERPRINT_PREFIX_CHARS]
+
+
+def _safe_label(text: str, tag: str) -> str:
+    """``text`` reduced to lower-case letters, digits and ``-``, cut so that
+    ``<text>-<tag>`` fits one DNS label."""
+    room = MAX_LABEL_BYTES - len(tag) - 1
+    base = _UNSAFE.sub("-", text.lower()).strip("-")[:room].strip("-")
+    return f"{base or 'dtx'}-{tag}"
+
+
+def instance_name(jid: str, fingerprint: str) -> str:
+    """The DNS-SD instance label of a device: its JID with everything but
+    ASCII letters, digits and ``-`` replaced by ``-``, then the first
+    characters of its key fingerprint, at most 63 bytes.
+
+    ``tv@example.org/living-room`` with key ``SHA256:abcd-efgh-...`` becomes
+    ``tv-example-org-living-room-abcdefgh``. The fingerprint part keeps two
+    devices apart when they announce the same JID (an impostor, a copied key
+    file), so neither has to be renamed by mDNS probing. Raises
+    :class:`JIDError` or :class:`FingerprintError`.
+    """
+    return _safe_label(JID.parse(jid).full, _fingerprint_tag(fingerprint))
+
+
+def host_label(jid: str, fingerprint: str) -> str:
+    """The host name label (``<label>.local.``) the device's A records use:
+    ``dtx-`` and the instance name, cut to 63 bytes, letters-digits-hyphen."""
+    return _safe_label("dtx-" + JID.parse(jid).full, _fingerprint_tag(fingerprint))
+
+
+def presence_instance_name(jid: str, fingerprint: str) -> str:
+    """The XEP-0174 instance name, ``user@machine`` as that XEP asks: the
+    JID's local part (``dtx`` when there is none) at the host label."""
+    parsed = JID.parse(jid)
+    machine = host_label(jid, fingerprint)
+    user = _UNSAFE.sub("-", (parsed.local or "dtx").lower()).strip("-") or "dtx"
+    room = MAX_LABEL_BYTES - len(machine) - 1
+    if room < 1:
+        machine = machine[-(MAX_LABEL_BYTES - 4):]
+        room = MAX_LABEL_BYTES - len(machine) - 1
+    return f"{user[:room]}@{machine}"
+
+
+# -- TXT contents -------------------------------------------------------------
+
+
+def txt_for(identity_jid: str, fingerprint: str, *,
+            extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The ``_dtx._udp`` TXT attributes of a device, in announcement order.
+
+    Keys: ``txtvers`` (layout of this record, ``1``), ``v`` (dtx protocol
+    version), ``jid`` (the device's JID, normalised), ``fp`` (its key
+    fingerprint, as dtx prints it), then ``extra`` (which may not reuse those
+    names). Raises :class:`JIDError`, :class:`FingerprintError`, or
+    :class:`DiscoveryError` for a reserved key in ``extra`` or an entry that
+    does not fit 255 bytes.
+    """
+    txt = {
+        TXT_KEY_TXTVERS: TXT_VERSION,
+        TXT_KEY_VERSION: PROTOCOL_VERSION,
+        TXT_KEY_JID: JID.parse(identity_jid).full,
+        TXT_KEY_FINGERPRINT: _canonical_fingerprint(fingerprint),
+    }
+    for key, value in (extra or {}).items():
+        if key.lower() in _RESERVED_KEYS:
+            raise DiscoveryError(f"TXT key {key!r} is reserved for dtx")
+        txt[key] = value
+    encode_txt(txt)  # size and key checks
+    return txt
+
+
+def presence_txt_for(jid: str, port: int, *, nick: str | None = None,
+                     status: str = "avail") -> dict[str, str]:
+    """XEP-0174 presence TXT attributes, ``txtvers=1`` first as the XEP
+    requires; ``jid`` is the bare JID (the account), ``port.p2pj`` the port.
+
+    The port is dtx's UDP port: a XEP-0174 client that opens a plain TCP XML
+    stream there will not get one; the record exists so that such clients
+    list the device (see docs/lan-discovery.md).
+    """
+    parsed = JID.parse(jid)
+    txt = {
+        "txtvers": "1",
+        "port.p2pj": str(port),
+        "status": status,
+        "jid": parsed.bare.full,
+        "nick": nick if nick is not None else (parsed.resource or parsed.bare.full),
+    }
+    encode_txt(txt)
+    return txt
+
+
+# -- records ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LanRecord:
+    """A dtx device seen on the LAN: what its TXT record claims (not yet
+    verified: the session handshake checks the key) and where it listens."""
+
+    jid: str
+    fingerprint: str
+    version: str
+    addresses: tuple[tuple[str, int], ...]
+    instance: str
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (addresses as ``[host, port]`` lists)."""
+        return {"jid": self.jid, "fingerprint": self.fingerprint, "version": self.version,
+                "addresses": [list(a) for a in self.addresses], "instance": self.instance}
+
+
+class ServiceInfoLike(Protocol):
+    """What :func:`record_from_service_info` reads of a zeroconf ServiceInfo."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def port(self) -> int | None: ...
+    @property
+    def text(self) -> bytes | None: ...
+
+    def parsed_addresses(self, version: IPVersion = ...) -> list[str]: ...
+
+
+def _text(attributes: Mapping[str, bytes | None], key: str) -> str:
+    value = attributes.get(key)
+    if value is None:
+        raise DecodeError(f"TXT has no {key}=value")
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DecodeError(f"TXT {key} is not UTF-8") from exc
+
+
+def record_from_service_info(info: ServiceInfoLike) -> LanRecord | None:
+    """The :class:`LanRecord` a resolved ``_dtx._udp`` service describes, or
+    None (logged at DEBUG) when its TXT is malformed (no or bad ``jid``,
+    ``fp`` or ``v``), its port is missing, or it has no IPv4 address."""
+    name = info.name
+    instance = name[: -len(SERVICE_TYPE) - 1] if name.endswith("." + SERVICE_TYPE) else name
+    try:
+        attributes = decode_txt(info.text or b"")
+        jid = JID.parse(_text(attributes, TXT_KEY_JID)).full
+        fingerprint = _canonical_fingerprint(_text(attributes, TXT_KEY_FINGERPRINT))
+        version = _text(attributes, TXT_KEY_VERSION)
+    except (DecodeError, JIDError, FingerprintError) as exc:
+        logger.debug("ignoring %s: %s", name, exc)
+        return None
+    port = info.port
+    if port is None or not 0 < port < 65536:
+        logger.debug("ignoring %s: no usable port (%r)", name, port)
+        return None
+    hosts = info.parsed_addresses(IPVersion.V4Only)
+    if not hosts:
+        logger.debug("ignoring %s: no IPv4 address", name)
+        return None
+    return LanRecord(jid=jid, fingerprint=fingerprint, version=version,
+                     addresses=tuple((host, port) for host in hosts), instance=instance)
+
+
+def jid_matches(query: str | JID, announced: str) -> bool:
+    """True when a record announcing ``announced`` answers ``query``: a full
+    JID matches exactly; a bare JID matches every device of that account."""
+    wanted = query if isinstance(query, JID) else JID.parse(query)
+    try:
+        have = JID.parse(announced)
+    except JIDError:
+        return False
+    return have == wanted if wanted.resource is not None else have.bare == wanted
+
+
+def select_records(records: Iterable[LanRecord], jid: str | JID, *,
+                   trusted: Iterable[str] = (),
+                   version: str | None = PROTOCOL_VERSION) -> list[LanRecord]:
+    """The records answering ``jid`` (see :func:`jid_matches`) that speak
+    ``version`` (None: any), those whose fingerprint is in ``trusted`` first,
+    then by instance name, so that the genuine device is tried before any
+    impostor announcing the same JID. Pure; a malformed trusted fingerprint
+    raises :class:`FingerprintError`."""
+    wanted = jid if isinstance(jid, JID) else JID.parse(jid)
+    trusted_set = {parse_fingerprint(fp) for fp in trusted}
+    chosen = [r for r in records
+              if jid_matches(wanted, r.jid) and (version is None or r.version == version)]
+    return sorted(chosen, key=lambda r: (parse_fingerprint(r.fingerprint) not in trusted_set,
+                                         r.instance))
+
+
+# -- asyncio drivers ------------------------------------------------------------
+
+
+Interfaces: TypeAlias = InterfaceChoice | Sequence[str]
+"""Where zeroconf binds: ``InterfaceChoice.All`` or IPv4 interface addresses."""
+
+
+def _zeroconf_interfaces(interfaces: Interfaces) -> InterfaceChoice | list[str | int]:
+    if isinstance(interfaces, InterfaceChoice):
+        return interfaces
+    return [str(i) for i in interfaces]
+
+
+def local_ipv4_addresses() -> list[str]:
+    """IPv4 addresses of this host's interfaces (of this network namespace),
+    loopback excluded."""
+    found: list[str] = []
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            if not isinstance(ip.ip, str):
+                continue
+            if ipaddress.IPv4Address(ip.ip).is_loopback or ip.ip in found:
+                continue
+            found.append(ip.ip)
+    return found
+
+
+class LanAdvertiser:
+    """Announces one device on the LAN while the context is open.
+
+    ``addresses`` defaults to the interface addresses given in
+    ``interfaces``, or every non-loopback IPv4 address of the host when
+    ``interfaces`` is ``InterfaceChoice.All``. Pass ``zeroconf`` to share one
+    :class:`AsyncZeroconf` (one set of sockets) with a :class:`LanBrowser`;
+    otherwise the advertiser owns one and closes it on exit.
+    """
+
+    def __init__(self, jid: str, fingerprint: str, port: int, *,
+                 addresses: Sequence[str] | None = None, presence: bool = False,
+                 interfaces: Interfaces = InterfaceChoice.All,
+                 zeroconf: AsyncZeroconf | None = None, nick: str | None = None,
+                 extra_txt: Mapping[str, str] | None = None) -> None:
+        if not 0 < port < 65536:
+            raise DiscoveryError(f"port {port} is not a UDP port")
+        self.jid = JID.parse(jid).full
+        self.fingerprint = _canonical_fingerprint(fingerprint)
+        self.port = port
+        self.txt = txt_for(self.jid, self.fingerprint, extra=extra_txt)
+        self.instance = instance_name(self.jid, self.fingerprint)
+        self.server = host_label(self.jid, self.fingerprint) + ".local."
+        self.presence = presence
+        self._presence_txt = presence_txt_for(self.jid, port, nick=nick) if presence else None
+        self._addresses = list(addresses) if addresses is not None else None
+        self._interfaces = interfaces
+        self._zc = zeroconf
+        self._owns_zc = zeroconf is None
+        self._infos: list[AsyncServiceInfo] = []
+        self.addresses: list[str] = []
+
+    def _pick_addresses(self) -> list[str]:
+        if self._addresses is not None:
+            chosen = self._addresses
+        elif not isinstance(self._interfaces, InterfaceChoice):
+            chosen = list(self._interfaces)
+        else:
+            chosen = local_ipv4_addresses()
+        v4 = [a for a in chosen if ipaddress.ip_address(a).version == 4]
+        if not v4:
+            raise DiscoveryError(f"no IPv4 address to announce for {self.jid}")
+        return v4
+
+    async def __aenter__(self) -> LanAdvertiser:
+        self.addresses = self._pick_addresses()
+        if self._zc is None:
+            self._zc = AsyncZeroconf(interfaces=_zeroconf_interfaces(self._interfaces),
+                                     ip_version=IPVersion.V4Only)
+        infos = [AsyncServiceInfo(SERVICE_TYPE, f"{self.instance}.{SERVICE_TYPE}",
+                                  port=self.port, properties=encode_txt(self.txt),
+                                  server=self.server, parsed_addresses=self.addresses)]
+        if self._presence_txt is not None:
+            name = presence_instance_name(self.jid, self.fingerprint)
+            infos.append(AsyncServiceInfo(PRESENCE_TYPE, f"{name}.{PRESENCE_TYPE}",
+                                          port=self.port, properties=encode_txt(self._presence_txt),
+                                          server=self.server, parsed_addresses=self.addresses))
+        try:
+            for info in infos:
+                # Probing (RFC 6762 section 8.1) happens here; the returned
+                # announcements run on in the background.
+                await self._zc.async_register_service(info)
+                self._infos.append(info)
+        except (NonUniqueNameException, BadTypeInNameException) as exc:
+            await self._close()
+            raise DiscoveryError(f"cannot announce {self.instance}: {exc!r}") from exc
+        except BaseException:
+            await self._close()
+            raise
+        logger.info("announcing %s (%s) at %s port %d", self.jid, self.instance,
+                    ", ".join(self.addresses), self.port)
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self._close()
+
+    async def _close(self) -> None:
+        zc, self._zc = self._zc, None
+        if zc is None:
+            return
+        infos, self._infos = self._infos, []
+        if self._owns_zc:
+            await zc.async_close()  # sends goodbyes for everything registered
+            return
+        for info in infos:
+            goodbye = await zc.async_unregister_service(info)
+            await goodbye
+
+
+class LanBrowser:
+    """A live table of the dtx devices announced on the LAN.
+
+    Browses ``_dtx._udp.local.`` while the context is open; each announced
+    instance is resolved (SRV, TXT, A) and parsed by
+    :func:`record_from_service_info`, malformed ones are ignored.
+    """
+
+    def __init__(self, *, interfaces: Interfaces = InterfaceChoice.All,
+                 zeroconf: AsyncZeroconf | None = None,
+                 info_timeout: float = DEFAULT_INFO_TIMEOUT) -> None:
+        self._interfaces = interfaces
+        self._zc = zeroconf
+        self._owns_zc = zeroconf is None
+        self._info_timeout = info_timeout
+        self._records: dict[str, LanRecord] = {}
+        self._changed = asyncio.Condition()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._browser: AsyncServiceBrowser | None = None
+
+    async def __aenter__(self) -> LanBrowser:
+        if self._zc is None:
+            self._zc = AsyncZeroconf(interfaces=_zeroconf_interfaces(self._interfaces),
+                                     ip_version=IPVersion.V4Only)
+        self._browser = AsyncServiceBrowser(self._zc.zeroconf, SERVICE_TYPE,
+                                            handlers=[self._on_change])
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        browser, self._browser = self._browser, None
+        if browser is not None:
+            await browser.async_cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        zc, self._zc = self._zc, None
+        if zc is not None and self._owns_zc:
+            await zc.async_close()
+
+    def records(self) -> list[LanRecord]:
+        """Every record currently known, by instance name."""
+        return [self._records[k] for k in sorted(self._records)]
+
+    def _on_change(self, zeroconf: Zeroconf, service_type: str, name: str,
+                   state_change: ServiceStateChange) -> None:
+        """zeroconf's browser callback (runs on the event loop)."""
+        if state_change is ServiceStateChange.Removed:
+            if self._records.pop(name.lower(), None) is not None:
+                logger.info("LAN device gone: %s", name)
+            self._spawn(self._notify())
+            return
+        self._spawn(self._fetch(name))
+
+    def _spawn(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _fetch(self, name: str) -> None:
+        zc = self._zc
+        if zc is None:
+            return
+        info = AsyncServiceInfo(SERVICE_TYPE, name)
+        if not await info.async_request(zc.zeroconf, self._info_timeout * 1000):
+            logger.debug("no SRV/TXT/A for %s within %.1f s", name, self._info_timeout)
+            return
+        record = record_from_service_info(info)
+        if record is None:
+            return
+        if self._records.get(name.lower()) != record:
+            logger.info("LAN device: %s %s at %s", record.jid, record.fingerprint,
+                        record.addresses)
+            self._records[name.lower()] = record
+            await self._notify()
+
+    async def wait_records(self, jid: str, *, count: int = 1, timeout: float,
+                           trusted: Iterable[str] = ()) -> list[LanRecord]:
+        """The matching records (see :func:`select_records`) once there are
+        at least ``count`` of them, or whatever there is after ``timeout``."""
+        query = JID.parse(jid)
+        trusted = list(trusted)
+
+        def current() -> list[LanRecord]:
+            return select_records(self._records.values(), query, trusted=trusted)
+
+        try:
+            async with asyncio.timeout(max(timeout, 0.0)):
+                async with self._changed:
+                    await self._changed.wait_for(lambda: len(current()) >= count)
+        except TimeoutError:
+            pass
+        return current()
+
+    async def resolve(self, jid: str, *, timeout: float,
+                      settle: float = DEFAULT_RESOLVE_SETTLE,
+                      trusted: Iterable[str] = ()) -> list[LanRecord]:
+        """The devices announcing ``jid`` (a full JID: that device; a bare
+        JID: every device of the account), trusted fingerprints first.
+
+        Waits up to ``timeout`` for a first answer, then up to ``settle``
+        more for others answering the same question. An empty list means
+        nobody announced it in time.
+        """
+        trusted = list(trusted)
+        loop = asyncio.get_running_loop()
+        found = await self.wait_records(jid, timeout=timeout, trusted=trusted)
+        if not found:
+            return found
+        end = loop.time() + settle
+        for _ in range(64):  # bounded: each turn needs one more record
+            remaining = end - loop.time()
+            if remaining <= 0:
+                break
+            more = await self.wait_records(jid, count=len(found) + 1, timeout=remaining,
+                                           trusted=trusted)
+            if len(more) <= len(found):
+                found = more
+                break
+            found = more
+        return found
+
+
+# -- command line ---------------------------------------------------------------
+
+
+def _emit(obj: Mapping[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+async def _advertise(args: argparse.Namespace) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    started = time.monotonic()
+    async with LanAdvertiser(args.jid, args.fingerprint, args.port,
+                             addresses=args.address or None, presence=args.presence,
+                             nick=args.nick) as adv:
+        _emit({"event": "announced", "jid": adv.jid, "fingerprint": adv.fingerprint,
+               "instance": adv.instance, "addresses": adv.addresses, "port": adv.port,
+               "seconds": round(time.monotonic() - started, 3)})
+        await stop.wait()
+    return 0
+
+
+async def _resolve(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    async with LanBrowser() as browser:
+        if args.count is not None:
+            found = await browser.wait_records(args.jid, count=args.count,
+                                               timeout=args.timeout, trusted=args.trusted)
+        else:
+            found = await browser.resolve(args.jid, timeout=args.timeout,
+                                          settle=args.settle, trusted=args.trusted)
+        elapsed = time.monotonic() - started
+        _emit({"jid": args.jid, "records": [r.to_json() for r in found],
+               "seconds": round(elapsed, 3)})
+    return 0 if found else 1
+
+
+async def _lookup(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    async with AsyncZeroconf(ip_version=IPVersion.V4Only) as zc:
+        info = AsyncServiceInfo(args.type, f"{args.instance}.{args.type}")
+        ok = await info.async_request(zc.zeroconf, args.timeout * 1000)
+        text = info.text or b""
+        strings: list[str] = []
+        pos = 0
+        while pos < len(text):
+            length = text[pos]
+            strings.append(text[pos + 1 : pos + 1 + length].decode("utf-8", "replace"))
+            pos += 1 + length
+        _emit({"found": ok, "port": info.port, "server": info.server,
+               "addresses": info.parsed_addresses(IPVersion.V4Only), "txt": strings,
+               "seconds": round(time.monotonic() - started, 3)})
+    return 0 if ok else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m dtx.aio.mdns advertise|resolve|lookup`` (JSON lines out)."""
+    parser = argparse.ArgumentParser(prog="python -m dtx.aio.mdns",
+                                     description="dtx LAN discovery (mDNS/DNS-SD)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    adv = sub.add_parser("advertise", help="announce a device until SIGTERM/SIGINT")
+    adv.add_argument("--jid", required=True)
+    adv.add_argument("--fingerprint", required=True)
+    adv.add_argument("--port", type=int, required=True)
+    adv.add_argument("--address", action="append", help="IPv4 address to announce (repeatable)")
+    adv.add_argument("--presence", action="store_true", help="also announce XEP-0174 presence")
+    adv.add_argument("--nick")
+    res = sub.add_parser("resolve", help="find the devices announcing a JID")
+    res.add_argument("jid")
+    res.add_argument("--timeout", type=float, default=5.0)
+    res.add_argument("--settle", type=float, default=DEFAULT_RESOLVE_SETTLE)
+    res.add_argument("--count", type=int, help="wait for this many records instead of settling")
+    res.add_argument("--trusted", action="append", default=[], help="fingerprint to list first")
+    look = sub.add_parser("lookup", help="resolve one service instance, print its raw TXT")
+    look.add_argument("--type", default=PRESENCE_TYPE)
+    look.add_argument("--instance", required=True)
+    look.add_argument("--timeout", type=float, default=5.0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    runner = {"advertise": _advertise, "resolve": _resolve, "lookup": _lookup}[args.command]
+    try:
+        return asyncio.run(runner(args))
+    except (DiscoveryError, JIDError, FingerprintError) as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
