@@ -27,6 +27,7 @@ from dtx.natcheck import (
     format_report,
 )
 from dtx.wire.stun import (
+    Attribute,
     AttrType,
     StunClass,
     StunMessage,
@@ -242,6 +243,7 @@ def scripted(*, refuse_change: bool) -> Responder:
         req = decode_stun(data)
         if req.change_request is None:
             return inner(data, src, local)
+        attrs: tuple[Attribute, ...]
         if refuse_change:
             attrs = (error_code_attribute(420, "Unknown Attribute"),)
             cls = StunClass.ERROR
