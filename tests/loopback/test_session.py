@@ -8,7 +8,7 @@ from xml.etree.ElementTree import Element, SubElement
 import pytest
 
 from dtx import stanza as st
-from dtx.aio.peer import Session, open_peer
+from dtx.aio.peer import Peer, Session, open_peer
 from dtx.errors import (
     AuthenticationError,
     PinMismatchError,
@@ -26,6 +26,14 @@ from dtx.trust import PinStore, StaticKeys, Verifier
 from .conftest import Pair, trusting
 
 DEADLINE = 20.0
+
+
+async def wait_for_refusal(peer: Peer) -> None:
+    """The refusing side records the refusal when its connection has
+    drained, which may be after the other side saw the close."""
+    async with asyncio.timeout(DEADLINE):
+        while not peer.refusals:
+            await asyncio.sleep(0.01)
 
 
 async def open_pair(pair: Pair) -> tuple[Session, Session]:
@@ -132,6 +140,7 @@ async def test_client_with_untrusted_key_is_refused_on_both_sides(tv_id, remote_
         assert isinstance(ended.error, AuthenticationError)
         # What it sent is handed back, not silently dropped.
         assert [st.body_of(e) for e in ended.unacknowledged] == ["let me in"]
+        await wait_for_refusal(tv)
         assert tv.counters["handshakes_refused"] == 1
         (_, error), = tv.refusals
         assert isinstance(error, UntrustedKeyError)
@@ -147,9 +156,7 @@ async def test_server_with_untrusted_key_is_refused_on_both_sides(tv_id, remote_
         with pytest.raises(UntrustedKeyError) as info:
             await remote.connect("tv@example.org", tv.address)
         assert fake_tv.fingerprint in str(info.value)
-        async with asyncio.timeout(DEADLINE):
-            while not tv.refusals:
-                await asyncio.sleep(0.01)
+        await wait_for_refusal(tv)
         (_, error), = tv.refusals
         assert isinstance(error, AuthenticationError)
         assert tv._incoming.empty()
