@@ -117,6 +117,7 @@ DEFAULT_INFO_TIMEOUT = 3.0
 """How long the browser waits for SRV/TXT/A of one announced instance."""
 
 _UNSAFE = re.compile(r"[^a-z0-9-]+")
+_HYPHENS = re.compile(r"-{2,}")  # also keeps "xn--"-like labels (RFC 5891) out
 
 
 # -- TXT codec (RFC 6763 section 6) -------------------------------------------
@@ -184,10 +185,10 @@ def _fingerprint_tag(fingerprint: str) -> str:
 
 
 def _safe_label(text: str, tag: str) -> str:
-    """``text`` reduced to lower-case letters, digits and ``-``, cut so that
+    """``text`` reduced to lower-case letters, digits and single ``-``, cut so that
     ``<text>-<tag>`` fits one DNS label."""
     room = MAX_LABEL_BYTES - len(tag) - 1
-    base = _UNSAFE.sub("-", text.lower()).strip("-")[:room].strip("-")
+    base = _HYPHENS.sub("-", _UNSAFE.sub("-", text.lower())).strip("-")[:room].strip("-")
     return f"{base or 'dtx'}-{tag}"
 
 
@@ -216,7 +217,8 @@ def presence_instance_name(jid: str, fingerprint: str) -> str:
     JID's local part (``dtx`` when there is none) at the host label."""
     parsed = JID.parse(jid)
     machine = host_label(jid, fingerprint)
-    user = _UNSAFE.sub("-", (parsed.local or "dtx").lower()).strip("-") or "dtx"
+    user = _HYPHENS.sub("-", _UNSAFE.sub("-", (parsed.local or "dtx").lower())).strip("-")
+    user = user or "dtx"
     room = MAX_LABEL_BYTES - len(machine) - 1
     if room < 1:
         machine = machine[-(MAX_LABEL_BYTES - 4):]
@@ -453,18 +455,23 @@ class LanAdvertiser:
             infos.append(AsyncServiceInfo(PRESENCE_TYPE, f"{name}.{PRESENCE_TYPE}",
                                           port=self.port, properties=encode_txt(self._presence_txt),
                                           server=self.server, parsed_addresses=self.addresses))
+        zc = self._zc
         try:
-            for info in infos:
-                # Probing (RFC 6762 section 8.1) happens here; the returned
-                # announcements run on in the background.
-                await self._zc.async_register_service(info)
-                self._infos.append(info)
-        except (NonUniqueNameException, BadTypeInNameException) as exc:
-            await self._close()
-            raise DiscoveryError(f"cannot announce {self.instance}: {exc!r}") from exc
+            # Probing (RFC 6762 section 8.1, about a second) happens here, for
+            # both names at once; the announcements then run on by themselves.
+            results = await asyncio.gather(
+                *(zc.async_register_service(info) for info in infos), return_exceptions=True)
         except BaseException:
             await self._close()
             raise
+        self._infos = [info for info, r in zip(infos, results) if not isinstance(r, BaseException)]
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            await self._close()
+            if isinstance(failures[0], (NonUniqueNameException, BadTypeInNameException)):
+                raise DiscoveryError(
+                    f"cannot announce {self.instance}: {failures[0]!r}") from failures[0]
+            raise failures[0]
         logger.info("announcing %s (%s) at %s port %d", self.jid, self.instance,
                     ", ".join(self.addresses), self.port)
         return self
