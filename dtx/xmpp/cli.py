@@ -1,0 +1,136 @@
+"""``dtx vcard publish``: put this device's key into the account's vCard.
+
+:func:`add_cli` registers the command as ``vcard-publish`` on the ``dtx``
+subparsers; ``dtx vcard publish KEYFILE ...`` routes to the same handler
+(:func:`configure_publish_parser` fills any parser with its arguments).
+The handler logs in as the key file's account, adds (or with ``--revoke``
+removes) the device's key, and prints what it did. Errors are raised as
+:class:`~dtx.errors.DtxError` subclasses for ``dtx``'s ``main`` to report
+with its exit codes: 2 bad key file or vCard, 3 login refused, 4 no
+connection, 1 anything else (no TLS without ``--allow-plaintext``, a server
+refusing the vCard).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import stat
+from typing import Any
+
+from dtx.errors import XmppError
+from dtx.identity import fingerprint, load_identity
+from dtx.xmpp.client import PUBLISH_FORMATS, KeyChange, XmppClient, XmppConfig
+
+__all__ = ["add_cli", "cmd_vcard_publish", "configure_publish_parser", "parse_server"]
+
+MAX_PASSWORD_FILE_BYTES = 4096
+
+
+def parse_server(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (IPv6 in brackets) as a (host, port) pair."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def read_password_file(path: str) -> str:
+    """The first line of a password file that only its owner can read."""
+    try:
+        with open(path, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            data = f.read(MAX_PASSWORD_FILE_BYTES + 1)
+    except OSError as exc:
+        raise XmppError(f"cannot read password file {path}: {exc.strerror}") from exc
+    if not stat.S_ISREG(mode):
+        raise XmppError(f"password file {path} is not a regular file")
+    if mode & 0o077:
+        raise XmppError(
+            f"password file {path} has mode {stat.S_IMODE(mode):04o}, readable by others; "
+            f"run: chmod 600 {path}"
+        )
+    if len(data) > MAX_PASSWORD_FILE_BYTES:
+        raise XmppError(f"password file {path} is larger than {MAX_PASSWORD_FILE_BYTES} bytes")
+    try:
+        password = data.decode("utf-8").splitlines()[0] if data else ""
+    except UnicodeDecodeError as exc:
+        raise XmppError(f"password file {path} is not UTF-8 text") from exc
+    if not password:
+        raise XmppError(f"password file {path} is empty")
+    return password
+
+
+def configure_publish_parser(p: argparse.ArgumentParser) -> None:
+    """Add the arguments of ``dtx vcard publish`` to ``p``."""
+    p.add_argument("keyfile", help="the device's key file (its JID names the account)")
+    p.add_argument("--password-file", required=True, metavar="FILE",
+                   help="file whose first line is the account's password (mode 0600)")
+    p.add_argument("--server", type=parse_server, metavar="HOST:PORT", default=None,
+                   help="connect here (default: the JID's domain, DNS SRV)")
+    p.add_argument("--allow-plaintext", action="store_true",
+                   help="log in even if the server offers no TLS (test servers only)")
+    p.add_argument("--ca-file", metavar="PEM", default=None,
+                   help="also trust this CA for the server's certificate")
+    p.add_argument("--revoke", action="store_true",
+                   help="remove this device's key instead of adding it")
+    p.add_argument("--format", dest="fmt", choices=PUBLISH_FORMATS, default="auto",
+                   help="vCard form to write (default: the one the server keeps)")
+    p.add_argument("--timeout", type=float, default=10.0,
+                   help="seconds for the login and each request (default %(default)s)")
+    p.add_argument("--json", action="store_true", help="print JSON on stdout")
+    p.set_defaults(func=cmd_vcard_publish)
+
+
+def add_cli(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``vcard-publish`` on ``dtx``'s subparsers; returns its parser."""
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "vcard-publish", help="add (or --revoke) this device's key in the account's vCard"
+    )
+    configure_publish_parser(p)
+    return p
+
+
+async def _run(args: argparse.Namespace) -> tuple[str, KeyChange]:
+    identity = load_identity(args.keyfile)
+    password = read_password_file(args.password_file)
+    config = XmppConfig(
+        server=args.server,
+        allow_plaintext=bool(args.allow_plaintext),
+        ca_file=getattr(args, "ca_file", None),
+        timeout=float(args.timeout),
+    )
+    client = XmppClient(identity.jid.bare, password, config=config)
+    await client.connect()
+    try:
+        if args.revoke:
+            change = await client.revoke_key(identity.public_key)
+        else:
+            change = await client.publish_key(identity.public_key, fmt=args.fmt)
+    finally:
+        await client.close()
+    return identity.fingerprint, change
+
+
+def cmd_vcard_publish(args: argparse.Namespace) -> int:
+    """Handler of ``dtx vcard publish`` / ``dtx vcard-publish``."""
+    fpr, change = asyncio.run(_run(args))
+    action = "revoke" if args.revoke else "publish"
+    listed = sorted(fingerprint(k) for k in change.keys)
+    if args.json:
+        print(json.dumps({
+            "jid": change.jid,
+            "fingerprint": fpr,
+            "action": action,
+            "changed": change.changed,
+            "written": list(change.written),
+            "keys": listed,
+        }), flush=True)
+    else:
+        done = {"publish": "published", "revoke": "revoked"}[action]
+        where = ", ".join(change.written)
+        state = f"{done} in {where}" if change.changed else "unchanged (already so)"
+        print(f"{change.jid}  {fpr}  {state}; {len(listed)} device key(s) listed", flush=True)
+    return 0
