@@ -222,7 +222,7 @@ class XmppClient:
         if cfg.ca_file is not None:
             xmpp.ca_certs = Path(cfg.ca_file)
         if cfg.allow_plaintext:
-            mechs = xmpp["feature_mechanisms"]
+            mechs = xmpp.plugin["feature_mechanisms"]
             mechs.unencrypted_plain = True
             mechs.unencrypted_scram = True
         loop = asyncio.get_running_loop()
