@@ -16,14 +16,16 @@ Test order matters on one socket. The mapping tests II and III send to the
 server's other address, and an address-dependent filter then lets that
 address in; so the filtering tests II and III run right after mapping test I,
 while the NAT has only ever seen the primary address, and the mapping tests
-II and III come after them. A hairpin check (a Binding request sent to our
-own public address, which must come back to the same socket) runs last.
+II and III come after them. The hairpin check of RFC 5780 section 4.6 runs
+last: a Binding request sent from a second local socket to the public address
+of the first must arrive on the first.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -230,6 +232,12 @@ class NatCheck:
         tx.deadline = now + self.config.wait_after(tx.sent)
         logger.debug("%s: sending to %s (transmission %d)", tx.step.value, tx.dest, tx.sent)
         return [(tx.request, tx.dest)]
+
+    @property
+    def from_second_socket(self) -> bool:
+        """Whether the datagram due now must leave from a second local socket
+        (the hairpin test; what arrives still goes to the first one)."""
+        return self.step is Step.HAIRPIN
 
     def get_timer(self) -> float | None:
         """When :meth:`handle_timer` should be called next, or None."""
@@ -508,12 +516,13 @@ def _source_ip_towards(dest: Address, family: int) -> str | None:
         return str(probe.getsockname()[0])
 
 
-async def _drive(machine: NatCheck, sock: socket.socket) -> None:
+async def _drive(machine: NatCheck, sock: socket.socket, second: socket.socket | None) -> None:
     loop = asyncio.get_running_loop()
     while not machine.done:
+        via = second if machine.from_second_socket and second is not None else sock
         for data, dest in machine.datagrams_to_send(loop.time()):
             try:
-                await loop.sock_sendto(sock, data, dest)
+                await loop.sock_sendto(via, data, dest)
             except OSError as exc:  # counts as a lost packet
                 logger.debug("send to %s failed: %s", dest, exc)
         timer = machine.get_timer()
@@ -541,6 +550,7 @@ async def nat_check(
     local: tuple[str, int] = ("0.0.0.0", 0),
     classic: bool = True,
     classic_sock: socket.socket | None = None,
+    hairpin_sock: socket.socket | None = None,
     timeout: float = 10.0,
     classic_timeout: float = 8.0,
     classic_recv_timeout: float = 0.25,
@@ -554,7 +564,9 @@ async def nat_check(
     pystun3 classifies at the same time from ``classic_sock`` (borrowed) or
     a new socket on the same local IP; it sends each request four times,
     ``classic_recv_timeout`` apart, and is given up after
-    ``classic_timeout``. The whole RFC 5780 part is bounded by ``timeout``
+    ``classic_timeout``. The hairpin test sends from ``hairpin_sock``
+    (borrowed) or a new socket on the local IP; when none can be had it is
+    skipped. The whole RFC 5780 part is bounded by ``timeout``
     (its own retransmission bound normally ends it much sooner).
 
     Raises ``OSError`` when the server name cannot be resolved or the socket
@@ -562,6 +574,7 @@ async def nat_check(
     None.
     """
     owned = sock is None
+    opened: list[socket.socket] = []
     if sock is None:
         family = socket.AF_INET6 if ":" in local[0] else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -580,6 +593,23 @@ async def nat_check(
             routed = _source_ip_towards(server, family)
             if routed is not None:
                 local_addr = (routed, local_addr[1])
+        config = config or NatCheckConfig()
+        second = hairpin_sock
+        if second is None and config.hairpin:
+            try:
+                second = socket.socket(family, socket.SOCK_DGRAM)
+                second.bind((local_addr[0], 0))
+            except OSError as exc:
+                logger.info("hairpin test skipped: no second socket on %s: %s",
+                            local_addr[0], exc)
+                if second is not None:
+                    second.close()
+                second = None
+                config = dataclasses.replace(config, hairpin=False)
+            else:
+                opened.append(second)
+        if second is not None:
+            second.setblocking(False)
         machine = NatCheck(
             server, local=local_addr, rng=rng or random.SystemRandom(), config=config
         )
@@ -592,7 +622,7 @@ async def nat_check(
         elif classic:
             logger.info("classic (pystun3) check skipped: it speaks IPv4 only")
         try:
-            await asyncio.wait_for(_drive(machine, sock), timeout)
+            await asyncio.wait_for(_drive(machine, sock, second), timeout)
         except TimeoutError:
             logger.warning("RFC 5780 check stopped after %.1f s at %s", timeout,
                            machine.step.value)
@@ -600,6 +630,8 @@ async def nat_check(
             classic_name = await classic_task if classic_task is not None else None
         return machine.report(classic=classic_name)
     finally:
+        for extra in opened:
+            extra.close()
         if owned:
             sock.close()
 
