@@ -1,0 +1,224 @@
+"""asyncio driver of the rendezvous core.
+
+Binds the primary UDP socket and, for RFC 5780 when an alternate IP is
+given, three more (primary IP port+1, alternate IP port, alternate IP
+port+1) that serve STUN only. Every datagram goes to
+:class:`~rendezvous.core.RendezvousCore`; whatever it queues is sent from
+the socket it names; one timer is re-armed after each call, as aioquic's
+``QuicConnectionProtocol.transmit`` does.
+
+The key source is a folder of vCards, read synchronously (files are
+cached by inode, size and mtime). A key source that needs the network
+would use the core's ``keys=None`` mode and answer its
+``VerificationNeeded`` events here with ``complete_verification``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import random
+import socket
+from typing import cast
+
+from dtx.trust import StaticKeys, VCardDirectory
+from dtx.trust.store import KeySource
+from dtx.wire.stun import Address
+from rendezvous.core import RendezvousConfig, RendezvousCore
+from rendezvous.stun import ServerAddresses
+
+__all__ = ["Server", "serve"]
+
+logger = logging.getLogger(__name__)
+
+_BIND_TRIES = 20
+_RECV_BUFFER_BYTES = 4 * 1024 * 1024
+
+
+class _Protocol(asyncio.DatagramProtocol):
+    def __init__(self, server: Server, local: Address) -> None:
+        self._server = server
+        self._local = local
+
+    def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
+        src = (str(addr[0]), cast(int, addr[1]))
+        self._server._received(data, src, self._local)
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP errors (port unreachable from a device that went away): count, carry on
+        self._server._count_socket_error(exc)
+
+
+class Server:
+    """A running rendezvous server; build it with :func:`serve`."""
+
+    def __init__(self, core: RendezvousCore, addresses: ServerAddresses) -> None:
+        self.core = core
+        self.addresses = addresses
+        self._loop = asyncio.get_running_loop()
+        self._transports: dict[Address, asyncio.DatagramTransport] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._closed = asyncio.Event()
+        self._socket_errors = 0
+
+    @property
+    def address(self) -> Address:
+        """The primary (IP, port) actually bound."""
+        return self.addresses.primary
+
+    def statistics(self) -> dict[str, int]:
+        """The core's counters plus the driver's."""
+        stats = self.core.statistics()
+        stats["socket_errors"] = self._socket_errors
+        return stats
+
+    def close(self) -> None:
+        """Stop serving; idempotent."""
+        if self._closed.is_set():
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for transport in self._transports.values():
+            transport.close()
+        self._closed.set()
+        logger.info("rendezvous closed: %s", self.statistics())
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    # -- driver -------------------------------------------------------------
+
+    def _received(self, data: bytes, src: Address, local: Address) -> None:
+        self.core.receive_datagram(data, src, local, self._loop.time())
+        self._transmit()
+
+    def _count_socket_error(self, exc: Exception) -> None:
+        self._socket_errors += 1
+        logger.debug("socket error: %s", exc)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self.core.handle_timer(self._loop.time())
+        self._transmit()
+
+    def _transmit(self) -> None:
+        if self._closed.is_set():
+            return
+        for data, send_to, send_from in self.core.datagrams_to_send():
+            transport = self._transports.get(send_from)
+            if transport is None:
+                logger.debug("no socket for %s; dropping", send_from)
+                continue
+            try:
+                transport.sendto(data, send_to)
+            except (OSError, ValueError) as exc:  # unroutable destination
+                self._count_socket_error(exc)
+        when = self.core.get_timer()
+        if when != self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = None if when is None else self._loop.call_at(when, self._on_timer)
+            self._timer_at = when
+
+
+def _family(host: str) -> socket.AddressFamily:
+    try:
+        return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return socket.AF_INET
+
+
+def _bind(addr: Address) -> socket.socket:
+    sock = socket.socket(_family(addr[0]), socket.SOCK_DGRAM)
+    try:
+        if sock.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RECV_BUFFER_BYTES)
+        except OSError:
+            pass
+        sock.bind(addr)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+def _bind_all(listen: Address, alt_ip: str | None) -> tuple[ServerAddresses, list[socket.socket]]:
+    """Bind the primary socket and, with ``alt_ip``, the three RFC 5780 ones.
+
+    With port 0 the kernel picks the primary port; port+1 must then be free
+    on both IPs too, so a few ports are tried.
+    """
+    tries = _BIND_TRIES if listen[1] == 0 and alt_ip is not None else 1
+    last: OSError | None = None
+    for _ in range(tries):
+        socks: list[socket.socket] = []
+        try:
+            primary_sock = _bind(listen)
+            socks.append(primary_sock)
+            port = int(primary_sock.getsockname()[1])
+            if alt_ip is None:
+                return ServerAddresses((listen[0], port)), socks
+            addresses = ServerAddresses((listen[0], port), alt_ip, port + 1)
+            for addr in addresses.sockets()[1:]:
+                socks.append(_bind(addr))
+            return addresses, socks
+        except OSError as exc:
+            last = exc
+            for sock in socks:
+                sock.close()
+    raise last if last is not None else OSError("could not bind")
+
+
+async def serve(
+    listen: Address,
+    *,
+    alt_ip: str | None = None,
+    vcards: str | os.PathLike[str] | None,
+    config: RendezvousConfig | None = None,
+    keys: KeySource | None = None,
+) -> Server:
+    """Bind and start serving; returns once every socket is bound.
+
+    ``vcards`` names the folder of account vCards (``<bare JID>.xml``);
+    ``keys`` may be given instead (tests, embedding). With neither, every
+    registration is refused and only STUN is useful.
+    """
+    loop = asyncio.get_running_loop()
+    source: KeySource
+    if keys is not None:
+        source = keys
+    elif vcards is not None:
+        source = VCardDirectory(vcards)
+    else:
+        logger.warning("no vCard folder: every registration will be refused")
+        source = StaticKeys({})
+    addresses, socks = _bind_all(listen, alt_ip)
+    core = RendezvousCore(
+        keys=source,
+        addresses=addresses,
+        config=config or RendezvousConfig(),
+        secret=os.urandom(32),
+        rng=random.SystemRandom(),
+    )
+    server = Server(core, addresses)
+    try:
+        for local, sock in zip(addresses.sockets(), socks):
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda local=local: _Protocol(server, local), sock=sock  # type: ignore[misc]
+            )
+            server._transports[local] = transport
+    except BaseException:
+        server.close()
+        for sock in socks:
+            sock.close()
+        raise
+    logger.info("rendezvous serving on %s", ", ".join(f"{h}:{p}" for h, p in addresses.sockets()))
+    return server
