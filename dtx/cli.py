@@ -24,7 +24,6 @@ import logging
 import os
 import statistics
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,10 @@ from .identity import generate_identity, load_identity, save_identity
 from .trust import PinStore, VCardDirectory, Verifier, add_key, new_vcard
 
 EXIT_ERROR, EXIT_USAGE, EXIT_TRUST, EXIT_CONNECT = 1, 2, 3, 4
+
+
+class UsageError(DtxError):
+    """The command line does not say enough to act on."""
 
 
 def default_pins_path() -> Path:
@@ -134,14 +137,23 @@ def make_verifier(args: argparse.Namespace) -> Verifier:
     return Verifier(sources, pins, trust_on_first_use=args.tofu)
 
 
-async def _connect(args: argparse.Namespace) -> tuple[Any, Any, float]:
-    from .aio.peer import Peer, PeerConfig
+def peer_config(args: argparse.Namespace) -> Any:
+    from .aio.peer import PeerConfig
 
+    return PeerConfig(connect_timeout=getattr(args, "timeout", 10.0),
+                      rendezvous=getattr(args, "rendezvous", None))
+
+
+async def _connect(args: argparse.Namespace) -> tuple[Any, Any, float]:
+    from .aio.peer import Peer
+
+    if args.addr is None and args.rendezvous is None:
+        raise UsageError("give --addr HOST:PORT or --rendezvous HOST:PORT")
     identity = load_identity(args.keyfile)
-    peer = Peer(identity, make_verifier(args),
-                config=PeerConfig(connect_timeout=args.timeout))
+    peer = Peer(identity, make_verifier(args), config=peer_config(args))
+    loop = asyncio.get_running_loop()
+    start = loop.time()
     await peer.start(args.bind, 0, listen=False)
-    start = time.perf_counter()
     try:
         session = await peer.connect(args.to, args.addr, timeout=args.timeout)
     except BaseException:
@@ -150,22 +162,37 @@ async def _connect(args: argparse.Namespace) -> tuple[Any, Any, float]:
     return peer, session, start
 
 
+def path_report(session: Any, start: float) -> dict[str, Any]:
+    """The path keys of the JSON output; times in ms from ``start``."""
+    offset = (session.started_at - start) * 1000
+    history = [{"at_ms": round(offset + at * 1000, 3), "path": kind}
+               for at, kind in session.path_history()]
+    direct = session.direct_after()
+    return {
+        "path": session.path,
+        "direct_after_ms": None if direct is None else round(offset + direct * 1000, 3),
+        "paths": history,
+    }
+
+
 async def run_send(args: argparse.Namespace) -> int:
     peer, session, start = await _connect(args)
+    loop = asyncio.get_running_loop()
     try:
-        handshake_ms = (time.perf_counter() - start) * 1000
+        handshake_ms = (loop.time() - start) * 1000
         session.send(st.message(args.body, to=args.to, type_=args.type))
         await session.wait_acknowledged(timeout=args.timeout)
-        connect_ms = (time.perf_counter() - start) * 1000
+        connect_ms = (loop.time() - start) * 1000
+        if args.linger:
+            await asyncio.sleep(args.linger)
+        report = path_report(session, start)
         ended = await session.close()
         result = {
             "to": args.to,
             "peer": session.peer_jid,
-            "path": session.path,
             "connect_ms": round(connect_ms, 3),
             "handshake_ms": round(handshake_ms, 3),
-            "direct_after_ms": None,
-            "paths": [session.path],
+            **report,
             "delivered": True,
             "closed": "graceful" if ended.error is None else str(ended.error),
         }
@@ -181,24 +208,25 @@ async def run_send(args: argparse.Namespace) -> int:
 
 async def run_ping(args: argparse.Namespace) -> int:
     peer, session, start = await _connect(args)
+    loop = asyncio.get_running_loop()
     rtts: list[float] = []
-    lost = 0
+    connect_ms = 0.0
     try:
         first = True
         for i in range(args.count):
             try:
                 rtt = await session.ping(timeout=args.timeout)
             except TimeoutError:
-                lost += 1
                 continue
             if first:
-                connect_ms = (time.perf_counter() - start) * 1000
+                connect_ms = (loop.time() - start) * 1000
                 first = False
             rtts.append(rtt * 1000)
             if not args.json:
                 print(f"pong from {session.peer_jid}: seq={i} time={rtt * 1000:.2f} ms")
             if args.interval and i + 1 < args.count:
                 await asyncio.sleep(args.interval)
+        report = path_report(session, start)
         await session.close()
     finally:
         await peer.close()
@@ -207,10 +235,8 @@ async def run_ping(args: argparse.Namespace) -> int:
     result = {
         "to": args.to,
         "peer": session.peer_jid,
-        "path": session.path,
         "connect_ms": round(connect_ms, 3),
-        "direct_after_ms": None,
-        "paths": [session.path],
+        **report,
         "sent": args.count,
         "received": len(rtts),
         "rtt_ms": {
@@ -234,8 +260,10 @@ async def run_listen(args: argparse.Namespace) -> int:
     from .aio.peer import Peer, Session
 
     identity = load_identity(args.keyfile)
-    peer = Peer(identity, make_verifier(args))
+    peer = Peer(identity, make_verifier(args), config=peer_config(args))
     await peer.start(args.host, args.port)
+    if args.rendezvous is not None:
+        await peer.wait_registered(10.0)
     host, port = peer.address
     say(args, {"event": "listening", "jid": peer.jid, "address": f"{host}:{port}",
                "fingerprint": identity.fingerprint},
@@ -244,6 +272,10 @@ async def run_listen(args: argparse.Namespace) -> int:
     async def serve(session: Session) -> None:
         say(args, {"event": "session", "peer": session.peer_jid, "path": session.path},
             f"session with {session.peer_jid} over {session.path}")
+        if session.link is not None:
+            session.link.on_change.append(lambda change: say(
+                args, {"event": "path", "peer": session.peer_jid, "path": change.kind.value},
+                f"path to {session.peer_jid}: {change.kind.value}"))
         async for el in session:
             body = st.body_of(el)
             tag = el.tag.rpartition("}")[2]
@@ -256,7 +288,7 @@ async def run_listen(args: argparse.Namespace) -> int:
                 except SessionClosedError:
                     break
         ended = await session.wait_closed()
-        say(args, {"event": "closed", "peer": session.peer_jid,
+        say(args, {"event": "closed", "peer": session.peer_jid, "path": session.path,
                    "error": None if ended.error is None else str(ended.error)},
             f"session with {session.peer_jid} closed"
             + ("" if ended.error is None else f": {ended.error}"))
@@ -341,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("keyfile")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
+    p.add_argument("--rendezvous", type=parse_hostport, metavar="HOST:PORT",
+                   help="register with this rendezvous server, so peers reach this device by JID")
     p.add_argument("--echo", action="store_true", help="send every message body back")
     p.add_argument("--sessions", type=int, default=0,
                    help="exit after this many sessions ended (0: never)")
@@ -353,12 +387,17 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=helptext)
         p.add_argument("keyfile")
         p.add_argument("--to", required=True, help="JID to reach (bare or full)")
-        p.add_argument("--addr", required=True, type=parse_hostport, metavar="HOST:PORT")
+        p.add_argument("--addr", type=parse_hostport, metavar="HOST:PORT",
+                       help="the peer's address (or use --rendezvous)")
+        p.add_argument("--rendezvous", type=parse_hostport, metavar="HOST:PORT",
+                       help="reach the peer by JID through this rendezvous server")
         p.add_argument("--bind", default="0.0.0.0", help="local address (default %(default)s)")
         p.add_argument("--timeout", type=float, default=10.0, help="seconds (default %(default)s)")
         if name == "send":
             p.add_argument("--body", required=True)
             p.add_argument("--type", default="chat")
+            p.add_argument("--linger", type=float, default=0.0,
+                           help="seconds to stay connected after delivery (to see the path settle)")
         else:
             p.add_argument("--count", type=int, default=10)
             p.add_argument("--interval", type=float, default=0.0,
@@ -385,7 +424,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConnectError, TimeoutError) as exc:
         print(f"dtx: could not connect: {exc or 'timed out'}", file=sys.stderr)
         return EXIT_CONNECT
-    except (KeyFileError, VCardError, JIDError) as exc:
+    except (KeyFileError, VCardError, JIDError, UsageError) as exc:
         print(f"dtx: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (DtxError, OSError) as exc:

@@ -40,7 +40,11 @@ from ..errors import (
     SessionClosedError,
 )
 from ..identity import DeviceIdentity
+from ..proto.paths import PathConfig
+from ..wire.demux import PacketKind, classify
+from .netif import host_candidates
 from .socket import UdpSocket
+from .traversal import Link, Traversal
 from ..proto.auth import (
     AuthenticatedQuicConnection,
     make_certificate,
@@ -83,6 +87,15 @@ class PeerConfig:
     """Bound on concurrent connections, half-open ones included."""
     accept_backlog: int = 128
     """Sessions opened by remote devices and not yet taken by accept()."""
+    rendezvous: Address | None = None
+    """The rendezvous server: register there, connect by JID alone."""
+    host_addresses: tuple[str, ...] | None = None
+    """This device's LAN addresses (host candidates); by default the
+    address the socket is bound to, or every interface address."""
+    paths: PathConfig = PathConfig()
+    keepalive_interval: float = 10.0
+    """A session quiet for this long sends a QUIC PING (keeps the session,
+    and the NAT bindings on its path, alive; well inside idle_timeout)."""
 
 
 class _SessionAdapter(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -118,8 +131,9 @@ class Session:
         self._acked = asyncio.Event()
         self._iq_waiters: dict[str, asyncio.Future[Element]] = {}
         self._iq_ids = itertools.count(1)
-        self.path = "direct"
+        self.link: Link | None = None
         self.started_at = self._loop.time()
+        self._last_rx = self.started_at
 
     # -- properties -------------------------------------------------------------
 
@@ -143,6 +157,29 @@ class Session:
     @property
     def stream_id(self) -> str | None:
         return self._core.stream_id
+
+    @property
+    def path(self) -> str:
+        """The path now carrying the session: ``lan``, ``direct`` or ``relay``.
+
+        A session opened to an explicit address reports ``direct``."""
+        if self.link is None or self.link.paths.kind is None:
+            return "direct"
+        return self.link.paths.kind.value
+
+    def path_history(self) -> list[tuple[float, str]]:
+        """(seconds since the session started, path) for every path change."""
+        if self.link is None:
+            return [(0.0, "direct")]
+        return [(max(0.0, at - self.started_at), kind.value)
+                for at, kind in self.link.paths.history]
+
+    def direct_after(self) -> float | None:
+        """Seconds from the start until a direct (or LAN) path took over."""
+        for at, kind in self.path_history():
+            if kind in ("direct", "lan"):
+                return at
+        return None
 
     def statistics(self) -> dict[str, Any]:
         stats = dict(vars(self._core.statistics))
@@ -335,6 +372,8 @@ class Peer:
         self._rng = rng or random.SystemRandom()
         self._certificate = make_certificate(identity.private_key, self.jid)
         self._socket: UdpSocket | None = None
+        self._traversal: Traversal | None = None
+        self._keepalive: asyncio.TimerHandle | None = None
         self._sessions: dict[Address, Session] = {}
         self._incoming: asyncio.Queue[Session] = asyncio.Queue(self.config.accept_backlog)
         self._listening = False
@@ -366,6 +405,46 @@ class Peer:
         else:
             self._socket = UdpSocket.bind(host, port, self._datagram_received, self._flush)
         self._listening = listen
+        server = self.config.rendezvous
+        if server is not None:
+            self._traversal = Traversal(
+                jid=self.jid,
+                key=self.identity.public_key,
+                sign=self.identity.sign,
+                server=server,
+                send=self._socket.sendto,
+                deliver_quic=self._quic_datagram,
+                host_candidates=(
+                    [(a, self._socket.address[1]) for a in self.config.host_addresses]
+                    if self.config.host_addresses is not None
+                    else host_candidates(self._socket.address, server)
+                ),
+                accept_introductions=listen,
+                path_config=self.config.paths,
+            )
+            self._traversal.start()
+        self._keepalive = self._loop.call_later(self.config.keepalive_interval,
+                                                self._keepalive_tick)
+
+    async def wait_registered(self, timeout: float | None = None) -> None:
+        """Wait until the rendezvous accepted this device's registration."""
+        if self._traversal is None:
+            raise DtxError("no rendezvous configured")
+        await self._traversal.wait_registered(timeout or self.config.connect_timeout)
+
+    @property
+    def traversal(self) -> Traversal | None:
+        return self._traversal
+
+    def _keepalive_tick(self) -> None:
+        assert self._loop is not None
+        now = self._now()
+        interval = self.config.keepalive_interval
+        for session in list(self._sessions.values()):
+            if session.is_open and now - session._last_rx >= interval:
+                session._quic.send_ping(0)
+                self._schedule(session)
+        self._keepalive = self._loop.call_later(interval, self._keepalive_tick)
 
     @property
     def address(self) -> Address:
@@ -379,6 +458,12 @@ class Peer:
         if sessions:
             await asyncio.gather(*(s.close(timeout=2.0) for s in sessions),
                                  return_exceptions=True)
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            self._keepalive = None
+        if self._traversal is not None:
+            self._traversal.close()
+            self._traversal = None
         if self._socket is not None:
             self._socket.close()
             self._socket = None
@@ -386,7 +471,7 @@ class Peer:
     # -- sessions -------------------------------------------------------------------
 
     async def connect(
-        self, jid: str, addr: Address, *, timeout: float | None = None
+        self, jid: str, addr: Address | None = None, *, timeout: float | None = None
     ) -> Session:
         """Open a session with ``jid`` at ``addr``.
 
@@ -399,9 +484,17 @@ class Peer:
         """
         if self._socket is None:
             raise DtxError("peer not started")
+        budget = timeout or self.config.connect_timeout
+        link: Link | None = None
+        if addr is None:
+            if self._traversal is None:
+                raise ConnectError(f"no address for {jid} and no rendezvous configured")
+            link = await self._traversal.introduce(jid, budget)
+            addr = link.mapped
         if addr in self._sessions:
             raise ConnectError(f"a session with {addr[0]}:{addr[1]} already exists")
         session = self._new_session(addr, is_client=True, expected=jid)
+        session.link = link
         session._quic.connect(addr, now=self._now())
         self._schedule(session)
         try:
@@ -460,6 +553,21 @@ class Peer:
         return session
 
     def _datagram_received(self, data: bytes, addr: Address) -> None:
+        if not data:
+            return
+        kind = classify(data)
+        if kind is PacketKind.QUIC:
+            if self._traversal is not None:
+                mapped = self._traversal.map_incoming(addr)
+                if mapped is not None:
+                    addr = mapped
+            self._quic_datagram(data, addr)
+        elif kind is PacketKind.DTX and self._traversal is not None:
+            self._traversal.on_dtx(data, addr)
+        else:
+            self.counters["datagrams_dropped"] += 1
+
+    def _quic_datagram(self, data: bytes, addr: Address) -> None:
         session = self._sessions.get(addr)
         if session is None:
             session = self._maybe_accept(data, addr)
@@ -467,6 +575,7 @@ class Peer:
                 return
         now = self._now()
         quic = session._quic
+        session._last_rx = now
         quic.receive_datagram(data, addr, now)
         self._process(session)
 
@@ -487,8 +596,11 @@ class Peer:
             self.counters["connections_refused"] += 1
             logger.warning("connection table full; refusing %s", addr)
             return None
-        return self._new_session(addr, is_client=False, expected=None,
-                                 original_dcid=header.destination_cid)
+        session = self._new_session(addr, is_client=False, expected=None,
+                                    original_dcid=header.destination_cid)
+        if self._traversal is not None:
+            session.link = self._traversal.link_for_mapped(addr)
+        return session
 
     def _process(self, session: Session) -> None:
         quic = session._quic
@@ -516,8 +628,14 @@ class Peer:
         session._core.flush()
         now = self._now()
         sendto = self._socket.sendto
-        for data, addr in quic.datagrams_to_send(now=now):
-            sendto(data, addr)
+        link = session.link
+        if link is not None and self._traversal is not None:
+            route = self._traversal.route
+            for data, addr in quic.datagrams_to_send(now=now):
+                route(data, addr)
+        else:
+            for data, addr in quic.datagrams_to_send(now=now):
+                sendto(data, addr)
         # Events may appear on transmit (e.g. the idle timeout fired).
         while (ev := quic.next_event()) is not None:
             session._dispatch(session._core.handle_quic_event(ev))

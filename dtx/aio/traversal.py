@@ -1,0 +1,408 @@
+"""NAT traversal for a :class:`~dtx.aio.peer.Peer`: rendezvous, probes, relay.
+
+Owns the device's registration (:class:`~dtx.proto.rdvclient.RendezvousClient`)
+and one :class:`~dtx.proto.paths.PathManager` per introduced device. QUIC
+never sees real addresses for those devices: each gets a *mapped address*
+(``fd64::N``, port ``N``), and this module translates both ways:
+
+* outgoing QUIC datagrams to a mapped address go where the path manager
+  says: straight to the peer's address, or wrapped in a relay frame to the
+  rendezvous server;
+* incoming QUIC datagrams from a known peer address, and relay frames on a
+  known channel, are handed to QUIC as coming from the mapped address.
+
+One timer serves the registration and every path manager.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..errors import ConnectError, DecodeError, DtxError
+from ..jid import JID
+from ..proto.paths import PathChanged, PathConfig, PathKind, PathManager
+from ..proto.rdvclient import (
+    IntroductionFailed,
+    IntroductionReceived,
+    ReflexiveChanged,
+    Registered,
+    RegistrationLost,
+    RegistrationRefused,
+    RendezvousClient,
+    RendezvousClientConfig,
+)
+from ..wire.control import (
+    CandidateKind,
+    ControlMessage,
+    MessageType,
+    Probe,
+    ProbeKind,
+    decode_control,
+    decode_probe,
+    encode_probe,
+)
+from ..wire.relay import RELAY_FIRST_BYTE, decode_relay, encode_relay
+
+logger = logging.getLogger(__name__)
+
+Address = tuple[str, int]
+
+CONTROL_FIRST_BYTE = 0x10
+PROBE_FIRST_BYTE = 0x12
+
+_mapped_counter = itertools.count(1)
+
+
+def _mapped_address() -> Address:
+    n = next(_mapped_counter)
+    return (f"fd64::{n:x}", n)
+
+
+@dataclass
+class Link:
+    """What this device knows about one introduced remote device."""
+
+    peer_jid: str
+    peer_key: bytes
+    mapped: Address
+    paths: PathManager
+    intro: bytes
+    probe_key: bytes
+    channel: int
+    initiator: bool
+    created_at: float
+    old_intros: dict[bytes, bytes] = field(default_factory=dict)
+    """Probe keys of earlier introductions, still accepted for a while."""
+    changes: list[PathChanged] = field(default_factory=list)
+    on_change: list[Callable[[PathChanged], None]] = field(default_factory=list)
+
+
+class Traversal:
+    """The rendezvous side of one device's socket."""
+
+    def __init__(
+        self,
+        *,
+        jid: str,
+        key: bytes,
+        sign: Callable[[bytes], bytes],
+        server: Address,
+        send: Callable[[bytes, Address], None],
+        deliver_quic: Callable[[bytes, Address], None],
+        host_candidates: list[Address],
+        accept_introductions: bool,
+        path_config: PathConfig | None = None,
+        client_config: RendezvousClientConfig | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._rng = rng or random.Random(random.SystemRandom().getrandbits(64))
+        self.server = server
+        self._send = send
+        self._deliver_quic = deliver_quic
+        self._accepting = accept_introductions
+        self._path_config = path_config or PathConfig()
+        self.client = RendezvousClient(
+            jid=jid,
+            key=key,
+            sign=sign,
+            server=server,
+            rng=self._rng,
+            config=client_config or RendezvousClientConfig(),
+            host_candidates=tuple(host_candidates),
+        )
+        self.links: dict[str, Link] = {}
+        self._by_mapped: dict[Address, Link] = {}
+        self._by_channel: dict[int, Link] = {}
+        self._by_intro: dict[bytes, Link] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._registered = asyncio.Event()
+        self._intro_waiters: dict[str, asyncio.Future[Link]] = {}
+        self.counters: dict[str, int] = {"dropped": 0, "probes_bad": 0, "relay_unknown": 0}
+        self._closed = False
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def start(self) -> None:
+        self.client.start(self._loop.time())
+        self._service()
+
+    def close(self) -> None:
+        self._closed = True
+        data = self.client.unregister()
+        if data is not None:
+            self._send(data, self.server)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for fut in self._intro_waiters.values():
+            if not fut.done():
+                fut.set_exception(ConnectError("peer closed"))
+
+    async def wait_registered(self, timeout: float) -> None:
+        try:
+            async with asyncio.timeout(timeout):
+                await self._registered.wait()
+        except TimeoutError:
+            raise ConnectError(
+                f"no registration with the rendezvous at {self.server[0]}:{self.server[1]} "
+                f"within {timeout:.1f} s"
+            ) from None
+
+    # -- connecting -----------------------------------------------------------------
+
+    async def introduce(self, target: str, timeout: float) -> Link:
+        """Ask for an introduction to ``target``; returns the link once the
+        server introduced both sides (the relay path is usable at once)."""
+        loop = self._loop
+        deadline = loop.time() + timeout
+        await self.wait_registered(timeout)
+        key = JID.parse(target).full
+        fut = self._intro_waiters.get(key)
+        if fut is None or fut.done():
+            fut = loop.create_future()
+            self._intro_waiters[key] = fut
+            self.client.introduce(target, loop.time())
+            self._service()
+        try:
+            async with asyncio.timeout(max(0.0, deadline - loop.time())):
+                return await asyncio.shield(fut)
+        except TimeoutError:
+            raise ConnectError(f"no introduction to {target} within {timeout:.1f} s") from None
+        finally:
+            if self._intro_waiters.get(key) is fut and fut.done():
+                del self._intro_waiters[key]
+
+    def link_for_mapped(self, addr: Address) -> Link | None:
+        return self._by_mapped.get(addr)
+
+    # -- datagrams in -------------------------------------------------------------
+
+    def on_dtx(self, data: bytes, src: Address) -> None:
+        """A datagram whose first byte is in dtx's range (16–19)."""
+        first = data[0]
+        now = self._loop.time()
+        if first == RELAY_FIRST_BYTE:
+            if src != self.server:
+                self.counters["dropped"] += 1
+                return
+            try:
+                channel, payload = decode_relay(data)
+            except DecodeError:
+                self.counters["dropped"] += 1
+                return
+            link = self._by_channel.get(channel)
+            if link is None:
+                self.counters["relay_unknown"] += 1
+                return
+            self._deliver_quic(payload, link.mapped)
+            return
+        if first == CONTROL_FIRST_BYTE:
+            if src != self.server:
+                self.counters["dropped"] += 1
+                return
+            try:
+                msg = decode_control(data)
+            except DecodeError as exc:
+                self.counters["dropped"] += 1
+                logger.debug("bad control message from the rendezvous: %s", exc)
+                return
+            self.client.receive(msg, now)
+        elif first == PROBE_FIRST_BYTE:
+            self._on_probe(data, src, now)
+        else:
+            self.counters["dropped"] += 1
+            return
+        self._service()
+
+    def map_incoming(self, src: Address) -> Address | None:
+        """The mapped address for a QUIC datagram from ``src``, if ``src`` is
+        a known direct path of an introduced device."""
+        now = self._loop.time()
+        for link in self.links.values():
+            if link.paths.knows(src):
+                link.paths.on_heard(src, now)
+                return link.mapped
+        return None
+
+    def _probe_key(self, intro: bytes) -> bytes | None:
+        link = self._by_intro.get(intro)
+        if link is None:
+            return None
+        if intro == link.intro:
+            return link.probe_key
+        return link.old_intros.get(intro)
+
+    def _on_probe(self, data: bytes, src: Address, now: float) -> None:
+        try:
+            probe = decode_probe(data, self._probe_key)
+        except DecodeError as exc:
+            self.counters["probes_bad"] += 1
+            logger.debug("dropped a probe from %s: %s", src, exc)
+            return
+        link = self._by_intro[probe.intro]
+        if probe.kind is ProbeKind.PING:
+            link.paths.on_ping(probe.txid, src, now)
+        else:
+            link.paths.on_pong(probe.txid, src, now)
+
+    # -- datagrams out --------------------------------------------------------------
+
+    def route(self, data: bytes, mapped: Address) -> None:
+        link = self._by_mapped.get(mapped)
+        if link is None:
+            return
+        for payload, dest in link.paths.route(data, self._loop.time()):
+            self._send(payload, dest)
+        self._arm()
+
+    # -- the machinery ----------------------------------------------------------------
+
+    def _service(self) -> None:
+        if self._closed:
+            return
+        client = self.client
+        now = self._loop.time()
+        while (ev := client.next_event()) is not None:
+            if isinstance(ev, Registered):
+                self._registered.set()
+                if ev.again:
+                    self._reintroduce_all(now)
+            elif isinstance(ev, RegistrationLost):
+                self._registered.clear()
+            elif isinstance(ev, ReflexiveChanged):
+                self._reintroduce_all(now)
+            elif isinstance(ev, IntroductionReceived):
+                self._on_introduction(ev.message, now)
+            elif isinstance(ev, IntroductionFailed):
+                self._on_intro_failed(ev)
+            elif isinstance(ev, RegistrationRefused):
+                logger.warning("rendezvous refused registration: %d %s", ev.code, ev.reason)
+        for data, dest in client.datagrams_to_send():
+            self._send(data, dest)
+        for link in self.links.values():
+            self._flush_link(link)
+        self._arm()
+
+    def _flush_link(self, link: Link) -> None:
+        for req in link.paths.probes_to_send():
+            if req.ping:
+                probe = Probe(ProbeKind.PING, link.intro, req.txid, None)
+            else:
+                probe = Probe(ProbeKind.PONG, link.intro, req.txid, req.observed)
+            self._send(encode_probe(probe, link.probe_key), req.dest)
+        while (change := link.paths.next_event()) is not None:
+            link.changes.append(change)
+            logger.info(
+                "path to %s: %s -> %s%s",
+                link.peer_jid,
+                change.previous.value if change.previous else "none",
+                change.kind.value,
+                f" {change.addr[0]}:{change.addr[1]}" if change.addr else "",
+            )
+            for callback in list(link.on_change):
+                callback(change)
+
+    def _arm(self) -> None:
+        times = [t for t in (self.client.get_timer(),) if t is not None]
+        times.extend(t for link in self.links.values() if (t := link.paths.get_timer()) is not None)
+        when = min(times) if times else None
+        if when == self._timer_at and self._timer is not None:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = when
+        if when is not None and not self._closed:
+            self._timer = self._loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        now = self._loop.time()
+        self.client.handle_timer(now)
+        for link in self.links.values():
+            link.paths.handle_timer(now)
+        self._service()
+
+    # -- introductions ----------------------------------------------------------------
+
+    def _on_introduction(self, msg: ControlMessage, now: float) -> None:
+        assert msg.peer_jid is not None and msg.peer_key is not None
+        assert msg.intro is not None and msg.probe_key is not None and msg.channel is not None
+        try:
+            peer = JID.parse(msg.peer_jid).full
+        except DtxError:
+            logger.warning("introduction with a bad JID %r", msg.peer_jid)
+            return
+        initiator = msg.role == 1
+        if not initiator and not self._accepting:
+            logger.info("not accepting the introduction of %s (not listening)", peer)
+            return
+        link = self.links.get(peer)
+        server = self.server
+        channel = msg.channel
+
+        def wrap(payload: bytes) -> tuple[bytes, Address]:
+            return encode_relay(channel, payload), server
+
+        if link is None:
+            paths = PathManager(self._path_config, random.Random(self._rng.getrandbits(64)), now,
+                                relay=wrap)
+            link = Link(peer, msg.peer_key, _mapped_address(), paths, msg.intro, msg.probe_key,
+                        channel, initiator, now)
+            self.links[peer] = link
+            self._by_mapped[link.mapped] = link
+        else:
+            if link.peer_key != msg.peer_key:
+                logger.warning("%s introduced with a different key than before", peer)
+                link.peer_key = msg.peer_key
+            self._by_channel.pop(link.channel, None)
+            link.old_intros[link.intro] = link.probe_key
+            link.intro, link.probe_key, link.channel = msg.intro, msg.probe_key, channel
+            link.paths.set_relay(wrap, now)
+        self._by_channel[channel] = link
+        self._by_intro[msg.intro] = link
+        for cand in msg.candidates:
+            kind = PathKind.LAN if cand.kind == CandidateKind.HOST else PathKind.DIRECT
+            link.paths.add_candidate(cand.addr, kind)
+        link.paths.restart_punching(now)
+        link.paths.handle_timer(now)  # the first punch goes out now
+        if not initiator:
+            self.client.accept(msg.intro, now)
+        logger.info("introduced to %s (%s), %d candidates, relay channel %d",
+                    peer, "initiator" if initiator else "responder", len(msg.candidates), channel)
+        for key, fut in list(self._intro_waiters.items()):
+            if not fut.done() and _matches(key, peer):
+                fut.set_result(link)
+
+    def _on_intro_failed(self, ev: IntroductionFailed) -> None:
+        try:
+            key = JID.parse(ev.target).full
+        except DtxError:
+            return
+        fut = self._intro_waiters.get(key)
+        if fut is not None and not fut.done():
+            fut.set_exception(ConnectError(
+                f"the rendezvous could not introduce {ev.target}: {ev.code} {ev.reason}"))
+
+    def _reintroduce_all(self, now: float) -> None:
+        """After a new registration or a new public address: fresh
+        introductions (new relay channels, new candidates) for every link we
+        initiated; the other side is introduced in the same stroke."""
+        for link in self.links.values():
+            if link.initiator:
+                self.client.introduce(link.peer_jid, now)
+
+
+def _matches(requested: str, peer: str) -> bool:
+    return requested == peer or ("/" not in requested and peer.split("/", 1)[0] == requested)
+
+
+__all__ = ["Traversal", "Link", "MessageType"]

@@ -1,0 +1,357 @@
+"""The device's side of the rendezvous protocol, sans-IO.
+
+Registers (HELLO → CHALLENGE → signed REGISTER → REGISTERED), keeps the
+registration alive with KEEPALIVEs inside the NAT timeout, registers again by
+itself when the server forgets it (a restart, an address change), asks for
+introductions and accepts them. See ``docs/protocol-rendezvous.md``.
+
+In: :meth:`receive` (decoded CONTROL messages from the server),
+:meth:`handle_timer`, user calls (:meth:`introduce`, :meth:`accept`).
+Out: :meth:`datagrams_to_send`, :meth:`get_timer`, :meth:`next_event`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+from ..wire.control import (
+    Candidate,
+    CandidateKind,
+    ControlMessage,
+    MessageType,
+    encode_control,
+    encode_hello,
+    encode_register,
+)
+
+logger = logging.getLogger(__name__)
+
+Address = tuple[str, int]
+
+
+class RegistrationState(Enum):
+    IDLE = "idle"
+    HELLO_SENT = "hello-sent"
+    REGISTER_SENT = "register-sent"
+    REGISTERED = "registered"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RendezvousClientConfig:
+    """Times in seconds."""
+
+    retransmit: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
+    """Retransmission intervals of requests; after the last, the request
+    fails (introductions) or registration restarts (with a pause)."""
+    keepalive: float | None = None
+    """Override the server's keepalive interval (never above it)."""
+    keepalive_losses: int = 3
+    """Unanswered keepalives before the registration is considered lost."""
+    reregister_pause: float = 2.0
+
+
+# -- events -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Registered:
+    reflexive: Address
+    again: bool
+    """True when this replaces a registration that was lost."""
+
+
+@dataclass(frozen=True)
+class RegistrationLost:
+    reason: str
+
+
+@dataclass(frozen=True)
+class ReflexiveChanged:
+    old: Address
+    new: Address
+
+
+@dataclass(frozen=True)
+class IntroductionReceived:
+    message: ControlMessage
+
+
+@dataclass(frozen=True)
+class IntroductionFailed:
+    target: str
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class RegistrationRefused:
+    code: int
+    reason: str
+
+
+RendezvousEvent = (
+    Registered
+    | RegistrationLost
+    | ReflexiveChanged
+    | IntroductionReceived
+    | IntroductionFailed
+    | RegistrationRefused
+)
+
+
+@dataclass
+class _Request:
+    kind: MessageType
+    txid: bytes
+    data: bytes
+    next_at: float
+    attempt: int = 0
+    target: str | None = None
+
+
+@dataclass
+class RendezvousClient:
+    """One device's registration with one rendezvous server."""
+
+    jid: str
+    key: bytes
+    sign: Callable[[bytes], bytes]
+    server: Address
+    rng: random.Random
+    config: RendezvousClientConfig = field(default_factory=RendezvousClientConfig)
+    host_candidates: Sequence[Address] = ()
+    state: RegistrationState = RegistrationState.IDLE
+    registration: bytes | None = None
+    reflexive: Address | None = None
+    keepalive_interval: float = 25.0
+    _requests: dict[bytes, _Request] = field(default_factory=dict)
+    _out: list[bytes] = field(default_factory=list)
+    _events: deque[RendezvousEvent] = field(default_factory=deque)
+    _next_keepalive: float | None = None
+    _keepalive_misses: int = 0
+    _restart_at: float | None = None
+    _was_registered: bool = False
+
+    # -- user calls ---------------------------------------------------------------
+
+    def start(self, now: float) -> None:
+        """Begin (or restart) registration."""
+        self._drop_requests(MessageType.HELLO, MessageType.REGISTER, MessageType.KEEPALIVE)
+        self.state = RegistrationState.HELLO_SENT
+        self._next_keepalive = None
+        self._restart_at = None
+        self._request(MessageType.HELLO, encode_hello, now)
+
+    def introduce(self, target: str, now: float) -> None:
+        """Ask the server to introduce this device and ``target``."""
+        if self.registration is None:
+            self._events.append(IntroductionFailed(target, 404, "not registered"))
+            return
+        registration = self.registration
+        self._request(
+            MessageType.INTRODUCE,
+            lambda txid: encode_control(
+                ControlMessage(MessageType.INTRODUCE, txid, registration=registration, target=target)
+            ),
+            now,
+            target=target,
+        )
+
+    def accept(self, intro: bytes, now: float) -> None:
+        if self.registration is None:
+            return
+        registration = self.registration
+        self._request(
+            MessageType.ACCEPT,
+            lambda txid: encode_control(
+                ControlMessage(MessageType.ACCEPT, txid, registration=registration, intro=intro)
+            ),
+            now,
+        )
+
+    def unregister(self) -> bytes | None:
+        """A final UNREGISTER to send (best effort) before shutting down."""
+        if self.registration is None:
+            return None
+        txid = self.rng.getrandbits(64).to_bytes(8, "big")
+        return encode_control(
+            ControlMessage(MessageType.UNREGISTER, txid, registration=self.registration)
+        )
+
+    @property
+    def registered(self) -> bool:
+        return self.state is RegistrationState.REGISTERED
+
+    # -- in -------------------------------------------------------------------------
+
+    def receive(self, msg: ControlMessage, now: float) -> None:
+        req = self._requests.get(msg.txid)
+        if msg.type is MessageType.INTRODUCTION and msg.role == 2:
+            # Unsolicited: another device asked for us.
+            self._events.append(IntroductionReceived(msg))
+            return
+        if req is None:
+            logger.debug("rendezvous: unmatched %s", msg.type.name)
+            return
+        del self._requests[msg.txid]
+        if msg.type is MessageType.ERROR:
+            self._on_error(req, msg, now)
+        elif msg.type is MessageType.CHALLENGE and req.kind is MessageType.HELLO:
+            assert msg.challenge is not None
+            challenge = msg.challenge
+            self.state = RegistrationState.REGISTER_SENT
+            self._request(
+                MessageType.REGISTER,
+                lambda txid: encode_register(
+                    txid=txid,
+                    jid=self.jid,
+                    key=self.key,
+                    challenge=challenge,
+                    candidates=[Candidate(CandidateKind.HOST, a) for a in self.host_candidates],
+                    sign=self.sign,
+                ),
+                now,
+            )
+        elif msg.type is MessageType.REGISTERED and req.kind is MessageType.REGISTER:
+            assert msg.reflexive is not None and msg.registration is not None
+            again = self._was_registered
+            self.registration = msg.registration
+            self.state = RegistrationState.REGISTERED
+            old = self.reflexive
+            self.reflexive = msg.reflexive
+            server_keepalive = float(msg.keepalive or 25)
+            self.keepalive_interval = min(
+                server_keepalive, self.config.keepalive or server_keepalive
+            )
+            self._keepalive_misses = 0
+            self._next_keepalive = now + self.keepalive_interval
+            self._was_registered = True
+            logger.info("registered with %s:%d as %s, seen at %s:%d",
+                        *self.server, self.jid, *msg.reflexive)
+            self._events.append(Registered(msg.reflexive, again))
+            if old is not None and old != msg.reflexive:
+                self._events.append(ReflexiveChanged(old, msg.reflexive))
+        elif msg.type is MessageType.KEEPALIVE_ACK and req.kind is MessageType.KEEPALIVE:
+            self._keepalive_misses = 0
+            if msg.reflexive is not None and msg.reflexive != self.reflexive:
+                old = self.reflexive
+                self.reflexive = msg.reflexive
+                if old is not None:
+                    logger.info("public address changed: %s:%d -> %s:%d", *old, *msg.reflexive)
+                    self._events.append(ReflexiveChanged(old, msg.reflexive))
+        elif msg.type is MessageType.INTRODUCTION and req.kind is MessageType.INTRODUCE:
+            self._events.append(IntroductionReceived(msg))
+        elif msg.type is MessageType.ACK:
+            pass
+        else:
+            logger.debug("rendezvous: unexpected %s for %s", msg.type.name, req.kind.name)
+
+    def _on_error(self, req: _Request, msg: ControlMessage, now: float) -> None:
+        code, reason = msg.error or (400, "")
+        if req.kind is MessageType.INTRODUCE:
+            self._events.append(IntroductionFailed(req.target or "", code, reason))
+            if code == 404 and reason.startswith("unknown registration"):
+                self._lost(f"server forgot us ({reason})", now)
+        elif req.kind is MessageType.KEEPALIVE or (
+            req.kind is MessageType.ACCEPT and code == 404
+        ):
+            self._lost(f"server refused keepalive: {code} {reason}", now)
+        elif req.kind in (MessageType.HELLO, MessageType.REGISTER):
+            logger.warning("registration refused: %d %s", code, reason)
+            self._events.append(RegistrationRefused(code, reason))
+            self.state = RegistrationState.IDLE
+            # 401 (challenge expired in flight): simply try again soon.
+            self._restart_at = now + (
+                self.config.reregister_pause if code in (401, 429, 503) else 30.0
+            )
+
+    # -- timers -------------------------------------------------------------------
+
+    def get_timer(self) -> float | None:
+        times = [r.next_at for r in self._requests.values()]
+        if self._next_keepalive is not None:
+            times.append(self._next_keepalive)
+        if self._restart_at is not None:
+            times.append(self._restart_at)
+        return min(times) if times else None
+
+    def handle_timer(self, now: float) -> None:
+        if self._restart_at is not None and now >= self._restart_at:
+            self.start(now)
+        if self._next_keepalive is not None and now >= self._next_keepalive:
+            if any(r.kind is MessageType.KEEPALIVE for r in self._requests.values()):
+                self._keepalive_misses += 1
+            if self._keepalive_misses >= self.config.keepalive_losses:
+                self._lost("keepalives unanswered", now)
+            else:
+                registration = self.registration
+                self._drop_requests(MessageType.KEEPALIVE)
+                self._request(
+                    MessageType.KEEPALIVE,
+                    lambda txid: encode_control(
+                        ControlMessage(MessageType.KEEPALIVE, txid, registration=registration)
+                    ),
+                    now,
+                    retransmit=False,
+                )
+                self._next_keepalive = now + self.keepalive_interval
+        for txid, req in list(self._requests.items()):
+            if now < req.next_at:
+                continue
+            schedule = self.config.retransmit
+            if req.attempt >= len(schedule):
+                del self._requests[txid]
+                if req.kind is MessageType.INTRODUCE:
+                    self._events.append(IntroductionFailed(req.target or "", 408, "no answer"))
+                elif req.kind in (MessageType.HELLO, MessageType.REGISTER):
+                    self.state = RegistrationState.IDLE
+                    self._restart_at = now + self.config.reregister_pause
+                continue
+            self._out.append(req.data)
+            req.next_at = now + schedule[req.attempt]
+            req.attempt += 1
+
+    def _lost(self, reason: str, now: float) -> None:
+        if self.state is RegistrationState.REGISTERED:
+            logger.info("registration lost: %s; registering again", reason)
+            self._events.append(RegistrationLost(reason))
+        self.registration = None
+        self.start(now)
+
+    # -- out ----------------------------------------------------------------------
+
+    def datagrams_to_send(self) -> list[tuple[bytes, Address]]:
+        out = [(d, self.server) for d in self._out]
+        self._out.clear()
+        return out
+
+    def next_event(self) -> RendezvousEvent | None:
+        return self._events.popleft() if self._events else None
+
+    def _request(
+        self,
+        kind: MessageType,
+        build: Callable[[bytes], bytes],
+        now: float,
+        *,
+        target: str | None = None,
+        retransmit: bool = True,
+    ) -> None:
+        txid = self.rng.getrandbits(64).to_bytes(8, "big")
+        data = build(txid)
+        self._out.append(data)
+        first = self.config.retransmit[0]
+        req = _Request(kind, txid, data, now + first, 1, target)
+        if not retransmit:
+            req.attempt = len(self.config.retransmit)
+            req.next_at = now + self.keepalive_interval
+        self._requests[txid] = req
+
+    def _drop_requests(self, *kinds: MessageType) -> None:
+        for txid in [t for t, r in self._requests.items() if r.kind in kinds]:
+            del self._requests[txid]
