@@ -17,7 +17,7 @@ The pure parts (TXT codec, instance naming, record parsing and selection)
 open no sockets; :class:`LanAdvertiser` and :class:`LanBrowser` are thin
 asyncio drivers around zeroconf's ``AsyncZeroconf``, IPv4 only.
 
-``python -m dtx.aio.mdns advertise|resolve|lookup`` is a small command line
+``python -m dtx.aio.mdns advertise|resolve|browse|lookup`` is a small command line
 for people and for the namespace tests (one JSON object per line on stdout).
 """
 
@@ -33,7 +33,7 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol, TypeAlias
@@ -67,8 +67,11 @@ __all__ = [
     "TXT_KEY_JID",
     "TXT_KEY_TXTVERS",
     "TXT_KEY_VERSION",
+    "DeviceFound",
+    "DeviceLost",
     "LanAdvertiser",
     "LanBrowser",
+    "LanEvent",
     "LanRecord",
     "decode_txt",
     "encode_txt",
@@ -295,6 +298,23 @@ class LanRecord:
                 "addresses": [list(a) for a in self.addresses], "instance": self.instance}
 
 
+@dataclass(frozen=True)
+class DeviceFound:
+    """A device was announced on the LAN, or changed its announcement."""
+
+    record: LanRecord
+
+
+@dataclass(frozen=True)
+class DeviceLost:
+    """A device said goodbye (or its records expired)."""
+
+    record: LanRecord
+
+
+LanEvent: TypeAlias = DeviceFound | DeviceLost
+
+
 class ServiceInfoLike(Protocol):
     """What :func:`record_from_service_info` reads of a zeroconf ServiceInfo."""
 
@@ -503,7 +523,9 @@ class LanBrowser:
 
     def __init__(self, *, interfaces: Interfaces = InterfaceChoice.All,
                  zeroconf: AsyncZeroconf | None = None,
-                 info_timeout: float = DEFAULT_INFO_TIMEOUT) -> None:
+                 info_timeout: float = DEFAULT_INFO_TIMEOUT,
+                 on_event: Callable[[LanEvent], None] | None = None) -> None:
+        self._on_event = on_event
         self._interfaces = interfaces
         self._zc = zeroconf
         self._owns_zc = zeroconf is None
@@ -542,8 +564,10 @@ class LanBrowser:
                    state_change: ServiceStateChange) -> None:
         """zeroconf's browser callback (runs on the event loop)."""
         if state_change is ServiceStateChange.Removed:
-            if self._records.pop(name.lower(), None) is not None:
+            gone = self._records.pop(name.lower(), None)
+            if gone is not None:
                 logger.info("LAN device gone: %s", name)
+                self._emit(DeviceLost(gone))
             self._spawn(self._notify())
             return
         self._spawn(self._fetch(name))
@@ -552,6 +576,10 @@ class LanBrowser:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _emit(self, event: LanEvent) -> None:
+        if self._on_event is not None:
+            self._on_event(event)
 
     async def _notify(self) -> None:
         async with self._changed:
@@ -567,11 +595,16 @@ class LanBrowser:
             return
         record = record_from_service_info(info)
         if record is None:
+            stale = self._records.pop(name.lower(), None)
+            if stale is not None:  # an update made it malformed
+                self._emit(DeviceLost(stale))
+                await self._notify()
             return
         if self._records.get(name.lower()) != record:
             logger.info("LAN device: %s %s at %s", record.jid, record.fingerprint,
                         record.addresses)
             self._records[name.lower()] = record
+            self._emit(DeviceFound(record))
             await self._notify()
 
     async def wait_records(self, jid: str, *, count: int = 1, timeout: float,
@@ -660,6 +693,24 @@ async def _resolve(args: argparse.Namespace) -> int:
     return 0 if found else 1
 
 
+async def _browse(args: argparse.Namespace) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    started = time.monotonic()
+
+    def show(event: LanEvent) -> None:
+        kind = "found" if isinstance(event, DeviceFound) else "lost"
+        _emit({"event": kind, "record": event.record.to_json(),
+               "seconds": round(time.monotonic() - started, 3)})
+
+    async with LanBrowser(on_event=show):
+        _emit({"event": "browsing", "type": SERVICE_TYPE})
+        await stop.wait()
+    return 0
+
+
 async def _lookup(args: argparse.Namespace) -> int:
     started = time.monotonic()
     async with AsyncZeroconf(ip_version=IPVersion.V4Only) as zc:
@@ -679,7 +730,7 @@ async def _lookup(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m dtx.aio.mdns advertise|resolve|lookup`` (JSON lines out)."""
+    """``python -m dtx.aio.mdns advertise|resolve|browse|lookup`` (JSON lines out)."""
     parser = argparse.ArgumentParser(prog="python -m dtx.aio.mdns",
                                      description="dtx LAN discovery (mDNS/DNS-SD)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -696,13 +747,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     res.add_argument("--settle", type=float, default=DEFAULT_RESOLVE_SETTLE)
     res.add_argument("--count", type=int, help="wait for this many records instead of settling")
     res.add_argument("--trusted", action="append", default=[], help="fingerprint to list first")
+    sub.add_parser("browse", help="print devices as they come and go, until SIGTERM/SIGINT")
     look = sub.add_parser("lookup", help="resolve one service instance, print its raw TXT")
     look.add_argument("--type", default=PRESENCE_TYPE)
     look.add_argument("--instance", required=True)
     look.add_argument("--timeout", type=float, default=5.0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    runner = {"advertise": _advertise, "resolve": _resolve, "lookup": _lookup}[args.command]
+    runner = {"advertise": _advertise, "resolve": _resolve, "browse": _browse,
+              "lookup": _lookup}[args.command]
     try:
         return asyncio.run(runner(args))
     except (DiscoveryError, JIDError, FingerprintError) as exc:
