@@ -620,13 +620,14 @@ def worst_ratios() -> dict[str, float]:
     note("REGISTER (REGISTERED)", h.register_msg("alice", fresh), fresh)
     for mtype, extra in (
         (MessageType.KEEPALIVE, {}),
-        (MessageType.INTRODUCE, {"target": "b@x"}),
+        (MessageType.INTRODUCE, {"target": "x"}),
         (MessageType.ACCEPT, {"intro": bytes(8)}),
         (MessageType.UNREGISTER, {}),
     ):
         msg = ControlMessage(mtype, txid(), registration=bytes(8), **extra)
         note(mtype.name, encode_control(msg))
     note("STUN binding", binding_request(bytes(12)))
+    note("STUN bare", bytes.fromhex("000100002112a442") + bytes(12))
     note("RELAY", encode_relay(1, b""))
     return ratios
 
