@@ -7,6 +7,7 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -49,16 +50,16 @@ def test_publish_two_devices_then_revoke_one(
     phone, phone_file = device(alice, "phone")
     pw = _password_file(tmp_path, alice)
 
-    def run(keyfile: str, *extra: str) -> dict[str, object]:
+    def run(keyfile: str, *extra: str) -> dict[str, Any]:
         assert _run(_argv(alice, keyfile, pw, "--allow-plaintext", "--json", *extra)) == 0
-        out: dict[str, object] = json.loads(capsys.readouterr().out)
+        out: dict[str, Any] = json.loads(capsys.readouterr().out)
         return out
 
     first = run(tv_file)
     assert first["changed"] is True and first["action"] == "publish"
     assert first["keys"] == [tv.fingerprint]
     both = run(phone_file)
-    assert sorted(both["keys"]) == sorted([tv.fingerprint, phone.fingerprint])  # type: ignore[arg-type]
+    assert sorted(both["keys"]) == sorted([tv.fingerprint, phone.fingerprint])
     again = run(phone_file)
     assert again["changed"] is False and again["keys"] == both["keys"]
     revoked = run(tv_file, "--revoke")

@@ -39,7 +39,7 @@ async def test_publish_then_fetch_round_trip(account: AccountMaker, prosody: Pro
         assert await c.fetch_keys(alice.jid) is None
         change = await c.publish_key(tv.public_key)
         assert change.written == (_expected_form(prosody),)
-        assert await c.fetch_keys(alice.jid) == {tv.public_key}
+        assert await c.fetch_keys(alice.jid) == frozenset({tv.public_key})
 
 
 async def test_two_devices_listed_and_revoke_removes_only_one(account: AccountMaker) -> None:
@@ -48,14 +48,14 @@ async def test_two_devices_listed_and_revoke_removes_only_one(account: AccountMa
     async with open_xmpp_client(alice.jid, alice.password, config=alice.config()) as c:
         await c.publish_key(tv.public_key)
         await c.publish_key(phone.public_key)
-        assert await c.fetch_keys(alice.jid) == {tv.public_key, phone.public_key}
+        assert await c.fetch_keys(alice.jid) == frozenset({tv.public_key, phone.public_key})
         change = await c.revoke_key(tv.public_key)
         assert change.changed
-        assert change.keys == {phone.public_key}
-        assert await c.fetch_keys(alice.jid) == {phone.public_key}
+        assert change.keys == frozenset({phone.public_key})
+        assert await c.fetch_keys(alice.jid) == frozenset({phone.public_key})
         again = await c.revoke_key(tv.public_key)
         assert not again.changed
-        assert await c.fetch_keys(alice.jid) == {phone.public_key}
+        assert await c.fetch_keys(alice.jid) == frozenset({phone.public_key})
 
 
 async def test_publish_is_idempotent(account: AccountMaker) -> None:
@@ -112,7 +112,7 @@ async def test_another_account_without_roster_relation_reads_the_keys(
         await c.publish_key(tv.public_key)
     cfg = rendezvous.config()
     async with open_xmpp_client(rendezvous.jid, rendezvous.password, config=cfg) as r:
-        assert await r.fetch_keys(alice.jid) == {tv.public_key}
+        assert await r.fetch_keys(alice.jid) == frozenset({tv.public_key})
         assert await r.fetch_keys(rendezvous.jid) is None
 
 
@@ -128,14 +128,14 @@ async def test_vcard4_node_opened_when_created_with_another_access_model(
         # server's default access model ("presence" in Prosody).
         iq = c._session().make_iq_set()  # noqa: SLF001 - raw XEP-0292 set
         iq.append(ET.fromstring(new_vcard(alice.jid, "vcard4")))
-        await iq.send(timeout=10)
+        await iq.send(timeout=10)  # type: ignore[no-untyped-call]
     async with open_xmpp_client(bob.jid, bob.password, config=bob.config()) as b:
         with pytest.raises(XmppError, match="forbidden"):
             await b.fetch_keys(alice.jid)
     async with open_xmpp_client(alice.jid, alice.password, config=alice.config()) as c:
         await c.publish_key(tv.public_key)
     async with open_xmpp_client(bob.jid, bob.password, config=bob.config()) as b:
-        assert await b.fetch_keys(alice.jid) == {tv.public_key}
+        assert await b.fetch_keys(alice.jid) == frozenset({tv.public_key})
 
 
 async def test_vcard_temp_key_dropped_by_translating_server(
@@ -154,7 +154,7 @@ async def test_vcard_temp_key_dropped_by_translating_server(
             with pytest.raises(XmppError, match="would remove every device's key"):
                 await c.publish_key(tv.public_key, fmt="vcard-temp")
         else:
-            assert keys == {tv.public_key}
+            assert keys == frozenset({tv.public_key})
 
 
 async def test_wrong_password_is_refused(account: AccountMaker) -> None:
@@ -182,7 +182,7 @@ async def test_tls_server_round_trip(
     async with open_xmpp_client(alice.jid, alice.password, config=cfg) as c:
         assert (await c.publish_key(tv.public_key)).changed
     async with open_xmpp_client(bob.jid, bob.password, config=bob.config()) as b:
-        assert await b.fetch_keys(alice.jid) == {tv.public_key}
+        assert await b.fetch_keys(alice.jid) == frozenset({tv.public_key})
 
 
 async def test_tls_certificate_must_be_trusted(tls_account: AccountMaker) -> None:
