@@ -678,7 +678,33 @@ def test_receive_datagram_never_raises(
     assert h.core.statistics().get("internal_errors", 0) == 0
 
 
-_FUZZ = make()
+_FUZZ = make(RendezvousConfig(control_per_source_per_s=1e9, control_per_source_burst=1e9))
 _FUZZ.register("alice", HOME_A)
 _FUZZ.register("bob", HOME_B)
 
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    mtype=st.sampled_from(list(MessageType)),
+    text=st.text(min_size=1, max_size=40),
+    blob=st.binary(min_size=8, max_size=8),
+    registered=st.booleans(),
+)
+def test_well_formed_messages_with_odd_values_never_raise(
+    mtype: MessageType, text: str, blob: bytes, registered: bool
+) -> None:
+    h = make()
+    h.register("alice", HOME_A)
+    h.register("bob", HOME_B)
+    reg = h.regs["alice"] if registered else blob
+    msg = ControlMessage(
+        mtype, blob, registration=reg, target=text, jid=text, intro=blob, challenge=blob * 2 + b"1234",
+        key=bytes(32), signature=bytes(64), padding=40,
+    )
+    h.core.receive_datagram(encode_control(msg), HOME_A, SERVER, h.clock.advance(0.01))
+    for data, to, frm in h.core.datagrams_to_send():
+        assert frm == SERVER
+        if to != HOME_A:  # an INTRODUCTION to the peer of a valid INTRODUCE
+            assert decode_control(data).type == MessageType.INTRODUCTION
+    assert h.core.statistics().get("internal_errors", 0) == 0
