@@ -469,9 +469,10 @@ async def _classic(
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             sock.bind((local_ip, 0))
-        except OSError:
+        except OSError as exc:
             sock.close()
-            raise
+            logger.warning("classic (pystun3) check skipped: cannot bind %s: %s", local_ip, exc)
+            return None
     sock.settimeout(recv_timeout)
     source_ip = sock.getsockname()[0]
     if _unspecified(source_ip):
@@ -569,7 +570,11 @@ async def nat_check(
     skipped. The whole RFC 5780 part is bounded by ``timeout``
     (its own retransmission bound normally ends it much sooner).
 
-    Raises ``OSError`` when the server name cannot be resolved or the socket
+    The extra sockets this makes are made in the calling thread's network
+    namespace; with a ``sock`` from another one (the NAT lab), pass
+    ``classic_sock`` and ``hairpin_sock`` too, or those parts are skipped.
+
+    Raises ``OSError`` when the server name cannot be resolved or ``local``
     cannot be bound; an unanswering server gives a report with ``public``
     None.
     """

@@ -16,6 +16,7 @@ import selectors
 import socket
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ EXPECTED: dict[str, tuple[set[Behaviour], Behaviour, str]] = {
     "port-restricted-cone": ({EIM}, APDF, "Restric Port NAT"),
     "symmetric": ({APDM, ADM}, APDF, "Symmetric NAT"),
 }
+MAX_SERVE_SECONDS = 120.0  # far beyond this module's run; the loop must end
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -67,11 +69,12 @@ class StunDriver:
     def _serve(self) -> None:
         with selectors.DefaultSelector() as sel:
             sel.register(self._wake_r, selectors.EVENT_READ, None)
-            for local, sock in self.socks.items():
+            for addr, sock in self.socks.items():
                 sock.setblocking(False)
-                sel.register(sock, selectors.EVENT_READ, local)
-            while True:
-                for key, _ in sel.select():
+                sel.register(sock, selectors.EVENT_READ, addr)
+            deadline = time.monotonic() + MAX_SERVE_SECONDS
+            while time.monotonic() < deadline:
+                for key, _ in sel.select(timeout=deadline - time.monotonic()):
                     if key.data is None:
                         return
                     local: tuple[str, int] = key.data

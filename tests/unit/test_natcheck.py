@@ -121,11 +121,14 @@ def run(
     now = 0.0
     sent: list[tuple[float, Step, Address]] = []
     counts: dict[Step, int] = {}
+    second: set[Step] = set()
     for _ in range(200):
         if machine.done:
             break
         for data, dest in machine.datagrams_to_send(now):
             step = machine.step
+            if machine.from_second_socket:
+                second.add(step)
             counts[step] = counts.get(step, 0) + 1
             sent.append((now, step, dest))
             if lose(step, counts[step]):
@@ -143,6 +146,9 @@ def run(
             now = max(now, timer)
             machine.handle_timer(now)
     assert machine.done
+    assert second <= {Step.HAIRPIN}  # only the hairpin request leaves from elsewhere
+    if Step.HAIRPIN in counts:
+        assert second == {Step.HAIRPIN}
     return Run(machine.report(), sent, now)
 
 
