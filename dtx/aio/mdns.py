@@ -33,7 +33,7 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol, TypeAlias
@@ -533,6 +533,7 @@ class LanBrowser:
         self._records: dict[str, LanRecord] = {}
         self._changed = asyncio.Condition()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._generation: dict[str, int] = {}
         self._browser: AsyncServiceBrowser | None = None
 
     async def __aenter__(self) -> LanBrowser:
@@ -563,29 +564,20 @@ class LanBrowser:
     def _on_change(self, zeroconf: Zeroconf, service_type: str, name: str,
                    state_change: ServiceStateChange) -> None:
         """zeroconf's browser callback (runs on the event loop)."""
+        key = name.lower()
+        # A newer change of the same instance makes older fetches moot.
+        self._generation[key] = self._generation.get(key, 0) + 1
         if state_change is ServiceStateChange.Removed:
-            gone = self._records.pop(name.lower(), None)
-            if gone is not None:
-                logger.info("LAN device gone: %s", name)
-                self._emit(DeviceLost(gone))
-            self._spawn(self._notify())
-            return
-        self._spawn(self._fetch(name))
+            self._spawn(self.update(name, None))
+        else:
+            self._spawn(self._fetch(name, self._generation[key]))
 
-    def _spawn(self, coro: Any) -> None:
-        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _emit(self, event: LanEvent) -> None:
-        if self._on_event is not None:
-            self._on_event(event)
-
-    async def _notify(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
-
-    async def _fetch(self, name: str) -> None:
+    async def _fetch(self, name: str, generation: int) -> None:
         zc = self._zc
         if zc is None:
             return
@@ -593,19 +585,33 @@ class LanBrowser:
         if not await info.async_request(zc.zeroconf, self._info_timeout * 1000):
             logger.debug("no SRV/TXT/A for %s within %.1f s", name, self._info_timeout)
             return
-        record = record_from_service_info(info)
-        if record is None:
-            stale = self._records.pop(name.lower(), None)
-            if stale is not None:  # an update made it malformed
-                self._emit(DeviceLost(stale))
-                await self._notify()
+        if self._generation.get(name.lower()) != generation:
             return
-        if self._records.get(name.lower()) != record:
+        await self.update(name, record_from_service_info(info))
+
+    async def update(self, name: str, record: LanRecord | None) -> None:
+        """Put one instance's record in the table (None: remove it), emit
+        :class:`DeviceFound` / :class:`DeviceLost` and wake waiters. The
+        zeroconf callbacks call it; tests may feed it directly."""
+        key = name.lower()
+        old = self._records.get(key)
+        if record is None:
+            if old is None:
+                return
+            del self._records[key]
+            logger.info("LAN device gone: %s", name)
+            event: LanEvent = DeviceLost(old)
+        else:
+            if old == record:
+                return
+            self._records[key] = record
             logger.info("LAN device: %s %s at %s", record.jid, record.fingerprint,
                         record.addresses)
-            self._records[name.lower()] = record
-            self._emit(DeviceFound(record))
-            await self._notify()
+            event = DeviceFound(record)
+        if self._on_event is not None:
+            self._on_event(event)
+        async with self._changed:
+            self._changed.notify_all()
 
     async def wait_records(self, jid: str, *, count: int = 1, timeout: float,
                            trusted: Iterable[str] = ()) -> list[LanRecord]:

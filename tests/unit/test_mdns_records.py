@@ -3,6 +3,7 @@ and selection. No sockets: zeroconf's ServiceInfo is only built, never sent."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import pytest
@@ -15,7 +16,10 @@ from dtx.aio.mdns import (
     PRESENCE_TYPE,
     PROTOCOL_VERSION,
     SERVICE_TYPE,
+    DeviceFound,
+    DeviceLost,
     LanAdvertiser,
+    LanBrowser,
     LanRecord,
     decode_txt,
     encode_txt,
@@ -247,3 +251,31 @@ def test_advertiser_checks_arguments_without_network() -> None:
     assert adv.instance == instance_name(TV, FP_A)
     assert adv.server == host_label(TV, FP_A) + ".local."
     assert adv.txt == txt_for(TV, FP_A)
+
+
+# -- the browser's table (fed directly: no zeroconf, no sockets) ----------------
+
+
+async def test_browser_table_events_and_waiters() -> None:
+    events: list[object] = []
+    lan = LanBrowser(on_event=events.append)
+    living = record(TV, FP_A, "living")
+    impostor = record(TV, FP_C, "impostor")
+
+    assert await lan.resolve(TV, timeout=0) == []
+    waiter = asyncio.create_task(lan.wait_records("tv@example.org", count=2, timeout=10))
+    await lan.update("Living._dtx._udp.local.", living)
+    await lan.update("living._dtx._udp.local.", living)  # same answer again: no event
+    assert not waiter.done()
+    await lan.update("impostor._dtx._udp.local.", impostor)
+    found = await asyncio.wait_for(waiter, 10)
+    assert found == [impostor, living]
+    assert events == [DeviceFound(living), DeviceFound(impostor)]
+
+    assert await lan.resolve(TV, timeout=1, settle=0.01, trusted=[FP_A]) == [living, impostor]
+    assert lan.records() == [impostor, living]
+
+    await lan.update("impostor._dtx._udp.local.", None)
+    await lan.update("nobody._dtx._udp.local.", None)  # unknown: no event
+    assert events[2:] == [DeviceLost(impostor)]
+    assert await lan.wait_records(TV, timeout=0) == [living]
