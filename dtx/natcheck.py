@@ -115,8 +115,9 @@ class NatReport:
     ``hairpin`` is None when not tested (no NAT, disabled, no answer).
     ``classic`` is pystun3's RFC 3489 name, verbatim (it spells two of them
     "Restric NAT" and "Restric Port NAT"), or None when not run or failed.
-    ``rfc5780`` says whether the server advertised a usable OTHER-ADDRESS;
-    without one, mapping and filtering stay unknown.
+    ``rfc5780`` says whether the server advertised a usable OTHER-ADDRESS
+    (or, from an RFC 3489 server, CHANGED-ADDRESS): another IP *and* another
+    port. Without one, mapping and filtering stay unknown.
     """
 
     mapping: Behaviour
