@@ -109,7 +109,9 @@ class Device:
         return reply
 
     def control(self, mtype: MessageType, **fields: object) -> None:
-        msg = ControlMessage(mtype, self.txid(), registration=self.registration, **fields)  # type: ignore[arg-type]
+        msg = ControlMessage(
+            mtype, self.txid(), registration=self.registration, **fields  # type: ignore[arg-type]
+        )
         self.send(encode_control(msg))
 
 
@@ -213,9 +215,9 @@ async def test_rfc5780_sockets(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-async def subprocess_server(tmp_path: Path, ids: tuple[DeviceIdentity, DeviceIdentity]) -> AsyncIterator[
-    tuple[tuple[str, int], asyncio.subprocess.Process]
-]:
+async def subprocess_server(
+    tmp_path: Path, ids: tuple[DeviceIdentity, DeviceIdentity]
+) -> AsyncIterator[tuple[tuple[str, int], asyncio.subprocess.Process]]:
     write_vcards(tmp_path, *ids)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = await asyncio.create_subprocess_exec(

@@ -149,7 +149,8 @@ BAD = {
     "unknown required attribute": b"\x10\x85" + TXID + b"\x7f\x00\x00",
     "bad utf-8": b"\x10\x04" + TXID + b"\x06\x00\x08" + b"r" * 8 + b"\x0a\x00\x01\xff",
     "empty jid": b"\x10\x04" + TXID + b"\x06\x00\x08" + b"r" * 8 + b"\x0a\x00\x00",
-    "bad family": b"\x10\x83" + TXID + b"\x07\x00\x07\x05" + b"\x00" * 6 + b"\x08\x00\x04" + b"\x00" * 4,
+    "bad family": b"\x10\x83" + TXID + b"\x07\x00\x07\x05" + b"\x00" * 6
+    + b"\x08\x00\x04" + b"\x00" * 4,
     "bad role": b"\x10\x85" + TXID + b"\x0e\x00\x01\x03",
     "attribute after signature": b"\x10\x85" + TXID + b"\x04\x00\x40" + b"s" * 64 + b"\x12\x00\x00",
     "too long": b"\x10\x01" + TXID + b"\x12\x04\xb0" + b"\x00" * 1200,

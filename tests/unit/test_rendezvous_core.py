@@ -699,8 +699,8 @@ def test_well_formed_messages_with_odd_values_never_raise(
     h.register("bob", HOME_B)
     reg = h.regs["alice"] if registered else blob
     msg = ControlMessage(
-        mtype, blob, registration=reg, target=text, jid=text, intro=blob, challenge=blob * 2 + b"1234",
-        key=bytes(32), signature=bytes(64), padding=40,
+        mtype, blob, registration=reg, target=text, jid=text, intro=blob,
+        challenge=blob * 2 + b"1234", key=bytes(32), signature=bytes(64), padding=40,
     )
     h.core.receive_datagram(encode_control(msg), HOME_A, SERVER, h.clock.advance(0.01))
     for data, to, frm in h.core.datagrams_to_send():
