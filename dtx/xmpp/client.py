@@ -376,8 +376,17 @@ class XmppClient:
         """Both vCard forms of an account. An absent vCard (or store) is
         None; a refusal (``forbidden``) or a timeout raises :class:`XmppError`."""
         bare = (bare_jid if isinstance(bare_jid, JID) else JID.parse(bare_jid)).bare.full
-        temp, v4 = await asyncio.gather(self._get_vcard_temp(bare), self._get_vcard4(bare))
-        return FetchedVCards(vcard_temp=temp, vcard4=v4)
+        # Both requests run to the end before an error is raised, so
+        # neither is left behind with an exception nobody retrieves.
+        outcomes = await asyncio.gather(
+            self._get_vcard_temp(bare), self._get_vcard4(bare), return_exceptions=True
+        )
+        forms: list[bytes | None] = []
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+            forms.append(outcome)
+        return FetchedVCards(vcard_temp=forms[0], vcard4=forms[1])
 
     async def fetch_keys(self, bare_jid: str | JID) -> frozenset[bytes] | None:
         """The dtx keys listed in the account's vCards; None when it has no
