@@ -40,6 +40,7 @@ from .errors import (
     VCardError,
 )
 from .identity import generate_identity, load_identity, save_identity
+from .natcheck import add_cli as add_natcheck_cli
 from .trust import PinStore, VCardDirectory, Verifier, add_key, new_vcard
 
 EXIT_ERROR, EXIT_USAGE, EXIT_TRUST, EXIT_CONNECT = 1, 2, 3, 4
@@ -405,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
         trust(p)
         common(p)
         p.set_defaults(func=lambda a, f=func: asyncio.run(f(a)))
+    add_natcheck_cli(sub)
     return parser
 
 

@@ -174,6 +174,27 @@ class Session:
         return [(max(0.0, at - self.started_at), kind.value)
                 for at, kind in self.link.paths.history]
 
+    async def wait_path(self, path: str, timeout: float | None = None) -> None:
+        """Wait until the session runs on ``path`` (``lan``, ``direct``,
+        ``relay``); raises TimeoutError after ``timeout`` seconds."""
+        if self.path == path:
+            return
+        if self.link is None:
+            raise DtxError(f"this session's path is fixed ({self.path})")
+        changed = asyncio.Event()
+
+        def on_change(change: Any) -> None:
+            changed.set()
+
+        self.link.on_change.append(on_change)
+        try:
+            async with asyncio.timeout(timeout):
+                while self.path != path:
+                    changed.clear()
+                    await changed.wait()
+        finally:
+            self.link.on_change.remove(on_change)
+
     def direct_after(self) -> float | None:
         """Seconds from the start until a direct (or LAN) path took over."""
         for at, kind in self.path_history():

@@ -1,0 +1,131 @@
+"""Connecting by JID through every pair of NAT profiles, in the NAT lab.
+
+The expectation table (also in docs/nat-traversal.md): the session runs on
+a direct path whenever at least one side maps endpoint-independently,
+except symmetric with port-restricted-cone and symmetric with symmetric,
+which stay on the relay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from pathlib import Path
+
+import pytest
+
+from dtx import stanza as st
+from dtx.lab import STANDARD_WAN, Lab
+
+from .traversal_helpers import (
+    make_devices,
+    device_peer,
+    server_address,
+    start_rendezvous,
+    write_vcards,
+)
+
+pytestmark = pytest.mark.netns
+
+PROFILES = ["none", "full-cone", "restricted-cone", "port-restricted-cone", "symmetric"]
+RELAY_ONLY = {
+    frozenset({"symmetric", "port-restricted-cone"}),
+    frozenset({"symmetric"}),
+}
+
+
+def expected_path(a: str, b: str) -> str:
+    return "relay" if frozenset({a, b}) in RELAY_ONLY else "direct"
+
+
+PAIRS = list(itertools.combinations_with_replacement(PROFILES, 2))
+# Both orders where it matters (who initiates): the relay-only pair and a
+# symmetric/cone pair.
+PAIRS += [("port-restricted-cone", "symmetric"), ("restricted-cone", "symmetric")]
+
+SETTLE = 4.0
+"""Seconds a relay-only pair is watched: past the quick punch attempts."""
+
+
+async def exchange(initiator, responder, *, expect: str) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    session = await initiator.connect("tv@example.org", timeout=10)
+    session.send(st.message("pause", to="tv@example.org"))
+    async with asyncio.timeout(10):
+        tv_side = await responder.accept()
+        got = await tv_side.receive()
+    first_ms = (loop.time() - start) * 1000
+    assert st.body_of(got) == "pause"
+    assert got.get("from") == "remote@example.org/phone"
+    tv_side.send(st.message("paused"))
+    async with asyncio.timeout(10):
+        back = await session.receive()
+    assert st.body_of(back) == "paused"
+    if expect == "relay":
+        with pytest.raises(TimeoutError):
+            await session.wait_path("direct", timeout=SETTLE)
+        assert session.path == "relay" and tv_side.path == "relay"
+    else:
+        await session.wait_path(expect, timeout=SETTLE)
+        await tv_side.wait_path(expect, timeout=SETTLE)
+    # stanzas still flow both ways on the final path
+    for i in range(20):
+        session.send(st.message(str(i)))
+    async with asyncio.timeout(10):
+        bodies = [st.body_of(await tv_side.receive()) for _ in range(20)]
+    assert bodies == [str(i) for i in range(20)]
+    await session.wait_acknowledged(timeout=10)
+    await session.close()
+    return {"first_stanza_ms": first_ms, "path": session.path}
+
+
+def run_pair(lab: Lab, tmp_path: Path, nat_a: str, nat_b: str, *, same_nat: bool = False,
+             double: bool = False) -> dict[str, object]:
+    server = lab.add_server("rdv")
+    if same_nat:
+        home = lab.add_home("h", nat=nat_a, hosts=2)
+        a_host, b_host = home.hosts
+    else:
+        home_a = (lab.add_double_nat_home("a", nat=nat_a) if double
+                  else lab.add_home("a", nat=nat_a))
+        home_b = lab.add_home("b", nat=nat_b)
+        a_host, b_host = home_a.hosts[0], home_b.hosts[0]
+    lab.up()
+    a, b = make_devices(lab, a_host, b_host)
+    vcards = tmp_path / "vcards"
+    write_vcards(vcards, a.identity, b.identity)
+    start_rendezvous(server, vcards)
+    rdv = server_address(server)
+
+    async def main() -> dict[str, object]:
+        async with device_peer(b, vcards, rdv, listen=True) as tv, \
+                device_peer(a, vcards, rdv, listen=False) as remote:
+            await tv.wait_registered(10)
+            expect = "lan" if same_nat else expected_path(nat_a, nat_b)
+            return await exchange(remote, tv, expect=expect)
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("nat_a, nat_b", PAIRS, ids=[f"{a}--{b}" for a, b in PAIRS])
+def test_connect_by_jid_through_nat_pair(netns_ready: None, tmp_path: Path,
+                                         nat_a: str, nat_b: str) -> None:
+    with Lab(wan=STANDARD_WAN) as lab:
+        result = run_pair(lab, tmp_path, nat_a, nat_b)
+    assert result["path"] == expected_path(nat_a, nat_b)
+
+
+def test_two_devices_behind_the_same_nat(netns_ready: None, tmp_path: Path) -> None:
+    with Lab(wan=STANDARD_WAN) as lab:
+        result = run_pair(lab, tmp_path, "port-restricted-cone", "port-restricted-cone",
+                          same_nat=True)
+    assert result["path"] == "lan"
+
+
+def test_double_nat(netns_ready: None, tmp_path: Path) -> None:
+    # A home port-restricted NAT behind a symmetric carrier-grade NAT, to a
+    # full-cone home: the symmetric layer decides, and full cone lets it in.
+    with Lab(wan=STANDARD_WAN) as lab:
+        result = run_pair(lab, tmp_path, "port-restricted-cone", "full-cone", double=True)
+    assert result["path"] == "direct"
