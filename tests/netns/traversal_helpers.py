@@ -8,7 +8,9 @@ import asyncio
 import select
 import subprocess
 import sys
+import threading
 import time
+from typing import IO
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -61,11 +63,18 @@ def start_rendezvous(server: Host, vcards: Path, *extra: str) -> subprocess.Pope
                 break
             seen.append(line)
             if "listening" in line:
+                # Keep reading, so a chatty server never blocks on a full pipe.
+                threading.Thread(target=_drain, args=(proc.stdout,), daemon=True).start()
                 return proc
         if proc.poll() is not None:
             break
     proc.kill()
     raise RuntimeError("rendezvous did not start: " + "".join(seen)[-2000:])
+
+
+def _drain(stream: IO[str]) -> None:
+    for _ in stream:
+        pass
 
 
 def server_address(server: Host) -> tuple[str, int]:
