@@ -96,6 +96,18 @@ class PeerConfig:
     keepalive_interval: float = 10.0
     """A session quiet for this long sends a QUIC PING (keeps the session,
     and the NAT bindings on its path, alive; well inside idle_timeout)."""
+    max_half_open: int = 256
+    """Bound on handshakes from remote devices still in progress; when it is
+    reached the oldest one is dropped to make room, so a flood of Initials
+    delays, but cannot lock out, a device whose handshake takes one round
+    trip."""
+    max_half_open_per_ip: int = 16
+    """Bound on handshakes in progress from one source IP; further Initials
+    from that IP are dropped until one completes or expires."""
+    handshake_timeout: float = 10.0
+    """A handshake from a remote device still in progress after this long is
+    dropped (checked whenever a new one arrives; aioquic's idle timeout
+    ends it anyway after ``idle_timeout``)."""
 
 
 class _SessionAdapter(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -601,21 +613,64 @@ class Peer:
         self._process(session)
 
     def _maybe_accept(self, data: bytes, addr: Address) -> Session | None:
+        """A new listening-side session for a QUIC Initial from ``addr``, or None.
+
+        Unauthenticated handshakes ("half-open": accepted, not yet opened)
+        are bounded: those older than ``handshake_timeout`` are dropped, at
+        most ``max_half_open_per_ip`` per source IP (more are refused) and
+        ``max_half_open`` in all (the oldest makes room). Dropped half-open
+        sessions are forgotten without a reply: their source never proved
+        its address. Every refusal is counted; the warning is logged at the
+        1st, 2nd, 4th, 8th... refusal, so a flood cannot flood the log.
+        """
+        counters = self.counters
         if not self._listening:
-            self.counters["datagrams_dropped"] += 1
+            counters["datagrams_dropped"] += 1
             return None
         try:
             header = pull_quic_header(Buffer(data=data), host_cid_length=8)
         except ValueError:
-            self.counters["datagrams_dropped"] += 1
+            counters["datagrams_dropped"] += 1
             logger.debug("dropped a non-QUIC datagram from %s", addr)
             return None
         if header.packet_type != QuicPacketType.INITIAL or len(data) < 1200:
-            self.counters["datagrams_dropped"] += 1
+            counters["datagrams_dropped"] += 1
             return None
-        if len(self._sessions) >= self.config.max_connections:
-            self.counters["connections_refused"] += 1
-            logger.warning("connection table full; refusing %s", addr)
+        cfg = self.config
+        now = self._now()
+
+        def drop(session: Session, counter: str) -> None:
+            counters[counter] = counters.get(counter, 0) + 1
+            if self._sessions.get(session._addr) is session:
+                del self._sessions[session._addr]
+            self._dirty.discard(session)
+            session._finish(SessionEnded(ConnectError(f"handshake dropped ({counter})"), ()))
+
+        def refuse(counter: str, why: str) -> None:
+            n = counters[counter] = counters.get(counter, 0) + 1
+            if n & (n - 1) == 0:
+                logger.warning("%s; refusing %s (%d refused so far)", why, addr, n)
+            else:
+                logger.debug("%s; refusing %s", why, addr)
+
+        half_open: list[Session] = []
+        same_ip = 0
+        for session in list(self._sessions.values()):
+            if session._quic.configuration.is_client or session._opened.done():
+                continue
+            if now - session.started_at > cfg.handshake_timeout:
+                drop(session, "half_open_expired")
+                continue
+            half_open.append(session)
+            if session._addr[0] == addr[0]:
+                same_ip += 1
+        if same_ip >= cfg.max_half_open_per_ip:
+            refuse("half_open_refused_per_ip", "too many handshakes from one address")
+            return None
+        if len(half_open) >= cfg.max_half_open:
+            drop(min(half_open, key=lambda s: s.started_at), "half_open_evicted")
+        if len(self._sessions) >= cfg.max_connections:
+            refuse("connections_refused", "connection table full")
             return None
         session = self._new_session(addr, is_client=False, expected=None,
                                     original_dcid=header.destination_cid)
