@@ -57,6 +57,9 @@ PROBE_FIRST_BYTE = 0x12
 
 _mapped_counter = itertools.count(1)
 
+MAX_OLD_INTROS = 3
+REINTRODUCE_BACKOFF = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
+
 
 def _mapped_address() -> Address:
     n = next(_mapped_counter)
@@ -76,8 +79,12 @@ class Link:
     channel: int
     initiator: bool
     created_at: float
-    old_intros: dict[bytes, bytes] = field(default_factory=dict)
-    """Probe keys of earlier introductions, still accepted for a while."""
+    old_intros: dict[bytes, tuple[bytes, int]] = field(default_factory=dict)
+    """(probe key, relay channel) of earlier introductions, still accepted
+    for a while: after a re-introduction both sides may briefly disagree on
+    which one is current."""
+    reintroduce_at: float | None = None
+    reintroduce_attempts: int = 0
     changes: list[PathChanged] = field(default_factory=list)
     on_change: list[Callable[[PathChanged], None]] = field(default_factory=list)
 
@@ -237,7 +244,8 @@ class Traversal:
             return None
         if intro == link.intro:
             return link.probe_key
-        return link.old_intros.get(intro)
+        old = link.old_intros.get(intro)
+        return None if old is None else old[0]
 
     def _on_probe(self, data: bytes, src: Address, now: float) -> None:
         try:
@@ -306,12 +314,17 @@ class Traversal:
                 change.kind.value,
                 f" {change.addr[0]}:{change.addr[1]}" if change.addr else "",
             )
+            if change.kind is PathKind.RELAY and change.previous in (PathKind.DIRECT, PathKind.LAN):
+                # The direct path died: perhaps our NAT changed. Ask the
+                # server now rather than at the next keepalive.
+                self.client.check_now(self._loop.time())
             for callback in list(link.on_change):
                 callback(change)
 
     def _arm(self) -> None:
         times = [t for t in (self.client.get_timer(),) if t is not None]
         times.extend(t for link in self.links.values() if (t := link.paths.get_timer()) is not None)
+        times.extend(t for link in self.links.values() if (t := link.reintroduce_at) is not None)
         when = min(times) if times else None
         if when == self._timer_at and self._timer is not None:
             return
@@ -329,6 +342,10 @@ class Traversal:
         self.client.handle_timer(now)
         for link in self.links.values():
             link.paths.handle_timer(now)
+            if link.reintroduce_at is not None and now >= link.reintroduce_at:
+                link.reintroduce_at = None
+                if self.client.registered:
+                    self.client.introduce(link.peer_jid, now)
         self._service()
 
     # -- introductions ----------------------------------------------------------------
@@ -342,10 +359,10 @@ class Traversal:
             logger.warning("introduction with a bad JID %r", msg.peer_jid)
             return
         initiator = msg.role == 1
-        if not initiator and not self._accepting:
+        link = self.links.get(peer)
+        if link is None and not initiator and not self._accepting:
             logger.info("not accepting the introduction of %s (not listening)", peer)
             return
-        link = self.links.get(peer)
         server = self.server
         channel = msg.channel
 
@@ -363,9 +380,16 @@ class Traversal:
             if link.peer_key != msg.peer_key:
                 logger.warning("%s introduced with a different key than before", peer)
                 link.peer_key = msg.peer_key
-            self._by_channel.pop(link.channel, None)
-            link.old_intros[link.intro] = link.probe_key
+            link.old_intros[link.intro] = (link.probe_key, link.channel)
+            while len(link.old_intros) > MAX_OLD_INTROS:
+                oldest = next(iter(link.old_intros))
+                _, old_channel = link.old_intros.pop(oldest)
+                self._by_intro.pop(oldest, None)
+                self._by_channel.pop(old_channel, None)
             link.intro, link.probe_key, link.channel = msg.intro, msg.probe_key, channel
+            link.initiator = link.initiator or initiator
+            link.reintroduce_at = None
+            link.reintroduce_attempts = 0
             link.paths.set_relay(wrap, now)
         self._by_channel[channel] = link
         self._by_intro[msg.intro] = link
@@ -387,6 +411,12 @@ class Traversal:
             key = JID.parse(ev.target).full
         except DtxError:
             return
+        link = self.links.get(key)
+        if link is not None and link.reintroduce_attempts < len(REINTRODUCE_BACKOFF):
+            # The peer may not have registered again yet (a restart): retry.
+            delay = REINTRODUCE_BACKOFF[link.reintroduce_attempts]
+            link.reintroduce_attempts += 1
+            link.reintroduce_at = self._loop.time() + delay
         fut = self._intro_waiters.get(key)
         if fut is not None and not fut.done():
             fut.set_exception(ConnectError(
@@ -394,11 +424,12 @@ class Traversal:
 
     def _reintroduce_all(self, now: float) -> None:
         """After a new registration or a new public address: fresh
-        introductions (new relay channels, new candidates) for every link we
-        initiated; the other side is introduced in the same stroke."""
+        introductions (new relay channels, new candidates) with every known
+        device; the other side is introduced in the same stroke."""
         for link in self.links.values():
-            if link.initiator:
-                self.client.introduce(link.peer_jid, now)
+            link.reintroduce_attempts = 0
+            link.reintroduce_at = None
+            self.client.introduce(link.peer_jid, now)
 
 
 def _matches(requested: str, peer: str) -> bool:

@@ -112,6 +112,7 @@ class _Request:
     next_at: float
     attempt: int = 0
     target: str | None = None
+    retransmitted: bool = False
 
 
 @dataclass
@@ -181,6 +182,27 @@ class RendezvousClient:
         txid = self.rng.getrandbits(64).to_bytes(8, "big")
         return encode_control(
             ControlMessage(MessageType.UNREGISTER, txid, registration=self.registration)
+        )
+
+    def check_now(self, now: float) -> None:
+        """Send a KEEPALIVE at once (something looks wrong on the path):
+        the answer tells whether the registration and the public address
+        still hold."""
+        if self.state is not RegistrationState.REGISTERED:
+            return
+        if any(r.kind is MessageType.KEEPALIVE for r in self._requests.values()):
+            return
+        self._send_keepalive(now, retransmit=True)
+
+    def _send_keepalive(self, now: float, *, retransmit: bool) -> None:
+        registration = self.registration
+        self._request(
+            MessageType.KEEPALIVE,
+            lambda txid: encode_control(
+                ControlMessage(MessageType.KEEPALIVE, txid, registration=registration)
+            ),
+            now,
+            retransmit=retransmit,
         )
 
     @property
@@ -289,16 +311,8 @@ class RendezvousClient:
             if self._keepalive_misses >= self.config.keepalive_losses:
                 self._lost("keepalives unanswered", now)
             else:
-                registration = self.registration
                 self._drop_requests(MessageType.KEEPALIVE)
-                self._request(
-                    MessageType.KEEPALIVE,
-                    lambda txid: encode_control(
-                        ControlMessage(MessageType.KEEPALIVE, txid, registration=registration)
-                    ),
-                    now,
-                    retransmit=False,
-                )
+                self._send_keepalive(now, retransmit=False)
                 self._next_keepalive = now + self.keepalive_interval
         for txid, req in list(self._requests.items()):
             if now < req.next_at:
@@ -311,6 +325,8 @@ class RendezvousClient:
                 elif req.kind in (MessageType.HELLO, MessageType.REGISTER):
                     self.state = RegistrationState.IDLE
                     self._restart_at = now + self.config.reregister_pause
+                elif req.kind is MessageType.KEEPALIVE and req.retransmitted:
+                    self._lost("no answer to keepalive", now)
                 continue
             self._out.append(req.data)
             req.next_at = now + schedule[req.attempt]
@@ -346,7 +362,7 @@ class RendezvousClient:
         data = build(txid)
         self._out.append(data)
         first = self.config.retransmit[0]
-        req = _Request(kind, txid, data, now + first, 1, target)
+        req = _Request(kind, txid, data, now + first, 1, target, retransmit)
         if not retransmit:
             req.attempt = len(self.config.retransmit)
             req.next_at = now + self.keepalive_interval

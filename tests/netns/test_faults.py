@@ -1,0 +1,261 @@
+"""Faults in the middle of a stanza stream, in the NAT lab.
+
+Cutting the direct path, a NAT reboot, a public address change and a
+rendezvous restart: the session survives each (QUIC keeps its stable mapped
+peer address while the path manager moves packets between the direct path
+and the relay) and every stanza arrives exactly once, in order. A peer that
+crashes ends the session with the unacknowledged stanzas handed back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from dtx import stanza as st
+from dtx.aio.peer import PeerConfig, Session
+from dtx.lab import STANDARD_WAN, Lab
+from dtx.proto.paths import PathConfig
+
+from .traversal_helpers import (
+    Device,
+    device_peer,
+    make_devices,
+    server_address,
+    start_rendezvous,
+    write_vcards,
+)
+
+pytestmark = pytest.mark.netns
+
+STANZAS = 10_000
+RATE_PER_S = 2_000
+"""Paced, so the stream is still running when the fault strikes."""
+RDV_ARGS = ("--keepalive", "3", "--lifetime", "12")
+CONFIG = PeerConfig(idle_timeout=30.0)
+
+
+async def stream_through(
+    sender: Session,
+    receiver: Session,
+    fault: Callable[[], Awaitable[None]],
+    *,
+    count: int = STANZAS,
+    deadline: float = 120.0,
+) -> list[str]:
+    """Send ``count`` numbered stanzas at a steady pace, run ``fault`` when a
+    third have gone, and collect what arrives."""
+
+    async def pump() -> None:
+        batch = RATE_PER_S // 20
+        for i in range(0, count, batch):
+            for j in range(i, min(count, i + batch)):
+                sender.send(st.message(str(j)))
+            if i <= count // 3 < i + batch:
+                await fault()
+            await asyncio.sleep(0.05)
+
+    async def drain() -> list[str]:
+        return [st.body_of(await receiver.receive()) or "" for _ in range(count)]
+
+    async with asyncio.timeout(deadline):
+        _, got = await asyncio.gather(pump(), drain())
+        await sender.wait_acknowledged()
+    return got
+
+
+def lab_pair(lab: Lab, tmp_path: Path) -> tuple[Device, Device, Path, tuple[str, int], object]:
+    server = lab.add_server("rdv")
+    home_a = lab.add_home("a", nat="port-restricted-cone")
+    home_b = lab.add_home("b", nat="port-restricted-cone")
+    lab.up()
+    a, b = make_devices(lab, home_a.hosts[0], home_b.hosts[0])
+    vcards = tmp_path / "vcards"
+    write_vcards(vcards, a.identity, b.identity)
+    proc = start_rendezvous(server, vcards, *RDV_ARGS)
+    return a, b, vcards, server_address(server), (server, home_a, home_b, proc)
+
+
+def run(coro: Awaitable[None]) -> None:
+    asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def test_cut_direct_path_moves_to_relay_and_back(netns_ready: None, tmp_path: Path) -> None:
+    with Lab(wan=STANDARD_WAN) as lab:
+        a, b, vcards, rdv, (server, home_a, home_b, _) = lab_pair(lab, tmp_path)
+
+        async def main() -> None:
+            async with device_peer(b, vcards, rdv, listen=True, config=CONFIG) as tv, \
+                    device_peer(a, vcards, rdv, listen=False, config=CONFIG) as remote:
+                await tv.wait_registered(10)
+                session = await remote.connect("tv@example.org")
+                session.send(st.message("hello"))
+                async with asyncio.timeout(10):
+                    tv_side = await tv.accept()
+                    await tv_side.receive()
+                await session.wait_path("direct", timeout=5)
+                seen: list[str] = []
+                session.link.on_change.append(lambda c: seen.append(c.kind.value))
+
+                async def cut() -> None:
+                    lab.block(home_a, home_b)
+                    await session.wait_path("relay", timeout=10)
+                    lab.unblock(home_a, home_b)
+
+                got = await stream_through(session, tv_side, cut)
+                assert got == [str(i) for i in range(STANZAS)]
+                await session.wait_path("direct", timeout=30)
+                assert seen[:2] == ["relay", "direct"]
+                await session.close()
+
+        run(main())
+
+
+def test_nat_reboot_mid_stream(netns_ready: None, tmp_path: Path) -> None:
+    with Lab(wan=STANDARD_WAN) as lab:
+        a, b, vcards, rdv, (server, home_a, home_b, _) = lab_pair(lab, tmp_path)
+
+        async def main() -> None:
+            async with device_peer(b, vcards, rdv, listen=True, config=CONFIG) as tv, \
+                    device_peer(a, vcards, rdv, listen=False, config=CONFIG) as remote:
+                await tv.wait_registered(10)
+                session = await remote.connect("tv@example.org")
+                session.send(st.message("hello"))
+                async with asyncio.timeout(10):
+                    tv_side = await tv.accept()
+                    await tv_side.receive()
+                await session.wait_path("direct", timeout=5)
+
+                async def reboot() -> None:
+                    home_a.flush_nat()
+                    home_b.flush_nat()
+
+                got = await stream_through(session, tv_side, reboot)
+                assert got == [str(i) for i in range(STANZAS)]
+                # punched again: back on a direct path
+                await session.wait_path("direct", timeout=30)
+                await session.close()
+
+        run(main())
+
+
+def test_public_address_change_mid_stream(netns_ready: None, tmp_path: Path) -> None:
+    with Lab(wan=STANDARD_WAN) as lab:
+        a, b, vcards, rdv, (server, home_a, home_b, _) = lab_pair(lab, tmp_path)
+
+        async def main() -> None:
+            async with device_peer(b, vcards, rdv, listen=True, config=CONFIG) as tv, \
+                    device_peer(a, vcards, rdv, listen=False, config=CONFIG) as remote:
+                await tv.wait_registered(10)
+                session = await remote.connect("tv@example.org")
+                session.send(st.message("hello"))
+                async with asyncio.timeout(10):
+                    tv_side = await tv.accept()
+                    await tv_side.receive()
+                await session.wait_path("direct", timeout=5)
+                before = remote.traversal.client.reflexive  # type: ignore[union-attr]
+
+                async def roam() -> None:
+                    home_a.change_public_ip()
+
+                got = await stream_through(session, tv_side, roam)
+                assert got == [str(i) for i in range(STANZAS)]
+                await session.wait_path("direct", timeout=30)
+                after = remote.traversal.client.reflexive  # type: ignore[union-attr]
+                assert after is not None and before is not None and after[0] != before[0]
+                await session.close()
+
+        run(main())
+
+
+def test_rendezvous_restart_mid_stream(netns_ready: None, tmp_path: Path) -> None:
+    with Lab(wan=STANDARD_WAN) as lab:
+        a, b, vcards, rdv, (server, home_a, home_b, proc) = lab_pair(lab, tmp_path)
+
+        async def main() -> None:
+            async with device_peer(b, vcards, rdv, listen=True, config=CONFIG) as tv, \
+                    device_peer(a, vcards, rdv, listen=False, config=CONFIG) as remote:
+                await tv.wait_registered(10)
+                session = await remote.connect("tv@example.org")
+                session.send(st.message("hello"))
+                async with asyncio.timeout(10):
+                    tv_side = await tv.accept()
+                    await tv_side.receive()
+                await session.wait_path("direct", timeout=5)
+                clients = [remote.traversal.client, tv.traversal.client]  # type: ignore[union-attr]
+                old_ids = [c.registration for c in clients]
+
+                async def restart() -> None:
+                    proc.terminate()  # type: ignore[attr-defined]
+                    await asyncio.to_thread(proc.wait, 10)  # type: ignore[attr-defined]
+                    start_rendezvous(server, vcards, *RDV_ARGS)  # type: ignore[arg-type]
+
+                got = await stream_through(session, tv_side, restart)
+                assert got == [str(i) for i in range(STANZAS)]
+                assert session.path == "direct"  # the direct session carried on
+                # both devices registered again by themselves
+                async with asyncio.timeout(30):
+                    for peer in (remote, tv):
+                        await peer.wait_registered(30)
+                        while peer.traversal.client.registration in old_ids:  # type: ignore[union-attr]
+                            await peer.traversal.wait_registered(30)  # type: ignore[union-attr]
+                            await asyncio.sleep(0.1)
+                await session.close()
+
+        run(main())
+
+
+def test_peer_crash_hands_back_unacknowledged(netns_ready: None, tmp_path: Path) -> None:
+    """The TV is a separate `dtx listen` process, killed mid-stream."""
+    with Lab(wan=STANDARD_WAN) as lab:
+        server = lab.add_server("rdv")
+        home_a = lab.add_home("a", nat="port-restricted-cone")
+        home_b = lab.add_home("b", nat="port-restricted-cone")
+        lab.up()
+        a, b = make_devices(lab, home_a.hosts[0], home_b.hosts[0])
+        vcards = tmp_path / "vcards"
+        write_vcards(vcards, a.identity, b.identity)
+        start_rendezvous(server, vcards, *RDV_ARGS)
+        rdv = server_address(server)
+        from dtx.identity import save_identity
+
+        keyfile = tmp_path / "tv.key"
+        save_identity(b.identity, keyfile)
+        tv_proc = b.host.popen(
+            [sys.executable, "-m", "dtx.cli", "listen", str(keyfile), "--port", "5300",
+             "--host", "0.0.0.0", "--rendezvous", f"{rdv[0]}:{rdv[1]}",
+             "--vcards", str(vcards), "--no-pins", "--json"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert tv_proc.stdout is not None
+        assert "listening" in tv_proc.stdout.readline()
+        idle = 5.0
+
+        async def main() -> None:
+            config = PeerConfig(idle_timeout=idle, paths=PathConfig())
+            async with device_peer(a, vcards, rdv, listen=False, config=config) as remote:
+                session = await remote.connect("tv@example.org", timeout=10)
+                await session.ping()
+                for i in range(100):
+                    session.send(st.message(str(i)))
+                await session.wait_acknowledged(timeout=10)
+                os.kill(tv_proc.pid, signal.SIGKILL)
+                loop = asyncio.get_running_loop()
+                killed_at = loop.time()
+                for i in range(100, 200):
+                    session.send(st.message(str(i)))
+                async with asyncio.timeout(idle + 10):
+                    ended = await session.wait_closed()
+                took = loop.time() - killed_at
+                assert ended.error is not None
+                bodies = [st.body_of(e) for e in ended.unacknowledged]
+                assert bodies == [str(i) for i in range(100, 200)]
+                assert took <= idle + 5
+
+        run(main())
