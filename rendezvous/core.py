@@ -7,7 +7,7 @@ Shaped like aioquic's ``QuicConnection``: the driver feeds datagrams with
 :meth:`RendezvousCore.get_timer`, calling
 :meth:`RendezvousCore.handle_timer` when it fires. Time (``now``) and
 randomness (``rng``, ``secret``) are arguments; nothing here touches a
-socket or a clock. The protocol is docs/protocol-rendezvous.md; limits,
+socket or a clock. The protocol is docs/protocol.md (sections 7, 8); limits,
 counters and the amplification table are in docs/rendezvous.md.
 
 Rules the core keeps whatever arrives:

@@ -3,7 +3,7 @@
 Registers (HELLO → CHALLENGE → signed REGISTER → REGISTERED), keeps the
 registration alive with KEEPALIVEs inside the NAT timeout, registers again by
 itself when the server forgets it (a restart, an address change), asks for
-introductions and accepts them. See ``docs/protocol-rendezvous.md``.
+introductions and accepts them. See ``docs/protocol.md`` section 7.
 
 In: :meth:`receive` (decoded CONTROL messages from the server),
 :meth:`handle_timer`, user calls (:meth:`introduce`, :meth:`accept`).

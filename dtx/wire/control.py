@@ -4,7 +4,7 @@ CONTROL messages travel between a device and its rendezvous server:
 registration (HELLO, CHALLENGE, REGISTER, REGISTERED), keepalives,
 introductions and their acceptance. PROBE frames travel directly between
 two devices that were introduced, authenticated by the introduction's
-probe key. The layout is in docs/protocol-rendezvous.md; this module is
+probe key. The layout is in docs/protocol.md (sections 7, 9); this module is
 pure: bytes in, frozen dataclasses out, and decoders raise only
 :class:`~dtx.errors.DecodeError`. Encoders raise
 :class:`~dtx.errors.LocalProtocolError` when given values that cannot be
