@@ -41,6 +41,7 @@ from .errors import (
 )
 from .identity import generate_identity, load_identity, save_identity
 from .natcheck import add_cli as add_natcheck_cli
+from .xmpp.cli import add_cli as add_xmpp_cli
 from .trust import PinStore, VCardDirectory, Verifier, add_key, new_vcard
 
 EXIT_ERROR, EXIT_USAGE, EXIT_TRUST, EXIT_CONNECT = 1, 2, 3, 4
@@ -142,14 +143,15 @@ def peer_config(args: argparse.Namespace) -> Any:
     from .aio.peer import PeerConfig
 
     return PeerConfig(connect_timeout=getattr(args, "timeout", 10.0),
-                      rendezvous=getattr(args, "rendezvous", None))
+                      rendezvous=getattr(args, "rendezvous", None),
+                      lan=getattr(args, "lan", False))
 
 
 async def _connect(args: argparse.Namespace) -> tuple[Any, Any, float]:
     from .aio.peer import Peer
 
-    if args.addr is None and args.rendezvous is None:
-        raise UsageError("give --addr HOST:PORT or --rendezvous HOST:PORT")
+    if args.addr is None and args.rendezvous is None and not args.lan:
+        raise UsageError("give --addr HOST:PORT, --rendezvous HOST:PORT or --lan")
     identity = load_identity(args.keyfile)
     peer = Peer(identity, make_verifier(args), config=peer_config(args))
     loop = asyncio.get_running_loop()
@@ -262,7 +264,8 @@ async def run_listen(args: argparse.Namespace) -> int:
 
     identity = load_identity(args.keyfile)
     peer = Peer(identity, make_verifier(args), config=peer_config(args))
-    await peer.start(args.host, args.port)
+    host = args.host or ("0.0.0.0" if args.lan or args.rendezvous else "127.0.0.1")
+    await peer.start(host, args.port)
     if args.rendezvous is not None:
         await peer.wait_registered(10.0)
     host, port = peer.address
@@ -373,9 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("listen", help="accept sessions")
     p.add_argument("keyfile")
     p.add_argument("--port", type=int, required=True)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
+    p.add_argument("--host", default=None,
+                   help="address to bind (default 127.0.0.1; 0.0.0.0 with --lan or --rendezvous)")
     p.add_argument("--rendezvous", type=parse_hostport, metavar="HOST:PORT",
                    help="register with this rendezvous server, so peers reach this device by JID")
+    p.add_argument("--lan", action="store_true",
+                   help="advertise this device on the LAN (mDNS/DNS-SD, _dtx._udp)")
     p.add_argument("--echo", action="store_true", help="send every message body back")
     p.add_argument("--sessions", type=int, default=0,
                    help="exit after this many sessions ended (0: never)")
@@ -392,6 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the peer's address (or use --rendezvous)")
         p.add_argument("--rendezvous", type=parse_hostport, metavar="HOST:PORT",
                        help="reach the peer by JID through this rendezvous server")
+        p.add_argument("--lan", action="store_true",
+                       help="look for the peer on the LAN first (mDNS/DNS-SD)")
         p.add_argument("--bind", default="0.0.0.0", help="local address (default %(default)s)")
         p.add_argument("--timeout", type=float, default=10.0, help="seconds (default %(default)s)")
         if name == "send":
@@ -407,11 +415,19 @@ def build_parser() -> argparse.ArgumentParser:
         common(p)
         p.set_defaults(func=lambda a, f=func: asyncio.run(f(a)))
     add_natcheck_cli(sub)
+    add_xmpp_cli(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `dtx vcard publish|fetch ...` are spelled vcard-publish / vcard-fetch inside.
+    for i, word in enumerate(argv):
+        if not word.startswith("-"):
+            if word == "vcard" and argv[i + 1 : i + 2] in (["publish"], ["fetch"]):
+                argv[i : i + 2] = [f"vcard-{argv[i + 1]}"]
+            break
     args = parser.parse_args(argv)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, stream=sys.stderr,

@@ -38,6 +38,7 @@ from ..errors import (
     DtxError,
     RemoteProtocolError,
     SessionClosedError,
+    TrustError,
 )
 from ..identity import DeviceIdentity
 from ..proto.paths import PathConfig
@@ -93,6 +94,11 @@ class PeerConfig:
     """This device's LAN addresses (host candidates); by default the
     address the socket is bound to, or every interface address."""
     paths: PathConfig = PathConfig()
+    lan: bool = False
+    """Use the LAN: advertise this device over mDNS/DNS-SD when listening,
+    and look for the peer there first when connecting by JID."""
+    lan_timeout: float = 1.5
+    """How long connect() waits for an mDNS answer before going on."""
     keepalive_interval: float = 10.0
     """A session quiet for this long sends a QUIC PING (keeps the session,
     and the NAT bindings on its path, alive; well inside idle_timeout)."""
@@ -144,6 +150,7 @@ class Session:
         self._iq_waiters: dict[str, asyncio.Future[Element]] = {}
         self._iq_ids = itertools.count(1)
         self.link: Link | None = None
+        self._fixed_path = "direct"
         self.started_at = self._loop.time()
         self._last_rx = self.started_at
 
@@ -176,13 +183,13 @@ class Session:
 
         A session opened to an explicit address reports ``direct``."""
         if self.link is None or self.link.paths.kind is None:
-            return "direct"
+            return self._fixed_path
         return self.link.paths.kind.value
 
     def path_history(self) -> list[tuple[float, str]]:
         """(seconds since the session started, path) for every path change."""
         if self.link is None:
-            return [(0.0, "direct")]
+            return [(0.0, self._fixed_path)]
         return [(max(0.0, at - self.started_at), kind.value)
                 for at, kind in self.link.paths.history]
 
@@ -407,6 +414,8 @@ class Peer:
         self._socket: UdpSocket | None = None
         self._traversal: Traversal | None = None
         self._keepalive: asyncio.TimerHandle | None = None
+        self._advertiser: Any = None
+        self._browser: Any = None
         self._sessions: dict[Address, Session] = {}
         self._incoming: asyncio.Queue[Session] = asyncio.Queue(self.config.accept_backlog)
         self._listening = False
@@ -458,6 +467,19 @@ class Peer:
             self._traversal.start()
         self._keepalive = self._loop.call_later(self.config.keepalive_interval,
                                                 self._keepalive_tick)
+        if self.config.lan:
+            await self._start_lan(listen)
+
+    async def _start_lan(self, listen: bool) -> None:
+        from .mdns import LanAdvertiser, LanBrowser
+
+        assert self._socket is not None
+        self._browser = LanBrowser()
+        await self._browser.__aenter__()
+        if listen:
+            self._advertiser = LanAdvertiser(self.jid, self.identity.fingerprint,
+                                             self._socket.address[1])
+            await self._advertiser.__aenter__()
 
     async def wait_registered(self, timeout: float | None = None) -> None:
         """Wait until the rendezvous accepted this device's registration."""
@@ -494,6 +516,13 @@ class Peer:
         if self._keepalive is not None:
             self._keepalive.cancel()
             self._keepalive = None
+        for mdns in (self._advertiser, self._browser):
+            if mdns is not None:
+                try:
+                    await mdns.__aexit__(None, None, None)
+                except Exception as exc:  # noqa: BLE001 - shutting down anyway
+                    logger.debug("mDNS shutdown: %s", exc)
+        self._advertiser = self._browser = None
         if self._traversal is not None:
             self._traversal.close()
             self._traversal = None
@@ -519,6 +548,10 @@ class Peer:
             raise DtxError("peer not started")
         budget = timeout or self.config.connect_timeout
         link: Link | None = None
+        if addr is None and self._browser is not None:
+            session = await self._connect_lan(jid, budget)
+            if session is not None:
+                return session
         if addr is None:
             if self._traversal is None:
                 raise ConnectError(f"no address for {jid} and no rendezvous configured")
@@ -542,6 +575,38 @@ class Peer:
                 f"{timeout or self.config.connect_timeout:.1f} s"
             ) from None
         return session
+
+    async def _connect_lan(self, jid: str, budget: float) -> Session | None:
+        """Try the devices announcing ``jid`` on the LAN, trusted keys first.
+
+        A device whose key is refused is skipped (and logged), never trusted;
+        when every LAN answer was refused and there is no rendezvous to try,
+        the last refusal is raised."""
+        from ..identity import fingerprint
+
+        trusted_keys = getattr(self.verifier, "trusted_keys", None)
+        keys = trusted_keys(jid) if trusted_keys is not None else None
+        trusted = [fingerprint(k) for k in keys or ()]
+        records = await self._browser.resolve(
+            jid, timeout=min(self.config.lan_timeout, budget), trusted=trusted)
+        refusal: DtxError | None = None
+        for record in records:
+            for addr in record.addresses[:1]:
+                try:
+                    session = await self.connect(jid, addr, timeout=budget)
+                except TrustError as exc:
+                    logger.warning("LAN device %s at %s:%d refused: %s",
+                                   record.instance, addr[0], addr[1], exc)
+                    refusal = exc
+                    continue
+                except ConnectError as exc:
+                    logger.info("LAN device at %s:%d did not answer: %s", *addr, exc)
+                    continue
+                session._fixed_path = "lan"
+                return session
+        if refusal is not None and self._traversal is None:
+            raise refusal
+        return None
 
     async def accept(self) -> Session:
         """The next session a remote device opened (keys checked both ways)."""

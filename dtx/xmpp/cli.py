@@ -24,7 +24,14 @@ from dtx.errors import XmppError
 from dtx.identity import fingerprint, load_identity
 from dtx.xmpp.client import PUBLISH_FORMATS, KeyChange, XmppClient, XmppConfig
 
-__all__ = ["add_cli", "cmd_vcard_publish", "configure_publish_parser", "parse_server"]
+__all__ = [
+    "add_cli",
+    "cmd_vcard_fetch",
+    "cmd_vcard_publish",
+    "configure_fetch_parser",
+    "configure_publish_parser",
+    "parse_server",
+]
 
 MAX_PASSWORD_FILE_BYTES = 4096
 
@@ -84,13 +91,85 @@ def configure_publish_parser(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_vcard_publish)
 
 
+def configure_fetch_parser(p: argparse.ArgumentParser) -> None:
+    """Add the arguments of ``dtx vcard fetch`` to ``p``."""
+    p.add_argument("jid", help="the account (bare JID) whose device keys to fetch")
+    p.add_argument("--account-key", required=True, metavar="KEYFILE",
+                   help="this device's key file: its JID names the account to log in as")
+    p.add_argument("--password-file", required=True, metavar="FILE",
+                   help="file whose first line is that account's password (mode 0600)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="vCard folder to write JID.xml into (the trust source of "
+                        "listen/send --vcards)")
+    p.add_argument("--server", type=parse_server, metavar="HOST:PORT", default=None)
+    p.add_argument("--allow-plaintext", action="store_true",
+                   help="log in even if the server offers no TLS (test servers only)")
+    p.add_argument("--ca-file", metavar="PEM", default=None)
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--json", action="store_true", help="print JSON on stdout")
+    p.set_defaults(func=cmd_vcard_fetch)
+
+
 def add_cli(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``vcard-publish`` on ``dtx``'s subparsers; returns its parser."""
+    """Register ``vcard-publish`` and ``vcard-fetch`` on ``dtx``'s
+    subparsers; returns the publish parser."""
     p: argparse.ArgumentParser = subparsers.add_parser(
         "vcard-publish", help="add (or --revoke) this device's key in the account's vCard"
     )
     configure_publish_parser(p)
+    f: argparse.ArgumentParser = subparsers.add_parser(
+        "vcard-fetch", help="fetch an account's device keys into a vCard folder"
+    )
+    configure_fetch_parser(f)
     return p
+
+
+async def _fetch(args: argparse.Namespace) -> frozenset[bytes] | None:
+    identity = load_identity(args.account_key)
+    password = read_password_file(args.password_file)
+    config = XmppConfig(
+        server=args.server,
+        allow_plaintext=bool(args.allow_plaintext),
+        ca_file=args.ca_file,
+        timeout=float(args.timeout),
+    )
+    client = XmppClient(identity.jid.bare, password, config=config)
+    await client.connect()
+    try:
+        return await client.fetch_keys(args.jid)
+    finally:
+        await client.close()
+
+
+def cmd_vcard_fetch(args: argparse.Namespace) -> int:
+    """Handler of ``dtx vcard fetch``: the account's dtx keys, written as a
+    vCard into the folder, so they stay trusted when the server is away."""
+    from pathlib import Path
+
+    from dtx.jid import JID
+    from dtx.trust import add_key, new_vcard
+
+    bare = JID.parse(args.jid).bare.full
+    keys = asyncio.run(_fetch(args))
+    if not keys:
+        raise XmppError(f"{bare} lists no dtx device key in its vCard")
+    card = new_vcard(bare)
+    for key in sorted(keys):
+        card = add_key(card, key)
+    folder = Path(args.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{bare}.xml"
+    tmp = target.with_suffix(".xml.tmp")
+    tmp.write_bytes(card)
+    os.replace(tmp, target)
+    listed = sorted(fingerprint(k) for k in keys)
+    if args.json:
+        print(json.dumps({"jid": bare, "keys": listed, "file": str(target)}), flush=True)
+    else:
+        print(f"{bare}: {len(listed)} device key(s) written to {target}", flush=True)
+        for fp in listed:
+            print(f"  {fp}", flush=True)
+    return 0
 
 
 async def _run(args: argparse.Namespace) -> tuple[str, KeyChange]:
