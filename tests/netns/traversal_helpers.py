@@ -5,7 +5,7 @@ live inside the lab's namespaces."""
 from __future__ import annotations
 
 import asyncio
-import select
+import queue
 import subprocess
 import sys
 import threading
@@ -52,29 +52,31 @@ def start_rendezvous(server: Host, vcards: Path, *extra: str) -> subprocess.Pope
     if len(getattr(server, "addresses", ())) > 1:
         argv += ["--alt-address", server.addresses[1]]
     proc = server.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue[str | None] = queue.Queue()
+    threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
     deadline = time.monotonic() + READY_TIMEOUT
     seen: list[str] = []
-    assert proc.stdout is not None
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 0.2)
-        if ready:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            seen.append(line)
-            if "listening" in line:
-                # Keep reading, so a chatty server never blocks on a full pipe.
-                threading.Thread(target=_drain, args=(proc.stdout,), daemon=True).start()
-                return proc
-        if proc.poll() is not None:
+    while (remaining := deadline - time.monotonic()) > 0:
+        try:
+            line = lines.get(timeout=remaining)
+        except queue.Empty:
             break
+        if line is None:
+            break
+        seen.append(line)
+        if "listening" in line:
+            return proc
     proc.kill()
     raise RuntimeError("rendezvous did not start: " + "".join(seen)[-2000:])
 
 
-def _drain(stream: IO[str]) -> None:
-    for _ in stream:
-        pass
+def _pump(stream: IO[str] | None, lines: queue.Queue[str | None]) -> None:
+    """Read the server's output to the end (so a chatty server never blocks
+    on a full pipe), handing each line over."""
+    assert stream is not None
+    for line in stream:
+        lines.put(line)
+    lines.put(None)
 
 
 def server_address(server: Host) -> tuple[str, int]:
