@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 DEFAULT_OUT = Path(__file__).resolve().parent / "out"
 DEFAULT_SCENARIOS: tuple[str, ...] = ("loopback",)
-_NOT_SCENARIOS = frozenset({"common"})
+_NOT_SCENARIOS = frozenset({"common", "lab_common"})
 
 
 class ScenarioError(Exception):
@@ -187,21 +187,30 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help="messages per one-way batch (default 50000; 10000 with --quick)")
     p.add_argument("--connects", type=int, metavar="N",
                    help="connections timed per system (default 20; 5 with --quick)")
+    p.add_argument("--lab-samples", type=int, metavar="N",
+                   help="round trips per system in the NAT lab (default 100; 30 with --quick)")
+    p.add_argument("--lab-stanzas", type=int, metavar="N",
+                   help="one-way messages per batch in the NAT lab (default 5000; 1000 with --quick)")
+    p.add_argument("--lab-connects", type=int, metavar="N",
+                   help="connections timed per system in the NAT lab (default 5; 2 with --quick)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress display")
     p.add_argument("--list", action="store_true", help="list scenarios and exit")
     args = p.parse_args(list(argv))
-    for name in ("runs", "samples", "stanzas", "connects"):
+    for name in ("runs", "samples", "stanzas", "connects", "lab_samples", "lab_stanzas",
+                 "lab_connects"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            p.error(f"--{name} must be at least 1")
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
 
 
 def make_options(args: argparse.Namespace, progress: Progress) -> Options:
     overrides: dict[str, Any] = {"progress": progress}
     for arg, field_name in (("runs", "runs"), ("samples", "rtt_samples"),
-                            ("stanzas", "stanzas"), ("connects", "connects")):
+                            ("stanzas", "stanzas"), ("connects", "connects"),
+                            ("lab_samples", "lab_rtt_samples"), ("lab_stanzas", "lab_stanzas"),
+                            ("lab_connects", "lab_connects")):
         value = getattr(args, arg)
         if value is not None:
             overrides[field_name] = value

@@ -26,6 +26,12 @@ class Metric(enum.StrEnum):
     """One-way messages per second, one sample per batch."""
     CPU = "cpu_per_message"
     """Process CPU seconds per message (sender and receiver together)."""
+    BYTES = "bytes_per_message"
+    """Bytes both ends put on the wire per one-way message (headers included)."""
+    TAKEOVER = "direct_after"
+    """From the session's start until a direct (or LAN) path carried it, seconds."""
+    DISCOVERY = "discovery"
+    """From a browser's start until it resolved the peer on the LAN, seconds."""
 
 
 UNITS: dict[Metric, str] = {
@@ -33,6 +39,9 @@ UNITS: dict[Metric, str] = {
     Metric.CONNECT: "s",
     Metric.THROUGHPUT: "messages/s",
     Metric.CPU: "s",
+    Metric.BYTES: "bytes",
+    Metric.TAKEOVER: "s",
+    Metric.DISCOVERY: "s",
 }
 
 
@@ -107,6 +116,13 @@ class Options:
     message_bytes: int = 200
     timeout: float = 30.0
     """Upper bound on any one phase, so a stuck system cannot hang a run."""
+    lab_rtt_samples: int = 100
+    """Sequential round trips per system in the NAT-lab scenarios (each
+    takes 80 to 250 ms there)."""
+    lab_stanzas: int = 5000
+    """Messages per one-way batch in the NAT-lab scenarios."""
+    lab_connects: int = 5
+    """Connections timed per system in the NAT-lab scenarios."""
     progress: Progress = field(default_factory=lambda: Progress(enabled=False))
 
     @classmethod
@@ -114,6 +130,7 @@ class Options:
         """The ``--quick`` preset: one run, small counts."""
         base: dict[str, object] = {
             "runs": 1, "rtt_samples": 300, "stanzas": 10_000, "connects": 5,
+            "lab_rtt_samples": 30, "lab_stanzas": 1000, "lab_connects": 2,
         }
         base.update(overrides)
         return cls(**base)  # type: ignore[arg-type]

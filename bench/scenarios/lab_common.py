@@ -1,0 +1,717 @@
+"""What the NAT-lab scenarios share: the lab, its servers, the systems.
+
+One lab per scenario (``Lab(wan=...)``) holds a server host ``rdv``
+(the rendezvous, Prosody and coturn), two port-restricted-cone homes ``a``
+and ``b`` (a punchable pair) and a symmetric home ``c`` (with ``b``, a
+relay-only pair); the ``lan`` scenario adds a home with two hosts. Devices
+and the raw UDP floor run in this process with sockets inside the lab's
+namespaces, measured one round trip at a time; the XMPP and WebRTC
+alternatives run as worker processes (:mod:`bench.lab_worker`), one per
+end, so neither shares a core with its peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import select
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from dtx import stanza as st
+from dtx.aio.peer import Peer, PeerConfig, Session
+from dtx.identity import DeviceIdentity
+from dtx.lab import Lab
+from dtx.lab.topology import Host
+from dtx.trust import PinStore, VCardDirectory, Verifier, add_key, new_vcard
+from dtx.wire.stun import binding_request, decode_stun
+from dtx.errors import DecodeError
+
+from .common import Metric, Options, Result
+from .loopback import dtx_datagram_rtt, dtx_ping_rtt, dtx_stanza_rtt, dtx_throughput, \
+    sized_stanza
+
+logger = logging.getLogger(__name__)
+
+RDV_PORT = 3478
+PROSODY_PORT = 5222
+TURN_PORT = 3490
+"""coturn's port (the rendezvous holds 3478 and its RFC 5780 port 3479)."""
+TURN_USER = "bench"
+TURN_PASSWORD = "bench-turn"
+XMPP_PASSWORD = "bench-xmpp"
+DOMAIN = "example.org"
+TV_JID = "tv@example.org/living-room"
+TV_BARE = "tv@example.org"
+READY_TIMEOUT = 20.0
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def lab_missing() -> str | None:
+    """Why the NAT lab cannot run here, or None when it can."""
+    if os.geteuid() != 0:
+        return ("needs root: the NAT lab creates network namespaces, veth/TAP links "
+                "and nftables rules")
+    for tool, package in (("ip", "iproute2"), ("nft", "nftables"), ("conntrack", "conntrack")):
+        if shutil.which(tool) is None:
+            return f"needs the {tool} command (package {package}; scripts/setup installs it)"
+    if not os.path.exists("/dev/net/tun"):
+        return "needs /dev/net/tun: impaired lab links are TAP devices"
+    return None
+
+
+def alternatives_missing() -> str | None:
+    """Why the XMPP / WebRTC alternatives cannot run, or None."""
+    for tool, package in (("prosody", "prosody"), ("prosodyctl", "prosody"),
+                          ("turnserver", "coturn")):
+        if shutil.which(tool) is None:
+            return f"needs the {tool} command (Debian package {package}; run scripts/setup)"
+    try:
+        import aiortc  # noqa: F401
+    except ImportError:
+        return "needs aiortc (the bench extra: pip install -e '.[bench]')"
+    return None
+
+
+# -- processes ------------------------------------------------------------------
+
+
+def _drain(stream: IO[str]) -> None:
+    for _ in stream:
+        pass
+
+
+def wait_line(proc: subprocess.Popen[str], word: str, what: str) -> None:
+    """Read ``proc``'s output until a line containing ``word``, then keep
+    draining it in a thread (a chatty process never blocks on its pipe)."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    seen: list[str] = []
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 0.2)
+        if ready:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            seen.append(line)
+            if word in line:
+                threading.Thread(target=_drain, args=(proc.stdout,), daemon=True).start()
+                return
+        if proc.poll() is not None:
+            break
+    proc.kill()
+    raise RuntimeError(f"{what} did not start: " + "".join(seen)[-2000:])
+
+
+class Worker:
+    """A :mod:`bench.lab_worker` process in a lab host: JSON lines both ways."""
+
+    def __init__(self, host: Host, args: list[str], timeout: float) -> None:
+        self.timeout = timeout
+        self.proc: subprocess.Popen[str] = host.popen(
+            [sys.executable, "-m", "bench.lab_worker", *args], cwd=ROOT,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self._err: list[str] = []
+        assert self.proc.stderr is not None
+        threading.Thread(target=self._collect, args=(self.proc.stderr,), daemon=True).start()
+
+    def _collect(self, stream: IO[str]) -> None:
+        for line in stream:
+            if len(self._err) < 200:
+                self._err.append(line)
+
+    def expect(self, event: str) -> dict[str, Any]:
+        """The next event line, which must be ``event``."""
+        deadline = time.monotonic() + self.timeout
+        assert self.proc.stdout is not None
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self.proc.stdout], [], [], 0.5)
+            if ready:
+                line = self.proc.stdout.readline()
+                if not line:
+                    break
+                msg: dict[str, Any] = json.loads(line)
+                if msg.get("event") != event:
+                    raise RuntimeError(f"worker sent {msg.get('event')!r}, not {event!r}")
+                return msg
+            if self.proc.poll() is not None:
+                break
+        raise RuntimeError(f"worker gave no {event!r}: " + "".join(self._err)[-2000:])
+
+    def send(self, **fields: Any) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(fields) + "\n")
+        self.proc.stdin.flush()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.send(command="stop")
+                self.proc.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+def wire_bytes(*hosts: Host) -> int:
+    """Bytes sent by ``hosts`` on their lab interfaces (all but ``lo``),
+    from each namespace's ``/proc/net/dev``: IP and UDP/TCP headers
+    included, as on a wire."""
+    total = 0
+    for host in hosts:
+        text = host.run(["cat", "/proc/net/dev"], check=True).stdout
+        for line in text.splitlines()[2:]:
+            name, _, rest = line.partition(":")
+            if name.strip() == "lo":
+                continue
+            cols = rest.split()
+            total += int(cols[8])  # transmit bytes
+    return total
+
+
+# -- the servers ------------------------------------------------------------------
+
+
+def write_vcards(folder: Path, *identities: DeviceIdentity) -> None:
+    """A vCard per account listing its devices' keys (the rendezvous's
+    and the devices' trust source)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cards: dict[str, bytes] = {}
+    for ident in identities:
+        bare = str(ident.jid.bare)
+        cards[bare] = add_key(cards.get(bare) or new_vcard(bare), ident.public_key)
+    for bare, card in cards.items():
+        (folder / f"{bare}.xml").write_bytes(card)
+
+
+def start_rendezvous(server: Host, vcards: Path) -> None:
+    argv = [sys.executable, "-m", "rendezvous", "--listen", f"{server.ip}:{RDV_PORT}",
+            "--vcards", str(vcards)]
+    if len(server.addresses) > 1:
+        argv += ["--alt-address", server.addresses[1]]
+    proc = server.popen(argv, cwd=ROOT, stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT, text=True)
+    wait_line(proc, "listening", "rendezvous")
+
+
+def _lua(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def start_prosody(server: Host, folder: Path, users: list[str]) -> tuple[str, int]:
+    """Prosody (client connections only, no TLS) on the server host;
+    returns its address. Accounts ``users`` get :data:`XMPP_PASSWORD`."""
+    data = folder / "data"
+    data.mkdir(parents=True, exist_ok=True, mode=0o700)
+    cfg = folder / "prosody.cfg.lua"
+    cfg.write_text("\n".join([
+        "run_as_root = true",
+        f"data_path = {_lua(str(data))}",
+        f"pidfile = {_lua(str(folder / 'prosody.pid'))}",
+        f"log = {{ warn = {_lua(str(folder / 'prosody.log'))} }}",
+        f"interfaces = {{ {_lua(server.ip)} }}",
+        f"c2s_ports = {{ {PROSODY_PORT} }}",
+        "c2s_direct_tls_ports = { }", "legacy_ssl_ports = { }", "s2s_ports = { }",
+        "component_ports = { }", "http_ports = { }", "https_ports = { }",
+        'modules_disabled = { "s2s" }',
+        'modules_enabled = { "roster"; "saslauth"; "disco"; "ping" }',
+        'authentication = "internal_plain"', 'storage = "internal"',
+        "allow_registration = false", "use_libevent = false",
+        f"certificates = {_lua(str(folder))}",
+        "c2s_require_encryption = false", "allow_unencrypted_plain_auth = true",
+        f"VirtualHost {_lua(DOMAIN)}", "",
+    ]), encoding="utf-8")
+    for user in users:
+        subprocess.run(["prosodyctl", "--config", str(cfg), "register", user, DOMAIN,
+                        XMPP_PASSWORD], stdin=subprocess.DEVNULL, capture_output=True,
+                       timeout=30, check=True)
+    server.popen(["prosody", "--config", str(cfg), "-F"], stdin=subprocess.DEVNULL,
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        probe = server.tcp_socket()
+        probe.settimeout(1.0)
+        try:
+            probe.connect((server.ip, PROSODY_PORT))
+            return (server.ip, PROSODY_PORT)
+        except OSError:
+            # Polling a port that is not open yet: nothing to await on.
+            time.sleep(0.1)
+        finally:
+            probe.close()
+    raise RuntimeError("prosody did not listen: " + (folder / "prosody.log").read_text()[-2000:])
+
+
+def start_turn(server: Host, folder: Path) -> tuple[str, int]:
+    """A coturn instance of our own (throwaway config, no service) on the
+    server host; returns its address once it answers a STUN request."""
+    conf = folder / "turnserver.conf"
+    conf.write_text("\n".join([
+        f"listening-ip={server.ip}", f"relay-ip={server.ip}", f"listening-port={TURN_PORT}",
+        "min-port=50000", "max-port=50999", "lt-cred-mech", f"user={TURN_USER}:{TURN_PASSWORD}",
+        f"realm={DOMAIN}", "fingerprint", "no-tls", "no-dtls", "no-cli", "no-rfc5780",
+        "no-stun-backward-compatibility", f"pidfile={folder / 'turnserver.pid'}",
+        "log-file=stdout", "simple-log", "allow-loopback-peers", "",
+    ]), encoding="utf-8")
+    server.popen(["turnserver", "-c", str(conf)],
+                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sock = server.udp_socket()
+    sock.settimeout(0.2)
+    deadline = time.monotonic() + READY_TIMEOUT
+    try:
+        for i in range(1000):
+            sock.sendto(binding_request(i.to_bytes(12, "big")), (server.ip, TURN_PORT))
+            try:
+                sock.recvfrom(2048)
+                return (server.ip, TURN_PORT)
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                break
+    finally:
+        sock.close()
+    raise RuntimeError("coturn did not answer STUN")
+
+
+# -- dtx devices -------------------------------------------------------------------
+
+
+@dataclass
+class LabWorld:
+    """A lab that is up, with its servers started."""
+
+    lab: Lab
+    server: Host
+    folder: Path
+    vcards: Path
+    rendezvous: tuple[str, int]
+    identities: dict[str, DeviceIdentity] = field(default_factory=dict)
+    prosody: tuple[str, int] | None = None
+    turn: tuple[str, int] | None = None
+
+
+@asynccontextmanager
+async def open_lab_peer(world: LabWorld, identity: DeviceIdentity, host: Host, *,
+                        listen: bool) -> AsyncIterator[Peer]:
+    """A started :class:`Peer` whose socket lives in ``host``'s namespace."""
+    cfg = PeerConfig(rendezvous=world.rendezvous, host_addresses=(host.ip,))
+    peer = Peer(identity, Verifier([VCardDirectory(world.vcards)], PinStore(None)), config=cfg)
+    await peer.start(sock=host.udp_socket(), listen=listen)
+    try:
+        yield peer
+    finally:
+        await peer.close()
+
+
+# -- raw UDP: the floor -------------------------------------------------------------
+
+
+class _Echo(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        if self.transport is not None and data[:1] == b"E":
+            self.transport.sendto(data, addr)
+
+
+class _Client(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[tuple[bytes, tuple[str, int]]] = asyncio.Queue()
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.queue.put_nowait((data, addr))
+
+
+async def stun_mapped(sock: socket.socket, server: tuple[str, int]) -> tuple[str, int]:
+    """The public address of ``sock`` as the rendezvous's STUN sees it."""
+    loop = asyncio.get_running_loop()
+    sock.setblocking(False)
+    for attempt in range(10):
+        txid = os.urandom(12)
+        await loop.sock_sendto(sock, binding_request(txid), server)
+        try:
+            async with asyncio.timeout(0.5):
+                while True:
+                    data, _ = await loop.sock_recvfrom(sock, 2048)
+                    try:
+                        msg = decode_stun(data)
+                    except DecodeError:
+                        continue
+                    mapped = msg.reflexive_address
+                    if msg.transaction_id == txid and mapped is not None:
+                        return (str(mapped[0]), int(mapped[1]))
+        except TimeoutError:
+            logger.debug("STUN attempt %d unanswered", attempt)
+    raise RuntimeError("no STUN answer from the rendezvous")
+
+
+class _Relay(asyncio.DatagramProtocol):
+    """A bare UDP forwarder: the first two sources are paired; every
+    datagram from one goes to the other. The floor of any relay path."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.DatagramTransport | None = None
+        self.ends: list[tuple[str, int]] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        if addr not in self.ends and len(self.ends) < 2:
+            self.ends.append(addr)
+        if len(self.ends) == 2 and addr in self.ends and self.transport is not None:
+            other = self.ends[1] if addr == self.ends[0] else self.ends[0]
+            if data[:1] != b"H":
+                self.transport.sendto(data, other)
+
+
+async def _rtt_loop(client: _Client, transport: asyncio.DatagramTransport,
+                    dest: tuple[str, int], count: int, size: int) -> tuple[list[float], int]:
+    samples: list[float] = []
+    lost = 0
+    for i in range(-max(3, count // 10), count):
+        tag = f"E{i:09d}".encode()
+        payload = tag + b"x" * max(0, size - len(tag))
+        start = time.perf_counter()
+        transport.sendto(payload, dest)
+        try:
+            async with asyncio.timeout(1.0):
+                while (await client.queue.get())[0][:10] != tag:
+                    pass
+        except TimeoutError:
+            lost += 1 if i >= 0 else 0
+            continue
+        if i >= 0:
+            samples.append(time.perf_counter() - start)
+    return samples, lost
+
+
+async def udp_rtt(world: LabWorld, a: Host, b: Host, *, relay: bool, count: int,
+                  size: int) -> tuple[list[float], int]:
+    """Raw UDP echo between ``a`` and ``b``: punched through both NATs
+    (each learns its public address by STUN, then both send), or through a
+    bare forwarder on the server host."""
+    loop = asyncio.get_running_loop()
+    sa, sb = a.udp_socket(), b.udp_socket()
+    closers: list[asyncio.BaseTransport] = []
+    try:
+        if relay:
+            rsock = world.server.udp_socket(bind_port=RDV_PORT + 20, bind_ip=world.server.ip)
+            rt, _ = await loop.create_datagram_endpoint(_Relay, sock=rsock)
+            closers.append(rt)
+            target_a = target_b = (world.server.ip, RDV_PORT + 20)
+        else:
+            ma = await stun_mapped(sa, world.rendezvous)
+            mb = await stun_mapped(sb, world.rendezvous)
+            target_a, target_b = mb, ma
+        et, _ = await loop.create_datagram_endpoint(_Echo, sock=sb)
+        ct, cp = await loop.create_datagram_endpoint(_Client, sock=sa)
+        closers += [et, ct]
+        # Open the NAT bindings (or register with the relay) both ways.
+        for _ in range(5):
+            ct.sendto(b"H", target_a)
+            et.sendto(b"H", target_b)
+            await asyncio.sleep(0.02)
+        return await _rtt_loop(cp, ct, target_a, count, size)
+    finally:
+        for t in closers:
+            t.close()
+
+
+# -- dtx ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DtxFigures:
+    """What one connect sample of dtx yields (seconds)."""
+
+    connect: float
+    """``connect()`` by JID on a registered device to the first stanza delivered."""
+    cold: float
+    """``Peer.start()`` (fresh socket, unregistered) to the first stanza delivered."""
+    direct_after: float | None
+    path: str
+
+
+async def dtx_connect_once(world: LabWorld, tv: Peer, identity: DeviceIdentity,
+                           host: Host, index: int, timeout: float,
+                           settle: float) -> DtxFigures:
+    """One fresh device: start, register, connect by JID, first stanza;
+    then wait up to ``settle`` seconds for the direct path."""
+    t0 = time.perf_counter()
+    async with open_lab_peer(world, identity, host, listen=False) as rc:
+        await rc.wait_registered(timeout)
+        t1 = time.perf_counter()
+        session = await rc.connect(TV_BARE, timeout=timeout)
+        session.send(sized_stanza(200, to=TV_JID, index=index))
+        async with asyncio.timeout(timeout):
+            srv = await tv.accept()
+            await srv.receive()
+        t2 = time.perf_counter()
+        try:
+            await session.wait_path("direct", timeout=settle)
+        except TimeoutError:
+            pass
+        figures = DtxFigures(connect=t2 - t1, cold=t2 - t0,
+                             direct_after=session.direct_after(), path=session.path)
+        await session.close(timeout=timeout)
+    return figures
+
+
+@contextmanager
+def counting(*hosts: Host) -> Iterator[Callable[[], int]]:
+    """Bytes the hosts sent on the wire inside the block."""
+    before = wire_bytes(*hosts)
+    box = [0]
+    yield lambda: box[0]
+    box[0] = wire_bytes(*hosts) - before
+
+
+async def measure_dtx(world: LabWorld, opts: Options, run: int, scenario: str, system: str,
+                      a: Host, b: Host, remote_id: DeviceIdentity,
+                      cold_id: DeviceIdentity, expect: str) -> list[Result]:
+    """Every dtx figure for one pair of hosts (``a`` connects to ``b``)."""
+    results: list[Result] = []
+    n = opts.lab_rtt_samples
+    step = opts.progress.step
+    tag = f"{scenario} run {run + 1}/{opts.runs}"
+
+    def add(name: str, metric: Metric, samples: list[float], lost: int = 0,
+            note: str = "") -> None:
+        results.append(Result(scenario=scenario, system=name, metric=metric, run=run,
+                              samples=tuple(samples), lost=lost, note=note))
+
+    tv_id = world.identities["tv"]
+    async with open_lab_peer(world, tv_id, b, listen=True) as tv, \
+            open_lab_peer(world, remote_id, a, listen=False) as rc:
+        await tv.wait_registered(opts.timeout)
+        await rc.wait_registered(opts.timeout)
+        client = await rc.connect(TV_BARE, timeout=opts.timeout)
+        client.send(st.message("hello", to=TV_JID))
+        async with asyncio.timeout(opts.timeout):
+            srv = await tv.accept()
+            await srv.receive()
+        if expect != "relay":
+            await client.wait_path(expect, timeout=opts.timeout)
+        path = f"path {client.path}"
+        step(f"{tag}: {system} stanza rtt x{n}")
+        ropts = _with_samples(opts, n)
+        add(system, Metric.RTT, await dtx_stanza_rtt(ropts, client, srv), note=path)
+        step(f"{tag}: {system} ping rtt x{n}")
+        add(f"{system}-ping", Metric.RTT, await dtx_ping_rtt(ropts, client), note=path)
+        step(f"{tag}: {system} datagram rtt x{n}")
+        samples, lost = await dtx_datagram_rtt(ropts, client, srv)
+        add(f"{system}-datagram", Metric.RTT, samples, lost=lost, note=path)
+        step(f"{tag}: {system} one-way x{opts.lab_stanzas}")
+        topts = _with_stanzas(opts, opts.lab_stanzas)
+        with counting(a, b) as sent:
+            rate, cpu = await dtx_throughput(topts, client, srv)
+            await client.wait_acknowledged(timeout=opts.timeout)
+        note = f"{path}; both ends in one process"
+        add(system, Metric.THROUGHPUT, [rate], note=note)
+        add(system, Metric.CPU, [cpu], note=note)
+        add(system, Metric.BYTES, [sent() / opts.lab_stanzas], note=note)
+        if client.path != path.split()[-1]:
+            logger.warning("%s moved from %s to %s during the run", system, path, client.path)
+        await client.close(timeout=opts.timeout)
+        step(f"{tag}: {system} connect x{opts.lab_connects}")
+        connects, colds, takeovers, paths = [], [], [], set()
+        for i in range(opts.lab_connects):
+            f = await dtx_connect_once(world, tv, cold_id, a, i, opts.timeout,
+                                       settle=4.0 if expect == "relay" else opts.timeout)
+            connects.append(f.connect)
+            colds.append(f.cold)
+            paths.add(f.path)
+            if f.direct_after is not None and f.path != "relay":
+                takeovers.append(f.direct_after)
+        pnote = "first stanza on the relay; path at the end: " + "/".join(sorted(paths))
+        add(system, Metric.CONNECT, connects, note=pnote)
+        add(f"{system}-cold", Metric.CONNECT, colds, note=pnote)
+        if takeovers:
+            add(system, Metric.TAKEOVER, takeovers, note="session start to direct path")
+    return results
+
+
+def _with_samples(opts: Options, n: int) -> Options:
+    import dataclasses
+    return dataclasses.replace(opts, rtt_samples=n)
+
+
+def _with_stanzas(opts: Options, n: int) -> Options:
+    import dataclasses
+    return dataclasses.replace(opts, stanzas=n)
+
+
+# -- the alternatives (worker processes) -----------------------------------------------
+
+
+def _adder(results: list[Result], scenario: str, run: int) -> Callable[..., None]:
+    def add(system: str, metric: Metric, samples: list[float], lost: int = 0,
+            note: str = "") -> None:
+        if samples:
+            results.append(Result(scenario=scenario, system=system, metric=metric, run=run,
+                                  samples=tuple(samples), lost=lost, note=note))
+    return add
+
+
+def measure_xmpp(world: LabWorld, opts: Options, run: int, scenario: str, system: str,
+                 a: Host, b: Host) -> list[Result]:
+    """Two slixmpp clients through Prosody on the server host: ``a`` drives,
+    ``b`` echoes. Connect time is login plus the first stanza delivered."""
+    if world.prosody is None:
+        return []
+    results: list[Result] = []
+    add = _adder(results, scenario, run)
+    server = f"{world.prosody[0]}:{world.prosody[1]}"
+    common = ["--password", XMPP_PASSWORD, "--server", server,
+              "--size", str(opts.message_bytes)]
+    tag = f"{scenario} run {run + 1}/{opts.runs}"
+    echo = Worker(b, ["xmpp-echo", "--jid", "tv@example.org/echo", *common], opts.timeout)
+    try:
+        echo.expect("ready")
+        connects: list[float] = []
+        logins: list[float] = []
+        for i in range(opts.lab_connects):
+            measure = i == 0
+            n = opts.lab_rtt_samples if measure else 0
+            if measure:
+                opts.progress.step(f"{tag}: {system} login, rtt and ping x{n}")
+            drive = Worker(a, ["xmpp-drive", "--jid", f"remote@example.org/drive{i}",
+                               "--peer", "tv@example.org/echo", "--samples", str(n),
+                               "--stanzas", str(opts.lab_stanzas), *common],
+                           opts.timeout + 2 * n)
+            try:
+                login = drive.expect("login")
+                first = echo.expect("first")
+                connects.append(first["t"] - login["t0"])
+                logins.append(login["login"])
+                rtt = drive.expect("rtt")
+                if not measure:
+                    continue
+                add(system, Metric.RTT, rtt["rtt"], note="path via the XMPP server")
+                add(f"{system}-ping", Metric.RTT, rtt["ping"], note="path via the XMPP server")
+                opts.progress.step(f"{tag}: {system} one-way x{opts.lab_stanzas}")
+                with counting(a, b) as sent:
+                    drive.send(command="go")
+                    sunk = echo.expect("sunk")
+                    batch = drive.expect("batch")
+                note = "path via the XMPP server; each client in its own process"
+                add(system, Metric.THROUGHPUT, [sunk["count"] / (sunk["t"] - batch["t_start"])],
+                    note=note)
+                add(system, Metric.CPU, [(batch["cpu"] + sunk["cpu"]) / sunk["count"]],
+                    note=note + " (clients only, not Prosody)")
+                add(system, Metric.BYTES, [sent() / opts.lab_stanzas], note=note)
+            finally:
+                drive.stop()
+        add(system, Metric.CONNECT, connects, note="login plus first stanza")
+        add(f"{system}-login", Metric.CONNECT, logins, note="TCP connect, SASL, bind")
+    finally:
+        echo.stop()
+    return results
+
+
+def measure_webrtc(world: LabWorld, opts: Options, run: int, scenario: str, system: str,
+                   a: Host, b: Host) -> list[Result]:
+    """aiortc data channels, ``a`` offers and drives, ``b`` answers and
+    echoes; ICE with the rendezvous's STUN and coturn's TURN."""
+    results: list[Result] = []
+    add = _adder(results, scenario, run)
+    ice = ["--stun", f"{world.rendezvous[0]}:{world.rendezvous[1]}",
+           "--size", str(opts.message_bytes)]
+    if world.turn is not None:
+        ice += ["--turn", f"{world.turn[0]}:{world.turn[1]}", "--turn-user", TURN_USER,
+                "--turn-password", TURN_PASSWORD]
+    tag = f"{scenario} run {run + 1}/{opts.runs}"
+    connects: list[float] = []
+    paths: set[str] = set()
+    for i in range(opts.lab_connects):
+        measure = i == 0
+        n = opts.lab_rtt_samples if measure else 0
+        if measure:
+            opts.progress.step(f"{tag}: {system} open and rtt x{n}")
+        echo = Worker(b, ["webrtc-echo", *ice], opts.timeout)
+        drive = Worker(a, ["webrtc-drive", *ice, "--samples", str(n),
+                           "--stanzas", str(opts.lab_stanzas)], opts.timeout + 2 * n)
+        try:
+            echo.expect("ready")
+            offer = drive.expect("offer")
+            echo.send(sdp=offer["sdp"], type=offer["type"])
+            answer = echo.expect("answer")
+            drive.send(sdp=answer["sdp"], type=answer["type"])
+            opened = drive.expect("open")
+            first = echo.expect("first")
+            connects.append(first["t"] - opened["t0"])
+            paths.add(opened["path"])
+            rtt = drive.expect("rtt")
+            if not measure:
+                continue
+            note = f"path {opened['path']}"
+            add(system, Metric.RTT, rtt["rtt"], note=note)
+            opts.progress.step(f"{tag}: {system} one-way x{opts.lab_stanzas}")
+            with counting(a, b) as sent:
+                drive.send(command="go")
+                sunk = echo.expect("sunk")
+                batch = drive.expect("batch")
+            note += "; each end in its own process"
+            add(system, Metric.THROUGHPUT, [sunk["count"] / (sunk["t"] - batch["t_start"])],
+                note=note)
+            add(system, Metric.CPU, [(batch["cpu"] + sunk["cpu"]) / sunk["count"]], note=note)
+            add(system, Metric.BYTES, [sent() / opts.lab_stanzas], note=note)
+        finally:
+            drive.stop()
+            echo.stop()
+    add(system, Metric.CONNECT, connects,
+        note="offer to first message delivered; path " + "/".join(sorted(paths)))
+    return results
+
+
+# -- a whole scenario -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Two hosts measured against each other and what to call them."""
+
+    system: str
+    a: Host
+    b: Host
+    expect: str
+    """The path dtx should end on: ``lan``, ``direct`` or ``relay``."""
+
+
+def start_world(lab: Lab, server: Host, folder: Path, identities: dict[str, DeviceIdentity],
+                *, alternatives: bool) -> LabWorld:
+    """Start the rendezvous (and Prosody and coturn with ``alternatives``)."""
+    vcards = folder / "vcards"
+    write_vcards(vcards, *identities.values())
+    start_rendezvous(server, vcards)
+    world = LabWorld(lab=lab, server=server, folder=folder, vcards=vcards,
+                     rendezvous=(server.ip, RDV_PORT), identities=identities)
+    if alternatives:
+        pdir = folder / "prosody"
+        pdir.mkdir()
+        world.prosody = start_prosody(server, pdir, ["tv", "remote"])
+        tdir = folder / "turn"
+        tdir.mkdir()
+        world.turn = start_turn(server, tdir)
+    return world
+
+
+def scratch() -> tempfile.TemporaryDirectory[str]:
+    return tempfile.TemporaryDirectory(prefix="dtx-bench-")

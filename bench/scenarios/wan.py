@@ -1,0 +1,121 @@
+"""The standard WAN scenario in the NAT lab: two homes 20 ms one way from
+the core each, the server 40 ms beyond it (home↔home RTT 80 ms,
+home↔server 120 ms).
+
+Homes ``a`` and ``b`` sit behind port-restricted-cone NATs (a punchable
+pair: dtx ends on the direct path); home ``c`` behind a symmetric NAT (with
+``b``, relay-only). Beside dtx on each path: the raw UDP floor on the same
+path, two slixmpp clients through Prosody on the server host (the path a
+stanza takes today), and aiortc data channels (ICE with the rendezvous's
+STUN, coturn's TURN where punching fails). Needs root; the XMPP and WebRTC
+systems also need Prosody, coturn and aiortc (they are left out, with a
+warning, when missing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from dtx.identity import generate_identity
+from dtx.lab import STANDARD_WAN, Lab, LinkSpec, WanProfile
+
+from .common import Metric, Options, Result
+from .lab_common import (Pair, alternatives_missing, lab_missing, measure_dtx, measure_webrtc,
+                         measure_xmpp, scratch, start_world, udp_rtt)
+
+logger = logging.getLogger(__name__)
+
+NAME = "wan"
+
+
+def lossy(wan: WanProfile, loss: float) -> WanProfile:
+    """``wan`` with ``loss`` on every link to the core (each direction)."""
+    def with_loss(spec: LinkSpec | None, seed: int) -> LinkSpec:
+        base = spec or LinkSpec()
+        return LinkSpec(delay=base.delay, jitter=base.jitter, loss=loss, seed=seed)
+    return WanProfile(home=with_loss(wan.home, 1), server=with_loss(wan.server, 2),
+                      public=with_loss(wan.public, 3))
+
+
+def run_wan(opts: Options, name: str, wan: WanProfile) -> list[Result]:
+    """Build the lab for ``wan`` and measure every system ``opts.runs`` times."""
+    reason = lab_missing()
+    if reason:
+        raise RuntimeError(f"scenario {name} {reason}")
+    missing = alternatives_missing()
+    if missing:
+        logger.warning("scenario %s without XMPP and WebRTC: %s", name, missing)
+    results: list[Result] = []
+    with scratch() as tmp, Lab(wan=wan) as lab:
+        opts.progress.step(f"{name}: building the lab")
+        server = lab.add_server("rdv")
+        a = lab.add_home("a", nat="port-restricted-cone").hosts[0]
+        b = lab.add_home("b", nat="port-restricted-cone").hosts[0]
+        c = lab.add_home("c", nat="symmetric").hosts[0]
+        lab.up()
+        ids = {
+            "tv": generate_identity("tv@example.org/living-room"),
+            "phone": generate_identity("remote@example.org/phone"),
+            "tablet": generate_identity("remote@example.org/tablet"),
+            "phone-cold": generate_identity("remote@example.org/phone-cold"),
+            "tablet-cold": generate_identity("remote@example.org/tablet-cold"),
+        }
+        world = start_world(lab, server, Path(tmp), ids, alternatives=missing is None)
+        pairs = [Pair("dtx-direct", a, b, "direct"), Pair("dtx-relay", c, b, "relay")]
+        for run in range(opts.runs):
+            tag = f"{name} run {run + 1}/{opts.runs}"
+
+            async def measure(run: int = run, tag: str = tag) -> list[Result]:
+                out: list[Result] = []
+                for system, relay, x, y in (("udp-direct", False, a, b),
+                                            ("udp-relay", True, c, b)):
+                    opts.progress.step(f"{tag}: {system} rtt x{opts.lab_rtt_samples}")
+                    samples, lost = await udp_rtt(world, x, y, relay=relay,
+                                                  count=opts.lab_rtt_samples,
+                                                  size=opts.message_bytes)
+                    out.append(Result(scenario=name, system=system, metric=Metric.RTT,
+                                      run=run, samples=tuple(samples), lost=lost,
+                                      note="path " + ("relay" if relay else "direct")))
+                for pair, key in zip(pairs, ("phone", "tablet")):
+                    out += await measure_dtx(world, opts, run, name, pair.system, pair.a,
+                                             pair.b, ids[key], ids[f"{key}-cold"], pair.expect)
+                return out
+
+            results += asyncio.run(measure())
+            if missing is None:
+                results += measure_xmpp(world, opts, run, name, "xmpp", a, b)
+                results += measure_webrtc(world, opts, run, name, "webrtc-direct", a, b)
+                results += measure_webrtc(world, opts, run, name, "webrtc-relay", c, b)
+    return results
+
+
+def run(opts: Options) -> list[Result]:
+    """The standard WAN, no loss."""
+    return run_wan(opts, NAME, STANDARD_WAN)
+
+
+SYSTEMS: tuple[str, ...] = (
+    "udp-direct", "dtx-direct", "dtx-direct-ping", "dtx-direct-datagram", "dtx-direct-cold",
+    "webrtc-direct", "udp-relay", "dtx-relay", "dtx-relay-ping", "dtx-relay-datagram",
+    "dtx-relay-cold", "webrtc-relay", "xmpp", "xmpp-ping", "xmpp-login",
+)
+
+DESCRIPTIONS: dict[str, str] = {
+    "udp-direct": "raw UDP echo, punched through both NATs (floor of the direct path)",
+    "udp-relay": "raw UDP echo through a bare forwarder on the server host (floor of the relay path)",
+    "dtx-direct": "dtx session, `<message/>` echo, punchable pair (direct path)",
+    "dtx-direct-ping": "dtx session, XEP-0199 ping, direct path",
+    "dtx-direct-datagram": "dtx DATAGRAM channel, stanza echo, direct path",
+    "dtx-direct-cold": "dtx, fresh device: start, register, connect, first stanza (punchable pair)",
+    "dtx-relay": "dtx session, `<message/>` echo, relay-only pair (symmetric NAT)",
+    "dtx-relay-ping": "dtx session, XEP-0199 ping, relay path",
+    "dtx-relay-datagram": "dtx DATAGRAM channel, stanza echo, relay path",
+    "dtx-relay-cold": "dtx, fresh device: start, register, connect, first stanza (relay-only pair)",
+    "webrtc-direct": "aiortc data channel, punchable pair (ICE, rendezvous STUN)",
+    "webrtc-relay": "aiortc data channel, relay-only pair (coturn TURN)",
+    "xmpp": "two slixmpp clients through Prosody on the server host, `<message/>` echo",
+    "xmpp-ping": "slixmpp XEP-0199 ping to the other client, through Prosody",
+    "xmpp-login": "slixmpp login alone (TCP, SASL PLAIN, bind)",
+}
