@@ -254,8 +254,8 @@ async def run_ping(args: argparse.Namespace) -> int:
         emit(result)
     else:
         r = result["rtt_ms"]
-        print(f"{len(rtts)}/{args.count} answered; rtt p50 {r['p50']:.2f} ms, "  # type: ignore[index]
-              f"p99 {r['p99']:.2f} ms")  # type: ignore[index]
+        print(f"{len(rtts)}/{args.count} answered; rtt p50 {r['p50']:.2f} ms, "
+              f"p99 {r['p99']:.2f} ms")
     return 0
 
 

@@ -137,7 +137,7 @@ async def lab_pair(lab_host_a: object, lab_host_b: object, vcards: Path,
             pass
         rtts = [await session.ping() * 1000 for _ in range(10)]
         direct = session.direct_after()
-        result = {
+        result: dict[str, object] = {
             "body": st.body_of(got),
             "from": got.get("from"),
             "first_stanza_ms": first_ms,

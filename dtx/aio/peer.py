@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from xml.etree.ElementTree import Element
 
-from aioquic.buffer import Buffer
+from aioquic.buffer import Buffer  # type: ignore[attr-defined]
 from aioquic.quic.packet import (
     QuicPacketType,
     pull_quic_header,

@@ -363,16 +363,16 @@ class PathManager:
         for txid, ping in list(self._pings.items()):
             if now >= ping.sent_at + cfg.probe_timeout:
                 del self._pings[txid]
-                state = self.paths.get(ping.dest)
-                if state is not None and state.usable:
-                    state.failures += 1
-                    if state.failures >= cfg.dead_after_failures:
-                        state.dead = True
-                        state.heal_step = 0
-                        state.next_heal = now + cfg.heal_schedule[0]
+                lost = self.paths.get(ping.dest)
+                if lost is not None and lost.usable:
+                    lost.failures += 1
+                    if lost.failures >= cfg.dead_after_failures:
+                        lost.dead = True
+                        lost.heal_step = 0
+                        lost.next_heal = now + cfg.heal_schedule[0]
                         self._reselect(now)
                     else:
-                        self._send_ping(state.addr, now)
+                        self._send_ping(lost.addr, now)
         # liveness, keepalive, healing
         for state in self.paths.values():
             if state.usable:
