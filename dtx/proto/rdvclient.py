@@ -281,8 +281,11 @@ class RendezvousClient:
                 self._lost(f"server forgot us ({reason})", now)
         elif req.kind is MessageType.KEEPALIVE or (
             req.kind is MessageType.ACCEPT and code == 404
+            and reason.startswith("unknown registration")
         ):
-            self._lost(f"server refused keepalive: {code} {reason}", now)
+            self._lost(f"server refused {req.kind.name}: {code} {reason}", now)
+        elif req.kind is MessageType.ACCEPT:
+            logger.info("introduction no longer accepted: %d %s", code, reason)
         elif req.kind in (MessageType.HELLO, MessageType.REGISTER):
             logger.warning("registration refused: %d %s", code, reason)
             self._events.append(RegistrationRefused(code, reason))
