@@ -239,10 +239,12 @@ def quic_configuration(
     certificate: x509.Certificate,
     idle_timeout: float,
     max_datagram_frame_size: int | None,
+    max_datagram_size: int = 1200,
 ) -> QuicConfiguration:
     """The QUIC configuration of a dtx endpoint (0-RTT and tickets off)."""
     config = QuicConfiguration(
         is_client=is_client,
+        max_datagram_size=max_datagram_size,
         alpn_protocols=[ALPN],
         idle_timeout=idle_timeout,
         max_datagram_frame_size=max_datagram_frame_size,
