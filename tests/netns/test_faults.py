@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from dtx import stanza as st
-from dtx.aio.peer import PeerConfig, Session
+from dtx.aio.peer import Peer, PeerConfig, Session
 from dtx.lab import STANDARD_WAN, Lab
 from dtx.proto.paths import PathConfig
 
@@ -71,6 +71,18 @@ async def stream_through(
     return got
 
 
+async def open_direct(remote: Peer, tv: Peer) -> tuple[Session, Session]:
+    """A session from the remote to the TV, by JID, settled on the direct path."""
+    await tv.wait_registered(10)
+    session = await remote.connect("tv@example.org")
+    session.send(st.message("hello"))
+    async with asyncio.timeout(10):
+        tv_side = await tv.accept()
+        await tv_side.receive()
+    await session.wait_path("direct", timeout=5)
+    return session, tv_side
+
+
 def lab_pair(lab: Lab, tmp_path: Path) -> tuple[Device, Device, Path, tuple[str, int], object]:
     server = lab.add_server("rdv")
     home_a = lab.add_home("a", nat="port-restricted-cone")
@@ -94,13 +106,7 @@ def test_cut_direct_path_moves_to_relay_and_back(netns_ready: None, tmp_path: Pa
         async def main() -> None:
             async with device_peer(b, vcards, rdv, listen=True, config=CONFIG) as tv, \
                     device_peer(a, vcards, rdv, listen=False, config=CONFIG) as remote:
-                await tv.wait_registered(10)
-                session = await remote.connect("tv@example.org")
-                session.send(st.message("hello"))
-                async with asyncio.timeout(10):
-                    tv_side = await tv.accept()
-                    await tv_side.receive()
-                await session.wait_path("direct", timeout=5)
+                session, tv_side = await open_direct(remote, tv)
                 seen: list[str] = []
                 session.link.on_change.append(lambda c: seen.append(c.kind.value))
 
@@ -125,13 +131,7 @@ def test_nat_reboot_mid_stream(netns_ready: None, tmp_path: Path) -> None:
         async def main() -> None:
             async with device_peer(b, vcards, rdv, listen=True, config=CONFIG) as tv, \
                     device_peer(a, vcards, rdv, listen=False, config=CONFIG) as remote:
-                await tv.wait_registered(10)
-                session = await remote.connect("tv@example.org")
-                session.send(st.message("hello"))
-                async with asyncio.timeout(10):
-                    tv_side = await tv.accept()
-                    await tv_side.receive()
-                await session.wait_path("direct", timeout=5)
+                session, tv_side = await open_direct(remote, tv)
 
                 async def reboot() -> None:
                     home_a.flush_nat()
@@ -153,13 +153,7 @@ def test_public_address_change_mid_stream(netns_ready: None, tmp_path: Path) -> 
         async def main() -> None:
             async with device_peer(b, vcards, rdv, listen=True, config=CONFIG) as tv, \
                     device_peer(a, vcards, rdv, listen=False, config=CONFIG) as remote:
-                await tv.wait_registered(10)
-                session = await remote.connect("tv@example.org")
-                session.send(st.message("hello"))
-                async with asyncio.timeout(10):
-                    tv_side = await tv.accept()
-                    await tv_side.receive()
-                await session.wait_path("direct", timeout=5)
+                session, tv_side = await open_direct(remote, tv)
                 before = remote.traversal.client.reflexive  # type: ignore[union-attr]
 
                 async def roam() -> None:
@@ -182,13 +176,7 @@ def test_rendezvous_restart_mid_stream(netns_ready: None, tmp_path: Path) -> Non
         async def main() -> None:
             async with device_peer(b, vcards, rdv, listen=True, config=CONFIG) as tv, \
                     device_peer(a, vcards, rdv, listen=False, config=CONFIG) as remote:
-                await tv.wait_registered(10)
-                session = await remote.connect("tv@example.org")
-                session.send(st.message("hello"))
-                async with asyncio.timeout(10):
-                    tv_side = await tv.accept()
-                    await tv_side.receive()
-                await session.wait_path("direct", timeout=5)
+                session, tv_side = await open_direct(remote, tv)
                 clients = [remote.traversal.client, tv.traversal.client]  # type: ignore[union-attr]
                 old_ids = [c.registration for c in clients]
 
