@@ -100,6 +100,10 @@ class PeerConfig:
     and look for the peer there first when connecting by JID."""
     lan_timeout: float = 1.5
     """How long connect() waits for an mDNS answer before going on."""
+    receive_buffer_bytes: int = 4 * 1024 * 1024
+    """Received stanzas the application has not read yet, in bytes, beyond
+    which the session stops granting the sender QUIC credit (it resumes
+    below a quarter of it): memory stays bounded, nothing is dropped."""
     max_datagram_size: int = 1200
     """Largest UDP payload QUIC sends (RFC 9000's safe minimum by default;
     1452 fits an Ethernet path with room for dtx's 5-byte relay header and
@@ -145,7 +149,8 @@ class Session:
         self._loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
-        self._stanzas: deque[Element] = deque()
+        self._stanzas: deque[tuple[Element, int]] = deque()
+        self._queued_bytes = 0
         self._datagrams: deque[Element] = deque()
         self._readable = asyncio.Event()
         self._handshake: asyncio.Future[None] = self._loop.create_future()
@@ -299,10 +304,19 @@ class Session:
                 )
             self._readable.clear()
             await self._readable.wait()
-        return self._stanzas.popleft()
+        return self._take()
 
     def receive_nowait(self) -> Element | None:
-        return self._stanzas.popleft() if self._stanzas else None
+        return self._take() if self._stanzas else None
+
+    def _take(self) -> Element:
+        el, size = self._stanzas.popleft()
+        self._queued_bytes -= size
+        if self._quic.receive_paused and \
+                self._queued_bytes <= self._peer.config.receive_buffer_bytes // 4:
+            self._quic.receive_paused = False
+            self._peer._schedule(self)  # grant credit again
+        return el
 
     async def receive_datagram(self) -> Element:
         """The next stanza from the unreliable channel."""
@@ -361,7 +375,10 @@ class Session:
                     if fut is not None and not fut.done():
                         fut.set_result(el)
                         continue
-                self._stanzas.append(el)
+                self._stanzas.append((el, ev.size))
+                self._queued_bytes += ev.size
+                if self._queued_bytes > self._peer.config.receive_buffer_bytes:
+                    self._quic.receive_paused = True
                 self._readable.set()
             elif isinstance(ev, DatagramReceived):
                 self._datagrams.append(ev.stanza)

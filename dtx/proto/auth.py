@@ -20,6 +20,11 @@ the aioquic version range (see ``pyproject.toml`` and ``docs/security.md``):
   client that answers with an empty Certificate is refused
   (``certificate_required``) instead of being let in without one.
 
+One more private hook serves flow control, not authentication:
+``QuicConnection._write_stream_limits`` is replaced so a stream's receive
+window follows what the application has read (see
+:class:`AuthenticatedQuicConnection`).
+
 A refused key raises a TLS alert inside aioquic, which closes the connection
 with ``CRYPTO_ERROR + alert`` (RFC 9001 section 4.8): the handshake ends on
 both sides. The reason sent to the peer is generic; the detailed
@@ -37,7 +42,8 @@ from typing import Any
 
 from aioquic import tls
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection
+from aioquic.quic.connection import MAX_STREAM_DATA_FRAME_CAPACITY, QuicConnection
+from aioquic.quic.packet import QuicFrameType
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -212,6 +218,35 @@ class AuthenticatedQuicConnection(QuicConnection):
     def auth_error(self) -> DtxError | None:
         return self._auth_error
 
+    # -- receive flow control -----------------------------------------------------
+    #
+    # aioquic doubles a stream's receive limit whenever half of it is used,
+    # whatever the application has read, so a fast sender and a slow reader
+    # grow memory without bound. dtx grants credit itself instead: at most
+    # ``stream_window`` bytes beyond what has arrived, and none while the
+    # application is behind (``receive_paused``). The sender then stalls on
+    # QUIC flow control, which is what flow control is for.
+
+    stream_window: int = 2 * 1024 * 1024
+    receive_paused: bool = False
+
+    def _write_stream_limits(self, builder: Any, space: Any, stream: Any) -> None:
+        if stream.max_stream_data_local and not self.receive_paused:
+            wanted = stream.receiver.highest_offset + self.stream_window
+            if wanted - stream.max_stream_data_local >= self.stream_window // 2:
+                stream.max_stream_data_local = wanted
+        if stream.max_stream_data_local_sent == stream.max_stream_data_local:
+            return
+        buf = builder.start_frame(
+            QuicFrameType.MAX_STREAM_DATA,
+            capacity=MAX_STREAM_DATA_FRAME_CAPACITY,
+            handler=self._on_max_stream_data_delivery,
+            handler_args=(stream,),
+        )
+        buf.push_uint_var(stream.stream_id)
+        buf.push_uint_var(stream.max_stream_data_local)
+        stream.max_stream_data_local_sent = stream.max_stream_data_local
+
     def _initialize(self, peer_cid: bytes) -> None:
         super()._initialize(peer_cid)
         self.tls.__class__ = _DtxTlsContext
@@ -252,9 +287,9 @@ def quic_configuration(
         verify_mode=ssl.CERT_NONE,
         certificate=certificate,
         private_key=private_key,
-        # Large windows: stanzas are small and many; the stream is long-lived.
+        # Windows: the stream's is managed by AuthenticatedQuicConnection.
         max_data=16 * 1024 * 1024,
-        max_stream_data=8 * 1024 * 1024,
+        max_stream_data=AuthenticatedQuicConnection.stream_window,
     )
     return config
 

@@ -124,6 +124,8 @@ class SessionOpened:
 @dataclass(frozen=True)
 class StanzaReceived:
     stanza: Element
+    size: int = 0
+    """Bytes of stream data this stanza took, about (for buffer accounting)."""
 
 
 @dataclass(frozen=True)
@@ -224,6 +226,7 @@ class XmlSession:
         self._stream: int | None = None
         self._peer_closed = False
         self._header_seen = False
+        self._unattributed = 0
         # XEP-0198 style accounting: h counts stanzas, modulo 2**32.
         self._unacked: deque[Element] = deque()
         self._acked_total = 0
@@ -369,6 +372,7 @@ class XmlSession:
             self._stream_error("unsupported-feature", "unexpected QUIC stream")
             return []
         self.statistics.bytes_received += len(event.data)
+        self._unattributed += len(event.data)
         out: list[SessionEvent] = []
         try:
             xml_events = self._parser.feed(event.data) if event.data else []
@@ -385,6 +389,12 @@ class XmlSession:
                 self._log.warning("stream error from %s: %s", self.peer_jid, exc)
                 self._stream_error(exc.condition, exc.text)
                 break
+        stanzas = [e for e in out if isinstance(e, StanzaReceived)]
+        if stanzas:
+            share = self._unattributed // len(stanzas)
+            self._unattributed = 0
+            out = [StanzaReceived(e.stanza, share) if isinstance(e, StanzaReceived) else e
+                   for e in out]
         if event.end_stream and not self._peer_closed and self.state is not SessionState.CLOSED:
             self._stream_error("not-well-formed", "stream ended without closing tag")
         return out

@@ -332,3 +332,40 @@ async def test_deep_nesting_inside_a_stanza(pair: Pair) -> None:
         node = SubElement(node, "{urn:example}x")
     client.send(el)
     await expect_stream_error(client, server, "policy-violation")
+
+
+async def test_a_reader_that_falls_behind_bounds_memory_and_loses_nothing(  # type: ignore[no-untyped-def]
+    tv_id, remote_id
+) -> None:
+    """The TV does not read; the remote keeps sending. The TV stops granting
+    QUIC credit, so what it holds stays bounded; once it reads, everything
+    arrives in order."""
+    from dtx.aio.peer import PeerConfig
+
+    buffer = 256 * 1024
+    config = PeerConfig(receive_buffer_bytes=buffer)
+    n = 60_000  # ~12 MB of stanzas, far beyond the buffer and the window
+    async with open_peer(tv_id, trusting(tv_id, remote_id), config=config) as tv, \
+            open_peer(remote_id, trusting(tv_id, remote_id)) as remote:
+        client = await remote.connect("tv@example.org", tv.address)
+        server = await tv.accept()
+        for i in range(n):
+            client.send(st.message(str(i)))
+        # wait (bounded) until the TV has paused and nothing more arrives
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 20
+        last, stable = -1, 0
+        while stable < 20 and loop.time() < deadline:
+            now_bytes = server.statistics()["bytes_received"]
+            stable = stable + 1 if now_bytes == last else 0
+            last = now_bytes
+            await asyncio.sleep(0.01)
+        assert server._quic.receive_paused
+        window = server._quic.stream_window
+        assert server._queued_bytes <= buffer + window + 64 * 1024
+        assert server.statistics()["bytes_received"] < n * 100 // 2
+        assert client.statistics()["unacknowledged"] > 0
+        async with asyncio.timeout(60):
+            bodies = [st.body_of(await server.receive()) for _ in range(n)]
+        assert bodies == [str(i) for i in range(n)]
+        await client.wait_acknowledged(timeout=30)
