@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 import os
+import queue
 import select
 import shutil
 import socket
@@ -125,30 +126,41 @@ class Worker:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self._err: list[str] = []
         assert self.proc.stderr is not None
-        threading.Thread(target=self._collect, args=(self.proc.stderr,), daemon=True).start()
+        self._reader = threading.Thread(target=self._collect, args=(self.proc.stderr,),
+                                        daemon=True)
+        self._reader.start()
+        self._events: queue.Queue[str | None] = queue.Queue()
+        assert self.proc.stdout is not None
+        threading.Thread(target=self._lines, args=(self.proc.stdout,), daemon=True).start()
 
     def _collect(self, stream: IO[str]) -> None:
         for line in stream:
             if len(self._err) < 200:
                 self._err.append(line)
 
+    def _lines(self, stream: IO[str]) -> None:
+        for line in stream:
+            self._events.put(line)
+        self._events.put(None)
+
     def expect(self, event: str) -> dict[str, Any]:
         """The next event line, which must be ``event``."""
-        deadline = time.monotonic() + self.timeout
-        assert self.proc.stdout is not None
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([self.proc.stdout], [], [], 0.5)
-            if ready:
-                line = self.proc.stdout.readline()
-                if not line:
-                    break
-                msg: dict[str, Any] = json.loads(line)
-                if msg.get("event") != event:
-                    raise RuntimeError(f"worker sent {msg.get('event')!r}, not {event!r}")
-                return msg
-            if self.proc.poll() is not None:
-                break
-        raise RuntimeError(f"worker gave no {event!r}: " + "".join(self._err)[-2000:])
+        try:
+            line = self._events.get(timeout=self.timeout)
+        except queue.Empty:
+            line = None
+        if line is not None:
+            msg: dict[str, Any] = json.loads(line)
+            if msg.get("event") != event:
+                raise RuntimeError(f"worker sent {msg.get('event')!r}, not {event!r}")
+            return msg
+        try:
+            self.proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            pass
+        self._reader.join(timeout=2)
+        raise RuntimeError(f"worker {self.proc.args[-1:]} gave no {event!r} "
+                           f"(exit status {self.proc.poll()}): " + "".join(self._err)[-2000:])
 
     def send(self, **fields: Any) -> None:
         assert self.proc.stdin is not None
