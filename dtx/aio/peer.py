@@ -256,6 +256,10 @@ class Session:
         async with asyncio.timeout(timeout):
             while self._core.unacknowledged:
                 if self._closed.done():
+                    ended = self._closed.result()
+                    if ended.error is not None:
+                        # The typed reason (a refused key, a stream error).
+                        raise ended.error
                     raise SessionClosedError(
                         f"session ended with {len(self._core.unacknowledged)} "
                         "stanzas unacknowledged"
