@@ -4,7 +4,8 @@ The public API. Everything else is importable but may change.
 """
 
 from . import stanza
-from .aio.peer import Peer, PeerConfig, Session, open_peer
+from .aio.peer import Peer, PeerConfig, open_peer
+from .aio.session import Session
 from .errors import (
     AuthenticationError,
     ConnectError,
