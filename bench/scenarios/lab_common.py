@@ -415,10 +415,11 @@ async def _rtt_loop(client: _Client, transport: asyncio.DatagramTransport,
 
 
 async def udp_rtt(world: LabWorld, a: Host, b: Host, *, relay: bool, count: int,
-                  size: int) -> tuple[list[float], int]:
+                  size: int, lan: bool = False) -> tuple[list[float], int]:
     """Raw UDP echo between ``a`` and ``b``: punched through both NATs
-    (each learns its public address by STUN, then both send), or through a
-    bare forwarder on the server host."""
+    (each learns its public address by STUN, then both send), through a
+    bare forwarder on the server host, or (``lan``) straight to the LAN
+    address."""
     loop = asyncio.get_running_loop()
     sa, sb = a.udp_socket(), b.udp_socket()
     closers: list[asyncio.BaseTransport] = []
@@ -428,6 +429,8 @@ async def udp_rtt(world: LabWorld, a: Host, b: Host, *, relay: bool, count: int,
             rt, _ = await loop.create_datagram_endpoint(_Relay, sock=rsock)
             closers.append(rt)
             target_a = target_b = (world.server.ip, RDV_PORT + 20)
+        elif lan:
+            target_a, target_b = (b.ip, sb.getsockname()[1]), (a.ip, sa.getsockname()[1])
         else:
             ma = await stun_mapped(sa, world.rendezvous)
             mb = await stun_mapped(sb, world.rendezvous)
