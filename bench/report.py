@@ -16,9 +16,11 @@ from typing import Any
 RTT_COLUMNS: tuple[str, ...] = ("p50", "p90", "p99", "max")
 
 
-def _summaries(doc: dict[str, Any], metric: str) -> list[dict[str, Any]]:
+def _summaries(doc: dict[str, Any], metric: str,
+               scenario: str | None = None) -> list[dict[str, Any]]:
     order = [s["name"] for s in doc["systems"]]
-    rows = [s for s in doc["summaries"] if s["metric"] == metric]
+    rows = [s for s in doc["summaries"] if s["metric"] == metric
+            and (scenario is None or s["scenario"] == scenario)]
     return sorted(rows, key=lambda s: order.index(s["system"])
                   if s["system"] in order else len(order))
 
@@ -46,6 +48,81 @@ def cell(rng: dict[str, float], scale: float, runs: int) -> str:
     return f"{med} ({_fmt(rng['min'] * scale)}–{_fmt(rng['max'] * scale)})"
 
 
+def _what(doc: dict[str, Any], s: dict[str, Any]) -> str:
+    what = _description(doc, s["system"])
+    note = s.get("note") or ""
+    if note.startswith("path "):
+        what += f" ({note.split(';')[0]})"
+    return what
+
+
+def _scenario_tables(doc: dict[str, Any], scenario: str, heading: str) -> list[str]:
+    """The tables of one scenario; RTT in ms when its round trips are."""
+    lines: list[str] = []
+    if heading == "###":
+        lines += ["", f"## Scenario `{scenario}`"]
+    rtts = _summaries(doc, "rtt", scenario)
+    in_ms = any(s["stats"]["p50"]["median"] >= 1e-3 for s in rtts)
+    unit, scale = ("ms", 1e3) if in_ms else ("µs", 1e6)
+    lines += [
+        "",
+        f"{heading} Round-trip time ({unit})",
+        "",
+        "| System | What | " + " | ".join(RTT_COLUMNS) + " | Samples | Lost |",
+        "|---|---|" + "---:|" * len(RTT_COLUMNS) + "---:|---:|",
+    ]
+    for s in rtts:
+        cells = [cell(s["stats"][k], scale, s["runs"]) for k in RTT_COLUMNS]
+        lines.append(f"| {s['system']} | {_what(doc, s)} | "
+                     + " | ".join(cells) + f" | {s['samples']} | {s['lost']} |")
+
+    rates = {s["system"]: s for s in _summaries(doc, "throughput", scenario)}
+    cpus = {s["system"]: s for s in _summaries(doc, "cpu_per_message", scenario)}
+    wire = {s["system"]: s for s in _summaries(doc, "bytes_per_message", scenario)}
+    if rates:
+        lines += ["", f"{heading} One-way throughput and CPU cost", ""]
+        if wire:
+            lines += ["| System | Messages/s | CPU µs per message | Bytes on the wire per "
+                      "message | How it sends |", "|---|---:|---:|---:|---|"]
+        else:
+            lines += ["| System | Messages/s | CPU µs per message | How it sends |",
+                      "|---|---:|---:|---|"]
+        for system, s in rates.items():
+            cpu = cpus.get(system)
+            cpu_cell = cell(cpu["stats"]["median"], 1e6, cpu["runs"]) if cpu else "–"
+            row = f"| {system} | {cell(s['stats']['median'], 1.0, s['runs'])} | {cpu_cell} | "
+            if wire:
+                w = wire.get(system)
+                row += (cell(w["stats"]["median"], 1.0, w["runs"]) if w else "–") + " | "
+            lines.append(row + f"{s['note']} |")
+
+    connects = _summaries(doc, "connect", scenario)
+    if connects:
+        lines += [
+            "",
+            f"{heading} Connect time (ms): connect call to first message delivered",
+            "",
+            "| System | Median | Samples | Note |",
+            "|---|---:|---:|---|",
+        ]
+        for s in connects:
+            lines.append(f"| {s['system']} | {cell(s['stats']['median'], 1e3, s['runs'])} "
+                         f"| {s['samples']} | {s['note']} |")
+
+    for metric, title in (("direct_after", "Direct path takeover (ms): session start to "
+                           "the direct (or LAN) path carrying it"),
+                          ("discovery", "LAN discovery (ms): fresh mDNS browser to the "
+                           "device resolved")):
+        rows = _summaries(doc, metric, scenario)
+        if rows:
+            lines += ["", f"{heading} {title}", "", "| System | Median | Samples |",
+                      "|---|---:|---:|"]
+            for s in rows:
+                lines.append(f"| {s['system']} | {cell(s['stats']['median'], 1e3, s['runs'])} "
+                             f"| {s['samples']} |")
+    return lines
+
+
 def markdown(doc: dict[str, Any]) -> str:
     """The results as Markdown: conditions, then one table per figure."""
     c = doc["conditions"]
@@ -62,48 +139,14 @@ def markdown(doc: dict[str, Any]) -> str:
            if c.get("load_average") else "") + ".",
         f"Runs: {o['runs']}; {o['message_bytes']}-byte messages; "
         f"{o['rtt_samples']} round trips, {o['stanzas']} one-way messages and "
-        f"{o['connects']} connections per system per run. "
-        "With several runs a cell reads `median (min–max)` over the runs.",
-        "",
-        "## Round-trip time (µs)",
-        "",
-        "| System | What | " + " | ".join(RTT_COLUMNS) + " | Samples | Lost |",
-        "|---|---|" + "---:|" * len(RTT_COLUMNS) + "---:|---:|",
+        f"{o['connects']} connections per system per run"
+        + (f" (NAT lab: {o['lab_rtt_samples']} round trips, {o['lab_stanzas']} one-way "
+           f"messages, {o['lab_connects']} connections)" if "lab_rtt_samples" in o else "")
+        + ". With several runs a cell reads `median (min–max)` over the runs.",
     ]
-    for s in _summaries(doc, "rtt"):
-        cells = [cell(s["stats"][k], 1e6, s["runs"]) for k in RTT_COLUMNS]
-        lines.append(f"| {s['system']} | {_description(doc, s['system'])} | "
-                     + " | ".join(cells) + f" | {s['samples']} | {s['lost']} |")
-
-    rates = {s["system"]: s for s in _summaries(doc, "throughput")}
-    cpus = {s["system"]: s for s in _summaries(doc, "cpu_per_message")}
-    if rates:
-        lines += [
-            "",
-            "## One-way throughput and CPU cost",
-            "",
-            "| System | Messages/s | CPU µs per message | How it sends |",
-            "|---|---:|---:|---|",
-        ]
-        for system, s in rates.items():
-            cpu = cpus.get(system)
-            cpu_cell = cell(cpu["stats"]["median"], 1e6, cpu["runs"]) if cpu else "–"
-            lines.append(f"| {system} | {cell(s['stats']['median'], 1.0, s['runs'])} | "
-                         f"{cpu_cell} | {s['note']} |")
-
-    connects = _summaries(doc, "connect")
-    if connects:
-        lines += [
-            "",
-            "## Connect time (ms): connect call to first message delivered",
-            "",
-            "| System | Median | Samples |",
-            "|---|---:|---:|",
-        ]
-        for s in connects:
-            lines.append(f"| {s['system']} | {cell(s['stats']['median'], 1e3, s['runs'])} "
-                         f"| {s['samples']} |")
-
+    scenarios = list(doc.get("scenarios") or [])
+    for scenario in scenarios:
+        lines += _scenario_tables(doc, scenario, heading="###" if len(scenarios) > 1 else "##")
     if doc.get("targets"):
         lines += [
             "",
@@ -119,14 +162,21 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _pooled(doc: dict[str, Any], metric: str) -> dict[str, list[float]]:
-    pooled: dict[str, list[float]] = {}
+def _label(doc: dict[str, Any], scenario: str, system: str) -> str:
+    return system if len(doc.get("scenarios") or []) <= 1 else f"{scenario}/{system}"
+
+
+def _pooled(doc: dict[str, Any], metric: str,
+            scenario: str | None = None) -> dict[str, list[float]]:
+    pooled: dict[tuple[str, str], list[float]] = {}
     for r in doc["results"]:
-        if r["metric"] == metric:
-            pooled.setdefault(r["system"], []).extend(r["samples"])
+        if r["metric"] == metric and (scenario is None or r["scenario"] == scenario):
+            pooled.setdefault((r["scenario"], r["system"]), []).extend(r["samples"])
     order = [s["name"] for s in doc["systems"]]
-    return dict(sorted(pooled.items(), key=lambda kv: order.index(kv[0])
-                       if kv[0] in order else len(order)))
+    scenarios = list(doc.get("scenarios") or [])
+    keys = sorted(pooled, key=lambda k: (scenarios.index(k[0]) if k[0] in scenarios else 0,
+                                         order.index(k[1]) if k[1] in order else len(order)))
+    return {_label(doc, *k): pooled[k] for k in keys}
 
 
 def plots(doc: dict[str, Any], out: Path) -> list[Path]:
@@ -139,9 +189,10 @@ def plots(doc: dict[str, Any], out: Path) -> list[Path]:
     written: list[Path] = []
     title_tail = f"(Python {doc['conditions']['python']}, aioquic {doc['conditions']['aioquic']})"
 
-    rtts = _pooled(doc, "rtt")
-    if rtts:
-        fig, ax = plt.subplots(figsize=(8, 5))
+    def cdf(rtts: dict[str, list[float]], title: str, name: str) -> None:
+        if not rtts:
+            return
+        fig, ax = plt.subplots(figsize=(9, 5.5))
         for system, samples in rtts.items():
             xs = sorted(v * 1e6 for v in samples)
             ys = [(i + 1) / len(xs) for i in range(len(xs))]
@@ -149,29 +200,36 @@ def plots(doc: dict[str, Any], out: Path) -> list[Path]:
         ax.set_xscale("log")
         ax.set_xlabel("round-trip time (µs, log scale)")
         ax.set_ylabel("fraction of round trips")
-        ax.set_title(f"Loopback RTT CDF {title_tail}")
+        ax.set_title(f"{title} RTT CDF {title_tail}", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=7)
         fig.tight_layout()
-        path = out / "rtt_cdf.png"
+        path = out / name
         fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(path)
+
+    scenarios = list(doc.get("scenarios") or [])
+    cdf(_pooled(doc, "rtt"), ", ".join(scenarios) or "all", "rtt_cdf.png")
+    if len(scenarios) > 1:
+        for scenario in scenarios:
+            cdf(_pooled(doc, "rtt", scenario), scenario, f"rtt_cdf_{scenario}.png")
 
     def bars(metric: str, scale: float, ylabel: str, title: str, name: str) -> None:
         rows = _summaries(doc, metric)
         if not rows:
             return
-        labels = [s["system"] for s in rows]
+        labels = [_label(doc, s["scenario"], s["system"]) for s in rows]
         meds = [s["stats"]["median"]["median"] * scale for s in rows]
         lows = [m - s["stats"]["median"]["min"] * scale for m, s in zip(meds, rows)]
         highs = [s["stats"]["median"]["max"] * scale - m for m, s in zip(meds, rows)]
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = plt.subplots(figsize=(max(7.0, 0.6 * len(labels) + 2), 5))
         ax.bar(labels, meds, yerr=[lows, highs], capsize=6, color="tab:blue")
         for x, m in enumerate(meds):
             ax.annotate(_fmt(m), (x, m), ha="center", va="bottom",
                         xytext=(0, 3), textcoords="offset points")
         ax.set_ylabel(ylabel)
+        ax.tick_params(axis="x", labelrotation=60 if len(labels) > 4 else 0, labelsize=7)
         ax.set_title(f"{title} {title_tail}", fontsize=10)
         ax.grid(True, axis="y", alpha=0.3)
         fig.tight_layout()
@@ -186,6 +244,8 @@ def plots(doc: dict[str, Any], out: Path) -> list[Path]:
          "CPU time per message", "cpu.png")
     bars("connect", 1e3, "ms from connect call to first message delivered",
          "Connect time", "connect.png")
+    bars("bytes_per_message", 1.0, "bytes both ends sent per one-way message",
+         "Bytes on the wire per message", "bytes.png")
     return written
 
 

@@ -152,3 +152,80 @@ def targets(summaries: Sequence[Summary]) -> list[Target]:
             higher_is_better=True, met=value >= THROUGHPUT_TARGET,
         ))
     return out
+
+
+# -- NAT-lab targets ------------------------------------------------------------------
+
+DIRECT_RTT_OVER_FLOOR_MS = 1.0
+"""dtx direct-path RTT p50 at most this many ms above raw UDP on the same path."""
+LAN_VS_XMPP_RTT_RATIO = 100.0
+"""Server-mediated XMPP RTT p50 at least this many times dtx's LAN RTT p50."""
+FIRST_STANZA_VS_WEBRTC = 3.0
+"""aiortc's connect time at least this many times dtx's, same pair."""
+THROUGHPUT_VS_WEBRTC = 10.0
+"""dtx one-way stanzas/s at least this many times aiortc's, same path."""
+CONNECT_PUNCHABLE_MS = 300.0
+CONNECT_RELAY_ONLY_MS = 600.0
+CONNECT_COLD_MS = 600.0
+TAKEOVER_MS = 1000.0
+
+
+def _find_in(summaries: Sequence[Summary], scenario: str, system: str,
+             metric: Metric) -> Summary | None:
+    for s in summaries:
+        if s.scenario == scenario and s.system == system and s.metric is metric:
+            return s
+    return None
+
+
+def lab_targets(summaries: Sequence[Summary]) -> list[Target]:
+    """The NAT-lab targets (issues 4, 5, 6), for whatever was measured."""
+    out: list[Target] = []
+
+    def value(scenario: str, system: str, metric: Metric, stat: str = "median") -> float | None:
+        s = _find_in(summaries, scenario, system, metric)
+        return None if s is None or stat not in s.stats else s.stats[stat].median
+
+    def add(name: str, v: float | None, target: float, higher: bool) -> None:
+        if v is not None:
+            out.append(Target(name=name, value=v, target=target, higher_is_better=higher,
+                              met=v >= target if higher else v <= target))
+
+    scenarios = list(dict.fromkeys(s.scenario for s in summaries))
+    for scn in scenarios:
+        for path in ("direct", "relay", "lan"):
+            dtx_rtt = value(scn, f"dtx-{path}", Metric.RTT, "p50")
+            floor = value(scn, f"udp-{path}", Metric.RTT, "p50")
+            if path != "relay" and dtx_rtt is not None and floor is not None:
+                add(f"{scn}: dtx {path}-path RTT p50 minus raw UDP p50 (ms)",
+                    (dtx_rtt - floor) * 1e3, DIRECT_RTT_OVER_FLOOR_MS, False)
+            if path == "lan":
+                continue
+            dtx_conn = value(scn, f"dtx-{path}", Metric.CONNECT)
+            rtc_conn = value(scn, f"webrtc-{path}", Metric.CONNECT)
+            if dtx_conn is not None and rtc_conn is not None:
+                add(f"{scn}: aiortc open / dtx first stanza, {path} pair (×)",
+                    rtc_conn / dtx_conn, FIRST_STANZA_VS_WEBRTC, True)
+            dtx_rate = value(scn, f"dtx-{path}", Metric.THROUGHPUT)
+            rtc_rate = value(scn, f"webrtc-{path}", Metric.THROUGHPUT)
+            if dtx_rate is not None and rtc_rate is not None:
+                add(f"{scn}: dtx / aiortc one-way messages/s, {path} path (×)",
+                    dtx_rate / rtc_rate, THROUGHPUT_VS_WEBRTC, True)
+        conn = value(scn, "dtx-direct", Metric.CONNECT)
+        add(f"{scn}: dtx first stanza, registered device, punchable pair (ms)",
+            None if conn is None else conn * 1e3, CONNECT_PUNCHABLE_MS, False)
+        conn = value(scn, "dtx-relay", Metric.CONNECT)
+        add(f"{scn}: dtx first stanza, registered device, relay-only pair (ms)",
+            None if conn is None else conn * 1e3, CONNECT_RELAY_ONLY_MS, False)
+        conn = value(scn, "dtx-direct-cold", Metric.CONNECT)
+        add(f"{scn}: cold dtx device to first stanza, punchable pair (ms)",
+            None if conn is None else conn * 1e3, CONNECT_COLD_MS, False)
+        took = value(scn, "dtx-direct", Metric.TAKEOVER)
+        add(f"{scn}: direct path takes over after (ms)",
+            None if took is None else took * 1e3, TAKEOVER_MS, False)
+        lan = value(scn, "dtx-lan", Metric.RTT, "p50")
+        xmpp = value(scn, "xmpp-lan", Metric.RTT, "p50")
+        if lan is not None and xmpp is not None:
+            add(f"{scn}: XMPP-via-server RTT p50 / dtx LAN RTT p50 (×)", xmpp / lan,
+                LAN_VS_XMPP_RTT_RATIO, True)
+    return out
