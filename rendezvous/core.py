@@ -450,14 +450,17 @@ class RendezvousCore:
 
     # -- registration -------------------------------------------------------
 
-    def _challenge_mac(self, t: int, src: Address) -> bytes:
-        data = _CHALLENGE_LABEL + t.to_bytes(4, "big") + _address_bytes(src)
-        return hmac.new(self._secret, data, hashlib.sha256).digest()[:16]
+    def _challenge_mac(self, head: bytes, src: Address) -> bytes:
+        data = _CHALLENGE_LABEL + head + _address_bytes(src)
+        return hmac.new(self._secret, data, hashlib.sha256).digest()[:12]
 
     def make_challenge(self, src: Address, now: float) -> bytes:
-        """The stateless challenge for ``src`` at ``now``."""
+        """The stateless challenge for ``src`` at ``now``: the time in
+        seconds and a random nonce (so two challenges are never equal, even
+        within one second), authenticated with the source address."""
         t = int(now) & 0xFFFFFFFF
-        return t.to_bytes(4, "big") + self._challenge_mac(t, _normalise(src))
+        head = t.to_bytes(4, "big") + self._rng.getrandbits(32).to_bytes(4, "big")
+        return head + self._challenge_mac(head, _normalise(src))
 
     def _challenge_valid(self, challenge: bytes, src: Address, now: float) -> bool:
         if len(challenge) != CHALLENGE_BYTES:
@@ -466,7 +469,7 @@ class RendezvousCore:
         age = (int(now) - t) & 0xFFFFFFFF
         if age > self._config.challenge_validity:
             return False
-        return hmac.compare_digest(challenge[4:], self._challenge_mac(t, src))
+        return hmac.compare_digest(challenge[8:], self._challenge_mac(challenge[:8], src))
 
     def _on_hello(self, msg: ControlMessage, src: Address, size: int, now: float) -> None:
         if size < 48:
@@ -503,7 +506,11 @@ class RendezvousCore:
             )
             return
         self._purge_used(now)
-        if challenge in self._used or challenge in self._in_flight:
+        if challenge in self._in_flight:
+            # A retransmitted REGISTER while its keys are being looked up.
+            self._count("duplicate_registers")
+            return
+        if challenge in self._used:
             self._error(
                 msg.txid,
                 ErrorCode.CHALLENGE_INVALID,

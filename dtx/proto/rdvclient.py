@@ -290,10 +290,14 @@ class RendezvousClient:
             logger.warning("registration refused: %d %s", code, reason)
             self._events.append(RegistrationRefused(code, reason))
             self.state = RegistrationState.IDLE
-            # 401 (challenge expired in flight): simply try again soon.
-            self._restart_at = now + (
-                self.config.reregister_pause if code in (401, 429, 503) else 30.0
-            )
+            # 401: the challenge expired, or was used by a REGISTER whose
+            # answer got lost: start again at once with a fresh one.
+            if code == 401:
+                self._restart_at = now
+            else:
+                self._restart_at = now + (
+                    self.config.reregister_pause if code in (429, 503) else 30.0
+                )
 
     # -- timers -------------------------------------------------------------------
 
