@@ -32,6 +32,7 @@ from aioquic.quic.packet import (
 )
 
 from ..errors import (
+    AuthenticationError,
     ConnectError,
     DtxError,
     TrustError,
@@ -374,6 +375,7 @@ class Peer:
 
     def _datagram_received(self, data: bytes, addr: Address) -> None:
         if not data:
+            self.counters["datagrams_dropped"] += 1
             return
         kind = classify(data)
         if kind is PacketKind.QUIC:
@@ -529,10 +531,28 @@ class Peer:
             del self._sessions[session._addr]
         if ended.error is not None and not session._quic.configuration.is_client \
                 and session._core.peer_jid is None:
-            self.counters["handshakes_refused"] += 1
-            self.refusals.append((session._addr, ended.error))
-            session._log.warning("handshake from %s refused: %s", session._addr, ended.error)
+            if isinstance(ended.error, (TrustError, AuthenticationError)):
+                n = self._count("handshakes_refused")
+                self.refusals.append((session._addr, ended.error))
+                if _log_now(n):
+                    session._log.warning("handshake from %s refused: %s (%d so far)",
+                                         session._addr, ended.error, n)
+            else:
+                n = self._count("handshakes_failed")
+                session._log.debug("handshake from %s failed: %s", session._addr, ended.error)
+                if _log_now(n):
+                    logger.info("%d handshakes failed or timed out so far (latest from %s: %s)",
+                                n, session._addr, ended.error)
         session._finish(ended)
+
+    def _count(self, name: str) -> int:
+        self.counters[name] = self.counters.get(name, 0) + 1
+        return self.counters[name]
+
+
+def _log_now(count: int) -> bool:
+    """Rate-limited logging of repeated events: the 1st, 2nd, 4th, 8th..."""
+    return count & (count - 1) == 0
 
 
 @asynccontextmanager
