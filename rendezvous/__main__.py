@@ -14,6 +14,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from dtx.errors import DtxError
 from rendezvous.core import RendezvousConfig
 from rendezvous.server import serve
 
@@ -63,6 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="second IP for RFC 5780 NAT tests (STUN also on port+1 of both)")
     parser.add_argument("--vcards", metavar="DIR",
                         help="folder of account vCards, <bare JID>.xml")
+    parser.add_argument("--xmpp-account", metavar="JID",
+                        help="check registrations against live vCards, fetched over XMPP "
+                             "as this account (instead of --vcards)")
+    parser.add_argument("--password-file", metavar="FILE",
+                        help="with --xmpp-account: file whose first line is its password "
+                             "(mode 0600)")
+    parser.add_argument("--server", type=_host_port, metavar="HOST:PORT",
+                        help="with --xmpp-account: the XMPP server (default: the JID's domain)")
+    parser.add_argument("--allow-plaintext", action="store_true",
+                        help="with --xmpp-account: log in without TLS (test servers only)")
+    parser.add_argument("--vcard-ttl", type=_positive, default=60.0,
+                        help="seconds a fetched vCard is trusted (default 60)")
     parser.add_argument("--no-relay", action="store_true", help="do not relay traffic")
     parser.add_argument("--lifetime", type=_positive, default=90.0,
                         help="registration lifetime, seconds (default 90)")
@@ -77,7 +90,27 @@ async def _run(args: argparse.Namespace) -> int:
     config = RendezvousConfig(
         lifetime=args.lifetime, keepalive=args.keepalive, relay=not args.no_relay
     )
-    server = await serve(args.listen, alt_ip=args.alt_address, vcards=args.vcards, config=config)
+    lookup = None
+    if args.xmpp_account is not None:
+        from dtx.xmpp.cli import read_password_file
+
+        from .xmpp import XmppKeyLookup
+
+        lookup = XmppKeyLookup(
+            args.xmpp_account,
+            read_password_file(args.password_file),
+            server=args.server,
+            allow_plaintext=args.allow_plaintext,
+            ttl=args.vcard_ttl,
+        )
+        await lookup.start()
+    try:
+        server = await serve(args.listen, alt_ip=args.alt_address, vcards=args.vcards,
+                             config=config, key_lookup=lookup)
+    except BaseException:
+        if lookup is not None:
+            await lookup.close()
+        raise
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -94,6 +127,8 @@ async def _run(args: argparse.Namespace) -> int:
         await stop.wait()
     finally:
         server.close()
+        if lookup is not None:
+            await lookup.close()
     stats = server.statistics()
     logger.info("stopped: %s", " ".join(f"{k}={v}" for k, v in sorted(stats.items())))
     return 0
@@ -105,13 +140,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verbose >= 2:
         level = logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.xmpp_account is not None and args.password_file is None:
+        print("--xmpp-account needs --password-file", file=sys.stderr)
+        return 2
+    if args.xmpp_account is not None and args.vcards is not None:
+        print("give --vcards or --xmpp-account, not both", file=sys.stderr)
+        return 2
     if args.alt_address is not None and ipaddress.ip_address(args.listen[0]).is_unspecified:
         print("--alt-address needs --listen with a concrete IP (RFC 5780 names it)",
               file=sys.stderr)
         return 2
     try:
         return asyncio.run(_run(args))
-    except OSError as exc:
+    except (OSError, DtxError) as exc:
         print(f"dtx-rendezvous: {exc}", file=sys.stderr)
         return 1
 

@@ -8,9 +8,10 @@ the socket it names; one timer is re-armed after each call, as aioquic's
 ``QuicConnectionProtocol.transmit`` does.
 
 The key source is a folder of vCards, read synchronously (files are
-cached by inode, size and mtime). A key source that needs the network
-would use the core's ``keys=None`` mode and answer its
-``VerificationNeeded`` events here with ``complete_verification``.
+cached by inode, size and mtime), or an asynchronous lookup (live vCards
+over XMPP, :mod:`rendezvous.xmpp`): then the core runs with ``keys=None``,
+and each ``VerificationNeeded`` event it emits is answered here, when the
+lookup finishes, with ``complete_verification``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import logging
 import os
 import random
 import socket
+from collections.abc import Awaitable, Callable
 from typing import cast
 
 from dtx.trust import StaticKeys, VCardDirectory
@@ -29,7 +31,10 @@ from dtx.wire.stun import Address
 from rendezvous.core import RendezvousConfig, RendezvousCore
 from rendezvous.stun import ServerAddresses
 
-__all__ = ["Server", "serve"]
+__all__ = ["KeyLookup", "Server", "serve"]
+
+KeyLookup = Callable[[str], Awaitable[frozenset[bytes] | None]]
+"""An account's keys (bare JID in), or None when the account is unknown."""
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +59,12 @@ class _Protocol(asyncio.DatagramProtocol):
 class Server:
     """A running rendezvous server; build it with :func:`serve`."""
 
-    def __init__(self, core: RendezvousCore, addresses: ServerAddresses) -> None:
+    def __init__(self, core: RendezvousCore, addresses: ServerAddresses,
+                 key_lookup: KeyLookup | None = None) -> None:
         self.core = core
         self.addresses = addresses
+        self._key_lookup = key_lookup
+        self._lookups: set[asyncio.Task[None]] = set()
         self._loop = asyncio.get_running_loop()
         self._transports: dict[Address, asyncio.DatagramTransport] = {}
         self._timer: asyncio.TimerHandle | None = None
@@ -82,6 +90,8 @@ class Server:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        for task in self._lookups:
+            task.cancel()
         for transport in self._transports.values():
             transport.close()
         self._closed.set()
@@ -109,6 +119,8 @@ class Server:
     def _transmit(self) -> None:
         if self._closed.is_set():
             return
+        while (event := self.core.next_event()) is not None:
+            self._start_lookup(event.token, event.bare_jid)
         for data, send_to, send_from in self.core.datagrams_to_send():
             transport = self._transports.get(send_from)
             if transport is None:
@@ -124,6 +136,27 @@ class Server:
                 self._timer.cancel()
             self._timer = None if when is None else self._loop.call_at(when, self._on_timer)
             self._timer_at = when
+
+
+    def _start_lookup(self, token: int, bare_jid: str) -> None:
+        if self._key_lookup is None:
+            self.core.complete_verification(token, None, self._loop.time())
+            return
+        lookup = self._key_lookup
+
+        async def run() -> None:
+            try:
+                keys = await lookup(bare_jid)
+            except Exception as exc:  # noqa: BLE001 - a lookup must not kill the server
+                logger.warning("key lookup for %s failed: %s", bare_jid, exc)
+                keys = None
+            if not self._closed.is_set():
+                self.core.complete_verification(token, keys, self._loop.time())
+                self._transmit()
+
+        task = self._loop.create_task(run())
+        self._lookups.add(task)
+        task.add_done_callback(self._lookups.discard)
 
 
 def _family(host: str) -> socket.AddressFamily:
@@ -184,16 +217,20 @@ async def serve(
     vcards: str | os.PathLike[str] | None,
     config: RendezvousConfig | None = None,
     keys: KeySource | None = None,
+    key_lookup: KeyLookup | None = None,
 ) -> Server:
     """Bind and start serving; returns once every socket is bound.
 
     ``vcards`` names the folder of account vCards (``<bare JID>.xml``);
-    ``keys`` may be given instead (tests, embedding). With neither, every
+    ``keys`` may be given instead (tests, embedding), or ``key_lookup``, an
+    asynchronous lookup (live vCards over XMPP). With none, every
     registration is refused and only STUN is useful.
     """
     loop = asyncio.get_running_loop()
-    source: KeySource
-    if keys is not None:
+    source: KeySource | None
+    if key_lookup is not None:
+        source = None
+    elif keys is not None:
         source = keys
     elif vcards is not None:
         source = VCardDirectory(vcards)
@@ -208,7 +245,7 @@ async def serve(
         secret=os.urandom(32),
         rng=random.SystemRandom(),
     )
-    server = Server(core, addresses)
+    server = Server(core, addresses, key_lookup)
     try:
         for local, sock in zip(addresses.sockets(), socks):
             transport, _ = await loop.create_datagram_endpoint(

@@ -23,7 +23,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..errors import ConnectError, DecodeError, DtxError
+from ..errors import AuthenticationError, ConnectError, DecodeError, DtxError
 from ..jid import JID
 from ..proto.paths import PathChanged, PathConfig, PathKind, PathManager
 from ..proto.rdvclient import (
@@ -130,6 +130,9 @@ class Traversal:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._registered = asyncio.Event()
+        self._state_changed = asyncio.Event()
+        self.refusal: tuple[int, str] | None = None
+        """The server's latest refusal of this device's registration."""
         self._intro_waiters: dict[str, asyncio.Future[Link]] = {}
         self.counters: dict[str, int] = {"dropped": 0, "probes_bad": 0, "relay_unknown": 0}
         self._closed = False
@@ -153,9 +156,18 @@ class Traversal:
                 fut.set_exception(ConnectError("peer closed"))
 
     async def wait_registered(self, timeout: float) -> None:
+        """Wait until registered. Raises :class:`AuthenticationError` if the
+        server refused this device (its key is not in the account's vCard,
+        say), :class:`ConnectError` on no answer."""
         try:
             async with asyncio.timeout(timeout):
-                await self._registered.wait()
+                while not self._registered.is_set():
+                    if self.refusal is not None and self.refusal[0] == 403:
+                        raise AuthenticationError(
+                            f"the rendezvous at {self.server[0]}:{self.server[1]} refused "
+                            f"this device: {self.refusal[0]} {self.refusal[1]}")
+                    self._state_changed.clear()
+                    await self._state_changed.wait()
         except TimeoutError:
             raise ConnectError(
                 f"no registration with the rendezvous at {self.server[0]}:{self.server[1]} "
@@ -280,6 +292,7 @@ class Traversal:
         while (ev := client.next_event()) is not None:
             if isinstance(ev, Registered):
                 self._registered.set()
+                self.refusal = None
                 if ev.again:
                     self._reintroduce_all(now)
             elif isinstance(ev, RegistrationLost):
@@ -292,6 +305,8 @@ class Traversal:
                 self._on_intro_failed(ev)
             elif isinstance(ev, RegistrationRefused):
                 logger.warning("rendezvous refused registration: %d %s", ev.code, ev.reason)
+                self.refusal = (ev.code, ev.reason)
+            self._state_changed.set()
         for data, dest in client.datagrams_to_send():
             self._send(data, dest)
         for link in self.links.values():
