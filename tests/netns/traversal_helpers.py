@@ -43,12 +43,13 @@ def write_vcards(folder: Path, *identities: DeviceIdentity) -> None:
         (folder / f"{bare}.xml").write_bytes(card)
 
 
-def start_rendezvous(server: Host, vcards: Path, *extra: str) -> subprocess.Popen[str]:
+def start_rendezvous(server: Host, vcards: Path | None, *extra: str) -> subprocess.Popen[str]:
     """``python -m rendezvous`` on the lab's server host; returns once it
     printed that it is listening."""
     addr = server.addresses[0] if hasattr(server, "addresses") else server.ip
-    argv = [sys.executable, "-m", "rendezvous", "--listen", f"{addr}:{RDV_PORT}",
-            "--vcards", str(vcards), *extra]
+    argv = [sys.executable, "-m", "rendezvous", "--listen", f"{addr}:{RDV_PORT}", *extra]
+    if vcards is not None:
+        argv += ["--vcards", str(vcards)]
     if len(getattr(server, "addresses", ())) > 1:
         argv += ["--alt-address", server.addresses[1]]
     proc = server.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -11,7 +11,7 @@ import pytest
 
 from dtx.identity import DeviceIdentity, generate_identity, save_identity
 from dtx.xmpp.client import XmppConfig
-from tests.xmpp.prosody import ProsodyServer, ServerKind, prosody_missing
+from dtx.lab.prosody import ProsodyServer, ServerKind, prosody_missing
 
 _counter = itertools.count(1)
 

@@ -19,7 +19,7 @@ from dtx.trust.vcard import (
 )
 from dtx.xmpp.client import XmppConfig, open_xmpp_client
 from tests.xmpp.conftest import Account
-from tests.xmpp.prosody import ProsodyServer
+from dtx.lab.prosody import ProsodyServer
 
 AccountMaker = Callable[[str], Account]
 

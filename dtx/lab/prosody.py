@@ -1,8 +1,10 @@
-"""Start a throwaway Prosody on loopback for the XMPP tests.
+"""A throwaway Prosody: a real XMPP server for tests, the bench and demos.
 
 Each :class:`ProsodyServer` gets its own folder (config, data, log, TLS
-certificate), its own free port on 127.0.0.1 and its own users. Only client
-connections are served: no server-to-server, no HTTP, no components.
+certificate), its own port and its own users: on loopback by default, or on
+a NAT-lab host (``host=``), where it is started inside the host's network
+namespace and listens on the host's address. Only client connections are
+served: no server-to-server, no HTTP, no components.
 
 Two module sets mirror the two server behaviours dtx must cope with:
 
@@ -29,7 +31,10 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from dtx.lab.topology import Host
 
 ServerKind = Literal["vcard4", "vcard-temp"]
 
@@ -114,6 +119,8 @@ class ProsodyServer:
     folder: str = ""
     port: int = 0
     ca_file: str | None = None
+    host: Host | None = None
+    """A NAT-lab host to run on (its namespace, its address); None: loopback."""
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _owns_folder: bool = field(default=False, repr=False)
 
@@ -126,7 +133,7 @@ class ProsodyServer:
         return os.path.join(self.folder, "prosody.log")
 
     def address(self) -> tuple[str, int]:
-        return ("127.0.0.1", self.port)
+        return (self.host.ip if self.host is not None else "127.0.0.1", self.port)
 
     def _config(self) -> str:
         # mod_tls only with our own certificate: without one, Prosody would
@@ -139,8 +146,8 @@ class ProsodyServer:
             f"data_path = {_lua(os.path.join(self.folder, 'data'))}",
             f"pidfile = {_lua(os.path.join(self.folder, 'prosody.pid'))}",
             f"log = {{ debug = {_lua(self.log_path)} }}",
-            'interfaces = { "127.0.0.1" }',
-            'local_interfaces = { "127.0.0.1" }',
+            f"interfaces = {{ {_lua(self.address()[0])} }}",
+            f"local_interfaces = {{ {_lua(self.address()[0])} }}",
             f"c2s_ports = {{ {self.port} }}",
             "c2s_direct_tls_ports = { }",
             "legacy_ssl_ports = { }",
@@ -176,17 +183,27 @@ class ProsodyServer:
             self.folder = tempfile.mkdtemp(prefix="dtx-prosody-")
             self._owns_folder = True
         os.makedirs(os.path.join(self.folder, "data"), mode=0o700, exist_ok=True)
-        self.port = _free_port()
+        self.port = _free_port() if self.host is None else (self.port or 5222)
         with open(self.config_path, "w", encoding="utf-8") as f:
             f.write(self._config())
-        self._proc = subprocess.Popen(
-            ["prosody", "--config", self.config_path, "-F"],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        argv = ["prosody", "--config", self.config_path, "-F"]
+        options: dict[str, Any] = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL,
+                                   "stderr": subprocess.DEVNULL}
+        if self.host is not None:
+            self._proc = self.host.popen(argv, **options)
+        else:
+            self._proc = subprocess.Popen(argv, start_new_session=True, **options)
         self._wait_listening()
+
+    def _connect(self) -> None:
+        """One TCP connection to the server (from its namespace in the lab)."""
+        if self.host is None:
+            with socket.create_connection(self.address(), timeout=1.0):
+                return
+        else:
+            with self.host.tcp_socket() as sock:
+                sock.settimeout(1.0)
+                sock.connect(self.address())
 
     def _wait_listening(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT
@@ -194,8 +211,8 @@ class ProsodyServer:
             if self._proc is not None and self._proc.poll() is not None:
                 raise RuntimeError(f"prosody exited at start; log:\n{self.log_tail()}")
             try:
-                with socket.create_connection(self.address(), timeout=1.0):
-                    return
+                self._connect()
+                return
             except OSError:
                 pass
             if time.monotonic() > deadline:
@@ -207,17 +224,17 @@ class ProsodyServer:
 
     def register(self, user: str, password: str) -> str:
         """Create an account; returns its bare JID."""
-        done = subprocess.run(
-            ["prosodyctl", "--config", self.config_path, "register", user, self.domain, password],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            timeout=30,
-            check=False,
-        )
+        argv = ["prosodyctl", "--config", self.config_path, "register", user, self.domain,
+                password]
+        if self.host is not None:
+            done = self.host.run(argv, stdin=subprocess.DEVNULL, timeout=30)
+        else:
+            done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
+                                  text=True, timeout=30, check=False)
         if done.returncode != 0:
             raise RuntimeError(
                 f"prosodyctl register {user} failed ({done.returncode}): "
-                f"{done.stdout.decode(errors='replace')}{done.stderr.decode(errors='replace')}"
+                f"{done.stdout}{done.stderr}"
             )
         return f"{user}@{self.domain}"
 
