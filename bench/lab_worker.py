@@ -217,9 +217,7 @@ async def webrtc_echo(args: argparse.Namespace) -> int:
     first: list[float] = []
     sink = {"count": 0, "cpu0": 0.0}
 
-    @pc.on("datachannel")
     def on_channel(channel: Any) -> None:
-        @channel.on("message")
         def on_message(message: Any) -> None:
             now = time.monotonic()
             if not first:
@@ -237,6 +235,9 @@ async def webrtc_echo(args: argparse.Namespace) -> int:
                 return
             channel.send(message)
 
+        channel.on("message", on_message)
+
+    pc.on("datachannel", on_channel)
     emit(event="ready")
     offer = await read_command(reader)
     await pc.setRemoteDescription(RTCSessionDescription(**offer))
@@ -261,12 +262,13 @@ async def webrtc_drive(args: argparse.Namespace) -> int:
     waiting: dict[str, asyncio.Future[float]] = {}
     channel.on("open", opened.set)
 
-    @channel.on("message")
     def on_message(message: Any) -> None:
         key = str(message).split(":", 1)[0]
         fut = waiting.pop(key, None)
         if fut is not None and not fut.done():
             fut.set_result(time.monotonic())
+
+    channel.on("message", on_message)
 
     await pc.setLocalDescription(await pc.createOffer())
     emit(event="offer", **_sdp(pc.localDescription))

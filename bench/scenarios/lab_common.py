@@ -121,6 +121,7 @@ class Worker:
 
     def __init__(self, host: Host, args: list[str], timeout: float) -> None:
         self.timeout = timeout
+        self.command = args[0]
         self.proc: subprocess.Popen[str] = host.popen(
             [sys.executable, "-m", "bench.lab_worker", *args], cwd=ROOT,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -159,7 +160,7 @@ class Worker:
         except subprocess.TimeoutExpired:
             pass
         self._reader.join(timeout=2)
-        raise RuntimeError(f"worker {self.proc.args[-1:]} gave no {event!r} "
+        raise RuntimeError(f"worker {self.command} gave no {event!r} "
                            f"(exit status {self.proc.poll()}): " + "".join(self._err)[-2000:])
 
     def send(self, **fields: Any) -> None:
@@ -726,6 +727,29 @@ def start_world(lab: Lab, server: Host, folder: Path, identities: dict[str, Devi
         tdir.mkdir()
         world.turn = start_turn(server, tdir)
     return world
+
+
+def guarded(opts: Options, what: str, fn: Callable[[], list[Result]]) -> list[Result]:
+    """``fn()``, or no results (with a warning on the progress line and in
+    the log) when it fails: one system that breaks does not lose a run."""
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - reported, and the run goes on
+        logger.warning("%s failed: %r", what, exc)
+        opts.progress.step(f"{what} FAILED: {exc!r}"[:300])
+        return []
+
+
+async def guarded_async(opts: Options, what: str,
+                        coro: Any) -> list[Result]:
+    """:func:`guarded` for a coroutine."""
+    try:
+        result: list[Result] = await coro
+        return result
+    except Exception as exc:  # noqa: BLE001 - reported, and the run goes on
+        logger.warning("%s failed: %r", what, exc)
+        opts.progress.step(f"{what} FAILED: {exc!r}"[:300])
+        return []
 
 
 def scratch() -> tempfile.TemporaryDirectory[str]:

@@ -23,9 +23,9 @@ from dtx.lab import STANDARD_WAN, Lab
 from dtx.lab.topology import Host
 
 from .common import Metric, Options, Result
-from .lab_common import (ROOT, TV_BARE, TV_JID, Pair, alternatives_missing, lab_missing,
-                         measure_dtx, measure_webrtc, measure_xmpp, scratch, start_world,
-                         udp_rtt, wait_line)
+from .lab_common import (ROOT, TV_BARE, TV_JID, Pair, alternatives_missing, guarded,
+                         guarded_async, lab_missing, measure_dtx, measure_webrtc, measure_xmpp,
+                         scratch, start_world, udp_rtt, wait_line)
 
 logger = logging.getLogger(__name__)
 
@@ -88,8 +88,9 @@ def run(opts: Options) -> list[Result]:
                                               size=opts.message_bytes)
                 out = [Result(scenario=NAME, system="udp-lan", metric=Metric.RTT, run=run,
                               samples=tuple(samples), lost=lost, note="path lan")]
-                out += await measure_dtx(world, opts, run, NAME, pair.system, pair.a, pair.b,
-                                         ids["phone"], ids["phone-cold"], pair.expect)
+                out += await guarded_async(opts, f"{tag}: {pair.system}", measure_dtx(
+                    world, opts, run, NAME, pair.system, pair.a, pair.b, ids["phone"],
+                    ids["phone-cold"], pair.expect))
                 return out
 
             results += asyncio.run(measure())
@@ -100,8 +101,10 @@ def run(opts: Options) -> list[Result]:
                                       run=run, samples=tuple(found),
                                       note="fresh browser to the device resolved"))
             if missing is None:
-                results += measure_xmpp(world, opts, run, NAME, "xmpp-lan", a, b)
-                results += measure_webrtc(world, opts, run, NAME, "webrtc-lan", a, b)
+                results += guarded(opts, f"{tag}: xmpp-lan", lambda: measure_xmpp(
+                    world, opts, run, NAME, "xmpp-lan", a, b))
+                results += guarded(opts, f"{tag}: webrtc-lan", lambda: measure_webrtc(
+                    world, opts, run, NAME, "webrtc-lan", a, b))
     return results
 
 

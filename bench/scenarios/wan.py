@@ -22,8 +22,9 @@ from dtx.identity import generate_identity
 from dtx.lab import STANDARD_WAN, Lab, LinkSpec, WanProfile
 
 from .common import Metric, Options, Result
-from .lab_common import (Pair, alternatives_missing, lab_missing, measure_dtx, measure_webrtc,
-                         measure_xmpp, scratch, start_world, udp_rtt)
+from .lab_common import (Pair, alternatives_missing, guarded, guarded_async, lab_missing,
+                         measure_dtx, measure_webrtc, measure_xmpp, scratch, start_world,
+                         udp_rtt)
 
 logger = logging.getLogger(__name__)
 
@@ -79,15 +80,19 @@ def run_wan(opts: Options, name: str, wan: WanProfile) -> list[Result]:
                                       run=run, samples=tuple(samples), lost=lost,
                                       note="path " + ("relay" if relay else "direct")))
                 for pair, key in zip(pairs, ("phone", "tablet")):
-                    out += await measure_dtx(world, opts, run, name, pair.system, pair.a,
-                                             pair.b, ids[key], ids[f"{key}-cold"], pair.expect)
+                    out += await guarded_async(opts, f"{tag}: {pair.system}", measure_dtx(
+                        world, opts, run, name, pair.system, pair.a, pair.b, ids[key],
+                        ids[f"{key}-cold"], pair.expect))
                 return out
 
             results += asyncio.run(measure())
             if missing is None:
-                results += measure_xmpp(world, opts, run, name, "xmpp", a, b)
-                results += measure_webrtc(world, opts, run, name, "webrtc-direct", a, b)
-                results += measure_webrtc(world, opts, run, name, "webrtc-relay", c, b)
+                results += guarded(opts, f"{tag}: xmpp", lambda: measure_xmpp(
+                    world, opts, run, name, "xmpp", a, b))
+                results += guarded(opts, f"{tag}: webrtc-direct", lambda: measure_webrtc(
+                    world, opts, run, name, "webrtc-direct", a, b))
+                results += guarded(opts, f"{tag}: webrtc-relay", lambda: measure_webrtc(
+                    world, opts, run, name, "webrtc-relay", c, b))
     return results
 
 
