@@ -133,8 +133,10 @@ def markdown(doc: dict[str, Any]) -> str:
         f"Command: `{c['command']}` ({c['date']}"
         + (f", commit {c['git_commit']}" if c.get("git_commit") else "") + ").",
         "",
-        f"Python {c['python']} ({c['python_implementation']}), aioquic {c['aioquic']}, "
-        f"{c['cpus_usable']} of {c['cpu_count']} CPUs usable, {c['platform']}"
+        f"Python {c['python']} ({c['python_implementation']}), aioquic {c['aioquic']}"
+        + "".join(f", {name} {c[name]}" for name in ("slixmpp", "aiortc", "prosody", "coturn")
+                  if c.get(name) and any(s != "loopback" for s in doc.get("scenarios", [])))
+        + f", {c['cpus_usable']} of {c['cpu_count']} CPUs usable, {c['platform']}"
         + (f", load average {' / '.join(str(v) for v in c['load_average'])}"
            if c.get("load_average") else "") + ".",
         f"Runs: {o['runs']}; {o['message_bytes']}-byte messages; "

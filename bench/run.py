@@ -77,6 +77,16 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def _package_version(package: str) -> str | None:
+    """A Debian package's version (Prosody, coturn), if dpkg knows it."""
+    try:
+        done = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", package],
+                              capture_output=True, text=True, timeout=5, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None
+
+
 def _git_commit() -> str | None:
     """The checked-out commit (``+dirty`` with local changes), if in git."""
     here = Path(__file__).resolve().parent
@@ -113,6 +123,11 @@ def conditions(argv: Sequence[str]) -> dict[str, Any]:
         "aioquic": _version("aioquic"),
         "cryptography": _version("cryptography"),
         "matplotlib": _version("matplotlib"),
+        "slixmpp": _version("slixmpp"),
+        "aiortc": _version("aiortc"),
+        "aioice": _version("aioice"),
+        "prosody": _package_version("prosody"),
+        "coturn": _package_version("coturn"),
         "platform": platform.platform(),
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
