@@ -127,6 +127,7 @@ class Traversal:
         self._by_mapped: dict[Address, Link] = {}
         self._by_channel: dict[int, Link] = {}
         self._by_intro: dict[bytes, Link] = {}
+        self._by_addr: dict[Address, Link] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._registered = asyncio.Event()
@@ -243,12 +244,17 @@ class Traversal:
     def map_incoming(self, src: Address) -> Address | None:
         """The mapped address for a QUIC datagram from ``src``, if ``src`` is
         a known direct path of an introduced device."""
-        now = self._loop.time()
-        for link in self.links.values():
-            if link.paths.knows(src):
-                link.paths.on_heard(src, now)
-                return link.mapped
-        return None
+        link = self._by_addr.get(src)
+        if link is None:
+            # Paths are only ever added, so a hit stays right once cached.
+            for candidate in self.links.values():
+                if candidate.paths.knows(src):
+                    link = self._by_addr[src] = candidate
+                    break
+            else:
+                return None
+        link.paths.on_heard(src, self._loop.time())
+        return link.mapped
 
     def _probe_key(self, intro: bytes) -> bytes | None:
         link = self._by_intro.get(intro)
@@ -280,7 +286,10 @@ class Traversal:
             return
         for payload, dest in link.paths.route(data, self._loop.time()):
             self._send(payload, dest)
-        self._arm()
+        # Only this link's timer can have moved earlier.
+        when = link.paths.get_timer()
+        if when is not None and (self._timer_at is None or when < self._timer_at):
+            self._arm()
 
     # -- the machinery ----------------------------------------------------------------
 
