@@ -467,9 +467,9 @@ class DtxFigures:
 
 async def dtx_connect_once(world: LabWorld, tv: Peer, identity: DeviceIdentity,
                            host: Host, index: int, timeout: float,
-                           settle: float) -> DtxFigures:
+                           settle: float, final: str) -> DtxFigures:
     """One fresh device: start, register, connect by JID, first stanza;
-    then wait up to ``settle`` seconds for the direct path."""
+    then wait up to ``settle`` seconds for the ``final`` path."""
     t0 = time.perf_counter()
     async with open_lab_peer(world, identity, host, listen=False) as rc:
         await rc.wait_registered(timeout)
@@ -481,7 +481,7 @@ async def dtx_connect_once(world: LabWorld, tv: Peer, identity: DeviceIdentity,
             await srv.receive()
         t2 = time.perf_counter()
         try:
-            await session.wait_path("direct", timeout=settle)
+            await session.wait_path(final, timeout=settle)
         except TimeoutError:
             pass
         figures = DtxFigures(connect=t2 - t1, cold=t2 - t0,
@@ -549,8 +549,10 @@ async def measure_dtx(world: LabWorld, opts: Options, run: int, scenario: str, s
         step(f"{tag}: {system} connect x{opts.lab_connects}")
         connects, colds, takeovers, paths = [], [], [], set()
         for i in range(opts.lab_connects):
+            # A relay-only pair is watched past the quick punch attempts.
             f = await dtx_connect_once(world, tv, cold_id, a, i, opts.timeout,
-                                       settle=4.0 if expect == "relay" else opts.timeout)
+                                       settle=4.0 if expect == "relay" else opts.timeout,
+                                       final="direct" if expect == "relay" else expect)
             connects.append(f.connect)
             colds.append(f.cold)
             paths.add(f.path)
@@ -735,7 +737,7 @@ def guarded(opts: Options, what: str, fn: Callable[[], list[Result]]) -> list[Re
     try:
         return fn()
     except Exception as exc:  # noqa: BLE001 - reported, and the run goes on
-        logger.warning("%s failed: %r", what, exc)
+        logger.warning("%s failed: %r", what, exc, exc_info=True)
         opts.progress.step(f"{what} FAILED: {exc!r}"[:300])
         return []
 
@@ -747,7 +749,7 @@ async def guarded_async(opts: Options, what: str,
         result: list[Result] = await coro
         return result
     except Exception as exc:  # noqa: BLE001 - reported, and the run goes on
-        logger.warning("%s failed: %r", what, exc)
+        logger.warning("%s failed: %r", what, exc, exc_info=True)
         opts.progress.step(f"{what} FAILED: {exc!r}"[:300])
         return []
 
