@@ -1,0 +1,774 @@
+"""In-memory stand-ins for the network, for fast, root-free, deterministic tests.
+
+* :class:`FakeClock` — the one ``now`` every core here is driven with.
+* :class:`MemoryNat` — a NAT box with RFC 4787 mapping and filtering
+  behaviour, keyed the way tailscale's ``tstest/natlab/nat.go`` keys its
+  tables (``NATType.key``): a binding is looked up by (inside source) for
+  endpoint-independent mapping, (source, destination IP) for
+  address-dependent and (source, destination IP, destination port) for
+  address-and-port-dependent; its filter admits what the inside host sent
+  to, compared the same three ways. The five NAT-lab profiles are
+  available by name (:meth:`MemoryNat.named` reads ``dtx.lab.nat.PROFILES``,
+  so both labs mean the same thing by a name).
+* :class:`MemoryNetwork` — addresses in realms (the public internet, and
+  the inside of each NAT, which may itself sit inside another NAT), a
+  heap of packets delivered in timestamp order, nodes with timers, and a
+  ``route_packet`` hook that may drop, duplicate or delay each packet
+  (trio's ``test_dtls.py`` does the same with its fake network). Runs are
+  bounded in steps and in simulated time.
+* :class:`MemoryServer` and :class:`MemoryDevice` — the glue between the
+  network and the sans-IO cores (``RendezvousCore``; ``RendezvousClient``
+  plus one ``PathManager`` per introduced peer), doing what
+  ``dtx/aio/traversal.py`` does minus QUIC: the "application traffic" is
+  opaque datagrams routed by ``PathManager.route``.
+
+Nothing here opens a socket or reads a clock: time is :class:`FakeClock`,
+randomness is a seeded ``random.Random``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from dtx.errors import DecodeError
+from dtx.identity import DeviceIdentity
+from dtx.lab.nat import PROFILES, Filtering, Mapping, NatProfile
+from dtx.proto.paths import PathChanged, PathConfig, PathKind, PathManager
+from dtx.proto.rdvclient import (
+    IntroductionReceived,
+    ReflexiveChanged,
+    Registered,
+    RendezvousClient,
+)
+from dtx.trust import StaticKeys
+from dtx.wire.control import (
+    CandidateKind,
+    ControlMessage,
+    Probe,
+    ProbeKind,
+    decode_control,
+    decode_probe,
+    encode_probe,
+)
+from dtx.wire.relay import RELAY_FIRST_BYTE, decode_relay, encode_relay
+from rendezvous.core import RendezvousConfig, RendezvousCore
+from rendezvous.stun import ServerAddresses
+
+logger = logging.getLogger(__name__)
+
+Address = tuple[str, int]
+
+LAN_DELAY = 0.0005
+"""One-way delay of a packet that never crosses the internet."""
+WAN_DELAY = 0.020
+"""A home's one-way delay to the internet core (the lab's standard WAN)."""
+SERVER_DELAY = 0.040
+"""The rendezvous server's one-way delay beyond the core."""
+RANDOM_PORT_BASE = 40000
+RANDOM_PORT_COUNT = 20000
+"""Public ports that are not preserved come from this range (as in the lab)."""
+
+CONTROL_FIRST_BYTE = 0x10
+PROBE_FIRST_BYTE = 0x12
+APP_FIRST_BYTE = 0x40
+"""Application datagrams start with a byte in QUIC's short-header range."""
+
+
+class FakeClock:
+    """Simulated time in seconds; only ever moves forward."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def advance_to(self, when: float) -> None:
+        self.now = max(self.now, when)
+
+
+# -- NAT ------------------------------------------------------------------------
+
+
+@dataclass
+class Binding:
+    """One NAT mapping: an inside endpoint's public port, and whom it sent to."""
+
+    inside: Address
+    public_port: int
+    last_out: float
+    contacted: set[Address] = field(default_factory=set)
+
+
+class MemoryNat:
+    """A NAT box between an inside realm and the realm outside it.
+
+    ``outbound`` translates a packet leaving the inside (creating or
+    refreshing a binding); ``inbound`` finds the inside endpoint for a
+    packet arriving at the public address, or None when the filter drops
+    it. Bindings expire ``udp_timeout`` seconds after the last outgoing
+    packet, as the lab's learned maps do.
+    """
+
+    def __init__(self, name: str, profile: NatProfile, public_ip: str, lan_prefix: str,
+                 rng: random.Random, *, outside: MemoryNat | None = None,
+                 wan_delay: float = WAN_DELAY) -> None:
+        self.name = name
+        self.profile = profile
+        self.public_ip = public_ip
+        self.lan_prefix = lan_prefix
+        self.outside = outside
+        self.wan_delay = wan_delay
+        self._rng = rng
+        self._bindings: dict[tuple[object, ...], Binding] = {}
+        self._by_port: dict[int, Binding] = {}
+        self._hosts = 0
+        self.counters: dict[str, int] = {"filtered": 0, "no_binding": 0, "expired": 0}
+
+    @staticmethod
+    def named(name: str) -> NatProfile:
+        """The NAT-lab profile called ``name`` (``none``, ``full-cone``,
+        ``restricted-cone``, ``port-restricted-cone``, ``symmetric``)."""
+        return PROFILES[name]
+
+    @property
+    def translates(self) -> bool:
+        return self.profile.translate
+
+    def next_host_ip(self) -> str:
+        self._hosts += 1
+        return f"{self.lan_prefix}.{9 + self._hosts}"
+
+    def key(self, src: Address, dst: Address) -> tuple[object, ...]:
+        """The binding key of a flow, by mapping behaviour (natlab's ``NATType.key``)."""
+        mapping = self.profile.mapping
+        if mapping is Mapping.ENDPOINT_INDEPENDENT:
+            return (src,)
+        if mapping is Mapping.ADDRESS_DEPENDENT:
+            return (src, dst[0])
+        return (src, dst[0], dst[1])
+
+    def bindings(self) -> list[Binding]:
+        return list(self._by_port.values())
+
+    def outbound(self, src: Address, dst: Address, now: float) -> Address:
+        """The public source address of a packet from ``src`` to ``dst``."""
+        key = self.key(src, dst)
+        binding = self._bindings.get(key)
+        if binding is not None and now - binding.last_out > self.profile.udp_timeout:
+            self._forget(key, binding)
+            binding = None
+        if binding is None:
+            binding = Binding(src, self._allocate(src[1]), now)
+            self._bindings[key] = binding
+            self._by_port[binding.public_port] = binding
+        binding.last_out = now
+        binding.contacted.add(dst)
+        return (self.public_ip, binding.public_port)
+
+    def inbound(self, src: Address, public_port: int, now: float) -> Address | None:
+        """The inside destination of a packet from ``src`` to the public
+        ``public_port``, or None when no binding admits it."""
+        binding = self._by_port.get(public_port)
+        if binding is not None and now - binding.last_out > self.profile.udp_timeout:
+            self._forget(next(k for k, b in self._bindings.items() if b is binding), binding)
+            binding = None
+        if binding is None:
+            self.counters["no_binding"] += 1
+            return None
+        filtering = self.profile.filtering
+        if filtering is Filtering.ENDPOINT_INDEPENDENT:
+            admitted = True
+        elif filtering is Filtering.ADDRESS_DEPENDENT:
+            admitted = any(ip == src[0] for ip, _ in binding.contacted)
+        else:
+            admitted = src in binding.contacted
+        if not admitted:
+            self.counters["filtered"] += 1
+            return None
+        return binding.inside
+
+    def flush(self) -> None:
+        """Forget every binding (a NAT reboot)."""
+        self._bindings.clear()
+        self._by_port.clear()
+
+    def _forget(self, key: tuple[object, ...], binding: Binding) -> None:
+        self.counters["expired"] += 1
+        del self._bindings[key]
+        self._by_port.pop(binding.public_port, None)
+
+    def _allocate(self, wanted: int) -> int:
+        if (self.profile.port_preservation and self.profile.mapping is Mapping.ENDPOINT_INDEPENDENT
+                and wanted not in self._by_port):
+            return wanted
+        for _ in range(RANDOM_PORT_COUNT):
+            port = RANDOM_PORT_BASE + self._rng.randrange(RANDOM_PORT_COUNT)
+            if port not in self._by_port:
+                return port
+        raise RuntimeError(f"NAT {self.name}: no free public port")
+
+
+# -- network --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Packet:
+    """A datagram on the wire, addresses as the receiving realm sees them."""
+
+    src: Address
+    dst: Address
+    data: bytes
+    sent_at: float
+    latency: float
+    """The path's one-way delay; the route hook may add to it."""
+
+
+Receiver = Callable[[bytes, Address, Address], None]
+"""Called with (data, source, local address) for each delivered datagram."""
+
+
+class Node(Protocol):
+    def get_timer(self) -> float | None: ...
+
+    def handle_timer(self, now: float) -> None: ...
+
+
+RouteHook = Callable[["MemoryNetwork", Packet], None]
+
+
+def deliver_as_is(network: MemoryNetwork, packet: Packet) -> None:
+    """The default ``route_packet``: every packet once, after its latency."""
+    network.deliver(packet)
+
+
+class LossyRoute:
+    """A ``route_packet`` hook: drops, duplicates and delays packets by a
+    seeded ``random.Random``. ``only`` restricts the damage to packets for
+    which it returns True (the others are delivered as they are)."""
+
+    def __init__(self, rng: random.Random, *, loss: float = 0.0, duplicate: float = 0.0,
+                 jitter: float = 0.0, only: Callable[[Packet], bool] | None = None) -> None:
+        self.rng = rng
+        self.loss = loss
+        self.duplicate = duplicate
+        self.jitter = jitter
+        self.only = only
+        self.dropped = 0
+        self.duplicated = 0
+
+    def __call__(self, network: MemoryNetwork, packet: Packet) -> None:
+        if self.only is not None and not self.only(packet):
+            network.deliver(packet)
+            return
+        if self.rng.random() < self.loss:
+            self.dropped += 1
+            return
+        copies = 2 if self.rng.random() < self.duplicate else 1
+        self.duplicated += copies - 1
+        for _ in range(copies):
+            network.deliver(packet, extra_delay=self.rng.uniform(0.0, self.jitter))
+
+
+class NotSettled(RuntimeError):
+    """A bounded run used up its steps (a node whose timer never moves on)."""
+
+
+class MemoryNetwork:
+    """Hosts, NATs and a public internet, in memory.
+
+    Realms: ``None`` is the internet; each translating :class:`MemoryNat` is
+    the realm of the addresses inside it. A packet climbs out of its
+    sender's realms (through each NAT's :meth:`MemoryNat.outbound`, at send
+    time) until its destination is visible, goes through ``route_packet``,
+    and on arrival descends through the NATs owning its destination
+    (:meth:`MemoryNat.inbound`, at arrival time, so filters see the state
+    of that moment). A packet to a NAT's own public address from inside
+    it is hairpinned when the profile allows.
+    """
+
+    def __init__(self, clock: FakeClock, *, seed: int = 0,
+                 route_packet: RouteHook = deliver_as_is) -> None:
+        self.clock = clock
+        self.rng = random.Random(seed)
+        self.route_packet = route_packet
+        self.nats: dict[str, MemoryNat] = {}
+        self._realm: dict[str, MemoryNat | None] = {}
+        """ip -> the realm an address lives in."""
+        self._owner: dict[str, MemoryNat] = {}
+        """public ip -> the NAT it belongs to."""
+        self._wan_delay: dict[str, float] = {}
+        """internet ip -> one-way delay to the core."""
+        self._sockets: dict[Address, Receiver] = {}
+        self._nodes: list[Node] = []
+        self._heap: list[tuple[float, int, Packet]] = []
+        self._seq = 0
+        self.delivered = 0
+        self.counters: dict[str, int] = {"unroutable": 0, "no_socket": 0, "filtered": 0,
+                                         "no_hairpin": 0}
+
+    # -- topology ------------------------------------------------------------------
+
+    def add_public_host(self, ip: str, *, delay: float = SERVER_DELAY) -> str:
+        """An address on the internet ``delay`` seconds (one way) from the core."""
+        self._claim(ip, None)
+        self._wan_delay[ip] = delay
+        return ip
+
+    def add_nat(self, name: str, profile: str | NatProfile, public_ip: str, *,
+                lan_prefix: str, outside: MemoryNat | None = None,
+                wan_delay: float = WAN_DELAY) -> MemoryNat:
+        """A NAT box whose outside address ``public_ip`` lives in ``outside``
+        (None: the internet) and whose inside hosts are ``lan_prefix.N``.
+        A ``none`` profile puts no box on the path: its hosts get addresses
+        of the outside realm (see :meth:`add_host`)."""
+        prof = profile if isinstance(profile, NatProfile) else MemoryNat.named(profile)
+        nat = MemoryNat(name, prof, public_ip, lan_prefix,
+                        random.Random(self.rng.getrandbits(64)), outside=outside,
+                        wan_delay=wan_delay)
+        self.nats[name] = nat
+        if prof.translate:
+            self._claim(public_ip, outside)
+            self._owner[public_ip] = nat
+            if outside is None:
+                self._wan_delay[public_ip] = wan_delay
+        return nat
+
+    def add_host(self, nat: MemoryNat) -> str:
+        """A new host address behind ``nat``. Behind a ``none`` box the host
+        uses the box's public address itself (one host per such box)."""
+        if not nat.translates:
+            ip = nat.public_ip
+            self._claim(ip, nat.outside)
+            if nat.outside is None:
+                self._wan_delay[ip] = nat.wan_delay
+            return ip
+        ip = nat.next_host_ip()
+        self._claim(ip, nat)
+        return ip
+
+    def bind(self, addr: Address, receiver: Receiver) -> None:
+        if addr[0] not in self._realm:
+            raise ValueError(f"no host has the address {addr[0]}")
+        if addr in self._sockets:
+            raise ValueError(f"{addr} is already bound")
+        self._sockets[addr] = receiver
+
+    def add_node(self, node: Node) -> None:
+        self._nodes.append(node)
+
+    def _claim(self, ip: str, realm: MemoryNat | None) -> None:
+        if ip in self._realm:
+            raise ValueError(f"address {ip} is already in use")
+        self._realm[ip] = realm
+
+    # -- packets -------------------------------------------------------------------
+
+    def send(self, src: Address, dst: Address, data: bytes) -> None:
+        """Send from the bound socket ``src``: translate on the way out,
+        then hand the packet to ``route_packet``."""
+        now = self.clock.now
+        if src[0] not in self._realm:
+            raise ValueError(f"no host has the address {src[0]}")
+        realm = self._realm[src[0]]
+        wire_src = src
+        for _ in range(16):  # nesting depth bound
+            if self._realm.get(dst[0], _NOWHERE) is realm:
+                break
+            if realm is None:
+                self.counters["unroutable"] += 1
+                logger.debug("unroutable %s -> %s", src, dst)
+                return
+            if dst[0] == realm.public_ip and not realm.profile.hairpin:
+                self.counters["no_hairpin"] += 1
+                return
+            wire_src = realm.outbound(wire_src, dst, now)
+            realm = realm.outside
+        if realm is None:
+            latency = (LAN_DELAY + self._wan_delay.get(wire_src[0], 0.0)
+                       + self._wan_delay.get(dst[0], 0.0))
+        else:
+            latency = LAN_DELAY
+        self.route_packet(self, Packet(wire_src, dst, bytes(data), now, latency))
+
+    def deliver(self, packet: Packet, *, extra_delay: float = 0.0) -> None:
+        """Queue ``packet`` for arrival after its latency (plus ``extra_delay``)."""
+        self._seq += 1
+        when = packet.sent_at + packet.latency + max(0.0, extra_delay)
+        heapq.heappush(self._heap, (when, self._seq, packet))
+
+    def _arrive(self, packet: Packet, now: float) -> None:
+        dst = packet.dst
+        for _ in range(16):
+            nat = self._owner.get(dst[0])
+            if nat is None:
+                break
+            inside = nat.inbound(packet.src, dst[1], now)
+            if inside is None:
+                self.counters["filtered"] += 1
+                logger.debug("%s filtered %s -> %s", nat.name, packet.src, dst)
+                return
+            dst = inside
+        receiver = self._sockets.get(dst)
+        if receiver is None:
+            self.counters["no_socket"] += 1
+            return
+        self.delivered += 1
+        receiver(packet.data, packet.src, dst)
+
+    # -- running -------------------------------------------------------------------
+
+    def in_flight(self) -> int:
+        return len(self._heap)
+
+    def step(self, until: float) -> bool:
+        """Handle the earliest packet arrival or timer due by ``until``
+        (packets first on a tie). False when nothing is due."""
+        t_packet = self._heap[0][0] if self._heap else None
+        t_timer: float | None = None
+        due_node: Node | None = None
+        for node in self._nodes:
+            t = node.get_timer()
+            if t is not None and (t_timer is None or t < t_timer):
+                t_timer, due_node = t, node
+        if t_packet is not None and t_packet <= until and (t_timer is None or t_packet <= t_timer):
+            _, _, packet = heapq.heappop(self._heap)
+            self.clock.advance_to(t_packet)
+            self._arrive(packet, self.clock.now)
+            return True
+        if t_timer is not None and due_node is not None and t_timer <= until:
+            self.clock.advance_to(t_timer)
+            due_node.handle_timer(self.clock.now)
+            return True
+        return False
+
+    def run(self, duration: float, *, max_steps: int = 200_000) -> None:
+        """Run ``duration`` seconds of simulated time (bounded in steps)."""
+        self.run_until(lambda: False, duration, max_steps=max_steps)
+
+    def run_until(self, condition: Callable[[], bool], timeout: float, *,
+                  max_steps: int = 200_000) -> bool:
+        """Run until ``condition()`` holds (checked after every step) or
+        ``timeout`` simulated seconds passed; returns the condition."""
+        until = self.clock.now + timeout
+        for _ in range(max_steps):
+            if condition():
+                return True
+            if not self.step(until):
+                self.clock.advance_to(until)
+                return condition()
+        raise NotSettled(f"more than {max_steps} steps before t={until:.3f}")
+
+
+class _Nowhere:
+    pass
+
+
+_NOWHERE = _Nowhere()
+
+
+# -- the rendezvous server --------------------------------------------------------
+
+
+class MemoryServer:
+    """A :class:`RendezvousCore` on the network at ``addr``."""
+
+    def __init__(self, network: MemoryNetwork, addr: Address, keys: StaticKeys, *,
+                 seed: int = 0, config: RendezvousConfig | None = None) -> None:
+        self.network = network
+        self.addr = addr
+        self.core = RendezvousCore(keys=keys, addresses=ServerAddresses(addr),
+                                   config=config or RendezvousConfig(),
+                                   secret=random.Random(seed).randbytes(32),
+                                   rng=random.Random(seed))
+        network.bind(addr, self._receive)
+        network.add_node(self)
+
+    def _receive(self, data: bytes, src: Address, local: Address) -> None:
+        self.core.receive_datagram(data, src, local, self.network.clock.now)
+        self._flush()
+
+    def get_timer(self) -> float | None:
+        return self.core.get_timer()
+
+    def handle_timer(self, now: float) -> None:
+        self.core.handle_timer(now)
+        self._flush()
+
+    def _flush(self) -> None:
+        for data, to, frm in self.core.datagrams_to_send():
+            self.network.send(frm, to, data)
+
+
+# -- a device -----------------------------------------------------------------------
+
+
+@dataclass
+class AppDatagram:
+    """An application datagram as received: which path carried it."""
+
+    data: bytes
+    via: PathKind
+    src: Address
+
+
+@dataclass
+class DeviceLink:
+    """One introduced peer: its path manager and the introduction's secrets."""
+
+    peer_jid: str
+    paths: PathManager
+    intro: bytes
+    probe_key: bytes
+    channel: int
+    initiator: bool
+    changes: list[PathChanged] = field(default_factory=list)
+    received: list[AppDatagram] = field(default_factory=list)
+
+
+class MemoryDevice:
+    """One device's socket: a :class:`RendezvousClient` and a
+    :class:`PathManager` per introduced peer, glued as
+    ``dtx/aio/traversal.py`` glues them (candidates: host → LAN, others →
+    DIRECT; relay frames by channel; probes tagged with the introduction's
+    probe key), with opaque application datagrams in place of QUIC."""
+
+    def __init__(self, network: MemoryNetwork, identity: DeviceIdentity, addr: Address,
+                 server: Address, *, seed: int, path_config: PathConfig | None = None) -> None:
+        self.network = network
+        self.identity = identity
+        self.addr = addr
+        self.server = server
+        self.rng = random.Random(seed)
+        self.path_config = path_config or PathConfig()
+        self.client = RendezvousClient(jid=str(identity.jid), key=identity.public_key,
+                                       sign=identity.sign, server=server, rng=self.rng,
+                                       host_candidates=(addr,))
+        self.links: dict[str, DeviceLink] = {}
+        self._by_channel: dict[int, DeviceLink] = {}
+        self._by_intro: dict[bytes, tuple[DeviceLink, bytes]] = {}
+        self.registered_as: Address | None = None
+        self.counters: dict[str, int] = {"dropped": 0, "probes_bad": 0, "app_unknown": 0}
+        network.bind(addr, self._receive)
+        network.add_node(self)
+
+    @property
+    def now(self) -> float:
+        return self.network.clock.now
+
+    # -- user calls ------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.client.start(self.now)
+        self._service()
+
+    def introduce(self, target: str) -> None:
+        self.client.introduce(target, self.now)
+        self._service()
+
+    def send_app(self, peer_jid: str, payload: bytes) -> int:
+        """Route one application datagram to ``peer_jid``; returns how many
+        copies went out (several while spraying)."""
+        link = self.links[peer_jid]
+        out = link.paths.route(bytes([APP_FIRST_BYTE]) + payload, self.now)
+        for data, dest in out:
+            self.network.send(self.addr, dest, data)
+        self._service()
+        return len(out)
+
+    def path(self, peer_jid: str) -> PathKind | None:
+        link = self.links.get(peer_jid)
+        return None if link is None else link.paths.kind
+
+    # -- in --------------------------------------------------------------------------
+
+    def _receive(self, data: bytes, src: Address, local: Address) -> None:
+        if not data:
+            self.counters["dropped"] += 1
+            return
+        first, now = data[0], self.now
+        if first == CONTROL_FIRST_BYTE and src == self.server:
+            try:
+                msg = decode_control(data)
+            except DecodeError:
+                self.counters["dropped"] += 1
+                return
+            self.client.receive(msg, now)
+        elif first == RELAY_FIRST_BYTE and src == self.server:
+            try:
+                channel, payload = decode_relay(data)
+            except DecodeError:
+                self.counters["dropped"] += 1
+                return
+            link = self._by_channel.get(channel)
+            if link is None or not payload or payload[0] != APP_FIRST_BYTE:
+                self.counters["dropped"] += 1
+                return
+            link.received.append(AppDatagram(payload[1:], PathKind.RELAY, src))
+        elif first == PROBE_FIRST_BYTE:
+            self._on_probe(data, src, now)
+        elif first == APP_FIRST_BYTE:
+            link = next((lk for lk in self.links.values() if lk.paths.knows(src)), None)
+            if link is None:
+                self.counters["app_unknown"] += 1
+                return
+            link.paths.on_heard(src, now)
+            state = link.paths.paths[src]
+            link.received.append(AppDatagram(data[1:], state.kind, src))
+        else:
+            self.counters["dropped"] += 1
+        self._service()
+
+    def _probe_key(self, intro: bytes) -> bytes | None:
+        entry = self._by_intro.get(intro)
+        return None if entry is None else entry[1]
+
+    def _on_probe(self, data: bytes, src: Address, now: float) -> None:
+        try:
+            probe = decode_probe(data, self._probe_key)
+        except DecodeError:
+            self.counters["probes_bad"] += 1
+            return
+        link = self._by_intro[probe.intro][0]
+        if probe.kind is ProbeKind.PING:
+            link.paths.on_ping(probe.txid, src, now)
+        else:
+            link.paths.on_pong(probe.txid, src, now)
+
+    # -- timers and output -----------------------------------------------------------
+
+    def get_timer(self) -> float | None:
+        times = [t for t in (self.client.get_timer(),) if t is not None]
+        times.extend(t for lk in self.links.values() if (t := lk.paths.get_timer()) is not None)
+        return min(times) if times else None
+
+    def handle_timer(self, now: float) -> None:
+        self.client.handle_timer(now)
+        for link in self.links.values():
+            link.paths.handle_timer(now)
+        self._service()
+
+    def _service(self) -> None:
+        now = self.now
+        while (ev := self.client.next_event()) is not None:
+            if isinstance(ev, Registered):
+                self.registered_as = ev.reflexive
+                if ev.again:
+                    self._reintroduce(now)
+            elif isinstance(ev, ReflexiveChanged):
+                self._reintroduce(now)
+            elif isinstance(ev, IntroductionReceived):
+                self._on_introduction(ev.message, now)
+        for data, dest in self.client.datagrams_to_send():
+            self.network.send(self.addr, dest, data)
+        for link in self.links.values():
+            for req in link.paths.probes_to_send():
+                kind = ProbeKind.PING if req.ping else ProbeKind.PONG
+                probe = Probe(kind, link.intro, req.txid, None if req.ping else req.observed)
+                self.network.send(self.addr, req.dest, encode_probe(probe, link.probe_key))
+            while (change := link.paths.next_event()) is not None:
+                link.changes.append(change)
+
+    def _reintroduce(self, now: float) -> None:
+        for link in self.links.values():
+            self.client.introduce(link.peer_jid, now)
+
+    def _on_introduction(self, msg: ControlMessage, now: float) -> None:
+        if (msg.peer_jid is None or msg.intro is None or msg.probe_key is None
+                or msg.channel is None):
+            self.counters["dropped"] += 1
+            return
+        initiator = msg.role == 1
+        channel, server = msg.channel, self.server
+
+        def wrap(payload: bytes) -> tuple[bytes, Address]:
+            return encode_relay(channel, payload), server
+
+        link = self.links.get(msg.peer_jid)
+        if link is None:
+            paths = PathManager(self.path_config, random.Random(self.rng.getrandbits(64)), now,
+                                relay=wrap)
+            link = DeviceLink(msg.peer_jid, paths, msg.intro, msg.probe_key, channel, initiator)
+            self.links[msg.peer_jid] = link
+        else:
+            link.intro, link.probe_key, link.channel = msg.intro, msg.probe_key, channel
+            link.paths.set_relay(wrap, now)
+        self._by_channel[channel] = link
+        self._by_intro[msg.intro] = (link, msg.probe_key)
+        for cand in msg.candidates:
+            kind = PathKind.LAN if cand.kind == CandidateKind.HOST else PathKind.DIRECT
+            link.paths.add_candidate(cand.addr, kind)
+        link.paths.restart_punching(now)
+        link.paths.handle_timer(now)  # the first punch goes out now
+        if not initiator:
+            self.client.accept(msg.intro, now)
+
+
+# -- a whole scene ----------------------------------------------------------------------
+
+SERVER_ADDR: Address = ("203.0.113.10", 3478)
+DEVICE_PORT = 5000
+
+
+def identity_for(jid: str, seed: int) -> DeviceIdentity:
+    """A fixed identity (deterministic key) for ``jid``."""
+    return DeviceIdentity.from_private_bytes(jid, random.Random(seed).randbytes(32))
+
+
+class PublicAddresses:
+    """Hands out internet addresses from 198.51.100.0/24 in order."""
+
+    def __init__(self) -> None:
+        self._next = 1
+
+    def take(self) -> str:
+        if self._next > 254:
+            raise RuntimeError("out of documentation addresses")
+        ip = f"198.51.100.{self._next}"
+        self._next += 1
+        return ip
+
+
+def make_scene(identities: Iterable[DeviceIdentity], *, seed: int = 0,
+               route_packet: RouteHook = deliver_as_is) -> tuple[MemoryNetwork, MemoryServer]:
+    """A network with a rendezvous server that knows ``identities``' keys."""
+    clock = FakeClock()
+    net = MemoryNetwork(clock, seed=seed, route_packet=route_packet)
+    net.add_public_host(SERVER_ADDR[0], delay=SERVER_DELAY)
+    keys = StaticKeys({str(i.jid.bare): [i.public_key] for i in identities})
+    server = MemoryServer(net, SERVER_ADDR, keys, seed=seed)
+    return net, server
+
+
+def add_device(net: MemoryNetwork, nat: MemoryNat, identity: DeviceIdentity,
+               server: MemoryServer, *, seed: int,
+               path_config: PathConfig | None = None) -> MemoryDevice:
+    """A device on a new host behind ``nat``, bound to :data:`DEVICE_PORT`."""
+    ip = net.add_host(nat)
+    return MemoryDevice(net, identity, (ip, DEVICE_PORT), server.addr, seed=seed,
+                        path_config=path_config)
+
+
+__all__ = [
+    "add_device",
+    "APP_FIRST_BYTE",
+    "AppDatagram",
+    "Binding",
+    "DeviceLink",
+    "FakeClock",
+    "LossyRoute",
+    "MemoryDevice",
+    "MemoryNat",
+    "MemoryNetwork",
+    "MemoryServer",
+    "NotSettled",
+    "Packet",
+    "PublicAddresses",
+    "RouteHook",
+    "SERVER_ADDR",
+    "deliver_as_is",
+    "identity_for",
+    "make_scene",
+]

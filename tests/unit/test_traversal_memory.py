@@ -1,0 +1,421 @@
+"""NAT traversal of the sans-IO cores on an in-memory network.
+
+The same (nat_a, nat_b) → path table as ``tests/netns/test_traversal.py``
+asserts with kernel NATs, here with :class:`tests.fakes.MemoryNat`: fast,
+root-free and deterministic, so a change to the traversal logic shows up
+in the unit tests before the NAT lab runs. Also: the memory NATs measured
+by probes the way ``tests/netns/test_lab_nat.py`` measures the lab's, the
+network's delivery order and route hook, punching under 20% loss, and a
+relay-only pair carrying application datagrams.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+
+from dtx.lab.nat import PROFILES, Filtering, Mapping
+from dtx.proto.paths import PathKind
+from tests.fakes import (
+    SERVER_ADDR,
+    FakeClock,
+    LossyRoute,
+    MemoryDevice,
+    MemoryNetwork,
+    MemoryServer,
+    NotSettled,
+    Packet,
+    PublicAddresses,
+    RouteHook,
+    add_device,
+    deliver_as_is,
+    identity_for,
+    make_scene,
+)
+
+Address = tuple[str, int]
+REMOTE = "remote@example.org/phone"
+TV = "tv@example.org/living-room"
+NAMES = ["none", "full-cone", "restricted-cone", "port-restricted-cone", "symmetric"]
+RELAY_ONLY = {
+    frozenset({"symmetric", "port-restricted-cone"}),
+    frozenset({"symmetric"}),
+}
+SETTLE = 4.0
+"""Seconds watched after the introduction, as in the netns test: past the
+quick punch attempts."""
+
+
+def expected_path(a: str, b: str) -> PathKind:
+    return PathKind.RELAY if frozenset({a, b}) in RELAY_ONLY else PathKind.DIRECT
+
+
+PAIRS = list(itertools.combinations_with_replacement(NAMES, 2))
+PAIRS += [("port-restricted-cone", "symmetric"), ("restricted-cone", "symmetric")]
+
+
+# -- the memory NATs, measured by probes -------------------------------------------
+
+A1, A2 = "203.0.113.10", "203.0.113.11"
+PORT, ALT_PORT = 3478, 3479
+
+
+@dataclass
+class ProbeLab:
+    net: MemoryNetwork
+    host: Address
+    seen: dict[Address, list[Address]]
+    """server (ip, port) -> sources seen there"""
+    got: list[Address]
+    """sources of what reached the host"""
+
+
+def probe_lab(profile: str) -> ProbeLab:
+    net = MemoryNetwork(FakeClock(), seed=3)
+    seen: dict[Address, list[Address]] = {}
+    for ip in (A1, A2):
+        net.add_public_host(ip)
+        for port in (PORT, ALT_PORT):
+            net.bind((ip, port), lambda d, s, local: seen.setdefault(local, []).append(s))
+    nat = net.add_nat("home", profile, "198.51.100.1", lan_prefix="10.1.0")
+    host = (net.add_host(nat), 5000)
+    got: list[Address] = []
+    net.bind(host, lambda d, s, local: got.append(s))
+    return ProbeLab(net, host, seen, got)
+
+
+def classify(profile: str) -> tuple[Mapping, Filtering, set[str]]:
+    """RFC 5780 style: mapping from three destinations; filtering from
+    answers at other addresses while the NAT has seen only A1:PORT."""
+    lab = probe_lab(profile)
+    for dst in ((A1, PORT), (A2, PORT), (A2, ALT_PORT)):
+        lab.net.send(lab.host, dst, b"where am I")
+    lab.net.run(1.0)
+    x1, x2, x3 = lab.seen[(A1, PORT)][0], lab.seen[(A2, PORT)][0], lab.seen[(A2, ALT_PORT)][0]
+    if x1 == x2:
+        mapping = Mapping.ENDPOINT_INDEPENDENT
+    elif x2 == x3:
+        mapping = Mapping.ADDRESS_DEPENDENT
+    else:
+        mapping = Mapping.ADDRESS_AND_PORT_DEPENDENT
+
+    lab = probe_lab(profile)
+    lab.net.send(lab.host, (A1, PORT), b"where am I")
+    lab.net.run(1.0)
+    mapped = lab.seen[(A1, PORT)][0]
+    lab.net.send((A2, ALT_PORT), mapped, b"other address and port")
+    lab.net.run(1.0)
+    if lab.got:
+        filtering = Filtering.ENDPOINT_INDEPENDENT
+    else:
+        lab.net.send((A1, ALT_PORT), mapped, b"other port")
+        lab.net.run(1.0)
+        filtering = (Filtering.ADDRESS_DEPENDENT if lab.got
+                     else Filtering.ADDRESS_AND_PORT_DEPENDENT)
+    lab.net.send((A1, PORT), mapped, b"the address it sent to")
+    lab.net.run(1.0)
+    assert (A1, PORT) in lab.got, "an answer from where the host sent must arrive"
+    return mapping, filtering, {x1[0], x2[0], x3[0]}
+
+
+@pytest.mark.parametrize("profile", NAMES)
+def test_memory_nat_behaviour_measured_by_probes(profile: str) -> None:
+    mapping, filtering, public_ips = classify(profile)
+    expected = PROFILES[profile]
+    assert mapping is expected.mapping
+    assert filtering is expected.filtering
+    # "none" translates nothing: the host's own address is seen
+    assert public_ips == ({"198.51.100.1"})
+
+
+def test_port_preserved_by_a_cone_random_by_symmetric() -> None:
+    cone = probe_lab("port-restricted-cone")
+    sym = probe_lab("symmetric")
+    for lab in (cone, sym):
+        lab.net.send(lab.host, (A1, PORT), b"x")
+        lab.net.send(lab.host, (A1, ALT_PORT), b"x")
+        lab.net.run(1.0)
+    assert cone.seen[(A1, PORT)][0][1] == 5000 == cone.seen[(A1, ALT_PORT)][0][1]
+    ports = {sym.seen[(A1, PORT)][0][1], sym.seen[(A1, ALT_PORT)][0][1]}
+    assert len(ports) == 2 and 5000 not in ports
+
+
+def test_a_second_host_on_the_same_port_gets_another_public_port() -> None:
+    lab = probe_lab("port-restricted-cone")
+    nat = lab.net.nats["home"]
+    other = (lab.net.add_host(nat), 5000)
+    lab.net.bind(other, lambda d, s, local: None)
+    lab.net.send(lab.host, (A1, PORT), b"x")
+    lab.net.send(other, (A1, PORT), b"x")
+    lab.net.run(1.0)
+    first, second = lab.seen[(A1, PORT)]
+    assert first[1] == 5000 and second[1] != 5000
+
+
+def test_binding_expires_after_the_udp_timeout() -> None:
+    lab = probe_lab("full-cone")
+    lab.net.send(lab.host, (A1, PORT), b"x")
+    lab.net.run(1.0)
+    mapped = lab.seen[(A1, PORT)][0]
+    lab.net.send((A2, PORT), mapped, b"in time")
+    lab.net.run(PROFILES["full-cone"].udp_timeout - 2.0)
+    assert lab.got == [(A2, PORT)]
+    lab.net.run(2.0)  # now past udp_timeout since the host last sent
+    lab.net.send((A2, PORT), mapped, b"too late")
+    lab.net.run(1.0)
+    assert lab.got == [(A2, PORT)]
+    assert lab.net.nats["home"].counters["expired"] == 1
+
+
+@pytest.mark.parametrize("hairpin", [True, False])
+def test_hairpin_between_two_hosts_of_one_nat(hairpin: bool) -> None:
+    profile = dataclasses.replace(PROFILES["full-cone"], hairpin=hairpin)
+    net = MemoryNetwork(FakeClock())
+    net.add_public_host(A1)
+    seen: list[Address] = []
+    net.bind((A1, PORT), lambda d, s, local: seen.append(s))
+    nat = net.add_nat("home", profile, "198.51.100.1", lan_prefix="10.1.0")
+    one, two = (net.add_host(nat), 5000), (net.add_host(nat), 6000)
+    got: list[Address] = []
+    net.bind(one, lambda d, s, local: None)
+    net.bind(two, lambda d, s, local: got.append(s))
+    net.send(one, (A1, PORT), b"x")
+    net.send(two, (A1, PORT), b"x")
+    net.run(1.0)
+    one_public, two_public = seen
+    net.send(one, two_public, b"to the other host's public address")
+    net.run(1.0)
+    if hairpin:
+        assert got == [one_public], "the sender appears with its public address"
+    else:
+        assert got == [] and net.counters["no_hairpin"] == 1
+
+
+# -- the network: order, route hook, bounds ---------------------------------------------
+
+
+def test_packets_arrive_in_timestamp_order_and_the_hook_can_delay_drop_and_duplicate() -> None:
+    def hook(net: MemoryNetwork, packet: Packet) -> None:
+        if packet.data == b"late":
+            net.deliver(packet, extra_delay=0.5)
+        elif packet.data == b"twice":
+            net.deliver(packet)
+            net.deliver(packet, extra_delay=0.01)
+        elif packet.data != b"lost":
+            net.deliver(packet)
+
+    net = MemoryNetwork(FakeClock(), route_packet=hook)
+    for ip in (A1, A2):
+        net.add_public_host(ip, delay=0.01)
+    got: list[tuple[bytes, float]] = []
+    net.bind((A2, PORT), lambda d, s, local: got.append((d, net.clock.now)))
+    net.bind((A1, PORT), lambda d, s, local: None)
+    start = net.clock.now
+    for data in (b"late", b"lost", b"twice", b"on time"):
+        net.send((A1, PORT), (A2, PORT), data)
+    net.run(2.0)
+    assert [d for d, _ in got] == [b"twice", b"on time", b"twice", b"late"]
+    times = [t - start for _, t in got]
+    assert times == sorted(times)
+    assert times[0] == pytest.approx(0.0205) and times[-1] == pytest.approx(0.5205)
+
+
+def lossy_counts(seed: int) -> tuple[int, int, int]:
+    route = LossyRoute(random.Random(seed), loss=0.2, duplicate=0.1, jitter=0.05)
+    net = MemoryNetwork(FakeClock(), route_packet=route)
+    net.add_public_host(A1)
+    net.add_public_host(A2)
+    got: list[bytes] = []
+    net.bind((A2, PORT), lambda d, s, local: got.append(d))
+    net.bind((A1, PORT), lambda d, s, local: None)
+    for i in range(1000):
+        net.send((A1, PORT), (A2, PORT), i.to_bytes(2, "big"))
+    net.run(1.0)
+    return route.dropped, route.duplicated, len(got)
+
+
+def test_lossy_route_is_seeded_and_roughly_as_lossy_as_asked() -> None:
+    dropped, duplicated, delivered = lossy_counts(5)
+    assert lossy_counts(5) == (dropped, duplicated, delivered)
+    assert 150 < dropped < 250 and 50 < duplicated < 110
+    assert delivered == 1000 - dropped + duplicated
+
+
+def test_private_addresses_of_another_home_are_unroutable() -> None:
+    net = MemoryNetwork(FakeClock())
+    home_a = net.add_nat("a", "full-cone", "198.51.100.1", lan_prefix="10.1.0")
+    home_b = net.add_nat("b", "full-cone", "198.51.100.2", lan_prefix="10.2.0")
+    a, b = (net.add_host(home_a), 5000), (net.add_host(home_b), 5000)
+    got: list[bytes] = []
+    net.bind(a, lambda d, s, local: None)
+    net.bind(b, lambda d, s, local: got.append(d))
+    net.send(a, b, b"to a private address")
+    net.run(1.0)
+    assert got == [] and net.counters["unroutable"] == 1
+
+
+class StuckNode:
+    """A node whose timer never moves on."""
+
+    def get_timer(self) -> float | None:
+        return 0.0
+
+    def handle_timer(self, now: float) -> None:
+        pass
+
+
+def test_a_run_is_bounded_in_steps() -> None:
+    net = MemoryNetwork(FakeClock())
+    net.add_node(StuckNode())
+    with pytest.raises(NotSettled):
+        net.run(1.0, max_steps=100)
+
+
+# -- traversal: the NAT matrix -----------------------------------------------------------
+
+
+@dataclass
+class Scene:
+    net: MemoryNetwork
+    server: MemoryServer
+    remote: MemoryDevice
+    tv: MemoryDevice
+    introduced_at: float
+
+
+def introduce(nat_a: str, nat_b: str, *, seed: int = 0, route: RouteHook = deliver_as_is,
+              same_nat: bool = False, double: bool = False,
+              register_within: float = 10.0) -> Scene:
+    """Two devices (the remote behind ``nat_a`` and the TV behind ``nat_b``),
+    registered, then the remote asks for the TV and sends its first
+    application datagram at once (on the relay)."""
+    ids = [identity_for(REMOTE, 1), identity_for(TV, 2)]
+    net, server = make_scene(ids, seed=seed, route_packet=route)
+    public = PublicAddresses()
+    if same_nat:
+        home = net.add_nat("h", nat_a, public.take(), lan_prefix="10.1.0")
+        home_a = home_b = home
+    else:
+        if double:
+            cgn = net.add_nat("cgn", "symmetric", public.take(), lan_prefix="100.64.0")
+            home_a = net.add_nat("a", nat_a, cgn.next_host_ip(), lan_prefix="10.1.0",
+                                 outside=cgn)
+        else:
+            home_a = net.add_nat("a", nat_a, public.take(), lan_prefix="10.1.0")
+        home_b = net.add_nat("b", nat_b, public.take(), lan_prefix="10.2.0")
+    remote = add_device(net, home_a, ids[0], server, seed=seed * 7 + 1)
+    tv = add_device(net, home_b, ids[1], server, seed=seed * 7 + 2)
+    tv.start()
+    remote.start()
+    assert net.run_until(lambda: remote.client.registered and tv.client.registered,
+                         register_within), "both register"
+    remote.introduce(TV)
+    assert net.run_until(lambda: TV in remote.links, 10.0), "introduced"
+    introduced_at = net.clock.now
+    remote.send_app(TV, b"pause")
+    return Scene(net, server, remote, tv, introduced_at)
+
+
+def payloads(device: MemoryDevice, peer: str) -> list[bytes]:
+    return [d.data for d in device.links[peer].received]
+
+
+def exchange(scene: Scene, expect: PathKind, n: int = 20) -> None:
+    """Datagrams both ways on the settled path: all arrive, on that path."""
+    remote, tv = scene.remote, scene.tv
+    before_tv = len(tv.links[REMOTE].received)
+    before_remote = len(remote.links[TV].received)
+    for i in range(n):
+        remote.send_app(TV, b"to-tv %d" % i)
+        tv.send_app(REMOTE, b"to-remote %d" % i)
+    scene.net.run(1.0)
+    at_tv = tv.links[REMOTE].received[before_tv:]
+    at_remote = remote.links[TV].received[before_remote:]
+    assert [d.data for d in at_tv] == [b"to-tv %d" % i for i in range(n)]
+    assert [d.data for d in at_remote] == [b"to-remote %d" % i for i in range(n)]
+    assert {d.via for d in at_tv + at_remote} == {expect}
+
+
+@pytest.mark.parametrize("nat_a, nat_b", PAIRS, ids=[f"{a}--{b}" for a, b in PAIRS])
+def test_connect_through_nat_pair(nat_a: str, nat_b: str) -> None:
+    scene = introduce(nat_a, nat_b)
+    expect = expected_path(nat_a, nat_b)
+    scene.net.run(SETTLE)
+    remote, tv = scene.remote, scene.tv
+    assert b"pause" in payloads(tv, REMOTE), "the first datagram never waits for punching"
+    assert (remote.path(TV), tv.path(REMOTE)) == (expect, expect)
+    for device, peer in ((remote, TV), (tv, REMOTE)):
+        kinds = [c.kind for c in device.links[peer].changes]
+        assert kinds[0] is PathKind.RELAY, "every session starts on the relay"
+        if expect is PathKind.DIRECT:
+            assert kinds == [PathKind.RELAY, PathKind.DIRECT], "no flapping"
+    if expect is PathKind.DIRECT and "symmetric" in (nat_a, nat_b) and nat_a != nat_b:
+        # The side facing the symmetric NAT talks to a peer-reflexive
+        # address, not the server-reflexive one it was introduced with.
+        sym, other, peer = (remote, tv, REMOTE) if nat_a == "symmetric" else (tv, remote, TV)
+        current = other.links[peer].paths.current
+        assert current is not None and current.key is not None
+        assert sym.registered_as is not None
+        assert current.key[0] == sym.registered_as[0]
+        assert current.key != sym.registered_as
+    exchange(scene, expect)
+    assert scene.server.core.statistics().get("internal_errors", 0) == 0
+
+
+def test_two_devices_behind_the_same_nat_use_the_lan() -> None:
+    scene = introduce("port-restricted-cone", "port-restricted-cone", same_nat=True)
+    scene.net.run(SETTLE)
+    assert scene.remote.path(TV) is PathKind.LAN and scene.tv.path(REMOTE) is PathKind.LAN
+    exchange(scene, PathKind.LAN)
+
+
+def test_double_nat_symmetric_cgn_to_full_cone_goes_direct() -> None:
+    scene = introduce("port-restricted-cone", "full-cone", double=True)
+    scene.net.run(SETTLE)
+    assert scene.remote.path(TV) is PathKind.DIRECT and scene.tv.path(REMOTE) is PathKind.DIRECT
+    # the TV sees the remote at the CGN's address, not its home NAT's
+    assert scene.remote.registered_as is not None
+    assert scene.remote.registered_as[0] == scene.net.nats["cgn"].public_ip
+    exchange(scene, PathKind.DIRECT)
+
+
+def test_relay_only_pair_carries_application_datagrams_through_the_relay() -> None:
+    scene = introduce("symmetric", "symmetric")
+    scene.net.run(SETTLE)
+    relayed_before = scene.server.core.statistics().get("relayed_frames", 0)
+    exchange(scene, PathKind.RELAY, n=100)
+    assert scene.server.core.statistics()["relayed_frames"] - relayed_before == 200
+    assert scene.remote.links[TV].received[0].via is PathKind.RELAY
+
+
+def test_relay_only_pair_stops_probing_after_the_schedule() -> None:
+    scene = introduce("symmetric", "port-restricted-cone")
+    scene.net.run(120.0)
+    assert scene.remote.path(TV) is PathKind.RELAY
+    filtered = scene.net.counters["filtered"]
+    scene.net.run(60.0)
+    # keepalives to the server go on; probes to the peer have stopped
+    assert scene.net.counters["filtered"] == filtered
+
+
+# -- under loss -------------------------------------------------------------------------
+
+
+def between_homes(packet: Packet) -> bool:
+    return packet.src[0] != SERVER_ADDR[0] and packet.dst[0] != SERVER_ADDR[0]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_twenty_percent_loss_still_ends_direct(seed: int) -> None:
+    route = LossyRoute(random.Random(seed), loss=0.2, duplicate=0.01, jitter=0.01)
+    scene = introduce("port-restricted-cone", "restricted-cone", seed=seed, route=route,
+                      register_within=30.0)
+    both_direct: Callable[[], bool] = lambda: (
+        scene.remote.path(TV) is PathKind.DIRECT and scene.tv.path(REMOTE) is PathKind.DIRECT)
+    assert scene.net.run_until(both_direct, 20.0), "direct despite loss"
+    assert route.dropped > 0
