@@ -349,6 +349,22 @@ class MemoryNetwork:
         self._claim(ip, nat)
         return ip
 
+    def renumber(self, nat: MemoryNat, public_ip: str) -> None:
+        """Give a translating NAT a new public address and forget its
+        bindings (an ISP handing out a new address after a reboot)."""
+        if not nat.translates:
+            raise ValueError("only a translating NAT can be renumbered")
+        old = nat.public_ip
+        self._claim(public_ip, nat.outside)
+        del self._realm[old]
+        del self._owner[old]
+        self._owner[public_ip] = nat
+        delay = self._wan_delay.pop(old, None)
+        if delay is not None:
+            self._wan_delay[public_ip] = delay
+        nat.public_ip = public_ip
+        nat.flush()
+
     def bind(self, addr: Address, receiver: Receiver) -> None:
         if addr[0] not in self._realm:
             raise ValueError(f"no host has the address {addr[0]}")
@@ -670,6 +686,12 @@ class MemoryDevice:
                 self.network.send(self.addr, req.dest, encode_probe(probe, link.probe_key))
             while (change := link.paths.next_event()) is not None:
                 link.changes.append(change)
+                if change.kind is PathKind.RELAY and change.previous in (PathKind.DIRECT,
+                                                                         PathKind.LAN):
+                    # As the driver does: perhaps our public address changed.
+                    self.client.check_now(now)
+        for data, dest in self.client.datagrams_to_send():
+            self.network.send(self.addr, dest, data)
 
     def _reintroduce(self, now: float) -> None:
         for link in self.links.values():

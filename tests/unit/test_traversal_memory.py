@@ -56,7 +56,9 @@ def expected_path(a: str, b: str) -> PathKind:
 
 
 PAIRS = list(itertools.combinations_with_replacement(NAMES, 2))
-PAIRS += [("port-restricted-cone", "symmetric"), ("restricted-cone", "symmetric")]
+# The other order too where who initiates could matter: the relay-only pair
+# and a symmetric/cone pair (combinations put "symmetric" second).
+PAIRS += [("symmetric", "port-restricted-cone"), ("symmetric", "restricted-cone")]
 
 
 # -- the memory NATs, measured by probes -------------------------------------------
@@ -406,16 +408,70 @@ def test_relay_only_pair_stops_probing_after_the_schedule() -> None:
 # -- under loss -------------------------------------------------------------------------
 
 
-def between_homes(packet: Packet) -> bool:
-    return packet.src[0] != SERVER_ADDR[0] and packet.dst[0] != SERVER_ADDR[0]
-
-
 @pytest.mark.parametrize("seed", range(5))
 def test_twenty_percent_loss_still_ends_direct(seed: int) -> None:
     route = LossyRoute(random.Random(seed), loss=0.2, duplicate=0.01, jitter=0.01)
     scene = introduce("port-restricted-cone", "restricted-cone", seed=seed, route=route,
                       register_within=30.0)
-    both_direct: Callable[[], bool] = lambda: (
-        scene.remote.path(TV) is PathKind.DIRECT and scene.tv.path(REMOTE) is PathKind.DIRECT)
-    assert scene.net.run_until(both_direct, 20.0), "direct despite loss"
+    assert scene.net.run_until(both_direct(scene), 20.0), "direct despite loss"
     assert route.dropped > 0
+
+
+def both_direct(scene: Scene) -> Callable[[], bool]:
+    return lambda: (scene.remote.path(TV) is PathKind.DIRECT
+                    and scene.tv.path(REMOTE) is PathKind.DIRECT)
+
+
+def history(seed: int) -> list[tuple[float, str]]:
+    route = LossyRoute(random.Random(seed), loss=0.2, duplicate=0.05, jitter=0.03)
+    scene = introduce("restricted-cone", "symmetric", seed=seed, route=route,
+                      register_within=30.0)
+    scene.net.run(10.0)
+    return [(c.at, c.kind.value) for d, p in ((scene.remote, TV), (scene.tv, REMOTE))
+            for c in d.links[p].changes]
+
+
+def test_a_seeded_run_is_repeatable() -> None:
+    assert history(11) == history(11)
+
+
+# -- address changes ----------------------------------------------------------------
+
+
+def stream(scene: Scene, seconds: float, every: float = 0.05) -> None:
+    """Datagrams both ways every ``every`` seconds (bounded)."""
+    for i in range(int(seconds / every)):
+        scene.remote.send_app(TV, b"r%d" % i)
+        scene.tv.send_app(REMOTE, b"t%d" % i)
+        scene.net.run(every)
+
+
+def test_a_port_preserving_nat_reboot_does_not_leave_the_direct_path() -> None:
+    scene = introduce("port-restricted-cone", "port-restricted-cone")
+    scene.net.run(SETTLE)
+    changes = len(scene.remote.links[TV].changes), len(scene.tv.links[REMOTE].changes)
+    for nat in scene.net.nats.values():
+        nat.flush()
+    stream(scene, 5.0)
+    # both keep sending to the same public addresses, which reopens both filters
+    assert (len(scene.remote.links[TV].changes), len(scene.tv.links[REMOTE].changes)) == changes
+    assert scene.remote.path(TV) is PathKind.DIRECT and scene.tv.path(REMOTE) is PathKind.DIRECT
+    assert sum(1 for d in scene.tv.links[REMOTE].received[-50:] if d.via is PathKind.DIRECT) == 50
+
+
+def test_a_new_public_address_falls_back_to_the_relay_then_punches_again() -> None:
+    scene = introduce("port-restricted-cone", "port-restricted-cone")
+    scene.net.run(SETTLE)
+    start = scene.net.clock.now
+    scene.net.renumber(scene.net.nats["a"], "198.51.100.99")
+    stream(scene, 10.0)
+    kinds = [(c.kind, round(c.at - start, 1)) for c in scene.remote.links[TV].changes]
+    assert [k for k, _ in kinds] == [PathKind.RELAY, PathKind.DIRECT, PathKind.RELAY,
+                                     PathKind.DIRECT]
+    fell_back, back_direct = kinds[2][1], kinds[3][1]
+    assert fell_back < 3.0, "the dead path is dropped within a few seconds"
+    assert back_direct < fell_back + 2.0, "registration and punching start at once"
+    assert scene.remote.registered_as == ("198.51.100.99", 5000)
+    assert scene.tv.path(REMOTE) is PathKind.DIRECT
+    current = scene.tv.links[REMOTE].paths.current
+    assert current is not None and current.key == ("198.51.100.99", 5000)
