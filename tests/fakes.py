@@ -286,7 +286,9 @@ class MemoryNetwork:
     and on arrival descends through the NATs owning its destination
     (:meth:`MemoryNat.inbound`, at arrival time, so filters see the state
     of that moment). A packet to a NAT's own public address from inside
-    it is hairpinned when the profile allows.
+    it is hairpinned when the profile allows; unlike the lab's hairpin
+    rule, a hairpinned packet still passes the receiving binding's filter.
+    Private addresses of another realm are unroutable, as on the internet.
     """
 
     def __init__(self, clock: FakeClock, *, seed: int = 0,
@@ -774,8 +776,8 @@ def add_device(net: MemoryNetwork, nat: MemoryNat, identity: DeviceIdentity,
 
 
 __all__ = [
-    "add_device",
     "APP_FIRST_BYTE",
+    "SERVER_ADDR",
     "AppDatagram",
     "Binding",
     "DeviceLink",
@@ -789,7 +791,7 @@ __all__ = [
     "Packet",
     "PublicAddresses",
     "RouteHook",
-    "SERVER_ADDR",
+    "add_device",
     "deliver_as_is",
     "identity_for",
     "make_scene",

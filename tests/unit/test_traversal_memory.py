@@ -22,7 +22,6 @@ import pytest
 from dtx.lab.nat import PROFILES, Filtering, Mapping
 from dtx.proto.paths import PathKind
 from tests.fakes import (
-    SERVER_ADDR,
     FakeClock,
     LossyRoute,
     MemoryDevice,
