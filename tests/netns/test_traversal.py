@@ -41,7 +41,7 @@ def expected_path(a: str, b: str) -> str:
 PAIRS = list(itertools.combinations_with_replacement(PROFILES, 2))
 # Both orders where it matters (who initiates): the relay-only pair and a
 # symmetric/cone pair.
-PAIRS += [("port-restricted-cone", "symmetric"), ("restricted-cone", "symmetric")]
+PAIRS += [("symmetric", "port-restricted-cone"), ("symmetric", "restricted-cone")]
 
 SETTLE = 4.0
 """Seconds a relay-only pair is watched: past the quick punch attempts."""
