@@ -595,11 +595,10 @@ class XmlSession:
             return self._ended_error
         code = event.error_code
         reason = event.reason_phrase
-        if code == ERROR_NONE and event.frame_type is None and self._peer_closed:
-            return None
-        if code == ERROR_NONE and self.state is SessionState.CLOSING and self._peer_closed:
-            return None
-        if code in (CRYPTO_ERROR_BASE + ALERT_REFUSED, CRYPTO_ERROR_BASE + ALERT_CERTIFICATE_REQUIRED):
+        if code == ERROR_NONE and self._peer_closed:
+            return None  # both closing tags exchanged: a graceful end
+        if code in (CRYPTO_ERROR_BASE + ALERT_REFUSED,
+                    CRYPTO_ERROR_BASE + ALERT_CERTIFICATE_REQUIRED):
             return AuthenticationError(
                 f"the peer refused this device's key ({reason or 'no reason given'})"
             )
@@ -608,14 +607,19 @@ class XmlSession:
         if code == ERROR_STREAM and event.frame_type is None:
             condition, _, text = reason.partition(":")
             return StreamError(condition or "undefined-condition", text)
+        if code == ERROR_NONE and reason == _AIOQUIC_IDLE_TIMEOUT:
+            if self.state is SessionState.HANDSHAKING:
+                return SessionClosedError("no answer from the peer (timeout)")
+            return SessionClosedError("the peer stopped answering (idle timeout)")
         if code == ERROR_NONE and event.frame_type is None:
             if self.state is SessionState.HANDSHAKING:
                 return SessionClosedError("connection closed during the handshake")
             return SessionClosedError("peer closed the connection without closing the stream")
-        if code == 0 and reason == "" and self.state is SessionState.HANDSHAKING:
-            return SessionClosedError("no answer from the peer (timeout)")
         return RemoteProtocolError(f"connection closed: code {code:#x} {reason}".strip())
 
+
+_AIOQUIC_IDLE_TIMEOUT = "Idle timeout"
+"""The reason aioquic gives its own ConnectionTerminated on an idle timeout."""
 
 _DATAGRAM_PREFIX = (
     b"<stream:stream xmlns='jabber:client' "
