@@ -37,6 +37,7 @@ from xml.etree.ElementTree import Element
 
 from aioquic.quic import events as qe
 from aioquic.quic.connection import QuicConnection
+from aioquic.quic.packet import QuicFrameType
 
 from .. import stanza as st
 from ..errors import (
@@ -607,7 +608,7 @@ class XmlSession:
         if code == ERROR_STREAM and event.frame_type is None:
             condition, _, text = reason.partition(":")
             return StreamError(condition or "undefined-condition", text)
-        if code == ERROR_NONE and reason == _AIOQUIC_IDLE_TIMEOUT:
+        if reason == _AIOQUIC_IDLE_TIMEOUT and event.frame_type == QuicFrameType.PADDING:
             if self.state is SessionState.HANDSHAKING:
                 return SessionClosedError("no answer from the peer (timeout)")
             return SessionClosedError("the peer stopped answering (idle timeout)")
@@ -619,7 +620,8 @@ class XmlSession:
 
 
 _AIOQUIC_IDLE_TIMEOUT = "Idle timeout"
-"""The reason aioquic gives its own ConnectionTerminated on an idle timeout."""
+"""How aioquic marks its own ConnectionTerminated on an idle timeout
+(with frame type PADDING, which no peer's CONNECTION_CLOSE carries)."""
 
 _DATAGRAM_PREFIX = (
     b"<stream:stream xmlns='jabber:client' "
