@@ -145,8 +145,7 @@ class Session:
         return None
 
     def statistics(self) -> dict[str, Any]:
-        stats = dict(vars(self._core.statistics))
-        stats.pop("extra", None)
+        stats: dict[str, Any] = dict(vars(self._core.statistics))
         stats["unacknowledged"] = len(self._core.unacknowledged)
         rtt = getattr(self._quic._loss, "_rtt_smoothed", 0.0)
         stats["rtt_ms"] = round(rtt * 1000, 3)

@@ -45,7 +45,7 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import MAX_STREAM_DATA_FRAME_CAPACITY, QuicConnection
 from aioquic.quic.packet import QuicFrameType
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.x509.oid import NameOID, ObjectIdentifier
 
@@ -292,7 +292,3 @@ def quic_configuration(
         max_stream_data=AuthenticatedQuicConnection.stream_window,
     )
     return config
-
-
-def certificate_fingerprint(cert: x509.Certificate) -> bytes:
-    return cert.fingerprint(hashes.SHA256())

@@ -31,7 +31,7 @@ import logging
 import random
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from xml.etree.ElementTree import Element
 
@@ -177,7 +177,6 @@ class SessionStatistics:
     bytes_sent: int = 0
     bytes_received: int = 0
     pings_answered: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
 
 
 def _bare(jid: str) -> str:
@@ -213,7 +212,6 @@ class XmlSession:
         self._quic = quic
         self._is_client = quic.configuration.is_client
         self._local_jid = local_jid
-        self._requested_peer = peer_jid
         self._config = config
         self._rng = rng
         self._log = logger or logging.getLogger(__name__)
