@@ -12,7 +12,10 @@ Systems, measured in the same process and event loop, one after another:
 * ``dtx`` — a dtx session: ``<message/>`` stanzas of the same size, echoed
   back by the other side as new ``<message/>`` stanzas;
 * ``dtx-ping`` — XEP-0199 pings on the same session (answered by the core);
-* ``dtx-datagram`` — stanzas echoed over the QUIC DATAGRAM channel.
+* ``dtx-datagram`` — stanzas echoed over the QUIC DATAGRAM channel;
+* ``dtx-2proc`` — one-way stanzas/s with the receiving device in a process
+  of its own, as two devices would be (each side gets a core; the figures
+  above share one process, so sender and receiver share one core).
 
 Every message is ``Options.message_bytes`` long on the wire (the encoded
 stanza for dtx, the framed message for the others). Both ends run in this
@@ -468,6 +471,71 @@ async def dtx_throughput(opts: Options, client: Session,
     return n / (end - start), cpu / n
 
 
+def _receiver_process(seeds: tuple[bytes, bytes], n: int, timeout: float,
+                      conn: Any) -> None:
+    """The TV in its own process: accept one session, take ``n`` stanzas,
+    report when the last one arrived (perf_counter is system-wide)."""
+    tv_id = DeviceIdentity.from_private_bytes(TV_JID, seeds[0])
+    remote_id = DeviceIdentity.from_private_bytes(REMOTE_JID, seeds[1])
+
+    async def main() -> None:
+        async with open_peer(tv_id, _trusting(tv_id, remote_id), host=HOST) as tv:
+            conn.send(tv.address)
+            async with asyncio.timeout(timeout):
+                srv = await tv.accept()
+                got = 0
+                while got < n:
+                    await srv.receive()
+                    got += 1
+                    while got < n and srv.receive_nowait() is not None:
+                        got += 1
+                conn.send(time.perf_counter())
+                await srv.wait_closed()
+
+    asyncio.run(main())
+
+
+async def dtx_throughput_two_processes(opts: Options) -> tuple[float, float]:
+    """One-way stanzas/s with the receiver in another process; and the
+    sender's CPU s per stanza."""
+    import multiprocessing
+
+    seeds = (bytes(range(32)), bytes(range(32, 64)))
+    remote_id = DeviceIdentity.from_private_bytes(REMOTE_JID, seeds[1])
+    tv_id = DeviceIdentity.from_private_bytes(TV_JID, seeds[0])
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_receiver_process,
+                       args=(seeds, opts.stanzas, opts.timeout, child), daemon=True)
+    proc.start()
+    loop = asyncio.get_running_loop()
+    try:
+        ready = await loop.run_in_executor(None, parent.poll, opts.timeout)
+        if not ready:
+            raise TimeoutError("the receiving process did not start")
+        address = parent.recv()
+        async with open_peer(remote_id, _trusting(tv_id, remote_id), host=HOST,
+                             listen=False) as rc:
+            client = await rc.connect(TV_JID, address, timeout=opts.timeout)
+            await client.ping(timeout=opts.timeout)
+            cpu0 = time.process_time()
+            start = time.perf_counter()
+            for i in range(opts.stanzas):
+                client.send(sized_stanza(opts.message_bytes, to=TV_JID, index=i))
+                if (i + 1) % opts.burst == 0:
+                    await _yield()
+            if not await loop.run_in_executor(None, parent.poll, opts.timeout):
+                raise TimeoutError("the receiving process did not get every stanza")
+            end = float(parent.recv())
+            cpu = time.process_time() - cpu0
+            await client.close(timeout=opts.timeout)
+    finally:
+        proc.join(opts.timeout)
+        if proc.is_alive():
+            proc.kill()
+    return opts.stanzas / (end - start), cpu / opts.stanzas
+
+
 async def dtx_connect(opts: Options, pair: _DtxPair) -> list[float]:
     """From ``Peer.connect()`` to the first stanza received, new peer each time.
 
@@ -544,6 +612,11 @@ async def _run_once(opts: Options, run: int) -> list[Result]:
         await client.close(timeout=opts.timeout)
         step(f"{tag}: dtx connect x{opts.connects}")
         add("dtx", Metric.CONNECT, await dtx_connect(opts, pair))
+    step(f"{tag}: dtx one-way, receiver in its own process x{opts.stanzas}")
+    rate, cpu = await dtx_throughput_two_processes(opts)
+    note = "receiver in another process; CPU is the sender's"
+    add("dtx-2proc", Metric.THROUGHPUT, [rate], note=note)
+    add("dtx-2proc", Metric.CPU, [cpu], note=note)
     return results
 
 
@@ -556,7 +629,7 @@ def run(opts: Options) -> list[Result]:
 
 
 SYSTEMS: tuple[str, ...] = (
-    "udp", "aioquic", "aioquic-flush", "dtx", "dtx-ping", "dtx-datagram",
+    "udp", "aioquic", "aioquic-flush", "dtx", "dtx-ping", "dtx-datagram", "dtx-2proc",
 )
 """Every system this scenario reports, in display order."""
 
@@ -567,6 +640,7 @@ DESCRIPTIONS: dict[str, str] = {
     "dtx": "dtx session, `<message/>` stanzas",
     "dtx-ping": "dtx session, XEP-0199 ping",
     "dtx-datagram": "dtx DATAGRAM channel, stanza echo",
+    "dtx-2proc": "dtx session, receiving device in its own process",
 }
 
 __all__ = ["NAME", "SYSTEMS", "DESCRIPTIONS", "run", "framed_message", "sized_stanza", "stanza_id",
