@@ -79,7 +79,7 @@ def test_json_raw_samples_are_positive_and_complete(quick_run: tuple[Path, str])
 
 def test_json_summaries_are_ordered_ranges(quick_run: tuple[Path, str]) -> None:
     doc = _load(quick_run[0])
-    assert len(doc["summaries"]) == 5 + 3 + 3 + 2  # rtt, throughput, cpu, connect
+    assert len(doc["summaries"]) == 5 + 4 + 4 + 2  # rtt, throughput, cpu, connect
     for s in doc["summaries"]:
         assert s["runs"] == 2
         for name, rng in s["stats"].items():
