@@ -89,7 +89,8 @@ def test_json_summaries_are_ordered_ranges(quick_run: tuple[Path, str]) -> None:
             assert p["p50"]["median"] <= p["p90"]["median"] <= p["p99"]["median"] \
                 <= p["max"]["median"]
     names = [t["name"] for t in doc["targets"]]
-    assert "dtx one-way stanzas/s" in names
+    assert "dtx one-way stanzas/s (both ends in one process)" in names
+    assert "dtx one-way stanzas/s (receiver in its own process)" in names
     assert all(t["value"] > 0 and isinstance(t["met"], bool) for t in doc["targets"])
 
 
