@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__)
 
 PHASE_TIMEOUT = 60.0
 """Upper bound on any one phase of a worker."""
+STOP_TIMEOUT = 3600.0
+"""How long an echo side waits for the harness to stop it: the whole
+measurement of its peer, which is long on a lossy relay path."""
 
 
 def emit(**fields: Any) -> None:
@@ -39,9 +42,10 @@ def emit(**fields: Any) -> None:
     sys.stdout.flush()
 
 
-async def read_command(reader: asyncio.StreamReader) -> dict[str, Any]:
+async def read_command(reader: asyncio.StreamReader,
+                       timeout: float = PHASE_TIMEOUT) -> dict[str, Any]:
     """The next JSON line from stdin."""
-    async with asyncio.timeout(PHASE_TIMEOUT):
+    async with asyncio.timeout(timeout):
         line = await reader.readline()
     if not line:
         raise EOFError("stdin closed")
@@ -114,7 +118,7 @@ async def xmpp_echo(args: argparse.Namespace) -> int:
         await ready.wait()
     emit(event="ready")
     reader = await stdin_reader()
-    await read_command(reader)  # "stop"
+    await read_command(reader, STOP_TIMEOUT)  # "stop"
     client.disconnect()
     return 0
 
@@ -161,7 +165,7 @@ async def xmpp_drive(args: argparse.Namespace) -> int:
         pings.append(time.monotonic() - start)
     emit(event="rtt", rtt=rtts, ping=pings)
     reader = await stdin_reader()
-    if (await read_command(reader)).get("command") != "go":
+    if (await read_command(reader, STOP_TIMEOUT)).get("command") != "go":
         client.disconnect()
         return 0
     cpu0 = time.process_time()
@@ -244,7 +248,7 @@ async def webrtc_echo(args: argparse.Namespace) -> int:
     await pc.setLocalDescription(await pc.createAnswer())
     emit(event="answer", **_sdp(pc.localDescription))
     try:
-        await read_command(reader)  # "stop"
+        await read_command(reader, STOP_TIMEOUT)  # "stop"
     finally:
         await pc.close()
     return 0
@@ -293,7 +297,7 @@ async def webrtc_drive(args: argparse.Namespace) -> int:
     emit(event="open", t0=t0, open=t_open - t0, path=_selected_path(pc))
     rtts = [await roundtrip(i) for i in range(args.samples)]
     emit(event="rtt", rtt=rtts)
-    if (await read_command(reader)).get("command") != "go":
+    if (await read_command(reader, STOP_TIMEOUT)).get("command") != "go":
         await pc.close()
         return 0
     cpu0 = time.process_time()

@@ -88,9 +88,9 @@ def run(opts: Options) -> list[Result]:
                                               size=opts.message_bytes)
                 out = [Result(scenario=NAME, system="udp-lan", metric=Metric.RTT, run=run,
                               samples=tuple(samples), lost=lost, note="path lan")]
-                out += await guarded_async(opts, f"{tag}: {pair.system}", measure_dtx(
+                await guarded_async(opts, f"{tag}: {pair.system}", measure_dtx(
                     world, opts, run, NAME, pair.system, pair.a, pair.b, ids["phone"],
-                    ids["phone-cold"], pair.expect))
+                    ids["phone-cold"], pair.expect, out))
                 return out
 
             results += asyncio.run(measure())

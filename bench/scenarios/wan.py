@@ -80,9 +80,9 @@ def run_wan(opts: Options, name: str, wan: WanProfile) -> list[Result]:
                                       run=run, samples=tuple(samples), lost=lost,
                                       note="path " + ("relay" if relay else "direct")))
                 for pair, key in zip(pairs, ("phone", "tablet")):
-                    out += await guarded_async(opts, f"{tag}: {pair.system}", measure_dtx(
+                    await guarded_async(opts, f"{tag}: {pair.system}", measure_dtx(
                         world, opts, run, name, pair.system, pair.a, pair.b, ids[key],
-                        ids[f"{key}-cold"], pair.expect))
+                        ids[f"{key}-cold"], pair.expect, out))
                 return out
 
             results += asyncio.run(measure())
