@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import sys
 import tempfile
@@ -93,20 +92,6 @@ async def run_demo(workdir: Path, pings: int) -> None:
         stats = session.statistics()
         _say(f"remote sent {stats['stanzas_sent']} stanzas, "
              f"{stats['stanzas_acknowledged']} acknowledged, path: {session.path}")
-
-
-def lab_missing() -> str | None:
-    """Why the NAT-lab demo cannot run here, or None."""
-    import shutil
-
-    if os.geteuid() != 0:
-        return "not root (the NAT lab needs network namespaces and nftables)"
-    for tool in ("ip", "nft", "conntrack"):
-        if shutil.which(tool) is None:
-            return f"the {tool} command is missing (run scripts/setup as root)"
-    if not os.path.exists("/dev/net/tun"):
-        return "/dev/net/tun is missing"
-    return None
 
 
 async def lab_pair(lab_host_a: object, lab_host_b: object, vcards: Path,
@@ -202,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loopback", action="store_true",
                         help="run on loopback even when the NAT lab is available")
     args = parser.parse_args(argv)
+    from .lab import lab_missing
+
     reason = "asked for with --loopback" if args.loopback else lab_missing()
     with tempfile.TemporaryDirectory(prefix="dtx-demo-") as tmp:
         if reason is None:

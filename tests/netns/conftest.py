@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
 
-from dtx.lab import Lab
-
-
-def lab_missing() -> str | None:
-    """Why the NAT lab cannot run here, or None when it can."""
-    if os.geteuid() != 0:
-        return ("needs root: the NAT lab creates network namespaces, veth/TAP links "
-                "and nftables rules (CI runs as root)")
-    for tool, package in (("ip", "iproute2"), ("nft", "nftables"), ("conntrack", "conntrack")):
-        if shutil.which(tool) is None:
-            return f"needs the {tool} command (package {package}; scripts/setup installs it)"
-    if not os.path.exists("/dev/net/tun"):
-        return "needs /dev/net/tun: impaired lab links are TAP devices"
-    return None
+from dtx.lab import Lab, lab_missing
 
 
 @pytest.fixture(scope="session")
