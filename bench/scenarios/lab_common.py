@@ -613,7 +613,8 @@ def _measure_xmpp(world: LabWorld, opts: Options, run: int, scenario: str, syste
     common = ["--password", XMPP_PASSWORD, "--server", server,
               "--size", str(opts.message_bytes)]
     tag = f"{scenario} run {run + 1}/{opts.runs}"
-    echo = Worker(b, ["xmpp-echo", "--jid", "tv@example.org/echo", *common], opts.timeout)
+    echo = Worker(b, ["xmpp-echo", "--jid", "tv@example.org/echo", *common],
+                  opts.timeout + opts.lab_stanzas / 20)
     try:
         echo.expect("ready")
         connects: list[float] = []
@@ -684,7 +685,8 @@ def _measure_webrtc(world: LabWorld, opts: Options, run: int, scenario: str, sys
         n = opts.lab_rtt_samples if measure else 0
         if measure:
             opts.progress.step(f"{tag}: {system} open and rtt x{n}")
-        echo = Worker(b, ["webrtc-echo", *ice], opts.timeout)
+        # The echo side waits through its peer's whole measurement.
+        echo = Worker(b, ["webrtc-echo", *ice], opts.timeout + 2 * n + opts.lab_stanzas / 20)
         drive = Worker(a, ["webrtc-drive", *ice, "--samples", str(n),
                            "--stanzas", str(opts.lab_stanzas)], opts.timeout + 2 * n)
         try:
