@@ -414,7 +414,9 @@ class Traversal:
             link.initiator = link.initiator or initiator
             link.reintroduce_at = None
             link.reintroduce_attempts = 0
-            link.paths.set_relay(wrap, now)
+            link.paths.reset(wrap, now, keep=[c.addr for c in msg.candidates])
+            for addr in [a for a, cached in self._by_addr.items() if cached is link]:
+                del self._by_addr[addr]
         self._by_channel[channel] = link
         self._by_intro[msg.intro] = link
         for cand in msg.candidates:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -215,6 +215,20 @@ class PathManager:
         self._next_punch = now
         for p in self.paths.values():
             p.failures = 0
+
+    def reset(self, relay: RelayWrap | None, now: float, *, keep: Iterable[Address] = ()) -> None:
+        """A new introduction: the peer's addresses may have changed (a
+        restart, a new NAT mapping). Forget every path except those in
+        ``keep`` (the new candidates: a path to one of them is still good),
+        falling back to the relay if the current one goes; the new
+        candidates are added and punched afresh by the caller."""
+        kept = set(keep)
+        for addr in [a for a in self.paths if a not in kept]:
+            del self.paths[addr]
+        self._pings = {t: p for t, p in self._pings.items() if p.dest in kept}
+        self._probes.clear()
+        self.relay = relay
+        self._reselect(now)  # the current path may be gone
 
     def set_relay(self, relay: RelayWrap | None, now: float) -> None:
         self.relay = relay

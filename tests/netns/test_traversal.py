@@ -129,3 +129,38 @@ def test_double_nat(netns_ready: None, tmp_path: Path) -> None:
     with Lab(wan=STANDARD_WAN) as lab:
         result = run_pair(lab, tmp_path, "port-restricted-cone", "full-cone", double=True)
     assert result["path"] == "direct"
+
+
+def test_a_device_that_restarts_connects_again_directly(netns_ready: None,
+                                                       tmp_path: Path) -> None:
+    """The remote restarts (a new socket, a new public port) and connects
+    to the same TV again: the TV drops the old address and the new session
+    goes direct like the first."""
+    with Lab(wan=STANDARD_WAN) as lab:
+        server = lab.add_server("rdv")
+        home_a = lab.add_home("a", nat="port-restricted-cone")
+        home_b = lab.add_home("b", nat="port-restricted-cone")
+        lab.up()
+        a, b = make_devices(lab, home_a.hosts[0], home_b.hosts[0])
+        vcards = tmp_path / "vcards"
+        write_vcards(vcards, a.identity, b.identity)
+        start_rendezvous(server, vcards)
+        rdv = server_address(server)
+
+        async def main() -> None:
+            async with device_peer(b, vcards, rdv, listen=True) as tv:
+                await tv.wait_registered(10)
+                old_address = None
+                for _ in range(2):
+                    async with device_peer(a, vcards, rdv, listen=False) as remote:
+                        result = await exchange(remote, tv, expect="direct")
+                        assert result["path"] == "direct"
+                        assert remote.traversal is not None
+                        public = remote.traversal.client.reflexive
+                        assert public is not None and public != old_address
+                        link = tv.traversal.links["remote@example.org/phone"]  # type: ignore[union-attr]
+                        if old_address is not None:
+                            assert not link.paths.knows(old_address)
+                        old_address = public
+
+        asyncio.run(main())

@@ -183,3 +183,29 @@ def test_keepalive_probe_when_idle() -> None:
     assert not [p for p in pm.probes_to_send() if p.ping]
     advance(pm, clock, clock.now + 2.0)
     assert [p for p in pm.probes_to_send() if p.ping and p.dest == B]
+
+
+def test_reset_forgets_paths_the_new_introduction_does_not_list() -> None:
+    clock = Clock()
+    pm = manager(clock)
+    advance(pm, clock, clock.now)
+    answer_pings(pm, clock)
+    assert pm.kind is DIRECT
+    events(pm)
+    # The peer restarted: a new introduction lists only its new address.
+    pm.reset(relay, clock.now, keep=[C])
+    pm.add_candidate(C, DIRECT)
+    assert not pm.knows(B)
+    (change,) = events(pm)
+    assert change.kind is RELAY and change.previous is DIRECT
+    assert pm.route(b"quic", clock.now + 10)[0][1] == ("203.0.113.10", 3478)
+
+
+def test_reset_keeps_a_path_the_new_introduction_still_lists() -> None:
+    clock = Clock()
+    pm = manager(clock)
+    advance(pm, clock, clock.now)
+    answer_pings(pm, clock)
+    events(pm)
+    pm.reset(relay, clock.now, keep=[B])  # e.g. after a rendezvous restart
+    assert pm.kind is DIRECT and events(pm) == []
