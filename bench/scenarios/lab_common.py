@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from dtx import stanza as st
-from dtx.aio.peer import Peer, PeerConfig, Session
+from dtx.aio.peer import Peer, PeerConfig
 from dtx.identity import DeviceIdentity
 from dtx.lab import Lab
 from dtx.lab.topology import Host
@@ -59,19 +59,6 @@ TV_JID = "tv@example.org/living-room"
 TV_BARE = "tv@example.org"
 READY_TIMEOUT = 20.0
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def lab_missing() -> str | None:
-    """Why the NAT lab cannot run here, or None when it can."""
-    if os.geteuid() != 0:
-        return ("needs root: the NAT lab creates network namespaces, veth/TAP links "
-                "and nftables rules")
-    for tool, package in (("ip", "iproute2"), ("nft", "nftables"), ("conntrack", "conntrack")):
-        if shutil.which(tool) is None:
-            return f"needs the {tool} command (package {package}; scripts/setup installs it)"
-    if not os.path.exists("/dev/net/tun"):
-        return "needs /dev/net/tun: impaired lab links are TAP devices"
-    return None
 
 
 def alternatives_missing() -> str | None:

@@ -19,12 +19,12 @@ import sys
 from pathlib import Path
 
 from dtx.identity import generate_identity
-from dtx.lab import STANDARD_WAN, Lab
+from dtx.lab import STANDARD_WAN, Lab, lab_missing
 from dtx.lab.topology import Host
 
 from .common import Metric, Options, Result
 from .lab_common import (ROOT, TV_BARE, TV_JID, Pair, alternatives_missing, guarded,
-                         guarded_async, lab_missing, measure_dtx, measure_webrtc, measure_xmpp,
+                         guarded_async, measure_dtx, measure_webrtc, measure_xmpp,
                          scratch, start_world, udp_rtt, wait_line)
 
 logger = logging.getLogger(__name__)

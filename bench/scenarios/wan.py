@@ -19,10 +19,10 @@ import logging
 from pathlib import Path
 
 from dtx.identity import generate_identity
-from dtx.lab import STANDARD_WAN, Lab, LinkSpec, WanProfile
+from dtx.lab import STANDARD_WAN, Lab, LinkSpec, WanProfile, lab_missing
 
 from .common import Metric, Options, Result
-from .lab_common import (Pair, alternatives_missing, guarded, guarded_async, lab_missing,
+from .lab_common import (Pair, alternatives_missing, guarded, guarded_async,
                          measure_dtx, measure_webrtc, measure_xmpp, scratch, start_world,
                          udp_rtt)
 

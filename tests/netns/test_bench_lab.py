@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 
 from bench.scenarios import lan, wan
-from bench.scenarios.lab_common import alternatives_missing, lab_missing
+from bench.scenarios.lab_common import alternatives_missing
+from dtx.lab import lab_missing
 
 pytestmark = pytest.mark.netns
 
