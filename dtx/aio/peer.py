@@ -490,8 +490,8 @@ class Peer:
         if self._socket is None:
             return
         quic = session._quic
-        session._core.flush()
         now = self._now()
+        session._core.flush(now)
         sendto = self._socket.sendto
         link = session.link
         if link is not None and self._traversal is not None:
@@ -505,6 +505,9 @@ class Peer:
         while (ev := quic.next_event()) is not None:
             session._dispatch(session._core.handle_quic_event(ev))
         timer_at = quic.get_timer()
+        core_at = session._core.get_timer()
+        if core_at is not None and (timer_at is None or core_at < timer_at):
+            timer_at = core_at
         if session._timer is not None and session._timer_at != timer_at:
             session._timer.cancel()
             session._timer = None
@@ -514,7 +517,11 @@ class Peer:
 
     def _on_timer(self, session: Session) -> None:
         session._timer = None
-        session._quic.handle_timer(now=self._now())
+        now = self._now()
+        session._core.handle_timer(now)
+        quic_at = session._quic.get_timer()
+        if quic_at is not None and quic_at <= now:
+            session._quic.handle_timer(now=now)
         self._process(session)
 
     def _on_opened(self, session: Session) -> None:

@@ -165,6 +165,9 @@ class Session:
 
     async def wait_acknowledged(self, timeout: float | None = None) -> None:
         """Wait until the peer acknowledged every stanza sent so far."""
+        if self._core.unacknowledged:
+            self._core.request_ack()
+            self._peer._schedule(self)
         async with asyncio.timeout(timeout):
             while self._core.unacknowledged:
                 if self._closed.done():

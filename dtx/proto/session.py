@@ -102,6 +102,12 @@ class SessionConfig:
     answer_pings: bool = True
     max_datagram_size: int = 1200
     """The QUIC packet size in use; bounds the DATAGRAM channel."""
+    ack_request_every: int = 64
+    """Ask for an acknowledgement (``<r/>``) once this many stanzas are
+    unacknowledged ..."""
+    ack_request_delay: float = 0.05
+    """... or once stanzas have waited this long (seconds) for one. Asking
+    on every write would cost a packet each way per exchange."""
 
 
 # -- events -------------------------------------------------------------------
@@ -231,6 +237,9 @@ class XmlSession:
         self._acked_total = 0
         self._handled_in = 0
         self._r_outstanding = False
+        self._r_wanted = False
+        self._acked_at_request = 0
+        self._unacked_since: float | None = None
         self._ended: SessionEnded | None = None
         self._ended_error: DtxError | None = None
         self._out: list[bytes] = []
@@ -308,6 +317,7 @@ class XmlSession:
             self._quic.close(error_code=ERROR_SESSION, reason_phrase="closed")
             self.state = SessionState.CLOSED
             return
+        self._r_wanted = True
         self.flush()
         self._quic.send_stream_data(
             self._stream, xs.encode_stream_footer(), end_stream=self._peer_closed
@@ -321,15 +331,36 @@ class XmlSession:
         if self.state is not SessionState.CLOSED:
             self._quic.close(error_code=ERROR_SESSION, reason_phrase=reason)
 
-    def flush(self) -> None:
-        """Hand queued stanzas to QUIC as one write, asking for an ack."""
+    def request_ack(self) -> None:
+        """Ask for an acknowledgement at the next flush (someone waits)."""
+        self._r_wanted = True
+
+    def get_timer(self) -> float | None:
+        """When :meth:`handle_timer` wants calling: the delayed ack request."""
+        if self._unacked and not self._r_outstanding and self._unacked_since is not None:
+            return self._unacked_since + self._config.ack_request_delay
+        return None
+
+    def handle_timer(self, now: float) -> None:
+        due = self.get_timer()
+        if due is not None and now >= due:
+            self._r_wanted = True
+
+    def flush(self, now: float | None = None) -> None:
+        """Hand queued stanzas to QUIC as one write, asking for an
+        acknowledgement when enough is waiting, when it has waited long
+        enough, or when someone asked (one request outstanding at a time)."""
         if self._stream is None:
             return
-        # One outstanding request at a time: about one <r/> per round trip
-        # while anything is unacknowledged.
         if self._unacked and not self._r_outstanding and self.is_open:
-            self._out.append(b"<r xmlns='urn:xmpp:sm:3'/>")
-            self._r_outstanding = True
+            if now is not None and self._unacked_since is None:
+                self._unacked_since = now
+            if self._r_wanted or len(self._unacked) - self._acked_at_request \
+                    >= self._config.ack_request_every:
+                self._out.append(b"<r xmlns='urn:xmpp:sm:3'/>")
+                self._r_outstanding = True
+                self._r_wanted = False
+                self._acked_at_request = len(self._unacked)
         if not self._out:
             return
         data = b"".join(self._out)
@@ -523,6 +554,8 @@ class XmlSession:
             )
         for _ in range(count):
             self._unacked.popleft()
+        self._acked_at_request = 0
+        self._unacked_since = None
         self._acked_total = h
         self.statistics.stanzas_acknowledged += count
         return count
