@@ -62,7 +62,7 @@ from dtx.wire.control import (
 from dtx.wire.demux import PacketKind, classify
 from dtx.wire.relay import RELAY_FIRST_BYTE, decode_relay, encode_relay
 from dtx.wire.stun import Address
-from rendezvous.stun import ServerAddresses, answer_stun
+from rendezvous.stun import ServerAddresses, answer_stun, normalise_address
 
 __all__ = [
     "AMPLIFICATION_FACTOR",
@@ -192,18 +192,6 @@ class _Verification:
     deadline: float
 
 
-def _normalise(addr: Address) -> Address:
-    """IPv4-mapped IPv6 as plain IPv4, so one device has one address."""
-    host, port = addr[0], addr[1]
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return (host, port)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return (str(ip.ipv4_mapped), port)
-    return (str(ip), port)
-
-
 def _address_bytes(addr: Address) -> bytes:
     """``family ‖ address ‖ port`` for the challenge MAC."""
     try:
@@ -254,7 +242,7 @@ class RendezvousCore:
     def receive_datagram(self, data: bytes, src: Address, local: Address, now: float) -> None:
         """Handle one datagram from ``src`` received on ``local``; never raises."""
         try:
-            self._receive(bytes(data), _normalise(src), local, now)
+            self._receive(bytes(data), normalise_address(src), local, now)
         except Exception:  # a bug must not take the server down; counted, tests check 0
             self._count("internal_errors")
             logger.exception("internal error handling a datagram from %s", src)
@@ -460,7 +448,7 @@ class RendezvousCore:
         within one second), authenticated with the source address."""
         t = int(now) & 0xFFFFFFFF
         head = t.to_bytes(4, "big") + self._rng.getrandbits(32).to_bytes(4, "big")
-        return head + self._challenge_mac(head, _normalise(src))
+        return head + self._challenge_mac(head, normalise_address(src))
 
     def _challenge_valid(self, challenge: bytes, src: Address, now: float) -> bool:
         if len(challenge) != CHALLENGE_BYTES:

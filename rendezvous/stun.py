@@ -143,8 +143,9 @@ class ServerAddresses:
         return (ip, port)
 
 
-def _normalise(addr: Address) -> Address:
-    """Unwrap IPv4-mapped IPv6 (a dual-stack socket's view of IPv4)."""
+def normalise_address(addr: Address) -> Address:
+    """Unwrap IPv4-mapped IPv6 (a dual-stack socket's view of IPv4), so one
+    device has one address."""
     host, port = addr[0], addr[1]
     try:
         ip = ipaddress.ip_address(host.split("%", 1)[0])
@@ -157,7 +158,7 @@ def _normalise(addr: Address) -> Address:
 
 def _local_ip(local: Address, addresses: ServerAddresses) -> str:
     """The receiving IP; the primary one if the socket is bound to any."""
-    host = _normalise(local)[0]
+    host = normalise_address(local)[0]
     try:
         if ipaddress.ip_address(host).is_unspecified:
             return addresses.primary[0]
@@ -279,7 +280,7 @@ def _answer(
         return None
     budget = AMPLIFICATION_FACTOR * len(data)
     here: Address = (_local_ip(local, addresses), local[1])
-    mapped = _normalise(src)
+    mapped = normalise_address(src)
     if request.classic:
         out = _answer_classic(request, mapped, here, addresses, budget)
     else:
