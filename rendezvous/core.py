@@ -628,18 +628,19 @@ class RendezvousCore:
             return None
         return reg
 
-    def _on_keepalive(self, msg: ControlMessage, src: Address, size: int, now: float) -> None:
+    def _registered_or_refuse(
+        self, msg: ControlMessage, src: Address, size: int, now: float
+    ) -> _Registration | None:
+        """The sender's live registration, or None after answering 404."""
         reg = self._registered(msg.registration, src, now)
         if reg is None:
-            self._error(
-                msg.txid,
-                ErrorCode.NOT_FOUND,
-                "unknown registration",
-                src,
-                size,
-                now,
-                proven=src in self._by_addr,
-            )
+            self._error(msg.txid, ErrorCode.NOT_FOUND, "unknown registration", src, size, now,
+                        proven=src in self._by_addr)
+        return reg
+
+    def _on_keepalive(self, msg: ControlMessage, src: Address, size: int, now: float) -> None:
+        reg = self._registered_or_refuse(msg, src, size, now)
+        if reg is None:
             return
         reg.refreshed = now
         reg.expires = now + self._config.lifetime
@@ -653,17 +654,8 @@ class RendezvousCore:
         self._reply(reply, src, size, proven=True)
 
     def _on_unregister(self, msg: ControlMessage, src: Address, size: int, now: float) -> None:
-        reg = self._registered(msg.registration, src, now)
+        reg = self._registered_or_refuse(msg, src, size, now)
         if reg is None:
-            self._error(
-                msg.txid,
-                ErrorCode.NOT_FOUND,
-                "unknown registration",
-                src,
-                size,
-                now,
-                proven=src in self._by_addr,
-            )
             return
         self._remove_registration(reg, "unregistered")
         self._count("unregistrations")
@@ -702,17 +694,8 @@ class RendezvousCore:
 
     def _on_introduce(self, msg: ControlMessage, src: Address, size: int, now: float) -> None:
         cfg = self._config
-        reg = self._registered(msg.registration, src, now)
+        reg = self._registered_or_refuse(msg, src, size, now)
         if reg is None:
-            self._error(
-                msg.txid,
-                ErrorCode.NOT_FOUND,
-                "unknown registration",
-                src,
-                size,
-                now,
-                proven=src in self._by_addr,
-            )
             return
         try:
             target = JID.parse(msg.target or "")
@@ -823,17 +806,8 @@ class RendezvousCore:
         )
 
     def _on_accept(self, msg: ControlMessage, src: Address, size: int, now: float) -> None:
-        reg = self._registered(msg.registration, src, now)
+        reg = self._registered_or_refuse(msg, src, size, now)
         if reg is None:
-            self._error(
-                msg.txid,
-                ErrorCode.NOT_FOUND,
-                "unknown registration",
-                src,
-                size,
-                now,
-                proven=src in self._by_addr,
-            )
             return
         intro = self._intros.get(msg.intro or b"")
         if intro is None or intro.responder is not reg:
