@@ -14,7 +14,9 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,8 @@ import pytest
 from dtx import stanza as st
 from dtx.aio.peer import Peer, PeerConfig, Session
 from dtx.errors import SessionClosedError
-from dtx.lab import STANDARD_WAN, Lab
+from dtx.identity import save_identity
+from dtx.lab import STANDARD_WAN, Home, Host, Lab
 from dtx.proto.paths import PathConfig
 
 from .traversal_helpers import (
@@ -72,19 +75,22 @@ async def stream_through(
     return got
 
 
-async def open_direct(remote: Peer, tv: Peer) -> tuple[Session, Session]:
-    """A session from the remote to the TV, by JID, settled on the direct path."""
-    await tv.wait_registered(10)
-    session = await remote.connect("tv@example.org")
-    session.send(st.message("hello"))
-    async with asyncio.timeout(10):
-        tv_side = await tv.accept()
-        await tv_side.receive()
-    await session.wait_path("direct", timeout=5)
-    return session, tv_side
+@dataclass
+class Scene:
+    """Two homes behind port-restricted NATs and a rendezvous process."""
+
+    lab: Lab
+    a: Device
+    b: Device
+    vcards: Path
+    rdv: tuple[str, int]
+    server: Host
+    home_a: Home
+    home_b: Home
+    proc: subprocess.Popen[str]
 
 
-def lab_pair(lab: Lab, tmp_path: Path) -> tuple[Device, Device, Path, tuple[str, int], object]:
+def make_scene(lab: Lab, tmp_path: Path) -> Scene:
     server = lab.add_server("rdv")
     home_a = lab.add_home("a", nat="port-restricted-cone")
     home_b = lab.add_home("b", nat="port-restricted-cone")
@@ -93,128 +99,122 @@ def lab_pair(lab: Lab, tmp_path: Path) -> tuple[Device, Device, Path, tuple[str,
     vcards = tmp_path / "vcards"
     write_vcards(vcards, a.identity, b.identity)
     proc = start_rendezvous(server, vcards, *RDV_ARGS)
-    return a, b, vcards, server_address(server), (server, home_a, home_b, proc)
+    return Scene(lab, a, b, vcards, server_address(server), server, home_a, home_b, proc)
 
 
-def run(coro: Awaitable[None]) -> None:
-    asyncio.run(coro)  # type: ignore[arg-type]
+@asynccontextmanager
+async def direct_session(scene: Scene) -> AsyncIterator[tuple[Peer, Peer, Session, Session]]:
+    """The remote and the TV, and a session between them by JID, settled on
+    the direct path: (remote, tv, remote's session, TV's session)."""
+    async with device_peer(scene.b, scene.vcards, scene.rdv, listen=True, config=CONFIG) as tv, \
+            device_peer(scene.a, scene.vcards, scene.rdv, listen=False, config=CONFIG) as remote:
+        await tv.wait_registered(10)
+        session = await remote.connect("tv@example.org")
+        session.send(st.message("hello"))
+        async with asyncio.timeout(10):
+            tv_side = await tv.accept()
+            await tv_side.receive()
+        await session.wait_path("direct", timeout=5)
+        yield remote, tv, session, tv_side
+        await session.close()
+
+
+EXPECTED = [str(i) for i in range(STANZAS)]
 
 
 def test_cut_direct_path_moves_to_relay_and_back(netns_ready: None, tmp_path: Path) -> None:
     with Lab(wan=STANDARD_WAN) as lab:
-        a, b, vcards, rdv, (server, home_a, home_b, _) = lab_pair(lab, tmp_path)
+        scene = make_scene(lab, tmp_path)
 
         async def main() -> None:
-            async with device_peer(b, vcards, rdv, listen=True, config=CONFIG) as tv, \
-                    device_peer(a, vcards, rdv, listen=False, config=CONFIG) as remote:
-                session, tv_side = await open_direct(remote, tv)
+            async with direct_session(scene) as (_, _, session, tv_side):
+                assert session.link is not None
                 seen: list[str] = []
                 session.link.on_change.append(lambda c: seen.append(c.kind.value))
 
                 async def cut() -> None:
-                    lab.block(home_a, home_b)
+                    lab.block(scene.home_a, scene.home_b)
                     await session.wait_path("relay", timeout=10)
-                    lab.unblock(home_a, home_b)
+                    lab.unblock(scene.home_a, scene.home_b)
 
-                got = await stream_through(session, tv_side, cut)
-                assert got == [str(i) for i in range(STANZAS)]
+                assert await stream_through(session, tv_side, cut) == EXPECTED
                 await session.wait_path("direct", timeout=30)
                 assert seen[:2] == ["relay", "direct"]
-                await session.close()
 
-        run(main())
+        asyncio.run(main())
 
 
 def test_nat_reboot_mid_stream(netns_ready: None, tmp_path: Path) -> None:
     with Lab(wan=STANDARD_WAN) as lab:
-        a, b, vcards, rdv, (server, home_a, home_b, _) = lab_pair(lab, tmp_path)
+        scene = make_scene(lab, tmp_path)
 
         async def main() -> None:
-            async with device_peer(b, vcards, rdv, listen=True, config=CONFIG) as tv, \
-                    device_peer(a, vcards, rdv, listen=False, config=CONFIG) as remote:
-                session, tv_side = await open_direct(remote, tv)
+            async with direct_session(scene) as (_, _, session, tv_side):
 
                 async def reboot() -> None:
-                    home_a.flush_nat()
-                    home_b.flush_nat()
+                    scene.home_a.flush_nat()
+                    scene.home_b.flush_nat()
 
-                got = await stream_through(session, tv_side, reboot)
-                assert got == [str(i) for i in range(STANZAS)]
+                assert await stream_through(session, tv_side, reboot) == EXPECTED
                 # punched again: back on a direct path
                 await session.wait_path("direct", timeout=30)
-                await session.close()
 
-        run(main())
+        asyncio.run(main())
 
 
 def test_public_address_change_mid_stream(netns_ready: None, tmp_path: Path) -> None:
     with Lab(wan=STANDARD_WAN) as lab:
-        a, b, vcards, rdv, (server, home_a, home_b, _) = lab_pair(lab, tmp_path)
+        scene = make_scene(lab, tmp_path)
 
         async def main() -> None:
-            async with device_peer(b, vcards, rdv, listen=True, config=CONFIG) as tv, \
-                    device_peer(a, vcards, rdv, listen=False, config=CONFIG) as remote:
-                session, tv_side = await open_direct(remote, tv)
-                before = remote.traversal.client.reflexive  # type: ignore[union-attr]
+            async with direct_session(scene) as (remote, _, session, tv_side):
+                assert remote.traversal is not None
+                before = remote.traversal.client.reflexive
 
                 async def roam() -> None:
-                    home_a.change_public_ip()
+                    scene.home_a.change_public_ip()
 
-                got = await stream_through(session, tv_side, roam)
-                assert got == [str(i) for i in range(STANZAS)]
+                assert await stream_through(session, tv_side, roam) == EXPECTED
                 await session.wait_path("direct", timeout=30)
-                after = remote.traversal.client.reflexive  # type: ignore[union-attr]
+                after = remote.traversal.client.reflexive
                 assert after is not None and before is not None and after[0] != before[0]
-                await session.close()
 
-        run(main())
+        asyncio.run(main())
 
 
 def test_rendezvous_restart_mid_stream(netns_ready: None, tmp_path: Path) -> None:
     with Lab(wan=STANDARD_WAN) as lab:
-        a, b, vcards, rdv, (server, home_a, home_b, proc) = lab_pair(lab, tmp_path)
+        scene = make_scene(lab, tmp_path)
 
         async def main() -> None:
-            async with device_peer(b, vcards, rdv, listen=True, config=CONFIG) as tv, \
-                    device_peer(a, vcards, rdv, listen=False, config=CONFIG) as remote:
-                session, tv_side = await open_direct(remote, tv)
-                clients = [remote.traversal.client, tv.traversal.client]  # type: ignore[union-attr]
-                old_ids = [c.registration for c in clients]
+            async with direct_session(scene) as (remote, tv, session, tv_side):
+                traversals = [p.traversal for p in (remote, tv)]
+                assert all(t is not None for t in traversals)
+                old_ids = [t.client.registration for t in traversals if t is not None]
 
                 async def restart() -> None:
-                    proc.terminate()  # type: ignore[attr-defined]
-                    await asyncio.to_thread(proc.wait, 10)  # type: ignore[attr-defined]
-                    start_rendezvous(server, vcards, *RDV_ARGS)  # type: ignore[arg-type]
+                    scene.proc.terminate()
+                    await asyncio.to_thread(scene.proc.wait, 10)
+                    start_rendezvous(scene.server, scene.vcards, *RDV_ARGS)
 
-                got = await stream_through(session, tv_side, restart)
-                assert got == [str(i) for i in range(STANZAS)]
+                assert await stream_through(session, tv_side, restart) == EXPECTED
                 assert session.path == "direct"  # the direct session carried on
                 # both devices registered again by themselves
                 async with asyncio.timeout(30):
-                    for peer in (remote, tv):
-                        await peer.wait_registered(30)
-                        while peer.traversal.client.registration in old_ids:  # type: ignore[union-attr]
-                            await peer.traversal.wait_registered(30)  # type: ignore[union-attr]
+                    for t in traversals:
+                        assert t is not None
+                        while t.client.registration in old_ids:
+                            await t.wait_registered(30)
                             await asyncio.sleep(0.1)
-                await session.close()
 
-        run(main())
+        asyncio.run(main())
 
 
 def test_peer_crash_hands_back_unacknowledged(netns_ready: None, tmp_path: Path) -> None:
     """The TV is a separate `dtx listen` process, killed mid-stream."""
     with Lab(wan=STANDARD_WAN) as lab:
-        server = lab.add_server("rdv")
-        home_a = lab.add_home("a", nat="port-restricted-cone")
-        home_b = lab.add_home("b", nat="port-restricted-cone")
-        lab.up()
-        a, b = make_devices(lab, home_a.hosts[0], home_b.hosts[0])
-        vcards = tmp_path / "vcards"
-        write_vcards(vcards, a.identity, b.identity)
-        start_rendezvous(server, vcards, *RDV_ARGS)
-        rdv = server_address(server)
-        from dtx.identity import save_identity
-
+        scene = make_scene(lab, tmp_path)
+        a, b, vcards, rdv = scene.a, scene.b, scene.vcards, scene.rdv
         keyfile = tmp_path / "tv.key"
         save_identity(b.identity, keyfile)
         tv_proc = b.host.popen(
@@ -248,4 +248,4 @@ def test_peer_crash_hands_back_unacknowledged(netns_ready: None, tmp_path: Path)
                 assert bodies == [str(i) for i in range(100, 200)]
                 assert took <= idle + 5
 
-        run(main())
+        asyncio.run(main())
