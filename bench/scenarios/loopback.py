@@ -25,7 +25,6 @@ process, so arrival times and send times share one clock.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import functools
 import logging
 import ssl
@@ -40,13 +39,12 @@ from aioquic.asyncio.server import QuicServer, serve
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import QuicEvent, StreamDataReceived
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from dtx import stanza as st
 from dtx.aio.peer import Peer, Session, open_peer
 from dtx.identity import DeviceIdentity, generate_identity
+from dtx.lab.prosody import self_signed_certificate
 from dtx.proto.xmlstream import encode_stanza
 from dtx.trust import PinStore, StaticKeys, Verifier
 
@@ -104,19 +102,7 @@ def sized_stanza(size: int, *, to: str, index: int = 0) -> Element:
 
 def self_signed(host: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     """A throwaway certificate for the bare aioquic server, made in memory."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
+    cert, key = self_signed_certificate(host)
     return cert, key
 
 

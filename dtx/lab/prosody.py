@@ -70,29 +70,38 @@ def _lua(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def make_self_signed(folder: str, domain: str) -> tuple[str, str]:
-    """A self-signed certificate for ``domain``; returns (cert, key) paths.
-    The certificate is its own CA, so a client given it as CA file trusts it."""
+def self_signed_certificate(name: str) -> tuple[Any, Any]:
+    """A throwaway self-signed certificate and EC key for ``name``, made in
+    memory; it is its own CA (so a client given it as CA file trusts it)."""
     from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, domain)])
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = datetime.datetime.now(datetime.timezone.utc)
     cert = (
         x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
+        .subject_name(subject)
+        .issuer_name(subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(domain)]), critical=False)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
+    return cert, key
+
+
+def make_self_signed(folder: str, domain: str) -> tuple[str, str]:
+    """A self-signed certificate for ``domain`` written to ``folder``;
+    returns (cert, key) paths."""
+    from cryptography.hazmat.primitives import serialization
+
+    cert, key = self_signed_certificate(domain)
     cert_path = os.path.join(folder, f"{domain}.crt")
     key_path = os.path.join(folder, f"{domain}.key")
     with open(cert_path, "wb") as f:
