@@ -498,16 +498,8 @@ class RendezvousCore:
             # A retransmitted REGISTER while its keys are being looked up.
             self._count("duplicate_registers")
             return
-        if challenge in self._used:
-            self._error(
-                msg.txid,
-                ErrorCode.CHALLENGE_INVALID,
-                "challenge already used",
-                src,
-                size,
-                now,
-                proven=proven,
-            )
+        if challenge in self._used:  # checked early, and again after a slow key lookup
+            self._refuse_used(msg, src, size, now, proven)
             return
         if not register_signature_valid(msg):
             self._error(
@@ -533,6 +525,12 @@ class RendezvousCore:
         self._events.append(VerificationNeeded(token, jid.bare.full))
         self._push(deadline, 2, token)
 
+    def _refuse_used(
+        self, msg: ControlMessage, src: Address, size: int, now: float, proven: bool
+    ) -> None:
+        self._error(msg.txid, ErrorCode.CHALLENGE_INVALID, "challenge already used", src, size,
+                    now, proven=proven)
+
     def _finish_register(
         self,
         msg: ControlMessage,
@@ -551,15 +549,7 @@ class RendezvousCore:
             return
         challenge = msg.challenge or b""
         if challenge in self._used:
-            self._error(
-                msg.txid,
-                ErrorCode.CHALLENGE_INVALID,
-                "challenge already used",
-                src,
-                size,
-                now,
-                proven=proven,
-            )
+            self._refuse_used(msg, src, size, now, proven)
             return
         if len(self._used) >= cfg.max_used_challenges:
             self._error(msg.txid, ErrorCode.TABLE_FULL, "busy", src, size, now, proven=True)
