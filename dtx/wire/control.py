@@ -22,6 +22,7 @@ from enum import IntEnum
 
 from dtx.errors import DecodeError, LocalProtocolError
 from dtx.identity import verify_signature
+from dtx.wire.demux import CONTROL_FIRST_BYTE, PROBE_FIRST_BYTE
 
 __all__ = [
     "CONTROL_FIRST_BYTE",
@@ -51,8 +52,6 @@ __all__ = [
     "register_signature_valid",
 ]
 
-CONTROL_FIRST_BYTE = 0x10
-PROBE_FIRST_BYTE = 0x12
 TXID_BYTES = 8
 HEADER_BYTES = 2 + TXID_BYTES
 MAX_CONTROL_BYTES = 1200

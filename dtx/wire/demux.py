@@ -30,9 +30,12 @@ from __future__ import annotations
 from enum import Enum
 
 __all__ = [
+    "CONTROL_FIRST_BYTE",
     "DTX_FIRST_BYTE_MAX",
     "DTX_FIRST_BYTE_MIN",
+    "PROBE_FIRST_BYTE",
     "PacketKind",
+    "RELAY_FIRST_BYTE",
     "classify",
 ]
 
@@ -41,6 +44,15 @@ STUN_FIRST_BYTE_MAX = 3
 DTX_FIRST_BYTE_MIN = 16
 DTX_FIRST_BYTE_MAX = 19
 QUIC_FIXED_BIT = 0x40
+
+# dtx's own frames, inside DTX_FIRST_BYTE_MIN..MAX: the one home of these
+# bytes (the codecs in dtx.wire.control and dtx.wire.relay use them).
+CONTROL_FIRST_BYTE = 0x10
+"""Rendezvous CONTROL messages (``dtx.wire.control``)."""
+RELAY_FIRST_BYTE = 0x11
+"""RELAY frames (``dtx.wire.relay``)."""
+PROBE_FIRST_BYTE = 0x12
+"""Signed PROBE ping/pong between devices (``dtx.wire.control``)."""
 
 
 class PacketKind(Enum):

@@ -8,10 +8,10 @@ decoding is a length check and two slices.
 from __future__ import annotations
 
 from dtx.errors import DecodeError, LocalProtocolError
+from dtx.wire.demux import RELAY_FIRST_BYTE
 
 __all__ = ["RELAY_FIRST_BYTE", "RELAY_HEADER_BYTES", "decode_relay", "encode_relay"]
 
-RELAY_FIRST_BYTE = 0x11
 RELAY_HEADER_BYTES = 5
 _FIRST = bytes([RELAY_FIRST_BYTE])
 
