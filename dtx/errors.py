@@ -9,6 +9,8 @@ of h11. Decoders raise :class:`DecodeError` and nothing else.
 
 from __future__ import annotations
 
+from xml.etree.ElementTree import Element
+
 
 class DtxError(Exception):
     """Base of every error dtx raises."""
@@ -111,6 +113,37 @@ class SessionClosedError(DtxError):
 
 class ConnectError(DtxError):
     """A session could not be established (timeout, no route, refused)."""
+
+
+class IqError(RemoteProtocolError):
+    """The peer answered an iq request with an error (RFC 6120 section 8.3).
+
+    ``stanza`` is the error reply; ``condition`` its defined condition
+    (``item-not-found``, ``service-unavailable`` ...) and ``error_type``
+    its type (``cancel``, ``modify`` ...), empty when the reply had none."""
+
+    def __init__(self, stanza: Element) -> None:
+        self.stanza = stanza
+        self.condition = ""
+        self.error_type = ""
+        self.text = ""
+        for error in stanza:
+            if error.tag.rsplit("}", 1)[-1] != "error":
+                continue
+            self.error_type = error.get("type", "")
+            for child in error:
+                name = child.tag.rsplit("}", 1)[-1]
+                if name == "text":
+                    self.text = child.text or ""
+                elif not self.condition:
+                    self.condition = name
+        detail = f": {self.text}" if self.text else ""
+        super().__init__(f"iq {stanza.get('id', '')!r} answered with an error "
+                         f"({self.condition or 'no condition'}{detail})")
+
+
+class IqTimeout(DtxError, TimeoutError):
+    """No answer to an iq request within its timeout."""
 
 
 # -- NAT lab ----------------------------------------------------------------
