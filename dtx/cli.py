@@ -276,10 +276,9 @@ async def run_listen(args: argparse.Namespace) -> int:
     async def serve(session: Session) -> None:
         say(args, {"event": "session", "peer": session.peer_jid, "path": session.path},
             f"session with {session.peer_jid} over {session.path}")
-        if session.link is not None:
-            session.link.on_change.append(lambda change: say(
-                args, {"event": "path", "peer": session.peer_jid, "path": change.kind.value},
-                f"path to {session.peer_jid}: {change.kind.value}"))
+        session.on_path_change(lambda change: say(
+            args, {"event": "path", "peer": session.peer_jid, "path": change.kind.value},
+            f"path to {session.peer_jid}: {change.kind.value}"))
         async for el in session:
             body = st.body_of(el)
             tag = el.tag.rpartition("}")[2]
