@@ -1,32 +1,45 @@
 """The ``dtx`` command.
 
 Subcommands: ``keygen``, ``fingerprint``, ``vcard``, ``listen``, ``send``,
-``ping`` and ``pin``. With ``--json`` a command prints one JSON object on
-stdout (``listen`` prints one per line, per event). Errors go to stderr with
-a message a person can act on, and a non-zero exit code:
+``ping`` and ``pin`` (and ``nat-check``, ``vcard publish``, ``vcard fetch``,
+defined beside their code). With ``--json`` a command prints one JSON object
+on stdout (``listen`` prints one per line, per event). Errors go to stderr
+as one line a person can act on, never a traceback, with a non-zero exit
+code:
 
 ====  =========================================================
 code  meaning
 ====  =========================================================
 1     other dtx error
-2     bad usage, bad key file, bad vCard
+2     bad usage: a bad argument, key file, vCard or pin store, or a
+      local address that cannot be used (port in use, not this host's)
 3     trust or authentication refused (either side)
 4     could not connect (no answer, timeout)
 ====  =========================================================
+
+Arguments are checked by argparse ``type=`` functions (exit 2 before
+anything starts); host names in ``HOST:PORT`` are resolved once, before the
+device starts, to an address of the local socket's family (IPv4 first).
+``docs/cli.md`` is the reference, with every refused argument.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
+import ipaddress
 import json
 import logging
+import math
 import os
+import socket
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
+from xml.etree.ElementTree import Element, SubElement
 
 from . import stanza as st
 from .errors import (
@@ -35,16 +48,31 @@ from .errors import (
     DtxError,
     JIDError,
     KeyFileError,
+    LocalProtocolError,
     SessionClosedError,
+    StanzaTooLargeError,
     TrustError,
     VCardError,
 )
 from .identity import generate_identity, load_identity, save_identity
+from .jid import JID
+from .logs import LogLimiter
 from .natcheck import add_cli as add_natcheck_cli
+from .proto.xmlstream import DEFAULT_MAX_STANZA_BYTES, encode_stanza
 from .xmpp.cli import add_cli as add_xmpp_cli
 from .trust import PinStore, VCardDirectory, Verifier, add_key, new_vcard
 
 EXIT_ERROR, EXIT_USAGE, EXIT_TRUST, EXIT_CONNECT = 1, 2, 3, 4
+
+MESSAGE_TYPES = ("chat", "normal", "headline", "groupchat")
+"""``--type`` values: RFC 6120's message types but ``error`` (an error
+message is an answer, not something to send on its own)."""
+
+BIND_ERRNOS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES,
+                         errno.EPERM, errno.EAFNOSUPPORT, errno.EINVAL})
+"""Errors of binding the UDP socket that the command line can fix (exit 2)."""
+
+logger = logging.getLogger(__name__)
 
 
 class UsageError(DtxError):
@@ -58,11 +86,211 @@ def default_pins_path() -> Path:
     return Path(base) / "dtx" / "pins.json"
 
 
+# -- argument types (argparse ``type=``: a bad value is exit 2 with its message) -----
+
+
+def _ascii_digits(text: str, most: int) -> bool:
+    return 0 < len(text) <= most and text.isascii() and text.isdigit()
+
+
+def _check_host_text(host: str, text: str) -> None:
+    if not host:
+        raise argparse.ArgumentTypeError(f"{text!r} has no host; expected HOST:PORT")
+    if not host.isprintable() or any(c.isspace() for c in host):
+        raise argparse.ArgumentTypeError(f"{text!r}: the host has spaces or control characters")
+
+
 def parse_hostport(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    return host.strip("[]"), int(port)
+    """``HOST:PORT``, an IPv6 address in brackets (``[::1]:5300``); port 1-65535.
+
+    Only the syntax: a host name is resolved later (:func:`resolve_host`)."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{text!r} has no port; expected HOST:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if not _is_ipv6(host):
+            raise argparse.ArgumentTypeError(f"{text!r}: [{host}] is not an IPv6 address")
+    elif ":" in host:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: write an IPv6 address in brackets, as [::1]:5300")
+    _check_host_text(host, text)
+    if not _ascii_digits(port_text, 5) or not 0 < int(port_text) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r}: the port must be a number from 1 to 65535")
+    return host, int(port_text)
+
+
+def parse_bind_host(text: str) -> str:
+    """A local address to bind: an IP address or a host name (``[::1]`` too)."""
+    host = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    _check_host_text(host, text)
+    return host
+
+
+def parse_port(text: str) -> int:
+    """A local UDP port, 0 (any free port) to 65535."""
+    if not _ascii_digits(text, 5) or int(text) > 65535:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a port (0 to 65535; 0 picks any free port)")
+    return int(text)
+
+
+def parse_count(text: str) -> int:
+    """A whole number of at least 1."""
+    if not _ascii_digits(text, 18) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number of at least 1")
+    return int(text)
+
+
+def parse_sessions(text: str) -> int:
+    """A whole number, 0 or more."""
+    if not _ascii_digits(text, 18):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number, 0 or more")
+    return int(text)
+
+
+def _seconds(text: str, *, zero: bool) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        bound = ">= 0" if zero else "> 0"
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected a finite number of seconds {bound}")
+    return value
+
+
+def parse_timeout(text: str) -> float:
+    """Seconds, finite and > 0."""
+    return _seconds(text, zero=False)
+
+
+def parse_delay(text: str) -> float:
+    """Seconds, finite and >= 0."""
+    return _seconds(text, zero=True)
+
+
+def parse_jid(text: str) -> str:
+    """A JID (RFC 7622, as dtx accepts them); returned as given."""
+    try:
+        JID.parse(text)
+    except JIDError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JID: {exc}") from None
+    return text
+
+
+def parse_directory(text: str) -> str:
+    """An existing folder."""
+    path = Path(text)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{text}: no such folder")
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: not a folder")
+    return text
+
+
+def parse_body(text: str) -> str:
+    """Message text that XML can carry (no control characters but tab and
+    newlines, no lone surrogates, no U+FFFE/U+FFFF)."""
+    try:
+        encode_stanza(st.message(text))
+    except LocalProtocolError as exc:
+        raise argparse.ArgumentTypeError(f"cannot be sent: {exc}") from None
+    return text
+
+
+# -- addresses --------------------------------------------------------------------------
+
+
+def _is_ipv6(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).version == 6
+    except ValueError:
+        return False
+
+
+def format_address(host: str, port: int) -> str:
+    """``host:port``, an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _family_name(family: int) -> str:
+    return "IPv6" if family == socket.AF_INET6 else "IPv4"
+
+
+def resolve_host(host: str, flag: str, family: int | None = None, *,
+                 shown: str | None = None) -> str:
+    """``host`` as an IP address: itself if it is one, else the first address
+    the resolver gives of ``family`` (any family, IPv4 first, when None).
+    Raises :class:`UsageError` naming ``flag`` and ``shown`` (the argument
+    as given; ``host`` by default)."""
+    where = f"{flag} {shown or host}"
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        have = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+        if family is not None and have != family:
+            raise UsageError(
+                f"{where}: an {_family_name(have)} address, but the local socket is "
+                f"{_family_name(family)}; give an {_family_name(family)} address, or bind "
+                f"an {_family_name(have)} one")
+        return str(ip)
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)
+    except socket.gaierror as exc:
+        raise UsageError(f"{where}: cannot resolve the name: {exc.strerror}") from None
+    except (UnicodeError, ValueError) as exc:
+        raise UsageError(f"{where}: not a host name: {exc}") from None
+    wanted = [family] if family is not None else [socket.AF_INET, socket.AF_INET6]
+    for fam in wanted:
+        for info_family, _, _, _, sockaddr in infos:
+            if info_family == fam:
+                return str(sockaddr[0])
+    raise UsageError(f"{where}: the name has no {_family_name(wanted[0])} address "
+                     "(the local socket's family)")
+
+
+def resolve_hostport(addr: tuple[str, int], flag: str, family: int) -> tuple[str, int]:
+    host, port = addr
+    return resolve_host(host, flag, family, shown=format_address(host, port)), port
+
+
+def _family_of(ip: str) -> int:
+    return socket.AF_INET6 if ":" in ip else socket.AF_INET
+
+
+def resolve_endpoints(args: argparse.Namespace, local_flag: str, local: str) -> None:
+    """Resolve the local address ``local`` (of ``local_flag``) and every
+    remote ``HOST:PORT`` in ``args`` to IP addresses of the same family,
+    in place. Raises :class:`UsageError`."""
+    ip = resolve_host(local, local_flag)
+    setattr(args, local_flag.lstrip("-"), ip)
+    family = _family_of(ip)
+    for flag in ("--addr", "--rendezvous"):
+        name = flag.lstrip("-")
+        value = getattr(args, name, None)
+        if value is not None:
+            setattr(args, name, resolve_hostport(value, flag, family))
+
+
+async def start_peer(peer: Any, host: str, port: int, *, listen: bool) -> None:
+    """``peer.start``; a socket this host cannot bind is a :class:`UsageError`
+    naming the address and port."""
+    try:
+        await peer.start(host, port, listen=listen)
+    except OSError as exc:
+        if exc.errno not in BIND_ERRNOS:
+            raise
+        hint = ""
+        if exc.errno == errno.EADDRINUSE:
+            hint = " (another program uses it; choose another port, or 0 for any free one)"
+        elif exc.errno == errno.EADDRNOTAVAIL:
+            hint = " (not an address of this host)"
+        where = f"listen on {format_address(host, port)}" if listen else f"bind {host}"
+        raise UsageError(f"cannot {where}: {exc.strerror or exc}{hint}") from None
 
 
 def percentile(samples: Sequence[float], q: float) -> float:
@@ -76,6 +304,11 @@ def percentile(samples: Sequence[float], q: float) -> float:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.is_dir():
+        raise UsageError(f"--out {args.out}: is a folder; give a key file name")
+    if not out.absolute().parent.is_dir():
+        raise UsageError(f"--out {args.out}: no such folder {out.parent}")
     identity = generate_identity(args.jid)
     save_identity(identity, args.out, overwrite=args.force)
     if args.json:
@@ -98,7 +331,10 @@ def cmd_fingerprint(args: argparse.Namespace) -> int:
 def cmd_vcard(args: argparse.Namespace) -> int:
     identity = load_identity(args.keyfile)
     if args.merge is not None:
-        base = Path(args.merge).read_bytes()
+        try:
+            base = Path(args.merge).read_bytes()
+        except OSError as exc:
+            raise UsageError(f"--merge {args.merge}: {exc.strerror or exc}") from None
     else:
         base = new_vcard(str(identity.jid.bare))
     sys.stdout.write(add_key(base, identity.public_key).decode("utf-8"))
@@ -107,14 +343,31 @@ def cmd_vcard(args: argparse.Namespace) -> int:
     return 0
 
 
+def open_pins(path: str | None) -> PinStore:
+    """The pin store at ``path`` (None: in memory); one that cannot be read
+    is a :class:`UsageError` (the file is the user's to fix)."""
+    try:
+        return PinStore(path)
+    except TrustError as exc:
+        raise UsageError(f"--pins: {exc}") from None
+
+
 def cmd_pin(args: argparse.Namespace) -> int:
-    pins = PinStore(args.pins)
+    pins = open_pins(args.pins)
     if args.action == "forget":
-        if not args.jid:
-            raise DtxError("pin forget needs a JID")
-        removed = pins.forget(args.jid)
-        print(f"removed {removed} pin(s) for {args.jid}", file=sys.stderr)
+        if args.jid is None:
+            raise UsageError("pin forget needs a JID: dtx pin forget JID")
+        try:
+            removed = pins.forget(args.jid)
+        except TrustError as exc:
+            raise UsageError(f"--pins: {exc}") from None
+        if args.json:
+            emit({"jid": args.jid, "removed": removed})
+        else:
+            print(f"removed {removed} pin(s) for {args.jid}", file=sys.stderr)
         return 0
+    if args.jid is not None:
+        raise UsageError(f"pin list takes no JID (got {args.jid!r})")
     from .identity import fingerprint
 
     entries = pins.entries()
@@ -133,9 +386,9 @@ def make_verifier(args: argparse.Namespace) -> Verifier:
     sources = []
     if args.vcards is not None:
         if not Path(args.vcards).is_dir():
-            raise DtxError(f"--vcards {args.vcards}: not a directory")
+            raise UsageError(f"--vcards {args.vcards}: not a folder")
         sources.append(VCardDirectory(args.vcards))
-    pins = PinStore(None if args.no_pins else args.pins)
+    pins = open_pins(None if args.no_pins else args.pins)
     return Verifier(sources, pins, trust_on_first_use=args.tofu)
 
 
@@ -147,6 +400,31 @@ def peer_config(args: argparse.Namespace) -> Any:
                       lan=getattr(args, "lan", False))
 
 
+def session_command(run: Callable[[argparse.Namespace], Coroutine[Any, Any, int]],
+                    local_flag: str) -> Callable[[argparse.Namespace], int]:
+    """A session command: its addresses resolved (:func:`resolve_endpoints`)
+    before the event loop starts, then ``run``."""
+    def go(args: argparse.Namespace) -> int:
+        if local_flag == "--host":
+            local = args.host or ("0.0.0.0" if args.lan or args.rendezvous else "127.0.0.1")
+        else:
+            local = args.bind
+        resolve_endpoints(args, local_flag, local)
+        return asyncio.run(run(args))
+    return go
+
+
+def check_message_fits(args: argparse.Namespace) -> Element:
+    """The message ``send`` sends; one larger than a stanza may be is a
+    :class:`UsageError` (found before connecting)."""
+    message = st.message(args.body, to=args.to, type_=args.type)
+    size = len(encode_stanza(message))
+    if size > DEFAULT_MAX_STANZA_BYTES:
+        raise UsageError(f"--body: the message would be {size} bytes, over the limit of "
+                         f"{DEFAULT_MAX_STANZA_BYTES} bytes a stanza may have")
+    return message
+
+
 async def _connect(args: argparse.Namespace) -> tuple[Any, Any, float]:
     from .aio.peer import Peer
 
@@ -156,8 +434,8 @@ async def _connect(args: argparse.Namespace) -> tuple[Any, Any, float]:
     peer = Peer(identity, make_verifier(args), config=peer_config(args))
     loop = asyncio.get_running_loop()
     start = loop.time()
-    await peer.start(args.bind, 0, listen=False)
     try:
+        await start_peer(peer, args.bind, 0, listen=False)
         session = await peer.connect(args.to, args.addr, timeout=args.timeout)
     except BaseException:
         await peer.close()
@@ -179,11 +457,12 @@ def path_report(session: Any, start: float) -> dict[str, Any]:
 
 
 async def run_send(args: argparse.Namespace) -> int:
+    message = check_message_fits(args)
     peer, session, start = await _connect(args)
     loop = asyncio.get_running_loop()
     try:
         handshake_ms = (loop.time() - start) * 1000
-        session.send(st.message(args.body, to=args.to, type_=args.type))
+        session.send(message)
         await session.wait_acknowledged(timeout=args.timeout)
         connect_ms = (loop.time() - start) * 1000
         if args.linger:
@@ -264,14 +543,33 @@ async def run_listen(args: argparse.Namespace) -> int:
 
     identity = load_identity(args.keyfile)
     peer = Peer(identity, make_verifier(args), config=peer_config(args))
-    host = args.host or ("0.0.0.0" if args.lan or args.rendezvous else "127.0.0.1")
-    await peer.start(host, args.port)
-    if args.rendezvous is not None:
-        await peer.wait_registered(10.0)
-    host, port = peer.address
-    say(args, {"event": "listening", "jid": peer.jid, "address": f"{host}:{port}",
-               "fingerprint": identity.fingerprint},
-        f"listening as {peer.jid} on {host}:{port} ({identity.fingerprint})")
+    echo_log = LogLimiter(logger)
+
+    def echo(session: Session, el: Element, body: str) -> bool:
+        """Send ``body`` back; False once the session is closed. An echo
+        that cannot be sent (the added ``to`` or re-escaped text makes it
+        larger than a stanza may be) is answered with a stanza error."""
+        try:
+            session.send(st.message(body, to=el.get("from"), type_=el.get("type")))
+        except SessionClosedError:
+            return False
+        except LocalProtocolError as exc:
+            reason = f"echo not sent: {exc}"
+        else:
+            return True
+        echo_log.warning("echo-refused", session.peer_jid, "message %r from %s: %s",
+                         el.get("id"), session.peer_jid, reason)
+        say(args, {"event": "echo_refused", "peer": session.peer_jid, "id": el.get("id"),
+                   "error": reason},
+            f"echo to {session.peer_jid} refused: {reason}")
+        try:
+            session.send(stanza_error(el, "policy-violation", reason))
+        except SessionClosedError:
+            return False
+        except LocalProtocolError as exc:  # an 'id' or 'from' too large to send back
+            echo_log.warning("echo-error-refused", session.peer_jid,
+                             "cannot answer %s with an error either: %s", session.peer_jid, exc)
+        return True
 
     async def serve(session: Session) -> None:
         say(args, {"event": "session", "peer": session.peer_jid, "path": session.path},
@@ -285,24 +583,47 @@ async def run_listen(args: argparse.Namespace) -> int:
             say(args, {"event": "stanza", "peer": session.peer_jid, "kind": tag,
                        "from": el.get("from"), "body": body},
                 f"{tag} from {el.get('from')}: {body if body is not None else ''}")
-            if args.echo and el.tag == st.MESSAGE and body is not None:
-                try:
-                    session.send(st.message(body, to=el.get("from"), type_=el.get("type")))
-                except SessionClosedError:
-                    break
+            if (args.echo and el.tag == st.MESSAGE and body is not None
+                    and el.get("type") != "error" and not echo(session, el, body)):
+                break
         ended = await session.wait_closed()
         say(args, {"event": "closed", "peer": session.peer_jid, "path": session.path,
                    "error": None if ended.error is None else str(ended.error)},
             f"session with {session.peer_jid} closed"
             + ("" if ended.error is None else f": {ended.error}"))
 
+    async def serve_logged(session: Session) -> None:
+        """``serve``, with any failure logged and that session ended: one
+        session's fault never stops the listener or escapes unretrieved."""
+        try:
+            await serve(session)
+        except Exception as exc:  # noqa: BLE001 - any fault of one session
+            logger.error("session with %s failed: %s: %s", session.peer_jid,
+                         type(exc).__name__, exc, exc_info=logger.isEnabledFor(logging.DEBUG))
+            try:
+                await session.close(timeout=2.0)
+            except Exception as close_exc:  # noqa: BLE001 - ending it anyway
+                logger.debug("closing the failed session: %s", close_exc)
+                session.abort()
+            say(args, {"event": "closed", "peer": session.peer_jid, "path": session.path,
+                       "error": f"{type(exc).__name__}: {exc}"},
+                f"session with {session.peer_jid} closed: {type(exc).__name__}: {exc}")
+
     served = 0
     tasks: set[asyncio.Task[None]] = set()
     try:
+        host = args.host
+        await start_peer(peer, host, args.port, listen=True)
+        if args.rendezvous is not None:
+            await peer.wait_registered(10.0)
+        host, port = peer.address
+        say(args, {"event": "listening", "jid": peer.jid, "address": format_address(host, port),
+                   "host": host, "port": port, "fingerprint": identity.fingerprint},
+            f"listening as {peer.jid} on {format_address(host, port)} ({identity.fingerprint})")
         while args.sessions == 0 or served < args.sessions:
             session = await peer.accept()
             served += 1
-            task = asyncio.create_task(serve(session))
+            task = asyncio.create_task(serve_logged(session))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         if tasks:
@@ -310,6 +631,22 @@ async def run_listen(args: argparse.Namespace) -> int:
     finally:
         await peer.close()
     return 0
+
+
+def stanza_error(stanza: Element, condition: str, text: str, *,
+                 type_: str = "modify") -> Element:
+    """The error answering ``stanza`` (RFC 6120 section 8.3): same kind and
+    'id', addressed back to its sender, ``condition`` in
+    ``urn:ietf:params:xml:ns:xmpp-stanzas`` with ``text``."""
+    attrs = {"type": "error"}
+    for name, value in (("id", stanza.get("id")), ("to", stanza.get("from"))):
+        if value is not None:
+            attrs[name] = value
+    el = Element(stanza.tag, attrs)
+    err = SubElement(el, f"{{{st.NS_CLIENT}}}error", {"type": type_})
+    SubElement(err, f"{{{st.NS_STANZAS}}}{condition}")
+    SubElement(err, f"{{{st.NS_STANZAS}}}text").text = text
+    return el
 
 
 def say(args: argparse.Namespace, obj: dict[str, Any], text: str) -> None:
@@ -339,7 +676,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="print JSON on stdout")
 
     def trust(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--vcards", metavar="DIR",
+        p.add_argument("--vcards", metavar="DIR", type=parse_directory,
                        help="folder of vCards, one per bare JID (alice@example.org.xml)")
         p.add_argument("--pins", metavar="FILE", default=str(default_pins_path()),
                        help="pin store (default: %(default)s)")
@@ -349,7 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="trust a JID's key on first use when no vCard lists it")
 
     p = sub.add_parser("keygen", help="make a device key")
-    p.add_argument("--jid", required=True, help="the device's full JID")
+    p.add_argument("--jid", required=True, type=parse_jid, help="the device's full JID")
     p.add_argument("--out", required=True, metavar="KEYFILE")
     p.add_argument("--force", action="store_true", help="replace an existing file")
     common(p)
@@ -367,52 +704,63 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pin", help="list or forget pinned keys")
     p.add_argument("action", choices=["list", "forget"])
-    p.add_argument("jid", nargs="?")
-    p.add_argument("--pins", metavar="FILE", default=str(default_pins_path()))
+    p.add_argument("jid", nargs="?", type=parse_jid,
+                   help="forget: a full JID forgets that device, a bare JID every device "
+                   "of the account")
+    p.add_argument("--pins", metavar="FILE", default=str(default_pins_path()),
+                   help="pin store (default: %(default)s)")
     common(p)
     p.set_defaults(func=cmd_pin)
 
     p = sub.add_parser("listen", help="accept sessions")
     p.add_argument("keyfile")
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--host", default=None,
-                   help="address to bind (default 127.0.0.1; 0.0.0.0 with --lan or --rendezvous)")
+    p.add_argument("--port", type=parse_port, default=0,
+                   help="UDP port to listen on (default 0: any free port, printed when "
+                   "listening)")
+    p.add_argument("--host", default=None, type=parse_bind_host,
+                   help="address or host name to bind (default 127.0.0.1; 0.0.0.0 with --lan "
+                   "or --rendezvous)")
     p.add_argument("--rendezvous", type=parse_hostport, metavar="HOST:PORT",
                    help="register with this rendezvous server, so peers reach this device by JID")
     p.add_argument("--lan", action="store_true",
                    help="advertise this device on the LAN (mDNS/DNS-SD, _dtx._udp)")
     p.add_argument("--echo", action="store_true", help="send every message body back")
-    p.add_argument("--sessions", type=int, default=0,
+    p.add_argument("--sessions", type=parse_sessions, default=0,
                    help="exit after this many sessions ended (0: never)")
     trust(p)
     common(p)
-    p.set_defaults(func=lambda a: asyncio.run(run_listen(a)))
+    p.set_defaults(func=session_command(run_listen, "--host"))
 
     for name, func, helptext in (("send", run_send, "send one message"),
                                  ("ping", run_ping, "XEP-0199 round trips")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("keyfile")
-        p.add_argument("--to", required=True, help="JID to reach (bare or full)")
+        p.add_argument("--to", required=True, type=parse_jid,
+                       help="JID to reach (bare or full)")
         p.add_argument("--addr", type=parse_hostport, metavar="HOST:PORT",
                        help="the peer's address (or use --rendezvous)")
         p.add_argument("--rendezvous", type=parse_hostport, metavar="HOST:PORT",
                        help="reach the peer by JID through this rendezvous server")
         p.add_argument("--lan", action="store_true",
                        help="look for the peer on the LAN first (mDNS/DNS-SD)")
-        p.add_argument("--bind", default="0.0.0.0", help="local address (default %(default)s)")
-        p.add_argument("--timeout", type=float, default=10.0, help="seconds (default %(default)s)")
+        p.add_argument("--bind", default="0.0.0.0", type=parse_bind_host,
+                       help="local address or host name (default %(default)s)")
+        p.add_argument("--timeout", type=parse_timeout, default=10.0,
+                       help="seconds, > 0 (default %(default)s)")
         if name == "send":
-            p.add_argument("--body", required=True)
-            p.add_argument("--type", default="chat")
-            p.add_argument("--linger", type=float, default=0.0,
+            p.add_argument("--body", required=True, type=parse_body)
+            p.add_argument("--type", default="chat", choices=MESSAGE_TYPES,
+                           help="message type (default %(default)s)")
+            p.add_argument("--linger", type=parse_delay, default=0.0,
                            help="seconds to stay connected after delivery (to see the path settle)")
         else:
-            p.add_argument("--count", type=int, default=10)
-            p.add_argument("--interval", type=float, default=0.0,
+            p.add_argument("--count", type=parse_count, default=10,
+                           help="pings to send, at least 1 (default %(default)s)")
+            p.add_argument("--interval", type=parse_delay, default=0.0,
                            help="seconds between pings (default %(default)s)")
         trust(p)
         common(p)
-        p.set_defaults(func=lambda a, f=func: asyncio.run(f(a)))
+        p.set_defaults(func=session_command(func, "--bind"))
     add_natcheck_cli(sub)
     add_xmpp_cli(sub)
     return parser
@@ -446,6 +794,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except (DtxError, OSError) as exc:
         print(f"dtx: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as exc:  # noqa: BLE001 - a bug: one line, the traceback with -vv
+        logger.debug("unexpected error", exc_info=True)
+        print(f"dtx: internal error: {type(exc).__name__}: {exc} (run with -vv for details)",
+              file=sys.stderr)
         return EXIT_ERROR
 
 
