@@ -1,5 +1,6 @@
-"""Sans-IO core of the rendezvous server: registrations, introductions,
-the relay table, and STUN by way of :func:`rendezvous.stun.answer_stun`.
+"""Sans-IO core of the rendezvous server: it composes the registration
+table, the introductions and their relay channels, challenges and rate
+limits, and answers STUN by way of :func:`rendezvous.stun.answer_stun`.
 
 Shaped like aioquic's ``QuicConnection``: the driver feeds datagrams with
 :meth:`RendezvousCore.receive_datagram`, sends what
@@ -10,19 +11,32 @@ randomness (``rng``, ``secret``) are arguments; nothing here touches a
 socket or a clock. The protocol is docs/protocol.md (sections 7, 8); limits,
 counters and the amplification table are in docs/rendezvous.md.
 
+The pieces, one concept per module: :mod:`rendezvous.config` (every
+tunable), :mod:`rendezvous.limits` (token buckets),
+:mod:`rendezvous.challenge` (stateless address-bound challenges, used
+ones), :mod:`rendezvous.registrations` (the registration table),
+:mod:`rendezvous.introductions` (introductions and relay channels),
+:mod:`rendezvous.timers` (the one timer heap).
+
 Rules the core keeps whatever arrives:
 
 * ``receive_datagram`` never raises; what does not decode is counted and
   dropped, never answered.
 * Nothing is stored for a source that has not proved its address (the
-  challenge is stateless) and its key (signature and vCard). Every table
-  is bounded, and a full table refuses newcomers (503) instead of pushing
-  out devices that are already registered.
+  challenge is stateless) and its key (signature and vCard), beyond its
+  rate-limit buckets in bounded tables. Every table is bounded, and a full
+  table refuses newcomers (503) instead of pushing out devices that are
+  already registered.
 * A source that has not registered never gets a reply more than 3 times
   the size of the datagram that caused it.
 * The relay forwards only between the two registered ends of an
   introduction, towards a responder only once it has ACCEPTed, within
   per-device token buckets.
+* What a remote party can repeat is logged through one
+  :class:`dtx.logs.LogLimiter`: per kind, and per registration for
+  registered devices (an unproven source address is spoofable, so
+  per-address logging would let a spoofer write one line per forged
+  address); ``statistics()["log_suppressed"]`` counts what went to DEBUG.
 
 **Key lookups that take time.** With a synchronous key source (a vCard
 folder), REGISTER is answered at once. Pass ``keys=None`` instead and the
@@ -35,23 +49,20 @@ verifications are bounded in number and time.
 
 from __future__ import annotations
 
-import hashlib
-import heapq
-import hmac
-import ipaddress
 import logging
 import random
-from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+import traceback
+from collections import deque
+from dataclasses import dataclass
 from enum import IntEnum
 
 from dtx.errors import DecodeError, DtxError, JIDError
 from dtx.jid import JID
+from dtx.logs import LogLimiter
 from dtx.trust.store import KeySource
 from dtx.wire.control import (
-    CHALLENGE_BYTES,
+    HELLO_MIN_BYTES,
     MAX_CANDIDATES,
-    Candidate,
     CandidateKind,
     ControlMessage,
     MessageType,
@@ -59,10 +70,22 @@ from dtx.wire.control import (
     encode_control,
     register_signature_valid,
 )
-from dtx.wire.demux import PacketKind, classify
-from dtx.wire.relay import RELAY_FIRST_BYTE, decode_relay, encode_relay
+from dtx.wire.demux import CONTROL_FIRST_BYTE, RELAY_FIRST_BYTE, PacketKind, classify
+from dtx.wire.relay import decode_relay, encode_relay
 from dtx.wire.stun import Address
-from rendezvous.stun import ServerAddresses, answer_stun, normalise_address
+from rendezvous.challenge import Challenges, UsedChallenges
+from rendezvous.config import RendezvousConfig
+from rendezvous.introductions import (
+    ROLE_INITIATOR,
+    ROLE_RESPONDER,
+    Introduction,
+    IntroductionTable,
+    introduction_message,
+)
+from rendezvous.limits import BucketTable, TokenBucket
+from rendezvous.registrations import Registration, RegistrationTable
+from rendezvous.stun import AMPLIFICATION_FACTOR, ServerAddresses, answer_stun, normalise_address
+from rendezvous.timers import TimerHeap, TimerKey, TimerKind
 
 __all__ = [
     "AMPLIFICATION_FACTOR",
@@ -74,12 +97,20 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-AMPLIFICATION_FACTOR = 3
-_CONTROL = 0x10
-_CHALLENGE_LABEL = b"dtx-challenge"
-_ROLE_INITIATOR = 1
-_ROLE_RESPONDER = 2
-_ID_TRIES = 16
+_USED_CHALLENGE_MARGIN = 1.0
+_REQUESTS = frozenset(
+    {
+        MessageType.HELLO,
+        MessageType.REGISTER,
+        MessageType.KEEPALIVE,
+        MessageType.INTRODUCE,
+        MessageType.ACCEPT,
+        MessageType.UNREGISTER,
+    }
+)
+_CARRY_REGISTRATION = frozenset(
+    {MessageType.KEEPALIVE, MessageType.INTRODUCE, MessageType.ACCEPT, MessageType.UNREGISTER}
+)
 
 
 class ErrorCode(IntEnum):
@@ -93,37 +124,6 @@ class ErrorCode(IntEnum):
     TABLE_FULL = 503
 
 
-@dataclass(frozen=True, kw_only=True)
-class RendezvousConfig:
-    """Tunables of the rendezvous core; seconds unless the name says."""
-
-    lifetime: float = 90.0
-    keepalive: float = 25.0
-    challenge_validity: float = 30.0
-    max_registrations: int = 100_000
-    max_devices_per_account: int = 32
-    max_introductions: int = 200_000
-    max_introductions_per_device: int = 256
-    max_pending_introductions_per_target: int = 16
-    max_used_challenges: int = 200_000
-    max_pending_verifications: int = 1024
-    verification_timeout: float = 10.0
-    relay: bool = True
-    relay_bytes_per_s: float = 2 * 1024 * 1024
-    relay_burst_bytes: float = 512 * 1024
-    relay_frames_per_s: float = 2000.0
-    relay_burst_frames: float = 500.0
-    pending_frames: int = 8
-    pending_bytes: int = 16 * 1024
-    pending_hold: float = 2.0
-    intro_timeout: float = 5.0
-    intro_retransmits: tuple[float, ...] = (0.25, 0.5, 1.0)
-    control_per_source_per_s: float = 50.0
-    control_per_source_burst: float = 100.0
-    max_sources: int = 65_536
-    warning_interval: float = 10.0
-
-
 @dataclass(frozen=True)
 class VerificationNeeded:
     """The core needs the keys of ``bare_jid`` to finish a registration;
@@ -133,56 +133,6 @@ class VerificationNeeded:
     bare_jid: str
 
 
-class _Bucket:
-    """A token bucket; starts full."""
-
-    __slots__ = ("tokens", "stamp")
-
-    def __init__(self, burst: float, now: float) -> None:
-        self.tokens = burst
-        self.stamp = now
-
-    def take(self, amount: float, now: float, rate: float, burst: float) -> bool:
-        if now > self.stamp:
-            self.tokens = min(burst, self.tokens + (now - self.stamp) * rate)
-            self.stamp = now
-        if self.tokens < amount:
-            return False
-        self.tokens -= amount
-        return True
-
-
-@dataclass(eq=False)
-class _Registration:
-    id: bytes
-    jid: JID
-    key: bytes
-    addr: Address
-    candidates: tuple[Candidate, ...]
-    refreshed: float
-    expires: float
-    byte_bucket: _Bucket
-    frame_bucket: _Bucket
-    channels: dict[int, _Introduction] = field(default_factory=dict)
-    intros: set[bytes] = field(default_factory=set)
-
-
-@dataclass(eq=False)
-class _Introduction:
-    id: bytes
-    probe_key: bytes
-    initiator: _Registration
-    responder: _Registration
-    channel_initiator: int
-    channel_responder: int
-    created: float
-    responder_txid: bytes
-    accepted: bool = False
-    retransmits: int = 0
-    pending: deque[tuple[float, bytes]] = field(default_factory=deque)
-    pending_bytes: int = 0
-
-
 @dataclass
 class _Verification:
     msg: ControlMessage
@@ -190,15 +140,6 @@ class _Verification:
     src: Address
     size: int
     deadline: float
-
-
-def _address_bytes(addr: Address) -> bytes:
-    """``family ‖ address ‖ port`` for the challenge MAC."""
-    try:
-        ip = ipaddress.ip_address(addr[0].split("%", 1)[0])
-    except ValueError:
-        return b"\x00" + addr[0].encode("utf-8", "replace") + addr[1].to_bytes(2, "big")
-    return bytes([ip.version]) + ip.packed + (addr[1] & 0xFFFF).to_bytes(2, "big")
 
 
 class RendezvousCore:
@@ -216,25 +157,22 @@ class RendezvousCore:
         self._keys = keys
         self._addresses = addresses
         self._config = config
-        self._secret = secret
         self._rng = rng
         self._primary = addresses.primary
         self._out: list[tuple[bytes, Address, Address]] = []
         self._events: deque[VerificationNeeded] = deque()
-        self._regs: dict[bytes, _Registration] = {}
-        self._by_jid: dict[JID, _Registration] = {}
-        self._by_account: dict[JID, set[bytes]] = {}
-        self._by_addr: dict[Address, _Registration] = {}
-        self._intros: dict[bytes, _Introduction] = {}
-        self._pending_per_target: dict[bytes, int] = {}
-        self._used: OrderedDict[bytes, float] = OrderedDict()
+        self._regs = RegistrationTable()
+        self._intros = IntroductionTable()
+        self._challenges = Challenges(secret, validity=config.challenge_validity)
+        self._used = UsedChallenges()
         self._in_flight: set[bytes] = set()
         self._verifications: dict[int, _Verification] = {}
         self._next_token = 1
-        self._sources: OrderedDict[str, _Bucket] = OrderedDict()
-        self._warned: OrderedDict[str, float] = OrderedDict()
-        self._heap: list[tuple[float, int, int, bytes | int]] = []
-        self._seq = 0
+        self._per_ip = BucketTable(rate=config.control_per_source_per_s,
+                                   burst=config.control_per_source_burst,
+                                   max_entries=config.max_sources)
+        self._log = LogLimiter(logger, max_peers=config.max_sources)
+        self._timers = TimerHeap()
         self._counters: dict[str, int] = {}
 
     # -- driver interface ---------------------------------------------------
@@ -244,8 +182,7 @@ class RendezvousCore:
         try:
             self._receive(bytes(data), normalise_address(src), local, now)
         except Exception:  # a bug must not take the server down; counted, tests check 0
-            self._count("internal_errors")
-            logger.exception("internal error handling a datagram from %s", src)
+            self._internal_error(f"handling a datagram from {src}")
 
     def datagrams_to_send(self) -> list[tuple[bytes, Address, Address]]:
         """``(data, send_to, send_from)`` for everything queued; clears the queue."""
@@ -254,11 +191,8 @@ class RendezvousCore:
 
     def get_timer(self) -> float | None:
         """When :meth:`handle_timer` should next be called, or None."""
-        times = []
-        if self._heap:
-            times.append(self._heap[0][0])
-        if self._used:
-            times.append(next(iter(self._used.values())))
+        times = [t for t in (self._timers.next_deadline(), self._used.next_expiry())
+                 if t is not None]
         return min(times) if times else None
 
     def handle_timer(self, now: float) -> None:
@@ -267,8 +201,7 @@ class RendezvousCore:
         try:
             self._handle_timer(now)
         except Exception:
-            self._count("internal_errors")
-            logger.exception("internal error in the timer")
+            self._internal_error("in the timer")
 
     def next_event(self) -> VerificationNeeded | None:
         """The next event for the driver (only with ``keys=None``)."""
@@ -285,6 +218,11 @@ class RendezvousCore:
         self._in_flight.discard(pending.msg.challenge or b"")
         self._finish_register(pending.msg, pending.jid, pending.src, pending.size, keys, now)
 
+    def make_challenge(self, src: Address, now: float) -> bytes:
+        """The stateless challenge for ``src`` at ``now`` (what a HELLO
+        from ``src`` would be answered with)."""
+        return self._challenges.make(normalise_address(src), now, self._rng)
+
     def statistics(self) -> dict[str, int]:
         """Counters (monotonic totals) and gauges (current table sizes)."""
         stats = dict(self._counters)
@@ -292,7 +230,8 @@ class RendezvousCore:
         stats["introductions"] = len(self._intros)
         stats["used_challenges"] = len(self._used)
         stats["pending_verifications"] = len(self._verifications)
-        stats["pending_frames"] = sum(len(i.pending) for i in self._intros.values() if i.pending)
+        stats["pending_frames"] = self._intros.held_frames()
+        stats["log_suppressed"] = self._log.suppressed
         return stats
 
     # -- plumbing -----------------------------------------------------------
@@ -300,17 +239,10 @@ class RendezvousCore:
     def _count(self, name: str, n: int = 1) -> None:
         self._counters[name] = self._counters.get(name, 0) + n
 
-    def _warn(self, src: Address, now: float, fmt: str, *args: object) -> None:
-        """WARNING at most once per ``warning_interval`` per source IP."""
-        last = self._warned.get(src[0])
-        if last is not None and now - last < self._config.warning_interval:
-            logger.debug(fmt, *args)
-            return
-        self._warned[src[0]] = now
-        self._warned.move_to_end(src[0])
-        while len(self._warned) > self._config.max_sources:
-            self._warned.popitem(last=False)
-        logger.warning(fmt, *args)
+    def _internal_error(self, where: str) -> None:
+        self._count("internal_errors")
+        self._log.log(logging.ERROR, "internal error", None, "internal error %s:\n%s",
+                      where, traceback.format_exc())
 
     def _send(self, data: bytes, to: Address) -> None:
         self._out.append((data, to, self._primary))
@@ -331,13 +263,18 @@ class RendezvousCore:
         reason: str,
         to: Address,
         size: int,
-        now: float,
         *,
         proven: bool,
     ) -> None:
         self._count(f"refused_{int(code)}")
-        if code in (ErrorCode.FORBIDDEN, ErrorCode.CHALLENGE_INVALID):
-            self._warn(to, now, "refused %s: %d %s", to, code, reason)
+        if code == ErrorCode.FORBIDDEN:
+            # a return-routable address (its challenge checked out) with a
+            # key or signature that does not prove the JID
+            self._log.warning("refused 403", None, "refused %s: %d %s", to, code, reason)
+        elif code == ErrorCode.CHALLENGE_INVALID:
+            # what every device gets after a server restart or a slow retry,
+            # and free to forge: not a warning
+            self._log.info("refused 401", None, "refused %s: %d %s", to, code, reason)
         else:
             logger.debug("refused %s: %d %s", to, code, reason)
         msg = ControlMessage(MessageType.ERROR, txid, error=(int(code), reason))
@@ -345,45 +282,18 @@ class RendezvousCore:
             msg = ControlMessage(MessageType.ERROR, txid, error=(int(code), ""))
         self._reply(msg, to, size, proven=proven)
 
-    def _push(self, deadline: float, kind: int, key: bytes | int) -> None:
-        self._seq += 1
-        heapq.heappush(self._heap, (deadline, self._seq, kind, key))
+    def _push(self, deadline: float, kind: TimerKind, key: TimerKey) -> None:
+        self._timers.push(deadline, kind, key)
         live = len(self._regs) + len(self._intros) + len(self._verifications)
-        if len(self._heap) > 4 * live + 1024:
-            self._compact_heap()
+        if len(self._timers) > 4 * live + 1024:
+            self._timers.compact(self._timer_alive)
 
-    def _compact_heap(self) -> None:
-        """Drop timer entries of objects that are gone."""
-        kept = []
-        for entry in self._heap:
-            kind, key = entry[2], entry[3]
-            if (
-                (kind == 0 and key in self._regs)
-                or (kind == 1 and key in self._intros)
-                or (kind == 2 and key in self._verifications)
-            ):
-                kept.append(entry)
-        heapq.heapify(kept)
-        self._heap = kept
-
-    def _random_id(self, table: dict[bytes, _Registration] | dict[bytes, _Introduction]) -> bytes:
-        for _ in range(_ID_TRIES):
-            value = self._rng.randbytes(8)
-            if value not in table:
-                return value
-        raise DtxError("no free identifier")  # 2**64 space: practically unreachable
-
-    def _source_allowed(self, src: Address, now: float) -> bool:
-        cfg = self._config
-        bucket = self._sources.get(src[0])
-        if bucket is None:
-            bucket = _Bucket(cfg.control_per_source_burst, now)
-            self._sources[src[0]] = bucket
-            while len(self._sources) > cfg.max_sources:
-                self._sources.popitem(last=False)
-        else:
-            self._sources.move_to_end(src[0])
-        return bucket.take(1, now, cfg.control_per_source_per_s, cfg.control_per_source_burst)
+    def _timer_alive(self, kind: TimerKind, key: TimerKey) -> bool:
+        if kind == TimerKind.REGISTRATION:
+            return key in self._regs
+        if kind == TimerKind.INTRODUCTION:
+            return key in self._intros
+        return key in self._verifications
 
     # -- dispatch -----------------------------------------------------------
 
@@ -403,13 +313,14 @@ class RendezvousCore:
             return
         if data[0] == RELAY_FIRST_BYTE:
             self._on_relay(data, src, now)
-        elif data[0] == _CONTROL:
+        elif data[0] == CONTROL_FIRST_BYTE:
             self._on_control(data, src, now)
         else:
             self._count("dropped_unknown")
 
     def _on_control(self, data: bytes, src: Address, now: float) -> None:
-        if not self._source_allowed(src, now):
+        size = len(data)
+        if not self._per_ip.take(src[0], now):
             self._count("dropped_rate_limited")
             logger.debug("rate limiting %s", src)
             return
@@ -417,105 +328,91 @@ class RendezvousCore:
             msg = decode_control(data)
         except DecodeError as exc:
             self._count("dropped_undecodable")
-            self._warn(src, now, "undecodable control message from %s: %s", src, exc)
+            self._log.warning("undecodable control", None,
+                              "undecodable control message from %s: %s", src, exc)
             return
-        logger.debug("%s from %s (%d bytes)", msg.type.name, src, len(data))
-        size = len(data)
+        if msg.type not in _REQUESTS:
+            self._count("dropped_wrong_direction")
+            return
+        if msg.type == MessageType.HELLO and size < HELLO_MIN_BYTES:
+            self._count("dropped_short_hello")
+            return
+        reg = None
+        if msg.type in _CARRY_REGISTRATION:
+            reg = self._registered(msg.registration, src, now)
+        logger.debug("%s from %s (%d bytes)", msg.type.name, src, size)
         if msg.type == MessageType.HELLO:
             self._on_hello(msg, src, size, now)
         elif msg.type == MessageType.REGISTER:
             self._on_register(msg, src, size, now)
+        elif reg is None:
+            self._error(msg.txid, ErrorCode.NOT_FOUND, "unknown registration", src, size,
+                        proven=self._regs.at(src) is not None)
         elif msg.type == MessageType.KEEPALIVE:
-            self._on_keepalive(msg, src, size, now)
+            self._on_keepalive(msg, reg, now)
         elif msg.type == MessageType.INTRODUCE:
-            self._on_introduce(msg, src, size, now)
+            self._on_introduce(msg, reg, now)
         elif msg.type == MessageType.ACCEPT:
-            self._on_accept(msg, src, size, now)
-        elif msg.type == MessageType.UNREGISTER:
-            self._on_unregister(msg, src, size, now)
+            self._on_accept(msg, reg)
         else:
-            self._count("dropped_wrong_direction")
+            self._on_unregister(msg, reg)
+
+    def _answer(self, msg: ControlMessage, reg: Registration) -> None:
+        """A reply to a registered device (at the address it proved)."""
+        self._send(encode_control(msg), reg.addr)
+
+    def _refuse(self, msg: ControlMessage, reg: Registration, code: ErrorCode,
+                reason: str) -> None:
+        """An ERROR to a registered device."""
+        self._error(msg.txid, code, reason, reg.addr, 0, proven=True)
 
     # -- registration -------------------------------------------------------
 
-    def _challenge_mac(self, head: bytes, src: Address) -> bytes:
-        data = _CHALLENGE_LABEL + head + _address_bytes(src)
-        return hmac.new(self._secret, data, hashlib.sha256).digest()[:12]
-
-    def make_challenge(self, src: Address, now: float) -> bytes:
-        """The stateless challenge for ``src`` at ``now``: the time in
-        seconds and a random nonce (so two challenges are never equal, even
-        within one second), authenticated with the source address."""
-        t = int(now) & 0xFFFFFFFF
-        head = t.to_bytes(4, "big") + self._rng.getrandbits(32).to_bytes(4, "big")
-        return head + self._challenge_mac(head, normalise_address(src))
-
-    def _challenge_valid(self, challenge: bytes, src: Address, now: float) -> bool:
-        if len(challenge) != CHALLENGE_BYTES:
-            return False
-        t = int.from_bytes(challenge[:4], "big")
-        age = (int(now) - t) & 0xFFFFFFFF
-        if age > self._config.challenge_validity:
-            return False
-        return hmac.compare_digest(challenge[8:], self._challenge_mac(challenge[:8], src))
-
     def _on_hello(self, msg: ControlMessage, src: Address, size: int, now: float) -> None:
-        if size < 48:
-            self._count("dropped_short_hello")
-            return
         self._count("challenges")
         reply = ControlMessage(
-            MessageType.CHALLENGE, msg.txid, challenge=self.make_challenge(src, now)
+            MessageType.CHALLENGE, msg.txid, challenge=self._challenges.make(src, now, self._rng)
         )
         self._reply(reply, src, size, proven=False)
 
     def _on_register(self, msg: ControlMessage, src: Address, size: int, now: float) -> None:
-        proven = src in self._by_addr
+        proven = self._regs.at(src) is not None
         try:
             jid = JID.parse(msg.jid or "")
         except JIDError:
-            self._error(msg.txid, ErrorCode.BAD_REQUEST, "bad JID", src, size, now, proven=proven)
+            self._error(msg.txid, ErrorCode.BAD_REQUEST, "bad JID", src, size, proven=proven)
             return
         if jid.is_bare:
-            self._error(
-                msg.txid, ErrorCode.BAD_REQUEST, "full JID needed", src, size, now, proven=proven
-            )
+            self._error(msg.txid, ErrorCode.BAD_REQUEST, "full JID needed", src, size,
+                        proven=proven)
             return
         challenge = msg.challenge or b""
-        if not self._challenge_valid(challenge, src, now):
-            self._error(
-                msg.txid,
-                ErrorCode.CHALLENGE_INVALID,
-                "challenge invalid or expired",
-                src,
-                size,
-                now,
-                proven=proven,
-            )
+        if not self._challenges.valid(challenge, src, now):
+            self._error(msg.txid, ErrorCode.CHALLENGE_INVALID, "challenge invalid or expired",
+                        src, size, proven=proven)
             return
-        self._purge_used(now)
+        self._used.purge(now)
         if challenge in self._in_flight:
             # A retransmitted REGISTER while its keys are being looked up.
             self._count("duplicate_registers")
             return
         if challenge in self._used:  # checked early, and again after a slow key lookup
-            self._refuse_used(msg, src, size, now, proven)
+            self._refuse_used(msg, src, size, proven)
             return
         if not register_signature_valid(msg):
-            self._error(
-                msg.txid, ErrorCode.FORBIDDEN, "bad signature", src, size, now, proven=proven
-            )
+            self._error(msg.txid, ErrorCode.FORBIDDEN, "bad signature", src, size, proven=proven)
             return
         if self._keys is not None:
             try:
                 keys = self._keys.keys_for(jid.bare.full)
             except DtxError as exc:
-                self._warn(src, now, "key lookup for %s failed: %s", jid.bare, exc)
+                self._log.warning("key lookup failed", jid.bare,
+                                  "key lookup for %s failed: %s", jid.bare, exc)
                 keys = None
             self._finish_register(msg, jid, src, size, keys, now)
             return
         if len(self._verifications) >= self._config.max_pending_verifications:
-            self._error(msg.txid, ErrorCode.TABLE_FULL, "busy", src, size, now, proven=proven)
+            self._error(msg.txid, ErrorCode.TABLE_FULL, "busy", src, size, proven=proven)
             return
         token = self._next_token
         self._next_token += 1
@@ -523,13 +420,11 @@ class RendezvousCore:
         self._verifications[token] = _Verification(msg, jid, src, size, deadline)
         self._in_flight.add(challenge)
         self._events.append(VerificationNeeded(token, jid.bare.full))
-        self._push(deadline, 2, token)
+        self._push(deadline, TimerKind.VERIFICATION, token)
 
-    def _refuse_used(
-        self, msg: ControlMessage, src: Address, size: int, now: float, proven: bool
-    ) -> None:
+    def _refuse_used(self, msg: ControlMessage, src: Address, size: int, proven: bool) -> None:
         self._error(msg.txid, ErrorCode.CHALLENGE_INVALID, "challenge already used", src, size,
-                    now, proven=proven)
+                    proven=proven)
 
     def _finish_register(
         self,
@@ -541,73 +436,67 @@ class RendezvousCore:
         now: float,
     ) -> None:
         cfg = self._config
-        proven = src in self._by_addr
+        proven = self._regs.at(src) is not None
         if keys is None or msg.key not in keys:
-            self._error(
-                msg.txid, ErrorCode.FORBIDDEN, "key not in vCard", src, size, now, proven=proven
-            )
+            self._error(msg.txid, ErrorCode.FORBIDDEN, "key not in vCard", src, size,
+                        proven=proven)
             return
         challenge = msg.challenge or b""
         if challenge in self._used:
-            self._refuse_used(msg, src, size, now, proven)
+            self._refuse_used(msg, src, size, proven)
             return
         if len(self._used) >= cfg.max_used_challenges:
-            self._error(msg.txid, ErrorCode.TABLE_FULL, "busy", src, size, now, proven=True)
+            self._error(msg.txid, ErrorCode.TABLE_FULL, "busy", src, size, proven=True)
             return
-        old = self._by_jid.get(jid)
+        old = self._regs.for_jid(jid)
         if old is None:
             self._expire_due(now)
-            account = self._by_account.get(jid.bare, set())
-            at_src = self._by_addr.get(src)
+            at_src = self._regs.at(src)
             freed = 1 if at_src is not None else 0
             if len(self._regs) - freed >= cfg.max_registrations:
-                self._error(
-                    msg.txid, ErrorCode.TABLE_FULL, "table full", src, size, now, proven=True
-                )
+                self._error(msg.txid, ErrorCode.TABLE_FULL, "table full", src, size, proven=True)
                 return
-            if len(account) >= cfg.max_devices_per_account and not (
+            if self._regs.account_size(jid.bare) >= cfg.max_devices_per_account and not (
                 at_src is not None and at_src.jid.bare == jid.bare
             ):
-                self._error(
-                    msg.txid, ErrorCode.TABLE_FULL, "too many devices", src, size, now, proven=True
-                )
+                self._error(msg.txid, ErrorCode.TABLE_FULL, "too many devices", src, size,
+                            proven=True)
                 return
         else:
             self._remove_registration(old, "replaced")
-        other = self._by_addr.get(src)
+        other = self._regs.at(src)
         if other is not None:
             self._remove_registration(other, "replaced by another JID on its address")
         hosts = [c for c in msg.candidates if c.kind == CandidateKind.HOST]
-        reg = _Registration(
-            id=self._random_id(self._regs),
+        reg = Registration(
+            id=self._regs.new_id(self._rng),
             jid=jid,
             key=msg.key or b"",
             addr=src,
             candidates=tuple(hosts[: MAX_CANDIDATES - 1]),
             refreshed=now,
             expires=now + cfg.lifetime,
-            byte_bucket=_Bucket(cfg.relay_burst_bytes, now),
-            frame_bucket=_Bucket(cfg.relay_burst_frames, now),
+            byte_bucket=TokenBucket(cfg.relay_burst_bytes, now),
+            frame_bucket=TokenBucket(cfg.relay_burst_frames, now),
         )
-        self._regs[reg.id] = reg
-        self._by_jid[jid] = reg
-        self._by_account.setdefault(jid.bare, set()).add(reg.id)
-        self._by_addr[src] = reg
-        self._used[challenge] = now + cfg.challenge_validity + 1.0
-        self._push(reg.expires, 0, reg.id)
+        self._regs.add(reg)
+        self._used.add(challenge, now + cfg.challenge_validity + _USED_CHALLENGE_MARGIN)
+        self._push(reg.expires, TimerKind.REGISTRATION, reg.id)
         self._count("registrations_total")
         logger.info("registered %s from %s", jid, src)
-        reply = ControlMessage(
-            MessageType.REGISTERED,
-            msg.txid,
-            registration=reg.id,
-            reflexive=src,
-            lifetime=int(cfg.lifetime),
-            keepalive=int(cfg.keepalive),
+        self._answer(
+            ControlMessage(
+                MessageType.REGISTERED,
+                msg.txid,
+                registration=reg.id,
+                reflexive=src,
+                lifetime=int(cfg.lifetime),
+                keepalive=int(cfg.keepalive),
+            ),
+            reg,
         )
-        self._reply(reply, src, size, proven=True)
 
-    def _registered(self, reg_id: bytes | None, src: Address, now: float) -> _Registration | None:
+    def _registered(self, reg_id: bytes | None, src: Address, now: float) -> Registration | None:
         """The live registration ``reg_id`` if it belongs to ``src``."""
         reg = self._regs.get(reg_id or b"")
         if reg is None or reg.addr != src:
@@ -618,51 +507,28 @@ class RendezvousCore:
             return None
         return reg
 
-    def _registered_or_refuse(
-        self, msg: ControlMessage, src: Address, size: int, now: float
-    ) -> _Registration | None:
-        """The sender's live registration, or None after answering 404."""
-        reg = self._registered(msg.registration, src, now)
-        if reg is None:
-            self._error(msg.txid, ErrorCode.NOT_FOUND, "unknown registration", src, size, now,
-                        proven=src in self._by_addr)
-        return reg
-
-    def _on_keepalive(self, msg: ControlMessage, src: Address, size: int, now: float) -> None:
-        reg = self._registered_or_refuse(msg, src, size, now)
-        if reg is None:
-            return
+    def _on_keepalive(self, msg: ControlMessage, reg: Registration, now: float) -> None:
         reg.refreshed = now
         reg.expires = now + self._config.lifetime
         self._count("keepalives")
-        reply = ControlMessage(
-            MessageType.KEEPALIVE_ACK,
-            msg.txid,
-            reflexive=src,
-            lifetime=int(self._config.lifetime),
+        self._answer(
+            ControlMessage(
+                MessageType.KEEPALIVE_ACK,
+                msg.txid,
+                reflexive=reg.addr,
+                lifetime=int(self._config.lifetime),
+            ),
+            reg,
         )
-        self._reply(reply, src, size, proven=True)
 
-    def _on_unregister(self, msg: ControlMessage, src: Address, size: int, now: float) -> None:
-        reg = self._registered_or_refuse(msg, src, size, now)
-        if reg is None:
-            return
+    def _on_unregister(self, msg: ControlMessage, reg: Registration) -> None:
         self._remove_registration(reg, "unregistered")
         self._count("unregistrations")
-        self._reply(ControlMessage(MessageType.ACK, msg.txid), src, size, proven=True)
+        self._answer(ControlMessage(MessageType.ACK, msg.txid), reg)
 
-    def _remove_registration(self, reg: _Registration, why: str) -> None:
-        if self._regs.pop(reg.id, None) is None:
+    def _remove_registration(self, reg: Registration, why: str) -> None:
+        if not self._regs.discard(reg):
             return
-        if self._by_jid.get(reg.jid) is reg:
-            del self._by_jid[reg.jid]
-        account = self._by_account.get(reg.jid.bare)
-        if account is not None:
-            account.discard(reg.id)
-            if not account:
-                del self._by_account[reg.jid.bare]
-        if self._by_addr.get(reg.addr) is reg:
-            del self._by_addr[reg.addr]
         for intro_id in list(reg.intros):
             intro = self._intros.get(intro_id)
             if intro is not None:
@@ -673,173 +539,63 @@ class RendezvousCore:
         """Drop registrations past their lifetime whose timer has not run yet."""
         self._handle_timer(now)
 
-    def _purge_used(self, now: float) -> None:
-        while self._used:
-            challenge, expiry = next(iter(self._used.items()))
-            if expiry > now:
-                break
-            del self._used[challenge]
-
     # -- introductions ------------------------------------------------------
 
-    def _on_introduce(self, msg: ControlMessage, src: Address, size: int, now: float) -> None:
+    def _on_introduce(self, msg: ControlMessage, reg: Registration, now: float) -> None:
         cfg = self._config
-        reg = self._registered_or_refuse(msg, src, size, now)
-        if reg is None:
-            return
         try:
             target = JID.parse(msg.target or "")
         except JIDError:
-            self._error(msg.txid, ErrorCode.BAD_REQUEST, "bad target", src, size, now, proven=True)
+            self._refuse(msg, reg, ErrorCode.BAD_REQUEST, "bad target")
             return
-        peer = self._find_target(target, reg, now)
+        peer = self._regs.find_target(target, reg, now)
         if peer is None:
-            self._error(
-                msg.txid, ErrorCode.NOT_FOUND, "target not registered", src, size, now, proven=True
-            )
+            self._refuse(msg, reg, ErrorCode.NOT_FOUND, "target not registered")
             return
         if peer is reg:
-            self._error(
-                msg.txid, ErrorCode.BAD_REQUEST, "cannot introduce to itself", src, size, now,
-                proven=True,
-            )
+            self._refuse(msg, reg, ErrorCode.BAD_REQUEST, "cannot introduce to itself")
             return
-        for intro_id in reg.intros:
-            existing = self._intros[intro_id]
-            if (
-                existing.initiator is reg
-                and existing.responder is peer
-                and now - existing.created < cfg.intro_timeout
-            ):
-                self._count("introductions_repeated")
-                self._send(self._introduction(existing, _ROLE_INITIATOR, msg.txid), reg.addr)
-                return
+        existing = self._intros.recent(reg, peer, now, cfg.intro_timeout)
+        if existing is not None:
+            self._count("introductions_repeated")
+            self._send(introduction_message(existing, ROLE_INITIATOR, msg.txid), reg.addr)
+            return
         if len(self._intros) >= cfg.max_introductions:
-            self._error(msg.txid, ErrorCode.TABLE_FULL, "table full", src, size, now, proven=True)
+            self._refuse(msg, reg, ErrorCode.TABLE_FULL, "table full")
             return
         if (
             len(reg.intros) >= cfg.max_introductions_per_device
             or len(peer.intros) >= cfg.max_introductions_per_device
-            or self._pending_per_target.get(peer.id, 0) >= cfg.max_pending_introductions_per_target
+            or self._intros.pending_for(peer) >= cfg.max_pending_introductions_per_target
         ):
-            self._error(
-                msg.txid, ErrorCode.RATE_LIMITED, "too many introductions", src, size, now,
-                proven=True,
-            )
+            self._refuse(msg, reg, ErrorCode.RATE_LIMITED, "too many introductions")
             return
-        intro = _Introduction(
-            id=self._random_id(self._intros),
-            probe_key=self._rng.randbytes(32),
-            initiator=reg,
-            responder=peer,
-            channel_initiator=self._free_channel(reg),
-            channel_responder=self._free_channel(peer),
-            created=now,
-            responder_txid=self._rng.randbytes(8),
-        )
-        self._intros[intro.id] = intro
-        reg.intros.add(intro.id)
-        peer.intros.add(intro.id)
-        reg.channels[intro.channel_initiator] = intro
-        peer.channels[intro.channel_responder] = intro
-        self._pending_per_target[peer.id] = self._pending_per_target.get(peer.id, 0) + 1
+        intro = self._intros.create(reg, peer, now, self._rng)
         self._count("introductions_total")
         logger.info("introducing %s to %s", reg.jid, peer.jid)
         # both in the same batch: both sides start probing at the same moment
-        self._send(self._introduction(intro, _ROLE_INITIATOR, msg.txid), reg.addr)
-        self._send(self._introduction(intro, _ROLE_RESPONDER, intro.responder_txid), peer.addr)
+        self._send(introduction_message(intro, ROLE_INITIATOR, msg.txid), reg.addr)
+        self._send(introduction_message(intro, ROLE_RESPONDER, intro.responder_txid), peer.addr)
         self._schedule_intro(intro)
 
-    def _find_target(self, target: JID, asker: _Registration, now: float) -> _Registration | None:
-        if not target.is_bare:
-            peer = self._by_jid.get(target)
-            if peer is not None and peer.expires <= now:
-                return None
-            return peer
-        best: _Registration | None = None
-        for reg_id in self._by_account.get(target, ()):
-            reg = self._regs[reg_id]
-            if reg is asker or reg.expires <= now:
-                continue
-            if best is None or reg.refreshed > best.refreshed:
-                best = reg
-        return best
-
-    def _free_channel(self, reg: _Registration) -> int:
-        for _ in range(_ID_TRIES):
-            channel = self._rng.getrandbits(32)
-            if channel not in reg.channels:
-                return channel
-        raise DtxError("no free channel")  # 256 channels in 2**32: unreachable
-
-    def _introduction(self, intro: _Introduction, role: int, txid: bytes) -> bytes:
-        me, peer = (
-            (intro.initiator, intro.responder)
-            if role == _ROLE_INITIATOR
-            else (intro.responder, intro.initiator)
-        )
-        channel = intro.channel_initiator if role == _ROLE_INITIATOR else intro.channel_responder
-        reflexive = Candidate(CandidateKind.SERVER_REFLEXIVE, peer.addr)
-        cands = [c for c in peer.candidates if c.addr != peer.addr] + [reflexive]
-        return encode_control(
-            ControlMessage(
-                MessageType.INTRODUCTION,
-                txid,
-                intro=intro.id,
-                role=role,
-                peer_jid=peer.jid.full,
-                peer_key=peer.key,
-                channel=channel,
-                probe_key=intro.probe_key,
-                candidates=tuple(cands),
-            )
-        )
-
-    def _on_accept(self, msg: ControlMessage, src: Address, size: int, now: float) -> None:
-        reg = self._registered_or_refuse(msg, src, size, now)
-        if reg is None:
-            return
+    def _on_accept(self, msg: ControlMessage, reg: Registration) -> None:
         intro = self._intros.get(msg.intro or b"")
         if intro is None or intro.responder is not reg:
-            self._error(
-                msg.txid, ErrorCode.NOT_FOUND, "unknown introduction", src, size, now, proven=True
-            )
+            self._refuse(msg, reg, ErrorCode.NOT_FOUND, "unknown introduction")
             return
         if not intro.accepted:
-            intro.accepted = True
-            self._unpend(intro)
+            self._intros.accept(intro)
             logger.info("%s accepted %s", reg.jid, intro.initiator.jid)
-            while intro.pending:
-                _, payload = intro.pending.popleft()
+            for payload in intro.take_held():
                 self._forward(intro, reg, payload)
-            intro.pending_bytes = 0
-        self._reply(ControlMessage(MessageType.ACK, msg.txid), src, size, proven=True)
+        self._answer(ControlMessage(MessageType.ACK, msg.txid), reg)
 
-    def _unpend(self, intro: _Introduction) -> None:
-        peer_id = intro.responder.id
-        left = self._pending_per_target.get(peer_id, 0) - 1
-        if left > 0:
-            self._pending_per_target[peer_id] = left
-        else:
-            self._pending_per_target.pop(peer_id, None)
+    def _remove_introduction(self, intro: Introduction) -> None:
+        dropped = self._intros.remove(intro)
+        if dropped:
+            self._count("dropped_pending_expired", dropped)
 
-    def _remove_introduction(self, intro: _Introduction) -> None:
-        if self._intros.pop(intro.id, None) is None:
-            return
-        if not intro.accepted:
-            self._unpend(intro)
-        for reg, channel in (
-            (intro.initiator, intro.channel_initiator),
-            (intro.responder, intro.channel_responder),
-        ):
-            reg.intros.discard(intro.id)
-            if reg.channels.get(channel) is intro:
-                del reg.channels[channel]
-        if intro.pending:
-            self._count("dropped_pending_expired", len(intro.pending))
-            intro.pending.clear()
-
-    def _schedule_intro(self, intro: _Introduction) -> None:
+    def _schedule_intro(self, intro: Introduction) -> None:
         cfg = self._config
         if intro.accepted:
             return
@@ -848,9 +604,9 @@ class RendezvousCore:
             times.append(intro.created + cfg.intro_retransmits[intro.retransmits])
         if intro.pending:
             times.append(intro.pending[0][0] + cfg.pending_hold)
-        self._push(min(times), 1, intro.id)
+        self._push(min(times), TimerKind.INTRODUCTION, intro.id)
 
-    def _service_intro(self, intro: _Introduction, now: float) -> None:
+    def _service_intro(self, intro: Introduction, now: float) -> None:
         cfg = self._config
         if intro.accepted:
             return
@@ -859,10 +615,9 @@ class RendezvousCore:
             logger.info("%s did not accept %s in time", intro.responder.jid, intro.initiator.jid)
             self._remove_introduction(intro)
             return
-        while intro.pending and intro.pending[0][0] + cfg.pending_hold <= now:
-            _, payload = intro.pending.popleft()
-            intro.pending_bytes -= len(payload)
-            self._count("dropped_pending_expired")
+        expired = intro.expire_held(now, cfg.pending_hold)
+        if expired:
+            self._count("dropped_pending_expired", expired)
         due = False
         while (
             intro.retransmits < len(cfg.intro_retransmits)
@@ -873,7 +628,7 @@ class RendezvousCore:
         if due:
             self._count("introductions_retransmitted")
             self._send(
-                self._introduction(intro, _ROLE_RESPONDER, intro.responder_txid),
+                introduction_message(intro, ROLE_RESPONDER, intro.responder_txid),
                 intro.responder.addr,
             )
         self._schedule_intro(intro)
@@ -890,15 +645,17 @@ class RendezvousCore:
         except DecodeError:
             self._count("dropped_undecodable")
             return
-        reg = self._by_addr.get(src)
+        reg = self._regs.at(src)
         if reg is None or reg.expires <= now:
             self._count("dropped_relay_unregistered")
-            self._warn(src, now, "relay frame from unregistered %s", src)
+            # spoofable, and what devices send for a moment after a restart
+            self._log.info("relay unregistered", None, "relay frame from unregistered %s", src)
             return
         intro = reg.channels.get(channel)
         if intro is None:
             self._count("dropped_relay_channel")
-            self._warn(src, now, "relay frame from %s on a channel not its own", src)
+            self._log.warning("relay channel", reg.jid,
+                              "relay frame from %s (%s) on a channel not its own", reg.jid, src)
             return
         if not reg.frame_bucket.take(
             1, now, cfg.relay_frames_per_s, cfg.relay_burst_frames
@@ -907,36 +664,35 @@ class RendezvousCore:
         ):
             self._count("dropped_relay_rate")
             return
-        to = intro.responder if reg is intro.initiator else intro.initiator
+        to = intro.other(reg)
         if to is intro.responder and not intro.accepted:
-            if (
-                len(intro.pending) >= cfg.pending_frames
-                or intro.pending_bytes + len(payload) > cfg.pending_bytes
-            ):
+            first = not intro.pending
+            if not intro.hold(payload, now, max_frames=cfg.pending_frames,
+                              max_bytes=cfg.pending_bytes):
                 self._count("dropped_relay_not_accepted")
                 return
-            first = not intro.pending
-            intro.pending.append((now, payload))
-            intro.pending_bytes += len(payload)
             self._count("held_frames")
             if first:
                 self._schedule_intro(intro)
             return
         self._forward(intro, to, payload)
 
-    def _forward(self, intro: _Introduction, to: _Registration, payload: bytes) -> None:
-        channel = intro.channel_responder if to is intro.responder else intro.channel_initiator
-        self._send(encode_relay(channel, payload), to.addr)
+    def _forward(self, intro: Introduction, to: Registration, payload: bytes) -> None:
+        self._send(encode_relay(intro.channel_of(to), payload), to.addr)
         self._count("relayed_frames")
         self._count("relayed_bytes", len(payload))
 
     # -- timers -------------------------------------------------------------
 
     def _handle_timer(self, now: float) -> None:
-        self._purge_used(now)
-        while self._heap and self._heap[0][0] <= now:
-            _, _, kind, key = heapq.heappop(self._heap)
-            if kind == 0 and isinstance(key, bytes):
+        self._used.purge(now)
+        # entries pushed while servicing are later than now: one pass suffices
+        for _ in range(len(self._timers)):
+            due = self._timers.pop_due(now)
+            if due is None:
+                break
+            kind, key = due
+            if kind == TimerKind.REGISTRATION and isinstance(key, bytes):
                 reg = self._regs.get(key)
                 if reg is None:
                     continue
@@ -944,12 +700,12 @@ class RendezvousCore:
                     self._count("expired")
                     self._remove_registration(reg, "expired")
                 else:
-                    self._push(reg.expires, 0, reg.id)
-            elif kind == 1 and isinstance(key, bytes):
+                    self._push(reg.expires, TimerKind.REGISTRATION, reg.id)
+            elif kind == TimerKind.INTRODUCTION and isinstance(key, bytes):
                 intro = self._intros.get(key)
                 if intro is not None:
                     self._service_intro(intro, now)
-            elif kind == 2 and isinstance(key, int):
+            elif kind == TimerKind.VERIFICATION and isinstance(key, int):
                 pending = self._verifications.pop(key, None)
                 if pending is not None:
                     self._in_flight.discard(pending.msg.challenge or b"")
