@@ -167,3 +167,11 @@ class DiscoveryError(DtxError):
 class XmppError(DtxError):
     """An XMPP server could not be used as asked: login refused, a vCard
     request failed, or the connection would not be encrypted."""
+
+
+class UnacknowledgedLimitError(LocalProtocolError):
+    """Sending would leave more stanzas, or more bytes, waiting for the
+    peer's acknowledgement than the session allows
+    (``SessionConfig.max_unacknowledged_stanzas`` / ``_bytes``). Nothing was
+    queued: wait until the peer acknowledges (``wait_acknowledged``) and
+    send again."""

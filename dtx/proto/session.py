@@ -17,6 +17,9 @@ Stream rules (``docs/protocol.md``):
 * delivery is acknowledged with XEP-0198 ``<r/>``/``<a h=''/>`` elements,
   always on (no ``<enable/>``): the sender keeps every stanza until it is
   acknowledged, and hands the unacknowledged ones back when the session ends;
+  what waits is bounded (``SessionConfig.max_unacknowledged_*``), and a peer
+  that makes no acknowledgement progress for ``ack_window`` seconds is
+  closed (``docs/protocol.md`` 3.3);
 * XEP-0199 pings and XEP-0030 disco#info queries are answered here;
 * ``</stream:stream>`` closes gracefully: the side that closes first ends
   the QUIC connection once the peer's closing tag arrives, by which point
@@ -44,13 +47,16 @@ from ..errors import (
     AuthenticationError,
     DtxError,
     JIDError,
+    LocalProtocolError,
     RemoteProtocolError,
     SessionClosedError,
     StanzaTooLargeError,
     StreamError,
     TrustError,
+    UnacknowledgedLimitError,
 )
 from ..jid import JID
+from ..wire.xml import decode_count
 from . import xmlstream as xs
 from .auth import (
     ALERT_CERTIFICATE_REQUIRED,
@@ -78,6 +84,12 @@ payload: flags, destination CID (up to 20), packet number (4), AEAD tag,
 frame type and length, and room for an ACK frame aioquic may put first."""
 
 _H_MOD = 1 << 32
+
+_R = b"<r xmlns='urn:xmpp:sm:3'/>"
+
+
+def _a(h: int) -> bytes:
+    return b"<a xmlns='urn:xmpp:sm:3' h='%d'/>" % h
 
 
 class SessionState(Enum):
@@ -108,6 +120,30 @@ class SessionConfig:
     ack_request_delay: float = 0.05
     """... or once stanzas have waited this long (seconds) for one. Asking
     on every write would cost a packet each way per exchange."""
+    max_unacknowledged_stanzas: int = 10_000
+    """At most this many stanzas wait for the peer's acknowledgement: the
+    application's and the session's own answers (pings, disco) together.
+    Past it :meth:`XmlSession.send` raises
+    :class:`~dtx.errors.UnacknowledgedLimitError`, and a query whose answer
+    would not fit ends the session (``policy-violation``)."""
+    max_unacknowledged_bytes: int = 16 * 1024 * 1024
+    """The same bound on the encoded size of those stanzas."""
+    ack_window: float = 60.0
+    """A peer that leaves stanzas unacknowledged this long (seconds) without
+    acknowledging any of them, although asked with ``<r/>``, is closed with
+    the stream error ``connection-timeout``. Needs the ``now`` given to
+    :meth:`XmlSession.flush` and :meth:`XmlSession.handle_timer`."""
+
+    def __post_init__(self) -> None:
+        if self.max_unacknowledged_stanzas < 1:
+            raise LocalProtocolError("max_unacknowledged_stanzas must be at least 1")
+        if self.max_unacknowledged_bytes < self.max_stanza_bytes:
+            raise LocalProtocolError(
+                "max_unacknowledged_bytes must be at least max_stanza_bytes "
+                f"({self.max_stanza_bytes}), or a large stanza could never be sent"
+            )
+        if not self.ack_window > 0:
+            raise LocalProtocolError("ack_window must be positive")
 
 
 # -- events -------------------------------------------------------------------
@@ -156,6 +192,8 @@ class SessionEnded:
 
     ``unacknowledged`` holds every stanza handed to :meth:`XmlSession.send`
     that the peer did not confirm, in order, so nothing is silently lost.
+    The session's own answers (to pings, disco#info) are not in it: no one
+    is waiting for them.
     """
 
     error: DtxError | None
@@ -232,10 +270,18 @@ class XmlSession:
         self._peer_closed = False
         self._header_seen = False
         self._unattributed = 0
-        # XEP-0198 style accounting: h counts stanzas, modulo 2**32.
-        self._unacked: deque[Element] = deque()
+        # XEP-0198 style accounting: h counts stanzas, modulo 2**32. Each
+        # entry is (stanza, encoded size); the stanza is None for the
+        # session's own answers, which are never handed back.
+        self._unacked: deque[tuple[Element | None, int]] = deque()
+        self._unacked_bytes = 0
         self._acked_total = 0
         self._handled_in = 0
+        self._a_wanted = False  # the peer asked with <r/>; answer at flush
+        self._h_answered: int | None = None  # h of the last <a/> written
+        # Since when the peer has acknowledged nothing while stanzas wait
+        # (stamped by the first flush/handle_timer that knows the time).
+        self._progress_at: float | None = None
         self._r_outstanding = False
         self._r_wanted = False
         self._acked_at_request = 0
@@ -254,7 +300,17 @@ class XmlSession:
 
     @property
     def unacknowledged(self) -> tuple[Element, ...]:
-        return tuple(self._unacked)
+        """The stanzas handed to :meth:`send` that the peer has not
+        acknowledged yet, in order (not the session's own answers)."""
+        return tuple(e for e, _ in self._unacked if e is not None)
+
+    @property
+    def unacknowledged_bytes(self) -> int:
+        """Encoded bytes of every stanza waiting for the peer's
+        acknowledgement, the session's own answers included: what this
+        session holds for the peer (at most
+        ``SessionConfig.max_unacknowledged_bytes``)."""
+        return self._unacked_bytes
 
     @property
     def is_open(self) -> bool:
@@ -265,7 +321,10 @@ class XmlSession:
 
         Allowed once the handshake is done (the peer's key is trusted); the
         stanza is then encrypted to that peer only. It is kept until the peer
-        acknowledges it.
+        acknowledges it. Raises :class:`~dtx.errors.UnacknowledgedLimitError`,
+        queueing nothing, when that would keep more than
+        ``SessionConfig.max_unacknowledged_stanzas`` stanzas or
+        ``max_unacknowledged_bytes`` bytes waiting.
         """
         if self.state not in (SessionState.AUTHENTICATED, SessionState.OPEN):
             raise SessionClosedError(f"cannot send: session is {self.state.value}")
@@ -275,7 +334,26 @@ class XmlSession:
                 f"stanza of {len(data)} bytes exceeds the limit of "
                 f"{self._config.max_stanza_bytes} bytes"
             )
-        self._unacked.append(stanza)
+        if not self._room_for(len(data)):
+            raise UnacknowledgedLimitError(
+                f"{len(self._unacked)} stanzas ({self._unacked_bytes} bytes) already wait "
+                f"for the peer's acknowledgement (limits: "
+                f"{self._config.max_unacknowledged_stanzas} stanzas, "
+                f"{self._config.max_unacknowledged_bytes} bytes); nothing was queued"
+            )
+        self._queue(stanza, data)
+
+    def _room_for(self, size: int) -> bool:
+        return (
+            len(self._unacked) < self._config.max_unacknowledged_stanzas
+            and self._unacked_bytes + size <= self._config.max_unacknowledged_bytes
+        )
+
+    def _queue(self, stanza: Element | None, data: bytes) -> None:
+        """Keep a stanza until acknowledged and write it at the next flush
+        (``stanza`` None: the session's own answer, never handed back)."""
+        self._unacked.append((stanza, len(data)))
+        self._unacked_bytes += len(data)
         self._out.append(data)
         self.statistics.stanzas_sent += 1
         self.statistics.bytes_sent += len(data)
@@ -336,28 +414,73 @@ class XmlSession:
         self._r_wanted = True
 
     def get_timer(self) -> float | None:
-        """When :meth:`handle_timer` wants calling: the delayed ack request."""
-        if self._unacked and not self._r_outstanding and self._unacked_since is not None:
-            return self._unacked_since + self._config.ack_request_delay
-        return None
+        """When :meth:`handle_timer` wants calling: the delayed ack request,
+        or the end of the acknowledgement window."""
+        if not self._unacked or self.state is SessionState.CLOSED:
+            return None
+        due: float | None = None
+        if not self._r_outstanding and self._unacked_since is not None:
+            due = self._unacked_since + self._config.ack_request_delay
+        if self._progress_at is not None:
+            deadline = self._progress_at + self._config.ack_window
+            due = deadline if due is None else min(due, deadline)
+        return due
 
     def handle_timer(self, now: float) -> None:
-        due = self.get_timer()
-        if due is not None and now >= due:
+        if not self._unacked or self.state is SessionState.CLOSED:
+            return
+        if (not self._r_outstanding and self._unacked_since is not None
+                and now >= self._unacked_since + self._config.ack_request_delay):
             self._r_wanted = True
+        self._check_ack_window(now)
+
+    def _is_closed(self) -> bool:
+        # A method, not a comparison, so that type checkers do not narrow
+        # ``state`` across calls that change it.
+        return self.state is SessionState.CLOSED
+
+    def _check_ack_window(self, now: float) -> None:
+        """Stamp when waiting began; end a session the peer does not
+        acknowledge for ``ack_window`` seconds."""
+        if not self._unacked or self.state in (SessionState.HANDSHAKING, SessionState.CLOSED):
+            return
+        if self._progress_at is None:
+            self._progress_at = now
+        elif now >= self._progress_at + self._config.ack_window:
+            self._log.warning(
+                "%s acknowledged none of %d stanzas in %.0f s; closing",
+                self.peer_jid, len(self._unacked), self._config.ack_window,
+            )
+            self._stream_error(
+                "connection-timeout",
+                f"no acknowledgement for {self._config.ack_window:g} s",
+            )
 
     def flush(self, now: float | None = None) -> None:
         """Hand queued stanzas to QUIC as one write, asking for an
         acknowledgement when enough is waiting, when it has waited long
         enough, or when someone asked (one request outstanding at a time)."""
-        if self._stream is None:
+        if self._stream is None or self._is_closed():
             return
+        if now is not None:
+            self._check_ack_window(now)
+            if self.state is SessionState.CLOSED:
+                return
+        if self._a_wanted:
+            # Every <r/> read since the last flush gets one answer; an <r/>
+            # when the last <a/> already said the same h gets none (a dtx
+            # sender asks only with stanzas in flight, so h has moved): a
+            # flood of <r/> costs no output (docs/protocol.md 3.3).
+            self._a_wanted = False
+            if self._handled_in != self._h_answered:
+                self._out.append(_a(self._handled_in))
+                self._h_answered = self._handled_in
         if self._unacked and not self._r_outstanding and self.is_open:
             if now is not None and self._unacked_since is None:
                 self._unacked_since = now
             if self._r_wanted or len(self._unacked) - self._acked_at_request \
                     >= self._config.ack_request_every:
-                self._out.append(b"<r xmlns='urn:xmpp:sm:3'/>")
+                self._out.append(_R)
                 self._r_outstanding = True
                 self._r_wanted = False
                 self._acked_at_request = len(self._unacked)
@@ -401,6 +524,8 @@ class XmlSession:
         elif event.stream_id != self._stream:
             self._stream_error("unsupported-feature", "unexpected QUIC stream")
             return []
+        if self._is_closed():
+            return []  # after a stream error: read nothing more from this peer
         self.statistics.bytes_received += len(event.data)
         self._unattributed += len(event.data)
         out: list[SessionEvent] = []
@@ -433,7 +558,7 @@ class XmlSession:
         if isinstance(xev, xs.StanzaReceived):
             el = xev.element
             if el.tag == SM_R:
-                self._out.append(b"<a xmlns='urn:xmpp:sm:3' h='%d'/>" % self._handled_in)
+                self._a_wanted = True
                 return
             if el.tag == SM_A:
                 acked = self._on_ack(el)
@@ -451,7 +576,9 @@ class XmlSession:
                 self._quic.close(error_code=ERROR_NONE, reason_phrase="")
             elif self._stream is not None:
                 # Confirm everything received, then close our side too.
-                self._out.append(b"<a xmlns='urn:xmpp:sm:3' h='%d'/>" % self._handled_in)
+                self._a_wanted = False
+                self._out.append(_a(self._handled_in))
+                self._h_answered = self._handled_in
                 self.flush()
                 self._quic.send_stream_data(
                     self._stream, xs.encode_stream_footer(), end_stream=True
@@ -528,24 +655,35 @@ class XmlSession:
         if self.state is not SessionState.OPEN:
             return False
         if self._config.answer_pings and st.is_ping(el):
-            self.send(st.result_for(el, from_=self._local_jid))
+            self._answer(st.result_for(el, from_=self._local_jid))
             self.statistics.pings_answered += 1
             return True
         if st.is_disco_info_query(el):
             features = [st.NS_PING, st.NS_DISCO_INFO, *self._config.features]
-            self.send(st.disco_info_result(el, features, from_=self._local_jid))
+            self._answer(st.disco_info_result(el, features, from_=self._local_jid))
             return True
         return False
+
+    def _answer(self, answer: Element) -> None:
+        """Queue the session's own answer, or end the session if it would
+        not fit: a peer that queries faster than it acknowledges would
+        otherwise grow the queue without end, and an iq cannot go
+        unanswered (RFC 6120 section 8.2.3)."""
+        data = xs.encode_stanza(answer)
+        if not self._room_for(len(data)):
+            raise StreamError(
+                "policy-violation",
+                f"too many unacknowledged stanzas ({len(self._unacked)}, "
+                f"{self._unacked_bytes} bytes)",
+            )
+        self._queue(None, data)
 
     def _on_ack(self, el: Element) -> int:
         """Drop acknowledged stanzas; returns how many were acknowledged."""
         self._r_outstanding = False
-        try:
-            h = int(el.get("h", ""))
-        except ValueError:
-            raise StreamError("bad-format", "ack without a valid h") from None
-        if not 0 <= h < _H_MOD:
-            raise StreamError("bad-format", "ack h out of range")
+        h = decode_count(el.get("h"))
+        if h is None:
+            raise StreamError("bad-format", "ack h must be ASCII digits, at most 2**32-1")
         count = (h - self._acked_total) % _H_MOD
         if count > len(self._unacked):
             raise StreamError(
@@ -553,7 +691,9 @@ class XmlSession:
                 f"peer acknowledged {count} stanzas, only {len(self._unacked)} unacknowledged",
             )
         for _ in range(count):
-            self._unacked.popleft()
+            self._unacked_bytes -= self._unacked.popleft()[1]
+        if count:
+            self._progress_at = None  # progress: the window starts again
         self._acked_at_request = 0
         self._unacked_since = None
         self._acked_total = h
@@ -612,7 +752,7 @@ class XmlSession:
             return []
         error = self._termination_error(event)
         self.state = SessionState.CLOSED
-        self._ended = SessionEnded(error, tuple(self._unacked))
+        self._ended = SessionEnded(error, self.unacknowledged)
         if error is None:
             self._log.info("session with %s closed", self.peer_jid)
         else:

@@ -37,6 +37,7 @@ from dtx.wire.xml import (
     NS_STREAMS_ERR,
     NS_XML,
     Condition,
+    decode_count,
     encode_stanza,
     encode_stream_error,
     encode_stream_footer,
@@ -60,6 +61,7 @@ __all__ = [
     "XmlEvent",
     "XmlStreamParser",
     "XmlStreamStatistics",
+    "decode_count",
     "encode_stanza",
     "encode_stream_error",
     "encode_stream_footer",
@@ -399,6 +401,11 @@ class XmlStreamParser:
             self._tail = False
         elif depth == 2:
             if tag not in _TOP_TAGS and tag != _ERROR_TAG and tag != _FEATURES_TAG:
+                if tag == _STREAM_TAG:
+                    # A stream has one header (RFC 6120 section 4.2); a
+                    # second <stream:stream> is not a stanza of a wrong
+                    # type but a broken stream (docs/protocol.md 3.1).
+                    raise StreamError(Condition.NOT_WELL_FORMED, "second stream header")
                 raise StreamError(
                     Condition.UNSUPPORTED_STANZA_TYPE, f"unexpected element {tag}"
                 )
@@ -428,14 +435,18 @@ class XmlStreamParser:
             )
         version = attrs.get("version")
         if version is not None:
-            major, _, minor = version.partition(".")
-            if not (major.isdigit() and minor.isdigit()):
+            # RFC 6120 section 4.7.5: MAJOR.MINOR, each ASCII digits only
+            # (str.isdigit and int would take "١.٠" or "²"; int a 5,000-digit
+            # number would raise ValueError).
+            major_text, _, minor_text = version.partition(".")
+            major = decode_count(major_text)
+            if major is None or decode_count(minor_text) is None:
                 raise StreamError(
-                    Condition.UNSUPPORTED_VERSION, f"bad version {version!r}"
+                    Condition.UNSUPPORTED_VERSION, f"bad version {version[:40]!r}"
                 )
-            if int(major) != 1:
+            if major != 1:
                 raise StreamError(
-                    Condition.UNSUPPORTED_VERSION, f"version {version} not supported"
+                    Condition.UNSUPPORTED_VERSION, f"version {version[:40]} not supported"
                 )
         self._state = _State.OPEN
         self._events.append(StreamOpened(dict(attrs)))

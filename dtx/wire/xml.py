@@ -28,6 +28,8 @@ __all__ = [
     "NS_STREAMS_ERR",
     "NS_XML",
     "Condition",
+    "MAX_COUNT",
+    "decode_count",
     "encode_stanza",
     "encode_stream_error",
     "encode_stream_footer",
@@ -71,6 +73,30 @@ class Condition(enum.StrEnum):
 
 
 _CONDITIONS: Final = frozenset(c.value for c in Condition)
+
+#: The largest number a peer may write in a numeric attribute (XEP-0198
+#: ``h`` counts modulo 2**32, so no count is larger).
+MAX_COUNT: Final = 2**32 - 1
+_MAX_COUNT_DIGITS: Final = len(str(MAX_COUNT))
+
+
+def decode_count(text: str | None, max_value: int = MAX_COUNT) -> int | None:
+    """The value of a numeric attribute written by a peer, or None.
+
+    Only ASCII digits, ``[0-9]+``, up to ``max_value`` (at most
+    :data:`MAX_COUNT`): no sign, no whitespace, no ``_`` separators and no
+    other Unicode digits, all of which :func:`int` would accept. Leading
+    zeros are allowed, as in XML Schema's ``unsignedInt``. Never raises,
+    whatever the length of ``text`` (``int`` refuses strings over 4,300
+    digits with a ValueError).
+    """
+    if not text or not (text.isascii() and text.isdigit()):
+        return None
+    digits = text.lstrip("0") or "0"
+    if len(digits) > _MAX_COUNT_DIGITS:
+        return None
+    value = int(digits)
+    return value if value <= min(max_value, MAX_COUNT) else None
 
 #: Bound on the name cache, so endless distinct names cannot grow memory.
 _NAME_CACHE_MAX: Final = 4096

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aioquic.buffer import Buffer  # type: ignore[attr-defined]
+from aioquic.quic.events import StreamDataReceived
 from aioquic.quic.packet import pull_quic_header
 
 from dtx import stanza as st
@@ -36,17 +37,30 @@ class End:
     quic: AuthenticatedQuicConnection
     core: XmlSession
     events: list[SessionEvent] = field(default_factory=list)
+    deaf: bool = False
+    """Keep the peer's stream data from the core (in ``heard``): a peer
+    that reads nothing, so never answers ``<r/>``."""
+    heard: bytearray = field(default_factory=bytearray)
 
     def pump_events(self) -> None:
         while (ev := self.quic.next_event()) is not None:
+            if self.deaf and isinstance(ev, StreamDataReceived):
+                self.heard += ev.data
+                continue
             self.events.extend(self.core.handle_quic_event(ev))
+
+    def write(self, data: bytes) -> None:
+        """Write raw bytes on the XML stream, bypassing the core."""
+        assert self.core._stream is not None
+        self.quic.send_stream_data(self.core._stream, data)
 
     def of(self, kind: type) -> list[SessionEvent]:
         return [e for e in self.events if isinstance(e, kind)]
 
 
 def end(ident: DeviceIdentity, trusted: list[DeviceIdentity], *, client: bool,
-        expected: str | None = None, dcid: bytes | None = None) -> End:
+        expected: str | None = None, dcid: bytes | None = None,
+        session_config: SessionConfig | None = None) -> End:
     keys: dict[str, list[bytes]] = {}
     for t in trusted:
         keys.setdefault(str(t.jid.bare), []).append(t.public_key)
@@ -59,7 +73,7 @@ def end(ident: DeviceIdentity, trusted: list[DeviceIdentity], *, client: bool,
         configuration=config, check=trust_check_for(verifier.verify, expected),
         original_destination_connection_id=dcid)
     core = XmlSession(quic, local_jid=str(ident.jid), peer_jid=expected,
-                      config=SessionConfig(), rng=random.Random(1))
+                      config=session_config or SessionConfig(), rng=random.Random(1))
     return End(quic, core)
 
 
@@ -112,9 +126,13 @@ REMOTE = generate_identity("remote@example.org/phone")
 
 def make_pair(client_trusts: list[DeviceIdentity] | None = None,
               server_trusts: list[DeviceIdentity] | None = None,
-              client_ident: DeviceIdentity = REMOTE) -> Pair:
-    client = end(client_ident, client_trusts or [TV], client=True, expected="tv@example.org")
-    return Pair(client, lambda dcid: end(TV, server_trusts or [REMOTE], client=False, dcid=dcid))
+              client_ident: DeviceIdentity = REMOTE,
+              server_config: SessionConfig | None = None,
+              client_config: SessionConfig | None = None) -> Pair:
+    client = end(client_ident, client_trusts or [TV], client=True, expected="tv@example.org",
+                 session_config=client_config)
+    return Pair(client, lambda dcid: end(TV, server_trusts or [REMOTE], client=False,
+                                         dcid=dcid, session_config=server_config))
 
 
 def test_handshake_opens_the_stream_both_ways() -> None:

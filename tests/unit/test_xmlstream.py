@@ -383,7 +383,18 @@ def test_after_close_input_is_ignored() -> None:
         (RAW_HEADER.replace(b"'1.0'", b"'one'"), "unsupported-version"),
         (RAW_HEADER + b"<foo/>", "unsupported-stanza-type"),
         (RAW_HEADER + b"<message xmlns='jabber:server'/>", "unsupported-stanza-type"),
-        (RAW_HEADER + b"<stream:stream/>", "unsupported-stanza-type"),
+        # a second header is a broken stream, as docs/protocol.md 3.1 says
+        (RAW_HEADER + b"<stream:stream/>", "not-well-formed"),
+        (RAW_HEADER + RAW_HEADER, "not-well-formed"),
+        (RAW_HEADER + b"<message/>" + HEADER[len(b'<?xml version="1.0"?>'):], "not-well-formed"),
+        # versions: ASCII digits only, and no number long enough to make int() raise
+        (RAW_HEADER.replace(b"'1.0'", "'١.٠'".encode()), "unsupported-version"),
+        (RAW_HEADER.replace(b"'1.0'", "'１.0'".encode()), "unsupported-version"),
+        (RAW_HEADER.replace(b"'1.0'", "'¹.0'".encode()), "unsupported-version"),
+        (RAW_HEADER.replace(b"'1.0'", b"'1." + b"9" * 5000 + b"'"), "unsupported-version"),
+        (RAW_HEADER.replace(b"'1.0'", b"'" + b"1" * 5000 + b".0'"), "unsupported-version"),
+        (RAW_HEADER.replace(b"'1.0'", b"' 1.0'"), "unsupported-version"),
+        (RAW_HEADER.replace(b"'1.0'", b"'+1.0'"), "unsupported-version"),
         (RAW_HEADER + b"hello", "bad-format"),
         # expat refuses its own separator in a namespace name as a syntax error
         (RAW_HEADER + b"<message><x xmlns='urn:a}b'/></message>", "not-well-formed"),
