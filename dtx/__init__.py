@@ -1,15 +1,23 @@
 """dtx: end-to-end encrypted XMPP streams between devices, over UDP.
 
-The public API. Everything else is importable but may change.
+The public API. Everything else is importable but may change. The asyncio
+names (:class:`Peer`, :class:`Session`, :func:`open_peer` ...) load their
+driver on first use, so importing the sans-IO layer (``dtx.wire``,
+``dtx.proto``) never loads asyncio.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from . import stanza
-from .aio.peer import Peer, PeerConfig, open_peer
-from .aio.session import Session
 from .errors import (
     AuthenticationError,
     ConnectError,
     DtxError,
+    IqError,
+    IqTimeout,
     PinMismatchError,
     SessionClosedError,
     StanzaTooLargeError,
@@ -20,25 +28,59 @@ from .errors import (
 )
 from .identity import DeviceIdentity, generate_identity, load_identity, save_identity
 from .jid import JID
+from .proto.paths import PathKind
 from .proto.session import SessionConfig, SessionEnded
-from .trust import PinStore, StaticKeys, VCardDirectory, Verifier
+
+if TYPE_CHECKING:
+    from .aio.peer import Peer, PeerConfig, PeerStatistics, open_peer
+    from .aio.session import Session
+    from .proto.endpoint import SessionStatistics
+    from .trust import PinStore, StaticKeys, VCardDirectory, Verifier
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "Peer": "dtx.aio.peer",
+    "PeerConfig": "dtx.aio.peer",
+    "PeerStatistics": "dtx.aio.peer",
+    "open_peer": "dtx.aio.peer",
+    "Session": "dtx.aio.session",
+    "SessionStatistics": "dtx.proto.endpoint",
+    "PinStore": "dtx.trust",
+    "StaticKeys": "dtx.trust",
+    "VCardDirectory": "dtx.trust",
+    "Verifier": "dtx.trust",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dtx' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "AuthenticationError",
     "ConnectError",
     "DeviceIdentity",
     "DtxError",
+    "IqError",
+    "IqTimeout",
     "JID",
+    "PathKind",
     "Peer",
     "PeerConfig",
+    "PeerStatistics",
     "PinMismatchError",
     "PinStore",
     "Session",
     "SessionClosedError",
     "SessionConfig",
     "SessionEnded",
+    "SessionStatistics",
     "StanzaTooLargeError",
     "StaticKeys",
     "StreamError",

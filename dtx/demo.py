@@ -90,8 +90,8 @@ async def run_demo(workdir: Path, pings: int) -> None:
         _say("remote closed the stream gracefully: "
              f"{'every stanza acknowledged' if not ended.unacknowledged else ended}")
         stats = session.statistics()
-        _say(f"remote sent {stats['stanzas_sent']} stanzas, "
-             f"{stats['stanzas_acknowledged']} acknowledged, path: {session.path}")
+        _say(f"remote sent {stats.stanzas_sent} stanzas, "
+             f"{stats.stanzas_acknowledged} acknowledged, path: {session.path}")
 
 
 async def lab_pair(lab_host_a: object, lab_host_b: object, vcards: Path,

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from dtx.errors import JIDError
 
-__all__ = ["JID", "MAX_PART_BYTES", "parse_jid"]
+__all__ = ["JID", "MAX_PART_BYTES", "jid_matches", "parse_jid"]
 
 MAX_PART_BYTES = 1023
 """Longest local part, domain or resource, in bytes of UTF-8 (RFC 7622)."""
@@ -164,6 +164,18 @@ class JID:
 
     def __str__(self) -> str:
         return self.full
+
+
+def jid_matches(requested: str | JID, peer: str | JID) -> bool:
+    """True when ``peer`` is a device that a request for ``requested``
+    reaches: a full JID only that device, a bare JID every device of the
+    account. A string that is not a valid JID matches nothing."""
+    try:
+        wanted = requested if isinstance(requested, JID) else JID.parse(requested)
+        have = peer if isinstance(peer, JID) else JID.parse(peer)
+    except JIDError:
+        return False
+    return have == wanted if wanted.resource is not None else have.bare == wanted
 
 
 def parse_jid(s: str) -> JID:

@@ -16,14 +16,16 @@
   ``route_packet`` hook that may drop, duplicate or delay each packet
   (trio's ``test_dtls.py`` does the same with its fake network). Runs are
   bounded in steps and in simulated time.
-* :class:`MemoryServer` and :class:`MemoryDevice` — the glue between the
-  network and the sans-IO cores (``RendezvousCore``; ``RendezvousClient``
-  plus one ``PathManager`` per introduced peer), doing what
-  ``dtx/aio/traversal.py`` does minus QUIC: the "application traffic" is
-  opaque datagrams routed by ``PathManager.route``.
+* :class:`MemoryServer` and :class:`MemoryPeer` — the production sans-IO
+  cores on the network: the rendezvous' ``RendezvousCore`` and a device's
+  ``Endpoint`` (real aioquic in memory, as aioquic's own tests pair
+  connections), each driven the way its asyncio driver drives it — a
+  datagram in, the timer, send what it returns — and nothing more, so a
+  test here proves the code that ships.
 
 Nothing here opens a socket or reads a clock: time is :class:`FakeClock`,
-randomness is a seeded ``random.Random``.
+randomness is a seeded ``random.Random`` (aioquic draws its connection IDs
+and TLS randoms from the OS, which changes bytes, never timing or sizes).
 """
 
 from __future__ import annotations
@@ -34,28 +36,23 @@ import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
+from xml.etree.ElementTree import Element
 
-from dtx.errors import DecodeError
-from dtx.identity import DeviceIdentity
+from dtx import stanza
+from dtx.errors import UnknownPeerError, UntrustedKeyError
+from dtx.identity import DeviceIdentity, fingerprint
 from dtx.lab.nat import PROFILES, Filtering, Mapping, NatProfile
-from dtx.proto.paths import PathChanged, PathConfig, PathKind, PathManager
-from dtx.proto.rdvclient import (
-    IntroductionReceived,
-    ReflexiveChanged,
-    Registered,
-    RendezvousClient,
+from dtx.proto.endpoint import (
+    Connection,
+    Endpoint,
+    EndpointConfig,
+    EndpointEvent,
+    HandshakeConfirmed,
 )
+from dtx.proto.endpoint import StanzaReceived as EpStanzaReceived
+from dtx.proto.paths import PathChanged, PathKind
+from dtx.proto.traversal import Traversal
 from dtx.trust import StaticKeys
-from dtx.wire.control import (
-    CandidateKind,
-    ControlMessage,
-    Probe,
-    ProbeKind,
-    decode_control,
-    decode_probe,
-    encode_probe,
-)
-from dtx.wire.relay import RELAY_FIRST_BYTE, decode_relay, encode_relay
 from rendezvous.core import RendezvousConfig, RendezvousCore
 from rendezvous.stun import ServerAddresses
 
@@ -73,10 +70,6 @@ RANDOM_PORT_BASE = 40000
 RANDOM_PORT_COUNT = 20000
 """Public ports that are not preserved come from this range (as in the lab)."""
 
-CONTROL_FIRST_BYTE = 0x10
-PROBE_FIRST_BYTE = 0x12
-APP_FIRST_BYTE = 0x40
-"""Application datagrams start with a byte in QUIC's short-header range."""
 
 
 class FakeClock:
@@ -497,6 +490,7 @@ class MemoryServer:
                  seed: int = 0, config: RendezvousConfig | None = None) -> None:
         self.network = network
         self.addr = addr
+        self.keys = keys
         self.core = RendezvousCore(keys=keys, addresses=ServerAddresses(addr),
                                    config=config or RendezvousConfig(),
                                    secret=random.Random(seed).randbytes(32),
@@ -523,52 +517,41 @@ class MemoryServer:
 # -- a device -----------------------------------------------------------------------
 
 
-@dataclass
-class AppDatagram:
-    """An application datagram as received: which path carried it."""
+def static_verify(keys: StaticKeys) -> Callable[[str, bytes], None]:
+    """A key check that trusts exactly the keys ``keys`` lists per account."""
 
-    data: bytes
-    via: PathKind
-    src: Address
+    def verify(jid: str, key: bytes) -> None:
+        listed = keys.keys_for(jid.split("/", 1)[0])
+        if listed is None:
+            raise UnknownPeerError(f"no keys known for {jid}")
+        if key not in listed:
+            raise UntrustedKeyError(jid, fingerprint(key), sorted(fingerprint(k) for k in listed))
 
-
-@dataclass
-class DeviceLink:
-    """One introduced peer: its path manager and the introduction's secrets."""
-
-    peer_jid: str
-    paths: PathManager
-    intro: bytes
-    probe_key: bytes
-    channel: int
-    initiator: bool
-    changes: list[PathChanged] = field(default_factory=list)
-    received: list[AppDatagram] = field(default_factory=list)
+    return verify
 
 
-class MemoryDevice:
-    """One device's socket: a :class:`RendezvousClient` and a
-    :class:`PathManager` per introduced peer, glued as
-    ``dtx/aio/traversal.py`` glues them (candidates: host → LAN, others →
-    DIRECT; relay frames by channel; probes tagged with the introduction's
-    probe key), with opaque application datagrams in place of QUIC."""
+class MemoryPeer:
+    """The production :class:`~dtx.proto.endpoint.Endpoint` of one device on
+    the memory network, driven as ``dtx/aio/peer.py`` drives it: each
+    datagram in goes to ``receive_datagram``, the timer to ``handle_timer``,
+    and after either, everything ``datagrams_to_send`` returns goes out.
+    Nothing else: every decision is the endpoint's. The events are kept
+    (``events``) and stanzas filed by peer (``received``) for the tests."""
 
     def __init__(self, network: MemoryNetwork, identity: DeviceIdentity, addr: Address,
-                 server: Address, *, seed: int, path_config: PathConfig | None = None) -> None:
+                 server: Address | None, keys: StaticKeys, *, seed: int,
+                 config: EndpointConfig | None = None, listen: bool = True) -> None:
         self.network = network
         self.identity = identity
+        self.jid = str(identity.jid)
         self.addr = addr
-        self.server = server
-        self.rng = random.Random(seed)
-        self.path_config = path_config or PathConfig()
-        self.client = RendezvousClient(jid=str(identity.jid), key=identity.public_key,
-                                       sign=identity.sign, server=server, rng=self.rng,
-                                       host_candidates=(addr,))
-        self.links: dict[str, DeviceLink] = {}
-        self._by_channel: dict[int, DeviceLink] = {}
-        self._by_intro: dict[bytes, tuple[DeviceLink, bytes]] = {}
-        self.registered_as: Address | None = None
-        self.counters: dict[str, int] = {"dropped": 0, "probes_bad": 0, "app_unknown": 0}
+        self.endpoint = Endpoint(identity, static_verify(keys), rng=random.Random(seed),
+                                 config=config, listen=listen, rendezvous=server,
+                                 host_candidates=(addr,))
+        self.events: list[EndpointEvent] = []
+        self.received: dict[str, list[Element]] = {}
+        self.sessions: dict[str, Connection] = {}
+        """Open connections by peer JID (initiated or accepted)."""
         network.bind(addr, self._receive)
         network.add_node(self)
 
@@ -576,158 +559,68 @@ class MemoryDevice:
     def now(self) -> float:
         return self.network.clock.now
 
-    # -- user calls ------------------------------------------------------------------
+    @property
+    def traversal(self) -> Traversal:
+        assert self.endpoint.traversal is not None
+        return self.endpoint.traversal
+
+    # -- the driver -------------------------------------------------------------------
 
     def start(self) -> None:
-        self.client.start(self.now)
-        self._service()
-
-    def introduce(self, target: str) -> None:
-        self.client.introduce(target, self.now)
-        self._service()
-
-    def send_app(self, peer_jid: str, payload: bytes) -> int:
-        """Route one application datagram to ``peer_jid``; returns how many
-        copies went out (several while spraying)."""
-        link = self.links[peer_jid]
-        out = link.paths.route(bytes([APP_FIRST_BYTE]) + payload, self.now)
-        for data, dest in out:
-            self.network.send(self.addr, dest, data)
-        self._service()
-        return len(out)
-
-    def path(self, peer_jid: str) -> PathKind | None:
-        link = self.links.get(peer_jid)
-        return None if link is None else link.paths.kind
-
-    # -- in --------------------------------------------------------------------------
+        self.endpoint.start(self.now)
+        self.flush()
 
     def _receive(self, data: bytes, src: Address, local: Address) -> None:
-        if not data:
-            self.counters["dropped"] += 1
-            return
-        first, now = data[0], self.now
-        if first == CONTROL_FIRST_BYTE and src == self.server:
-            try:
-                msg = decode_control(data)
-            except DecodeError:
-                self.counters["dropped"] += 1
-                return
-            self.client.receive(msg, now)
-        elif first == RELAY_FIRST_BYTE and src == self.server:
-            try:
-                channel, payload = decode_relay(data)
-            except DecodeError:
-                self.counters["dropped"] += 1
-                return
-            link = self._by_channel.get(channel)
-            if link is None or not payload or payload[0] != APP_FIRST_BYTE:
-                self.counters["dropped"] += 1
-                return
-            link.received.append(AppDatagram(payload[1:], PathKind.RELAY, src))
-        elif first == PROBE_FIRST_BYTE:
-            self._on_probe(data, src, now)
-        elif first == APP_FIRST_BYTE:
-            link = next((lk for lk in self.links.values() if lk.paths.knows(src)), None)
-            if link is None:
-                self.counters["app_unknown"] += 1
-                return
-            link.paths.on_heard(src, now)
-            state = link.paths.paths[src]
-            link.received.append(AppDatagram(data[1:], state.kind, src))
-        else:
-            self.counters["dropped"] += 1
-        self._service()
-
-    def _probe_key(self, intro: bytes) -> bytes | None:
-        entry = self._by_intro.get(intro)
-        return None if entry is None else entry[1]
-
-    def _on_probe(self, data: bytes, src: Address, now: float) -> None:
-        try:
-            probe = decode_probe(data, self._probe_key)
-        except DecodeError:
-            self.counters["probes_bad"] += 1
-            return
-        link = self._by_intro[probe.intro][0]
-        if probe.kind is ProbeKind.PING:
-            link.paths.on_ping(probe.txid, src, now)
-        else:
-            link.paths.on_pong(probe.txid, src, now)
-
-    # -- timers and output -----------------------------------------------------------
+        self.endpoint.receive_datagram(data, src, self.now)
+        self.flush()
 
     def get_timer(self) -> float | None:
-        times = [t for t in (self.client.get_timer(),) if t is not None]
-        times.extend(t for lk in self.links.values() if (t := lk.paths.get_timer()) is not None)
-        return min(times) if times else None
+        return self.endpoint.get_timer()
 
     def handle_timer(self, now: float) -> None:
-        self.client.handle_timer(now)
-        for link in self.links.values():
-            link.paths.handle_timer(now)
-        self._service()
+        self.endpoint.handle_timer(now)
+        self.flush()
 
-    def _service(self) -> None:
-        now = self.now
-        while (ev := self.client.next_event()) is not None:
-            if isinstance(ev, Registered):
-                self.registered_as = ev.reflexive
-                if ev.again:
-                    self._reintroduce(now)
-            elif isinstance(ev, ReflexiveChanged):
-                self._reintroduce(now)
-            elif isinstance(ev, IntroductionReceived):
-                self._on_introduction(ev.message, now)
-        for data, dest in self.client.datagrams_to_send():
+    def flush(self) -> None:
+        for data, dest in self.endpoint.datagrams_to_send(self.now):
             self.network.send(self.addr, dest, data)
-        for link in self.links.values():
-            for req in link.paths.probes_to_send():
-                kind = ProbeKind.PING if req.ping else ProbeKind.PONG
-                probe = Probe(kind, link.intro, req.txid, None if req.ping else req.observed)
-                self.network.send(self.addr, req.dest, encode_probe(probe, link.probe_key))
-            while (change := link.paths.next_event()) is not None:
-                link.changes.append(change)
-                if change.kind is PathKind.RELAY and change.previous in (PathKind.DIRECT,
-                                                                         PathKind.LAN):
-                    # As the driver does: perhaps our public address changed.
-                    self.client.check_now(now)
-        for data, dest in self.client.datagrams_to_send():
-            self.network.send(self.addr, dest, data)
+        while (ev := self.endpoint.next_event()) is not None:
+            self.events.append(ev)
+            if isinstance(ev, EpStanzaReceived):
+                peer = ev.connection.peer_jid or "?"
+                self.received.setdefault(peer, []).append(ev.stanza)
+                ev.connection.consumed(ev.size)
+            elif isinstance(ev, HandshakeConfirmed) and ev.connection.peer_jid is not None:
+                self.sessions[ev.connection.peer_jid] = ev.connection
 
-    def _reintroduce(self, now: float) -> None:
-        for link in self.links.values():
-            self.client.introduce(link.peer_jid, now)
+    # -- what a test asks -------------------------------------------------------------
 
-    def _on_introduction(self, msg: ControlMessage, now: float) -> None:
-        if (msg.peer_jid is None or msg.intro is None or msg.probe_key is None
-                or msg.channel is None):
-            self.counters["dropped"] += 1
-            return
-        initiator = msg.role == 1
-        channel, server = msg.channel, self.server
+    def introduce(self, target: str) -> None:
+        self.endpoint.introduce(target, self.now)
+        self.flush()
 
-        def wrap(payload: bytes) -> tuple[bytes, Address]:
-            return encode_relay(channel, payload), server
+    def connect(self, target: str) -> Connection:
+        conn = self.endpoint.connect(target, self.now)
+        self.flush()
+        return conn
 
-        link = self.links.get(msg.peer_jid)
-        if link is None:
-            paths = PathManager(self.path_config, random.Random(self.rng.getrandbits(64)), now,
-                                relay=wrap)
-            link = DeviceLink(msg.peer_jid, paths, msg.intro, msg.probe_key, channel, initiator)
-            self.links[msg.peer_jid] = link
-        else:
-            link.intro, link.probe_key, link.channel = msg.intro, msg.probe_key, channel
-            link.paths.set_relay(wrap, now)
-        self._by_channel[channel] = link
-        self._by_intro[msg.intro] = (link, msg.probe_key)
-        for cand in msg.candidates:
-            kind = PathKind.LAN if cand.kind == CandidateKind.HOST else PathKind.DIRECT
-            link.paths.add_candidate(cand.addr, kind)
-        link.paths.restart_punching(now)
-        link.paths.handle_timer(now)  # the first punch goes out now
-        if not initiator:
-            self.client.accept(msg.intro, now)
+    def send(self, peer_jid: str, body: str) -> None:
+        self.sessions[peer_jid].send(stanza.message(body, to=peer_jid))
+        self.flush()
+
+    def bodies(self, peer_jid: str) -> list[str]:
+        return [stanza.body_of(el) or "" for el in self.received.get(peer_jid, [])]
+
+    def path(self, peer_jid: str) -> PathKind | None:
+        link = self.endpoint.traversal.links.get(peer_jid) if self.endpoint.traversal else None
+        return None if link is None else link.paths.kind
+
+    def changes(self, peer_jid: str) -> list[PathChanged]:
+        return self.traversal.links[peer_jid].changes
+
+    @property
+    def registered_as(self) -> Address | None:
+        return self.traversal.client.reflexive
 
 
 # -- a whole scene ----------------------------------------------------------------------
@@ -768,22 +661,20 @@ def make_scene(identities: Iterable[DeviceIdentity], *, seed: int = 0,
 
 def add_device(net: MemoryNetwork, nat: MemoryNat, identity: DeviceIdentity,
                server: MemoryServer, *, seed: int,
-               path_config: PathConfig | None = None) -> MemoryDevice:
-    """A device on a new host behind ``nat``, bound to :data:`DEVICE_PORT`."""
+               config: EndpointConfig | None = None, listen: bool = True) -> MemoryPeer:
+    """A device on a new host behind ``nat``, bound to :data:`DEVICE_PORT`,
+    trusting the keys the server knows."""
     ip = net.add_host(nat)
-    return MemoryDevice(net, identity, (ip, DEVICE_PORT), server.addr, seed=seed,
-                        path_config=path_config)
+    return MemoryPeer(net, identity, (ip, DEVICE_PORT), server.addr, server.keys, seed=seed,
+                      config=config, listen=listen)
 
 
 __all__ = [
-    "APP_FIRST_BYTE",
     "SERVER_ADDR",
-    "AppDatagram",
     "Binding",
-    "DeviceLink",
     "FakeClock",
     "LossyRoute",
-    "MemoryDevice",
+    "MemoryPeer",
     "MemoryNat",
     "MemoryNetwork",
     "MemoryServer",
@@ -795,4 +686,5 @@ __all__ = [
     "deliver_as_is",
     "identity_for",
     "make_scene",
+    "static_verify",
 ]

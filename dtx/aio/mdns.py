@@ -56,7 +56,7 @@ from dtx.errors import (
     JIDError,
 )
 from dtx.identity import FINGERPRINT_PREFIX, parse_fingerprint
-from dtx.jid import JID
+from dtx.jid import JID, jid_matches
 
 __all__ = [
     "DEFAULT_RESOLVE_SETTLE",
@@ -362,17 +362,6 @@ def record_from_service_info(info: ServiceInfoLike) -> LanRecord | None:
         return None
     return LanRecord(jid=jid, fingerprint=fingerprint, version=version,
                      addresses=tuple((host, port) for host in hosts), instance=instance)
-
-
-def jid_matches(query: str | JID, announced: str) -> bool:
-    """True when a record announcing ``announced`` answers ``query``: a full
-    JID matches exactly; a bare JID matches every device of that account."""
-    wanted = query if isinstance(query, JID) else JID.parse(query)
-    try:
-        have = JID.parse(announced)
-    except JIDError:
-        return False
-    return have == wanted if wanted.resource is not None else have.bare == wanted
 
 
 def select_records(records: Iterable[LanRecord], jid: str | JID, *,

@@ -1,21 +1,23 @@
-"""The asyncio driver: one UDP socket, many sessions.
+"""The asyncio driver of a device: one UDP socket, one timer, ``transmit()``.
 
-A :class:`Peer` owns one UDP socket. It listens (answers QUIC handshakes from
-devices its trust store accepts) and connects (to a JID at an address). Each
-connection is an :class:`~dtx.proto.auth.AuthenticatedQuicConnection` with an
-:class:`~dtx.proto.session.XmlSession` stacked on it; this module only moves
-datagrams, runs one timer per connection and turns session events into
-awaitable results, in the manner of aioquic's ``QuicConnectionProtocol``.
+A :class:`Peer` runs one :class:`~dtx.proto.endpoint.Endpoint` (the
+sans-IO device: sessions, admission, keepalives, traversal) on one UDP
+socket, in the manner of aioquic's ``QuicConnectionProtocol``: datagrams in
+go to :meth:`Endpoint.receive_datagram`; after each batch of them, and once
+per event-loop iteration after the application queued something,
+``_transmit`` sends what :meth:`Endpoint.datagrams_to_send` returns, hands
+the endpoint's events to the :class:`Session` objects and waiters, and
+re-arms the one timer at :meth:`Endpoint.get_timer`. Transmissions are
+coalesced: ``Session.send`` only queues, so a burst of stanzas leaves in as
+few QUIC packets as fit.
 
-Transmissions are coalesced: ``Session.send`` only queues, and one callback
-per event-loop iteration writes everything queued, so a burst of stanzas
-leaves in as few QUIC packets as fit.
+What only a driver can do stays here: the socket, the clock, mDNS on the
+LAN (``dtx.aio.mdns``), and the waiting.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import random
 import socket
@@ -25,36 +27,16 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from aioquic.buffer import Buffer  # type: ignore[attr-defined]
-from aioquic.quic.packet import (
-    QuicPacketType,
-    pull_quic_header,
-)
-
-from ..errors import (
-    AuthenticationError,
-    ConnectError,
-    DtxError,
-    TrustError,
-)
-from ..identity import DeviceIdentity
-from ..proto.paths import PathConfig
-from ..wire.demux import PacketKind, classify
+from ..errors import AuthenticationError, ConnectError, DtxError, TrustError
+from ..identity import DeviceIdentity, fingerprint
+from ..jid import JID, jid_matches
+from ..proto import endpoint as ep
+from ..proto.paths import PathConfig, PathKind
+from ..proto.session import SessionConfig, SessionEnded
+from ..proto.traversal import Link, Traversal, TraversalConfig
 from .netif import host_candidates
+from .session import Session
 from .socket import UdpSocket
-from .session import Session, _SessionAdapter, _sid_counter
-from .traversal import Link, Traversal
-from ..proto.auth import (
-    AuthenticatedQuicConnection,
-    make_certificate,
-    quic_configuration,
-)
-from ..proto.session import (
-    SessionConfig,
-    SessionEnded,
-    XmlSession,
-    trust_check_for,
-)
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +56,7 @@ class PeerConfig:
     session: SessionConfig = SessionConfig()
     idle_timeout: float = 30.0
     connect_timeout: float = 10.0
+    """The default deadline of :meth:`Peer.connect`, for the whole call."""
     datagrams: bool = True
     """Offer the unreliable DATAGRAM channel (RFC 9221)."""
     max_connections: int = 1024
@@ -86,6 +69,8 @@ class PeerConfig:
     """This device's LAN addresses (host candidates); by default the
     address the socket is bound to, or every interface address."""
     paths: PathConfig = PathConfig()
+    traversal: TraversalConfig | None = None
+    """Traversal tunables; ``paths`` above is used in it when this is None."""
     lan: bool = False
     """Use the LAN: advertise this device over mDNS/DNS-SD when listening,
     and look for the peer there first when connecting by JID."""
@@ -98,7 +83,11 @@ class PeerConfig:
     max_datagram_size: int = 1200
     """Largest UDP payload QUIC sends (RFC 9000's safe minimum by default;
     1452 fits an Ethernet path with room for dtx's 5-byte relay header and
-    cuts per-packet work by a sixth, where the path is known to carry it)."""
+    cuts per-packet work by a sixth, where the path is known to carry it).
+    It also bounds the DATAGRAM frames this device accepts."""
+    max_received_datagrams: int = 256
+    """Unreliable-channel stanzas held for the application per session;
+    past it the oldest is dropped (counted in ``statistics()``)."""
     keepalive_interval: float = 10.0
     """A session quiet for this long sends a QUIC PING (keeps the session,
     and the NAT bindings on its path, alive; well inside idle_timeout)."""
@@ -112,8 +101,35 @@ class PeerConfig:
     from that IP are dropped until one completes or expires."""
     handshake_timeout: float = 10.0
     """A handshake from a remote device still in progress after this long is
-    dropped (checked whenever a new one arrives; aioquic's idle timeout
-    ends it anyway after ``idle_timeout``)."""
+    dropped (on a timer)."""
+
+    def endpoint_config(self) -> ep.EndpointConfig:
+        """The sans-IO endpoint's share of these options."""
+        return ep.EndpointConfig(
+            session=self.session,
+            idle_timeout=self.idle_timeout,
+            datagrams=self.datagrams,
+            max_connections=self.max_connections,
+            receive_buffer_bytes=self.receive_buffer_bytes,
+            max_datagram_size=self.max_datagram_size,
+            keepalive_interval=self.keepalive_interval,
+            max_half_open=self.max_half_open,
+            max_half_open_per_ip=self.max_half_open_per_ip,
+            handshake_timeout=self.handshake_timeout,
+            traversal=self.traversal or TraversalConfig(paths=self.paths),
+        )
+
+
+@dataclass(frozen=True)
+class PeerStatistics:
+    """A snapshot of a device's counters."""
+
+    sessions: int
+    half_open: int
+    links: int
+    registered: bool
+    counters: dict[str, int]
+    send_errors: int
 
 
 class Peer:
@@ -131,26 +147,21 @@ class Peer:
         self.jid = str(identity.jid)
         self.verifier = verifier
         self.config = config or PeerConfig()
-        self._rng = rng or random.SystemRandom()
-        self._certificate = make_certificate(identity.private_key, self.jid)
+        self._rng = rng or random.Random(random.SystemRandom().getrandbits(64))
         self._socket: UdpSocket | None = None
-        self._traversal: Traversal | None = None
-        self._keepalive: asyncio.TimerHandle | None = None
+        self._endpoint: ep.Endpoint | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._transmit_scheduled = False
         self._advertiser: Any = None
         self._browser: Any = None
-        self._sessions: dict[Address, Session] = {}
+        self._sessions: dict[ep.Connection, Session] = {}
         self._incoming: asyncio.Queue[Session] = asyncio.Queue(self.config.accept_backlog)
-        self._listening = False
-        self._dirty: set[Session] = set()
-        self._flush_scheduled = False
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._state_changed = asyncio.Event()
+        self._introductions: dict[str, asyncio.Future[Link]] = {}
         self.refusals: deque[tuple[Address, DtxError]] = deque(maxlen=64)
         """The latest handshakes this peer refused or was refused in, newest last."""
-        self.counters: dict[str, int] = {
-            "handshakes_refused": 0,
-            "datagrams_dropped": 0,
-            "connections_refused": 0,
-        }
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -165,31 +176,24 @@ class Peer:
         """Bind the UDP socket (or adopt ``sock``); accept sessions if ``listen``."""
         self._loop = asyncio.get_running_loop()
         if sock is not None:
-            self._socket = UdpSocket(sock, self._datagram_received, self._flush)
+            self._socket = UdpSocket(sock, self._datagram_received, self._transmit)
         else:
-            self._socket = UdpSocket.bind(host, port, self._datagram_received, self._flush)
-        self._listening = listen
-        server = self.config.rendezvous
+            self._socket = UdpSocket.bind(host, port, self._datagram_received, self._transmit)
+        cfg = self.config
+        server = cfg.rendezvous
+        candidates: list[Address] = []
         if server is not None:
-            self._traversal = Traversal(
-                jid=self.jid,
-                key=self.identity.public_key,
-                sign=self.identity.sign,
-                server=server,
-                send=self._socket.sendto,
-                deliver_quic=self._quic_datagram,
-                host_candidates=(
-                    [(a, self._socket.address[1]) for a in self.config.host_addresses]
-                    if self.config.host_addresses is not None
-                    else host_candidates(self._socket.address, server)
-                ),
-                accept_introductions=listen,
-                path_config=self.config.paths,
-            )
-            self._traversal.start()
-        self._keepalive = self._loop.call_later(self.config.keepalive_interval,
-                                                self._keepalive_tick)
-        if self.config.lan:
+            bound = self._socket.address
+            candidates = ([(a, bound[1]) for a in cfg.host_addresses]
+                          if cfg.host_addresses is not None
+                          else host_candidates(bound, server))
+        self._endpoint = ep.Endpoint(
+            self.identity, self.verifier.verify, rng=random.Random(self._rng.getrandbits(64)),
+            config=cfg.endpoint_config(), listen=listen, rendezvous=server,
+            host_candidates=candidates)
+        self._endpoint.start(self._now())
+        self._transmit()
+        if cfg.lan:
             await self._start_lan(listen)
 
     async def _start_lan(self, listen: bool) -> None:
@@ -204,24 +208,40 @@ class Peer:
             await self._advertiser.__aenter__()
 
     async def wait_registered(self, timeout: float | None = None) -> None:
-        """Wait until the rendezvous accepted this device's registration."""
-        if self._traversal is None:
+        """Wait until the rendezvous accepted this device's registration.
+        Raises :class:`AuthenticationError` if it refused this device (its
+        key is not in the account's vCard, say), :class:`ConnectError` on
+        no answer within ``timeout``."""
+        endpoint = self._started()
+        traversal = endpoint.traversal
+        if traversal is None:
             raise DtxError("no rendezvous configured")
-        await self._traversal.wait_registered(timeout or self.config.connect_timeout)
+        budget = self.config.connect_timeout if timeout is None else timeout
+        server = traversal.server
+        try:
+            async with asyncio.timeout(budget):
+                while not traversal.registered:
+                    refusal = traversal.refusal
+                    if refusal is not None and refusal[0] == 403:
+                        raise AuthenticationError(
+                            f"the rendezvous at {server[0]}:{server[1]} refused "
+                            f"this device: {refusal[0]} {refusal[1]}")
+                    self._state_changed.clear()
+                    await self._state_changed.wait()
+        except TimeoutError:
+            raise ConnectError(
+                f"no registration with the rendezvous at {server[0]}:{server[1]} "
+                f"within {budget:.1f} s"
+            ) from None
 
     @property
     def traversal(self) -> Traversal | None:
-        return self._traversal
+        """The sans-IO traversal (links, registration), when there is a rendezvous."""
+        return None if self._endpoint is None else self._endpoint.traversal
 
-    def _keepalive_tick(self) -> None:
-        assert self._loop is not None
-        now = self._now()
-        interval = self.config.keepalive_interval
-        for session in list(self._sessions.values()):
-            if session.is_open and now - session._last_rx >= interval:
-                session._quic.send_ping(0)
-                self._schedule(session)
-        self._keepalive = self._loop.call_later(interval, self._keepalive_tick)
+    @property
+    def endpoint(self) -> ep.Endpoint:
+        return self._started()
 
     @property
     def address(self) -> Address:
@@ -229,15 +249,23 @@ class Peer:
             raise DtxError("peer not started")
         return self._socket.address
 
+    @property
+    def counters(self) -> dict[str, int]:
+        """The endpoint's counters (live)."""
+        return self._started().counters
+
+    def statistics(self) -> PeerStatistics:
+        stats = self._started().statistics()
+        return PeerStatistics(stats.sessions, stats.half_open, stats.links, stats.registered,
+                              stats.counters,
+                              0 if self._socket is None else self._socket.send_errors)
+
     async def close(self) -> None:
         """Close every session gracefully, then the socket."""
         sessions = list(self._sessions.values())
         if sessions:
             await asyncio.gather(*(s.close(timeout=2.0) for s in sessions),
                                  return_exceptions=True)
-        if self._keepalive is not None:
-            self._keepalive.cancel()
-            self._keepalive = None
         for mdns in (self._advertiser, self._browser):
             if mdns is not None:
                 try:
@@ -245,9 +273,16 @@ class Peer:
                 except Exception as exc:  # noqa: BLE001 - shutting down anyway
                     logger.debug("mDNS shutdown: %s", exc)
         self._advertiser = self._browser = None
-        if self._traversal is not None:
-            self._traversal.close()
-            self._traversal = None
+        if self._endpoint is not None:
+            self._endpoint.close()
+            self._transmit()
+            for fut in self._introductions.values():
+                if not fut.done():
+                    fut.set_exception(ConnectError("peer closed"))
+                    fut.exception()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._socket is not None:
             self._socket.close()
             self._socket = None
@@ -257,76 +292,92 @@ class Peer:
     async def connect(
         self, jid: str, addr: Address | None = None, *, timeout: float | None = None
     ) -> Session:
-        """Open a session with ``jid`` at ``addr``.
+        """Open a session with ``jid``, at ``addr`` or found by JID alone
+        (the LAN first, then the rendezvous).
 
-        Returns once the peer's key is checked and trusted, which lets the
-        first stanza leave in the same flight as the handshake's end; the
-        peer delivers it once it has checked this device's key in turn.
-        Raises :class:`~dtx.errors.TrustError` (a key this side refused),
-        :class:`~dtx.errors.AuthenticationError` (the peer refused ours) or
-        :class:`~dtx.errors.ConnectError`.
+        ``timeout`` (default ``PeerConfig.connect_timeout``) is a deadline
+        for the whole call. Returns once the peer's key is checked and
+        trusted, which lets the first stanza leave in the same flight as
+        the handshake's end. Raises :class:`~dtx.errors.TrustError` (a key
+        this side refused), :class:`~dtx.errors.AuthenticationError` (the
+        peer refused ours) or :class:`~dtx.errors.ConnectError`.
         """
-        if self._socket is None:
-            raise DtxError("peer not started")
-        budget = timeout or self.config.connect_timeout
-        link: Link | None = None
-        if addr is None and self._browser is not None:
-            session = await self._connect_lan(jid, budget)
+        self._started()
+        loop = self._loop_()
+        budget = self.config.connect_timeout if timeout is None else timeout
+        deadline = loop.time() + budget
+        if addr is not None:
+            return await self._open(jid, deadline, address=addr)
+        if self._browser is not None:
+            session = await self._connect_lan(jid, deadline)
             if session is not None:
                 return session
-        if addr is None:
-            if self._traversal is None:
-                raise ConnectError(f"no address for {jid} and no rendezvous configured")
-            link = await self._traversal.introduce(jid, budget)
-            addr = link.mapped
-        if addr in self._sessions:
-            raise ConnectError(f"a session with {addr[0]}:{addr[1]} already exists")
-        session = self._new_session(addr, is_client=True, expected=jid)
-        session.link = link
-        session._quic.connect(addr, now=self._now())
-        self._schedule(session)
+        if self.traversal is None:
+            raise ConnectError(f"no address for {jid} and no rendezvous configured")
+        await self._introduce(jid, deadline)
+        return await self._open(jid, deadline)
+
+    async def _introduce(self, jid: str, deadline: float) -> Link:
+        loop = self._loop_()
+        await self.wait_registered(max(0.0, deadline - loop.time()))
+        key = JID.parse(jid).full
+        fut = self._introductions.get(key)
+        if fut is None or fut.done():
+            fut = loop.create_future()
+            self._introductions[key] = fut
+            self._started().introduce(key, self._now())
+            self._wake()
         try:
-            async with asyncio.timeout(timeout or self.config.connect_timeout):
-                await asyncio.shield(session._handshake)
+            async with asyncio.timeout_at(deadline):
+                return await asyncio.shield(fut)
         except TimeoutError:
-            session.abort()
-            self._terminate(session, SessionEnded(
-                ConnectError(f"no answer from {jid} at {addr[0]}:{addr[1]}"), ()))
-            raise ConnectError(
-                f"no answer from {jid} at {addr[0]}:{addr[1]} within "
-                f"{timeout or self.config.connect_timeout:.1f} s"
-            ) from None
+            raise ConnectError(f"no introduction to {jid} in time") from None
+        finally:
+            if self._introductions.get(key) is fut and fut.done():
+                del self._introductions[key]
+
+    async def _open(self, jid: str, deadline: float, *, address: Address | None = None,
+                    path: PathKind = PathKind.DIRECT) -> Session:
+        endpoint = self._started()
+        conn = endpoint.connect(jid, self._now(), address=address, path=path)
+        session = self._session_for(conn)
+        self._wake()
+        try:
+            async with asyncio.timeout_at(deadline):
+                await session.wait_handshake()
+        except TimeoutError:
+            where = f"{conn.address[0]}:{conn.address[1]}"
+            conn.end(ConnectError(f"no answer from {jid} at {where}"))
+            self._wake()
+            raise ConnectError(f"no answer from {jid} at {where} in time") from None
         return session
 
-    async def _connect_lan(self, jid: str, budget: float) -> Session | None:
+    async def _connect_lan(self, jid: str, deadline: float) -> Session | None:
         """Try the devices announcing ``jid`` on the LAN, trusted keys first.
 
         A device whose key is refused is skipped (and logged), never trusted;
         when every LAN answer was refused and there is no rendezvous to try,
         the last refusal is raised."""
-        from ..identity import fingerprint
-
+        loop = self._loop_()
         trusted_keys = getattr(self.verifier, "trusted_keys", None)
         keys = trusted_keys(jid) if trusted_keys is not None else None
         trusted = [fingerprint(k) for k in keys or ()]
-        records = await self._browser.resolve(
-            jid, timeout=min(self.config.lan_timeout, budget), trusted=trusted)
+        wait = min(self.config.lan_timeout, max(0.0, deadline - loop.time()))
+        records = await self._browser.resolve(jid, timeout=wait, trusted=trusted)
         refusal: DtxError | None = None
         for record in records:
             for addr in record.addresses[:1]:
+                if loop.time() >= deadline:
+                    break
                 try:
-                    session = await self.connect(jid, addr, timeout=budget)
+                    return await self._open(jid, deadline, address=addr, path=PathKind.LAN)
                 except TrustError as exc:
                     logger.warning("LAN device %s at %s:%d refused: %s",
                                    record.instance, addr[0], addr[1], exc)
                     refusal = exc
-                    continue
                 except ConnectError as exc:
                     logger.info("LAN device at %s:%d did not answer: %s", *addr, exc)
-                    continue
-                session._fixed_path = "lan"
-                return session
-        if refusal is not None and self._traversal is None:
+        if refusal is not None and self.traversal is None:
             raise refusal
         return None
 
@@ -337,229 +388,125 @@ class Peer:
     def sessions(self) -> list[Session]:
         return list(self._sessions.values())
 
-    # -- internals ----------------------------------------------------------------
+    # -- the driver ---------------------------------------------------------------
+
+    def _started(self) -> ep.Endpoint:
+        if self._endpoint is None:
+            raise DtxError("peer not started")
+        return self._endpoint
+
+    def _loop_(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise DtxError("peer not started")
+        return self._loop
 
     def _now(self) -> float:
-        assert self._loop is not None
-        return self._loop.time()
+        return self._loop_().time()
 
-    def _new_session(self, addr: Address, *, is_client: bool, expected: str | None,
-                     original_dcid: bytes | None = None) -> Session:
-        cfg = self.config
-        qconf = quic_configuration(
-            is_client=is_client,
-            private_key=self.identity.private_key,
-            certificate=self._certificate,
-            idle_timeout=cfg.idle_timeout,
-            max_datagram_frame_size=65536 if cfg.datagrams else None,
-            max_datagram_size=cfg.max_datagram_size,
-        )
-        quic = AuthenticatedQuicConnection(
-            configuration=qconf,
-            check=trust_check_for(self.verifier.verify, expected),
-            original_destination_connection_id=original_dcid,
-        )
-        sid = f"{next(_sid_counter):x}"
-        log = _SessionAdapter(logger, {"sid": sid})
-        core = XmlSession(
-            quic,
-            local_jid=self.jid,
-            peer_jid=expected,
-            config=dataclasses.replace(cfg.session, max_datagram_size=cfg.max_datagram_size),
-            rng=random.Random(self._rng.getrandbits(64)),
-            logger=log,
-        )
-        session = Session(self, quic, addr, core, log)
-        self._sessions[addr] = session
+    def _session_for(self, conn: ep.Connection) -> Session:
+        session = Session(conn, wake=self._wake,
+                          max_datagrams=self.config.max_received_datagrams)
+        self._sessions[conn] = session
         return session
 
     def _datagram_received(self, data: bytes, addr: Address) -> None:
-        if not data:
-            self.counters["datagrams_dropped"] += 1
+        if self._endpoint is not None:
+            self._endpoint.receive_datagram(data, addr, self._now())
+
+    def _wake(self) -> None:
+        """Transmit once this event-loop iteration is done (coalescing)."""
+        if not self._transmit_scheduled and self._loop is not None:
+            self._transmit_scheduled = True
+            self._loop.call_soon(self._transmit)
+
+    def _transmit(self) -> None:
+        self._transmit_scheduled = False
+        endpoint = self._endpoint
+        if endpoint is None:
             return
-        kind = classify(data)
-        if kind is PacketKind.QUIC:
-            if self._traversal is not None:
-                mapped = self._traversal.map_incoming(addr)
-                if mapped is not None:
-                    addr = mapped
-            self._quic_datagram(data, addr)
-        elif kind is PacketKind.DTX and self._traversal is not None:
-            self._traversal.on_dtx(data, addr)
-        else:
-            self.counters["datagrams_dropped"] += 1
-
-    def _quic_datagram(self, data: bytes, addr: Address) -> None:
-        session = self._sessions.get(addr)
-        if session is None:
-            session = self._maybe_accept(data, addr)
-            if session is None:
-                return
+        self._dispatch()
         now = self._now()
-        quic = session._quic
-        session._last_rx = now
-        quic.receive_datagram(data, addr, now)
-        self._process(session)
-
-    def _maybe_accept(self, data: bytes, addr: Address) -> Session | None:
-        """A new listening-side session for a QUIC Initial from ``addr``, or None.
-
-        Unauthenticated handshakes ("half-open": accepted, not yet opened)
-        are bounded: those older than ``handshake_timeout`` are dropped, at
-        most ``max_half_open_per_ip`` per source IP (more are refused) and
-        ``max_half_open`` in all (the oldest makes room). Dropped half-open
-        sessions are forgotten without a reply: their source never proved
-        its address. Every refusal is counted; the warning is logged at the
-        1st, 2nd, 4th, 8th... refusal, so a flood cannot flood the log.
-        """
-        counters = self.counters
-        if not self._listening:
-            counters["datagrams_dropped"] += 1
-            return None
-        try:
-            header = pull_quic_header(Buffer(data=data), host_cid_length=8)
-        except ValueError:
-            counters["datagrams_dropped"] += 1
-            logger.debug("dropped a non-QUIC datagram from %s", addr)
-            return None
-        if header.packet_type != QuicPacketType.INITIAL or len(data) < 1200:
-            counters["datagrams_dropped"] += 1
-            return None
-        cfg = self.config
-        now = self._now()
-
-        def drop(session: Session, counter: str) -> None:
-            counters[counter] = counters.get(counter, 0) + 1
-            if self._sessions.get(session._addr) is session:
-                del self._sessions[session._addr]
-            self._dirty.discard(session)
-            session._finish(SessionEnded(ConnectError(f"handshake dropped ({counter})"), ()))
-
-        def refuse(counter: str, why: str) -> None:
-            n = counters[counter] = counters.get(counter, 0) + 1
-            if n & (n - 1) == 0:
-                logger.warning("%s; refusing %s (%d refused so far)", why, addr, n)
-            else:
-                logger.debug("%s; refusing %s", why, addr)
-
-        half_open: list[Session] = []
-        same_ip = 0
-        for session in list(self._sessions.values()):
-            if session._quic.configuration.is_client or session._opened.done():
-                continue
-            if now - session.started_at > cfg.handshake_timeout:
-                drop(session, "half_open_expired")
-                continue
-            half_open.append(session)
-            if session._addr[0] == addr[0]:
-                same_ip += 1
-        if same_ip >= cfg.max_half_open_per_ip:
-            refuse("half_open_refused_per_ip", "too many handshakes from one address")
-            return None
-        if len(half_open) >= cfg.max_half_open:
-            drop(min(half_open, key=lambda s: s.started_at), "half_open_evicted")
-        if len(self._sessions) >= cfg.max_connections:
-            refuse("connections_refused", "connection table full")
-            return None
-        session = self._new_session(addr, is_client=False, expected=None,
-                                    original_dcid=header.destination_cid)
-        if self._traversal is not None:
-            session.link = self._traversal.link_for_mapped(addr)
-        return session
-
-    def _process(self, session: Session) -> None:
-        quic = session._quic
-        core = session._core
-        while (ev := quic.next_event()) is not None:
-            session._dispatch(core.handle_quic_event(ev))
-        self._schedule(session)
-
-    def _schedule(self, session: Session) -> None:
-        self._dirty.add(session)
-        if not self._flush_scheduled and self._loop is not None:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        dirty, self._dirty = self._dirty, set()
-        for session in dirty:
-            self._transmit(session)
-
-    def _transmit(self, session: Session) -> None:
-        if self._socket is None:
-            return
-        quic = session._quic
-        now = self._now()
-        session._core.flush(now)
-        sendto = self._socket.sendto
-        link = session.link
-        if link is not None and self._traversal is not None:
-            route = self._traversal.route
-            for data, addr in quic.datagrams_to_send(now=now):
-                route(data, addr)
-        else:
-            for data, addr in quic.datagrams_to_send(now=now):
+        sock = self._socket
+        if sock is not None:
+            sendto = sock.sendto
+            for data, addr in endpoint.datagrams_to_send(now):
                 sendto(data, addr)
-        # Events may appear on transmit (e.g. the idle timeout fired).
-        while (ev := quic.next_event()) is not None:
-            session._dispatch(session._core.handle_quic_event(ev))
-        timer_at = quic.get_timer()
-        core_at = session._core.get_timer()
-        if core_at is not None and (timer_at is None or core_at < timer_at):
-            timer_at = core_at
-        if session._timer is not None and session._timer_at != timer_at:
-            session._timer.cancel()
-            session._timer = None
-        if timer_at is not None and session._timer is None and not session._closed.done():
-            session._timer = self._loop.call_at(timer_at, self._on_timer, session)  # type: ignore[union-attr]
-            session._timer_at = timer_at
+        self._dispatch()
+        when = endpoint.get_timer()
+        if when != self._timer_at or self._timer is None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._timer_at = when
+            if when is not None and sock is not None:
+                self._timer = self._loop_().call_at(when, self._on_timer)
 
-    def _on_timer(self, session: Session) -> None:
-        session._timer = None
-        now = self._now()
-        session._core.handle_timer(now)
-        quic_at = session._quic.get_timer()
-        if quic_at is not None and quic_at <= now:
-            session._quic.handle_timer(now=now)
-        self._process(session)
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        if self._endpoint is not None:
+            self._endpoint.handle_timer(self._now())
+            self._transmit()
 
-    def _on_opened(self, session: Session) -> None:
-        if not session._quic.configuration.is_client:
-            try:
-                self._incoming.put_nowait(session)
-            except asyncio.QueueFull:
-                logger.warning("accept backlog full; closing session from %s",
-                               session.peer_jid)
-                session.abort()
+    def _dispatch(self) -> None:
+        endpoint = self._endpoint
+        if endpoint is None:
+            return
+        sessions = self._sessions
+        while (ev := endpoint.next_event()) is not None:
+            if isinstance(ev, (ep.StanzaReceived, ep.StanzasAcknowledged, ep.DatagramReceived,
+                               ep.HandshakeConfirmed)):
+                session = sessions.get(ev.connection)
+                if session is not None:
+                    session.handle_event(ev)
+            elif isinstance(ev, ep.SessionOpened):
+                self._on_opened(ev.connection, ev)
+            elif isinstance(ev, ep.SessionEnded):
+                ended = sessions.pop(ev.connection, None)
+                if ended is not None:
+                    ended.handle_event(ev)
+            elif isinstance(ev, ep.PathChangedEvent):
+                for conn in ev.connections:
+                    target = sessions.get(conn)
+                    if target is not None:
+                        target.handle_event(ev)
+            elif isinstance(ev, ep.HandshakeRefused):
+                if ev.refused:
+                    self.refusals.append((ev.address, ev.error))
+            elif isinstance(ev, ep.IntroductionCompleted):
+                for key, fut in list(self._introductions.items()):
+                    if not fut.done() and jid_matches(key, ev.link.peer_jid):
+                        fut.set_result(ev.link)
+                self._state_changed.set()
+            elif isinstance(ev, ep.IntroductionFailed):
+                failed = self._introductions.get(_normal(ev.target))
+                if failed is not None and not failed.done():
+                    failed.set_exception(ConnectError(
+                        f"the rendezvous could not introduce {ev.target}: {ev.code} {ev.reason}"))
+                    failed.exception()
+                self._state_changed.set()
+            else:  # registration events
+                self._state_changed.set()
 
-    def _terminate(self, session: Session, ended: SessionEnded) -> None:
-        if self._sessions.get(session._addr) is session:
-            del self._sessions[session._addr]
-        if ended.error is not None and not session._quic.configuration.is_client \
-                and session._core.peer_jid is None:
-            if isinstance(ended.error, (TrustError, AuthenticationError)):
-                n = self._count("handshakes_refused")
-                self.refusals.append((session._addr, ended.error))
-                if _log_now(n):
-                    session._log.warning("handshake from %s refused: %s (%d so far)",
-                                         session._addr, ended.error, n)
-            else:
-                n = self._count("handshakes_failed")
-                session._log.debug("handshake from %s failed: %s", session._addr, ended.error)
-                if _log_now(n):
-                    logger.info("%d handshakes failed or timed out so far (latest from %s: %s)",
-                                n, session._addr, ended.error)
-        session._finish(ended)
-
-    def _count(self, name: str) -> int:
-        self.counters[name] = self.counters.get(name, 0) + 1
-        return self.counters[name]
+    def _on_opened(self, conn: ep.Connection, ev: ep.SessionOpened) -> None:
+        session = self._sessions.get(conn)
+        if session is not None:
+            session.handle_event(ev)
+            return
+        session = self._session_for(conn)
+        session.handle_event(ev)
+        try:
+            self._incoming.put_nowait(session)
+        except asyncio.QueueFull:
+            logger.warning("accept backlog full; closing session from %s", conn.peer_jid)
+            session.abort()
 
 
-def _log_now(count: int) -> bool:
-    """Rate-limited logging of repeated events: the 1st, 2nd, 4th, 8th..."""
-    return count & (count - 1) == 0
+def _normal(jid: str) -> str:
+    try:
+        return JID.parse(jid).full
+    except DtxError:
+        return jid
 
 
 @asynccontextmanager
@@ -582,5 +529,5 @@ async def open_peer(
         await peer.close()
 
 
-__all__ = ["Peer", "PeerConfig", "Session", "open_peer", "KeyVerifier"]
-
+__all__ = ["Peer", "PeerConfig", "PeerStatistics", "Session", "SessionEnded", "open_peer",
+           "KeyVerifier"]

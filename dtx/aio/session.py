@@ -1,10 +1,12 @@
 """A session as the application sees it: send, receive, close.
 
-:class:`Session` wraps one :class:`~dtx.proto.session.XmlSession` (and its
-QUIC connection) owned by a :class:`~dtx.aio.peer.Peer`, and turns the
-core's events into awaitable results: the next stanza, an iq's answer, the
-acknowledgement of everything sent, the end of the session. Sending only
-queues; the peer writes everything queued once per event-loop iteration.
+:class:`Session` holds the waiters and queues of one
+:class:`~dtx.proto.endpoint.Connection` (the sans-IO session the device's
+endpoint owns): the next stanza, an iq's answer, the acknowledgement of
+everything sent, the end of the session. The :class:`~dtx.aio.peer.Peer`
+that made it hands it the endpoint's events for its connection
+(:meth:`Session.handle_event`); sending only queues, and ``wake`` asks the
+peer to transmit once per event-loop iteration.
 """
 
 from __future__ import annotations
@@ -13,177 +15,171 @@ import asyncio
 import itertools
 import logging
 from collections import deque
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Callable
+from types import TracebackType
 from xml.etree.ElementTree import Element
 
 from .. import stanza as st
-from ..errors import DtxError, RemoteProtocolError, SessionClosedError
-from ..proto.auth import AuthenticatedQuicConnection
-from ..proto.session import (
-    DatagramReceived,
-    HandshakeConfirmed,
-    SessionEnded,
-    SessionEvent,
-    SessionOpened,
-    StanzaReceived,
-    StanzasAcknowledged,
-    XmlSession,
-)
-from .traversal import Link
+from ..errors import DtxError, IqError, IqTimeout, SessionClosedError
+from ..proto import endpoint as ep
+from ..proto.paths import PathChanged, PathKind
+from ..proto.session import SessionEnded
 
-if TYPE_CHECKING:
-    from .peer import Peer
+logger = logging.getLogger(__name__)
 
 Address = tuple[str, int]
-
-
-class _SessionAdapter(logging.LoggerAdapter):  # type: ignore[type-arg]
-    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
-        return f"[{self.extra['sid']}] {msg}", kwargs  # type: ignore[index]
-
-
-_sid_counter = itertools.count(1)
+StanzaHandler = Callable[[Element], None]
+PathHandler = Callable[[PathChanged], None]
 
 
 class Session:
     """One authenticated XML stream with a remote device.
 
-    Obtained from :meth:`Peer.connect` or :meth:`Peer.accept`.
+    Obtained from :meth:`Peer.connect` or :meth:`Peer.accept`; an async
+    context manager that closes it gracefully on exit.
     """
 
-    def __init__(self, peer: Peer, quic: AuthenticatedQuicConnection, addr: Address,
-                 core: XmlSession, log: logging.LoggerAdapter) -> None:  # type: ignore[type-arg]
-        self._peer = peer
-        self._quic = quic
-        self._addr = addr
-        self._core = core
-        self._log = log
+    def __init__(self, connection: ep.Connection, *, wake: Callable[[], None],
+                 max_datagrams: int = 256) -> None:
+        self.connection = connection
+        self._wake = wake
         self._loop = asyncio.get_running_loop()
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
         self._stanzas: deque[tuple[Element, int]] = deque()
-        self._queued_bytes = 0
         self._datagrams: deque[Element] = deque()
+        self._max_datagrams = max_datagrams
+        self.datagrams_dropped = 0
+        """Received datagrams dropped, oldest first, because the application
+        did not read them and ``max_datagrams`` were waiting."""
         self._readable = asyncio.Event()
         self._handshake: asyncio.Future[None] = self._loop.create_future()
         self._opened: asyncio.Future[None] = self._loop.create_future()
         self._closed: asyncio.Future[SessionEnded] = self._loop.create_future()
         self._acked = asyncio.Event()
+        self._path_changed = asyncio.Event()
         self._iq_waiters: dict[str, asyncio.Future[Element]] = {}
         self._iq_ids = itertools.count(1)
-        self.link: Link | None = None
-        self._fixed_path = "direct"
+        self._on_stanza: StanzaHandler | None = None
+        self._on_path: PathHandler | None = None
         self.started_at = self._loop.time()
-        self._last_rx = self.started_at
 
     # -- properties -------------------------------------------------------------
 
     @property
     def peer_jid(self) -> str:
         """The JID the peer authenticated as (its key proved it)."""
-        return self._core.peer_jid or ""
+        return self.connection.peer_jid or ""
 
     @property
     def local_jid(self) -> str:
-        return self._core._local_jid
+        return self.connection.local_jid
 
     @property
     def remote_address(self) -> Address:
-        return self._addr
+        return self.connection.address
 
     @property
     def is_open(self) -> bool:
-        return self._core.is_open
+        return self.connection.is_open
 
     @property
     def stream_id(self) -> str | None:
-        return self._core.stream_id
+        return self.connection.stream_id
 
     @property
-    def path(self) -> str:
-        """The path now carrying the session: ``lan``, ``direct`` or ``relay``.
+    def path(self) -> PathKind:
+        """The path now carrying the session (a :class:`PathKind`, whose
+        string value is ``lan``, ``direct`` or ``relay``). A session opened
+        to an explicit address reports ``direct``; one found on the LAN ``lan``."""
+        return self.connection.path
 
-        A session opened to an explicit address reports ``direct``."""
-        if self.link is None or self.link.paths.kind is None:
-            return self._fixed_path
-        return self.link.paths.kind.value
-
-    def path_history(self) -> list[tuple[float, str]]:
+    def path_history(self) -> list[tuple[float, PathKind]]:
         """(seconds since the session started, path) for every path change."""
-        if self.link is None:
-            return [(0.0, self._fixed_path)]
-        return [(max(0.0, at - self.started_at), kind.value)
-                for at, kind in self.link.paths.history]
+        return self.connection.path_history()
 
-    async def wait_path(self, path: str, timeout: float | None = None) -> None:
-        """Wait until the session runs on ``path`` (``lan``, ``direct``,
-        ``relay``); raises TimeoutError after ``timeout`` seconds."""
-        if self.path == path:
+    async def wait_path(self, path: PathKind | str, timeout: float | None = None) -> None:
+        """Wait until the session runs on ``path``; raises TimeoutError after
+        ``timeout`` seconds, :class:`SessionClosedError` if it ends first."""
+        want = PathKind(path)
+        if self.path == want:
             return
-        if self.link is None:
+        if self.connection.link is None:
             raise DtxError(f"this session's path is fixed ({self.path})")
-        changed = asyncio.Event()
-
-        def on_change(change: Any) -> None:
-            changed.set()
-
-        self.link.on_change.append(on_change)
-        try:
-            async with asyncio.timeout(timeout):
-                while self.path != path:
-                    changed.clear()
-                    await changed.wait()
-        finally:
-            self.link.on_change.remove(on_change)
+        async with asyncio.timeout(timeout):
+            while self.path != want:
+                if self._closed.done():
+                    raise SessionClosedError("session ended before its path changed")
+                self._path_changed.clear()
+                await self._path_changed.wait()
 
     def direct_after(self) -> float | None:
         """Seconds from the start until a direct (or LAN) path took over."""
         for at, kind in self.path_history():
-            if kind in ("direct", "lan"):
+            if kind in (PathKind.DIRECT, PathKind.LAN):
                 return at
         return None
 
-    def statistics(self) -> dict[str, Any]:
-        stats: dict[str, Any] = dict(vars(self._core.statistics))
-        stats["unacknowledged"] = len(self._core.unacknowledged)
-        rtt = getattr(self._quic._loss, "_rtt_smoothed", 0.0)
-        stats["rtt_ms"] = round(rtt * 1000, 3)
+    def statistics(self) -> ep.SessionStatistics:
+        """A snapshot of the session's counters."""
+        stats = self.connection.statistics()
+        if self.datagrams_dropped:
+            return ep.SessionStatistics(**{
+                **vars(stats),
+                "datagrams_dropped": stats.datagrams_dropped + self.datagrams_dropped})
         return stats
+
+    # -- callbacks ----------------------------------------------------------------
+
+    def on_stanza(self, handler: StanzaHandler | None) -> None:
+        """Call ``handler`` with each received stanza instead of queueing it
+        for :meth:`receive` (stanzas already queued are handed over first).
+        ``None`` goes back to queueing. The handler runs inside the event
+        loop's datagram processing: it must not block."""
+        self._on_stanza = handler
+        if handler is not None:
+            while self._stanzas:
+                handler(self._take())
+
+    def on_path_change(self, handler: PathHandler | None) -> None:
+        """Call ``handler`` with every later :class:`PathChanged`."""
+        self._on_path = handler
 
     # -- sending ----------------------------------------------------------------
 
     def send(self, stanza: Element) -> None:
         """Queue ``stanza``; it is kept until the peer acknowledges it."""
-        self._core.send(stanza)
-        self._peer._schedule(self)
+        self.connection.send(stanza)
+        self._wake()
 
     def send_datagram(self, stanza: Element) -> None:
         """Send ``stanza`` in one unreliable DATAGRAM (see XmlSession)."""
-        self._core.send_datagram(stanza)
-        self._peer._schedule(self)
+        self.connection.send_datagram(stanza)
+        self._wake()
 
     async def wait_acknowledged(self, timeout: float | None = None) -> None:
         """Wait until the peer acknowledged every stanza sent so far."""
-        if self._core.unacknowledged:
-            self._core.request_ack()
-            self._peer._schedule(self)
+        conn = self.connection
+        if conn.unacknowledged:
+            conn.request_ack()
+            self._wake()
         async with asyncio.timeout(timeout):
-            while self._core.unacknowledged:
+            while conn.unacknowledged:
                 if self._closed.done():
                     ended = self._closed.result()
                     if ended.error is not None:
                         # The typed reason (a refused key, a stream error).
                         raise ended.error
                     raise SessionClosedError(
-                        f"session ended with {len(self._core.unacknowledged)} "
-                        "stanzas unacknowledged"
+                        f"session ended with {len(conn.unacknowledged)} stanzas unacknowledged"
                     )
                 self._acked.clear()
                 await self._acked.wait()
 
     async def request(self, iq: Element, timeout: float | None = 10.0) -> Element:
-        """Send an iq get/set and return its result (or error) stanza."""
+        """Send an iq get/set and return its result stanza.
+
+        Raises :class:`~dtx.errors.IqError` for an error reply,
+        :class:`~dtx.errors.IqTimeout` when none comes within ``timeout``
+        seconds, :class:`SessionClosedError` when the session ends first."""
         iq_id = iq.get("id")
         if not iq_id:
             iq_id = f"dtx{next(self._iq_ids)}"
@@ -194,17 +190,21 @@ class Session:
         self._iq_waiters[iq_id] = fut
         try:
             self.send(iq)
-            async with asyncio.timeout(timeout):
-                return await fut
+            try:
+                async with asyncio.timeout(timeout):
+                    reply = await fut
+            except TimeoutError:
+                raise IqTimeout(f"no answer to iq {iq_id!r} within {timeout} s") from None
         finally:
             self._iq_waiters.pop(iq_id, None)
+        if reply.get("type") == "error":
+            raise IqError(reply)
+        return reply
 
     async def ping(self, timeout: float | None = 10.0) -> float:
         """One XEP-0199 round trip; returns its duration in seconds."""
         start = self._loop.time()
-        reply = await self.request(st.ping(f"ping{next(self._iq_ids)}"), timeout)
-        if reply.get("type") != "result":
-            raise RemoteProtocolError("ping answered with an error")
+        await self.request(st.ping(f"ping{next(self._iq_ids)}"), timeout)
         return self._loop.time() - start
 
     # -- receiving --------------------------------------------------------------
@@ -230,11 +230,8 @@ class Session:
 
     def _take(self) -> Element:
         el, size = self._stanzas.popleft()
-        self._queued_bytes -= size
-        if self._quic.receive_paused and \
-                self._queued_bytes <= self._peer.config.receive_buffer_bytes // 4:
-            self._quic.receive_paused = False
-            self._peer._schedule(self)  # grant credit again
+        if self.connection.consumed(size):
+            self._wake()  # grant credit again
         return el
 
     async def receive_datagram(self) -> Element:
@@ -264,59 +261,80 @@ class Session:
         Returns how the session ended, with any unacknowledged stanzas.
         """
         if not self._closed.done():
-            self._core.close()
-            self._peer._schedule(self)
+            self.connection.close()
+            self._wake()
             try:
                 async with asyncio.timeout(timeout):
                     await asyncio.shield(self._closed)
             except TimeoutError:
-                self._core.abort("close timed out")
-                self._peer._schedule(self)
-                self._peer._terminate(self, SessionEnded(
-                    SessionClosedError("close timed out"), self._core.unacknowledged))
-        return self._closed.result()
+                self.connection.end(SessionClosedError("close timed out"))
+                self._wake()
+        return await asyncio.shield(self._closed)
 
     async def wait_closed(self) -> SessionEnded:
         return await asyncio.shield(self._closed)
 
     def abort(self) -> None:
-        self._core.abort()
-        self._peer._schedule(self)
+        self.connection.abort()
+        self._wake()
 
-    # -- driver side --------------------------------------------------------------
+    async def __aenter__(self) -> Session:
+        return self
 
-    def _dispatch(self, events: list[SessionEvent]) -> None:
-        for ev in events:
-            if isinstance(ev, StanzaReceived):
-                el = ev.stanza
-                if el.tag == st.IQ and el.get("type") in ("result", "error"):
-                    fut = self._iq_waiters.get(el.get("id", ""))
-                    if fut is not None and not fut.done():
-                        fut.set_result(el)
-                        continue
-                self._stanzas.append((el, ev.size))
-                self._queued_bytes += ev.size
-                if self._queued_bytes > self._peer.config.receive_buffer_bytes:
-                    self._quic.receive_paused = True
-                self._readable.set()
-            elif isinstance(ev, DatagramReceived):
-                self._datagrams.append(ev.stanza)
-                self._readable.set()
-            elif isinstance(ev, StanzasAcknowledged):
-                self._acked.set()
-            elif isinstance(ev, HandshakeConfirmed):
-                if not self._handshake.done():
-                    self._handshake.set_result(None)
-            elif isinstance(ev, SessionOpened):
-                if not self._handshake.done():
-                    self._handshake.set_result(None)
-                if not self._opened.done():
-                    self._opened.set_result(None)
-                self._peer._on_opened(self)
-            elif isinstance(ev, SessionEnded):
-                self._peer._terminate(self, ev)
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()
 
-    def _finish(self, ended: SessionEnded) -> None:
+    # -- the driver's side ----------------------------------------------------------
+
+    async def wait_handshake(self) -> None:
+        """Until the peer's key is trusted (the first stanza may then go)."""
+        await asyncio.shield(self._handshake)
+
+    async def wait_opened(self) -> None:
+        await asyncio.shield(self._opened)
+
+    def handle_event(self, ev: ep.EndpointEvent) -> None:
+        """An endpoint event for this session's connection (from the peer)."""
+        if isinstance(ev, ep.StanzaReceived):
+            el = ev.stanza
+            if el.tag == st.IQ and el.get("type") in ("result", "error"):
+                fut = self._iq_waiters.get(el.get("id", ""))
+                if fut is not None and not fut.done():
+                    self.connection.consumed(ev.size)
+                    fut.set_result(el)
+                    return
+            if self._on_stanza is not None:
+                self.connection.consumed(ev.size)
+                self._on_stanza(el)
+                return
+            self._stanzas.append((el, ev.size))
+            self._readable.set()
+        elif isinstance(ev, ep.DatagramReceived):
+            if len(self._datagrams) >= self._max_datagrams:
+                self._datagrams.popleft()
+                self.datagrams_dropped += 1
+            self._datagrams.append(ev.stanza)
+            self._readable.set()
+        elif isinstance(ev, ep.StanzasAcknowledged):
+            self._acked.set()
+        elif isinstance(ev, ep.HandshakeConfirmed):
+            if not self._handshake.done():
+                self._handshake.set_result(None)
+        elif isinstance(ev, ep.SessionOpened):
+            if not self._handshake.done():
+                self._handshake.set_result(None)
+            if not self._opened.done():
+                self._opened.set_result(None)
+        elif isinstance(ev, ep.PathChangedEvent):
+            self._path_changed.set()
+            if self._on_path is not None:
+                self._on_path(ev.change)
+        elif isinstance(ev, ep.SessionEnded):
+            self.finish(ev.ended)
+
+    def finish(self, ended: SessionEnded) -> None:
+        """The session is over: wake every waiter."""
         if self._closed.done():
             return
         self._closed.set_result(ended)
@@ -330,6 +348,4 @@ class Session:
                 fut2.set_exception(SessionClosedError("session closed"))
         self._readable.set()
         self._acked.set()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._path_changed.set()

@@ -218,6 +218,22 @@ class AuthenticatedQuicConnection(QuicConnection):
     def auth_error(self) -> DtxError | None:
         return self._auth_error
 
+    @property
+    def smoothed_rtt(self) -> float:
+        """The connection's smoothed RTT estimate in seconds (RFC 9002), 0
+        before any sample. aioquic keeps it on its private loss recovery
+        object; this adapter is the one place that reads it."""
+        loss = getattr(self, "_loss", None)
+        if loss is None or not getattr(loss, "_rtt_initialized", False):
+            return 0.0
+        return float(getattr(loss, "_rtt_smoothed", 0.0))
+
+    @property
+    def remote_max_datagram_frame_size(self) -> int | None:
+        """The largest DATAGRAM frame the peer accepts (None: none at all)."""
+        value = getattr(self, "_remote_max_datagram_frame_size", None)
+        return None if value is None else int(value)
+
     # -- receive flow control -----------------------------------------------------
     #
     # aioquic doubles a stream's receive limit whenever half of it is used,

@@ -29,12 +29,14 @@ import random
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 Address = tuple[str, int]
 
 
-class PathKind(Enum):
+class PathKind(StrEnum):
+    """A path's kind; its value is the name used in JSON and logs."""
+
     LAN = "lan"
     DIRECT = "direct"
     RELAY = "relay"

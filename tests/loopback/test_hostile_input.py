@@ -374,8 +374,8 @@ async def test_listening_peer_survives_garbage(
         for sock in socks:
             for _ in range(3):
                 sock.sendto(initial + rng.randbytes(OVERSIZED_BYTES - len(initial)), tv.address)
-        await wait_until(lambda: len(tv.sessions()) >= 1)
-        assert len(tv.sessions()) <= len(socks)
+        await wait_until(lambda: len(tv.endpoint.connections()) >= 1)
+        assert len(tv.endpoint.connections()) <= len(socks)
         await legit_ping(tv, tv_id, remote_id)
         assert tv.counters["datagrams_dropped"] - start >= len(batch)
     finally:
@@ -399,7 +399,7 @@ async def test_half_open_flood_is_bounded_and_expires(
         initials = quic_initials(len(socks), tv.address)
 
         def half_open() -> int:
-            return sum(1 for s in tv.sessions() if not s._opened.done())
+            return sum(1 for s in tv.endpoint.connections() if not s.opened)
 
         def accounted() -> int:
             c = tv.counters
@@ -413,8 +413,8 @@ async def test_half_open_flood_is_bounded_and_expires(
         await wait_until(lambda: accounted() >= len(socks))
         assert half_open() <= cfg.max_half_open
         per_source: dict[str, int] = {}
-        for s in tv.sessions():
-            per_source[s.remote_address[0]] = per_source.get(s.remote_address[0], 0) + 1
+        for s in tv.endpoint.connections():
+            per_source[s.address[0]] = per_source.get(s.address[0], 0) + 1
         assert max(per_source.values()) <= cfg.max_half_open_per_ip
         assert tv.counters["half_open_refused_per_ip"] >= per_ip - cfg.max_half_open_per_ip
         assert tv.counters.get("half_open_evicted", 0) > 0
@@ -434,7 +434,7 @@ async def test_half_open_flood_is_bounded_and_expires(
         assert half_open() <= cfg.max_half_open
         # with the flood over, every half-open handshake goes (idle timeout)
         await wait_until(lambda: half_open() == 0, timeout=cfg.idle_timeout * 4)
-        assert not tv.sessions() or all(s._opened.done() for s in tv.sessions())
+        assert not tv.endpoint.connections() or all(s.opened for s in tv.endpoint.connections())
     finally:
         for sock in socks:
             sock.close()

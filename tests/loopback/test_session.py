@@ -81,7 +81,7 @@ async def test_ten_thousand_stanzas_each_way_in_order(pair: Pair) -> None:
     assert got_by_server == expected
     assert got_by_client == expected
     assert server.receive_nowait() is None and client.receive_nowait() is None
-    assert client.statistics()["stanzas_acknowledged"] == n
+    assert client.statistics().stanzas_acknowledged == n
     ended = await client.close()
     assert ended.error is None and ended.unacknowledged == ()
 
@@ -201,11 +201,13 @@ async def test_reaching_another_jid_is_refused(tv_id, remote_id) -> None:  # typ
 
 def raw_send(session: Session, data: bytes) -> None:
     """Write bytes on the session's XML stream, bypassing the serialiser."""
-    core = session._core
+    conn = session.connection
+    core = conn.core
     assert core._stream is not None
     core.flush()
-    session._quic.send_stream_data(core._stream, data)
-    session._peer._schedule(session)
+    conn.quic.send_stream_data(core._stream, data)
+    conn._endpoint._dirty.add(conn)
+    session._wake()
 
 
 async def expect_stream_error(client: Session, server: Session, condition: str) -> None:
@@ -262,7 +264,7 @@ async def test_sixty_four_megabyte_text_node_is_cut_off(pair: Pair) -> None:
         raw_send(client, chunk)
         await asyncio.sleep(0)
     await expect_stream_error(client, server, "policy-violation")
-    assert server.statistics()["bytes_received"] < 8 * 1024 * 1024
+    assert server.statistics().bytes_received < 8 * 1024 * 1024
 
 
 # -- the datagram channel ------------------------------------------------------------
@@ -281,7 +283,7 @@ async def test_datagram_channel(pair: Pair) -> None:
 async def test_oversized_datagram_is_refused_at_send_time(pair: Pair) -> None:
     client, server = await open_pair(pair)
     await client.ping()
-    limit = client._core.max_datagram_bytes()
+    limit = client.connection.max_datagram_bytes()
     base = len(encode_stanza(st.message("x"))) - 1
 
     def sized(n: int) -> Element:
@@ -357,15 +359,15 @@ async def test_a_reader_that_falls_behind_bounds_memory_and_loses_nothing(  # ty
         deadline = loop.time() + 20
         last, stable = -1, 0
         while stable < 20 and loop.time() < deadline:
-            now_bytes = server.statistics()["bytes_received"]
+            now_bytes = server.statistics().bytes_received
             stable = stable + 1 if now_bytes == last else 0
             last = now_bytes
             await asyncio.sleep(0.01)
-        assert server._quic.receive_paused
-        window = server._quic.stream_window
-        assert server._queued_bytes <= buffer + window + 64 * 1024
-        assert server.statistics()["bytes_received"] < n * 100 // 2
-        assert client.statistics()["unacknowledged"] > 0
+        assert server.connection.quic.receive_paused
+        window = server.connection.quic.stream_window
+        assert server.statistics().received_unconsumed_bytes <= buffer + window + 64 * 1024
+        assert server.statistics().bytes_received < n * 100 // 2
+        assert client.statistics().unacknowledged > 0
         async with asyncio.timeout(60):
             bodies = [st.body_of(await server.receive()) for _ in range(n)]
         assert bodies == [str(i) for i in range(n)]

@@ -128,9 +128,9 @@ def test_cut_direct_path_moves_to_relay_and_back(netns_ready: None, tmp_path: Pa
 
         async def main() -> None:
             async with direct_session(scene) as (_, _, session, tv_side):
-                assert session.link is not None
+                assert session.connection.link is not None
                 seen: list[str] = []
-                session.link.on_change.append(lambda c: seen.append(c.kind.value))
+                session.on_path_change(lambda c: seen.append(c.kind.value))
 
                 async def cut() -> None:
                     lab.block(scene.home_a, scene.home_b)

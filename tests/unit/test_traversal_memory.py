@@ -1,12 +1,14 @@
-"""NAT traversal of the sans-IO cores on an in-memory network.
+"""NAT traversal of the production device endpoint on an in-memory network.
 
 The same (nat_a, nat_b) → path table as ``tests/netns/test_traversal.py``
 asserts with kernel NATs, here with :class:`tests.fakes.MemoryNat`: fast,
 root-free and deterministic, so a change to the traversal logic shows up
-in the unit tests before the NAT lab runs. Also: the memory NATs measured
-by probes the way ``tests/netns/test_lab_nat.py`` measures the lab's, the
-network's delivery order and route hook, punching under 20% loss, and a
-relay-only pair carrying application datagrams.
+in the unit tests before the NAT lab runs. The devices are the
+:class:`~dtx.proto.endpoint.Endpoint` that ships (real QUIC sessions, real
+XML streams), the server the real ``RendezvousCore``. Also: the memory NATs
+measured by probes the way ``tests/netns/test_lab_nat.py`` measures the
+lab's, the network's delivery order and route hook, punching under 20%
+loss, a relay-only pair carrying stanzas, NAT reboots and address changes.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from dtx.proto.paths import PathKind
 from tests.fakes import (
     FakeClock,
     LossyRoute,
-    MemoryDevice,
+    MemoryPeer,
     MemoryNetwork,
     MemoryServer,
     NotSettled,
@@ -284,17 +286,18 @@ def test_a_run_is_bounded_in_steps() -> None:
 class Scene:
     net: MemoryNetwork
     server: MemoryServer
-    remote: MemoryDevice
-    tv: MemoryDevice
+    remote: MemoryPeer
+    tv: MemoryPeer
     introduced_at: float
 
 
 def introduce(nat_a: str, nat_b: str, *, seed: int = 0, route: RouteHook = deliver_as_is,
               same_nat: bool = False, double: bool = False,
-              register_within: float = 10.0) -> Scene:
+              register_within: float = 10.0, session_within: float | None = 5.0) -> Scene:
     """Two devices (the remote behind ``nat_a`` and the TV behind ``nat_b``),
-    registered, then the remote asks for the TV and sends its first
-    application datagram at once (on the relay)."""
+    registered; the remote asks for the TV, opens a session over the
+    introduction at once and sends its first stanza as soon as the TV's key
+    is trusted (on the relay). ``session_within=None``: introduce only."""
     ids = [identity_for(REMOTE, 1), identity_for(TV, 2)]
     net, server = make_scene(ids, seed=seed, route_packet=route)
     public = PublicAddresses()
@@ -309,37 +312,43 @@ def introduce(nat_a: str, nat_b: str, *, seed: int = 0, route: RouteHook = deliv
         else:
             home_a = net.add_nat("a", nat_a, public.take(), lan_prefix="10.1.0")
         home_b = net.add_nat("b", nat_b, public.take(), lan_prefix="10.2.0")
-    remote = add_device(net, home_a, ids[0], server, seed=seed * 7 + 1)
+    remote = add_device(net, home_a, ids[0], server, seed=seed * 7 + 1, listen=False)
     tv = add_device(net, home_b, ids[1], server, seed=seed * 7 + 2)
     tv.start()
     remote.start()
-    assert net.run_until(lambda: remote.client.registered and tv.client.registered,
+    assert net.run_until(lambda: remote.endpoint.registered and tv.endpoint.registered,
                          register_within), "both register"
     remote.introduce(TV)
-    assert net.run_until(lambda: TV in remote.links, 10.0), "introduced"
+    assert net.run_until(lambda: TV in remote.traversal.links, 10.0), "introduced"
     introduced_at = net.clock.now
-    remote.send_app(TV, b"pause")
+    if session_within is not None:
+        remote.connect(TV)
+        assert net.run_until(lambda: TV in remote.sessions, session_within), "TV's key trusted"
+        remote.send(TV, "pause")
     return Scene(net, server, remote, tv, introduced_at)
 
 
-def payloads(device: MemoryDevice, peer: str) -> list[bytes]:
-    return [d.data for d in device.links[peer].received]
+def relayed(scene: Scene) -> int:
+    return scene.server.core.statistics().get("relayed_frames", 0)
 
 
 def exchange(scene: Scene, expect: PathKind, n: int = 20) -> None:
-    """Datagrams both ways on the settled path: all arrive, on that path."""
+    """Stanzas both ways on the settled path: all arrive, in order, on that
+    path (the relay carried none of them, or all of them)."""
     remote, tv = scene.remote, scene.tv
-    before_tv = len(tv.links[REMOTE].received)
-    before_remote = len(remote.links[TV].received)
+    before_tv, before_remote = len(tv.bodies(REMOTE)), len(remote.bodies(TV))
+    before_relayed = relayed(scene)
     for i in range(n):
-        remote.send_app(TV, b"to-tv %d" % i)
-        tv.send_app(REMOTE, b"to-remote %d" % i)
+        remote.send(TV, "to-tv %d" % i)
+        tv.send(REMOTE, "to-remote %d" % i)
     scene.net.run(1.0)
-    at_tv = tv.links[REMOTE].received[before_tv:]
-    at_remote = remote.links[TV].received[before_remote:]
-    assert [d.data for d in at_tv] == [b"to-tv %d" % i for i in range(n)]
-    assert [d.data for d in at_remote] == [b"to-remote %d" % i for i in range(n)]
-    assert {d.via for d in at_tv + at_remote} == {expect}
+    assert tv.bodies(REMOTE)[before_tv:] == ["to-tv %d" % i for i in range(n)]
+    assert remote.bodies(TV)[before_remote:] == ["to-remote %d" % i for i in range(n)]
+    assert (remote.path(TV), tv.path(REMOTE)) == (expect, expect)
+    if expect is PathKind.RELAY:
+        assert relayed(scene) - before_relayed >= 2, "both directions went through the relay"
+    else:
+        assert relayed(scene) == before_relayed, "nothing went through the relay"
 
 
 @pytest.mark.parametrize("nat_a, nat_b", PAIRS, ids=[f"{a}--{b}" for a, b in PAIRS])
@@ -348,10 +357,10 @@ def test_connect_through_nat_pair(nat_a: str, nat_b: str) -> None:
     expect = expected_path(nat_a, nat_b)
     scene.net.run(SETTLE)
     remote, tv = scene.remote, scene.tv
-    assert b"pause" in payloads(tv, REMOTE), "the first datagram never waits for punching"
+    assert "pause" in tv.bodies(REMOTE), "the first stanza never waits for punching"
     assert (remote.path(TV), tv.path(REMOTE)) == (expect, expect)
     for device, peer in ((remote, TV), (tv, REMOTE)):
-        kinds = [c.kind for c in device.links[peer].changes]
+        kinds = [c.kind for c in device.changes(peer)]
         assert kinds[0] is PathKind.RELAY, "every session starts on the relay"
         if expect is PathKind.DIRECT:
             assert kinds == [PathKind.RELAY, PathKind.DIRECT], "no flapping"
@@ -359,7 +368,7 @@ def test_connect_through_nat_pair(nat_a: str, nat_b: str) -> None:
         # The side facing the symmetric NAT talks to a peer-reflexive
         # address, not the server-reflexive one it was introduced with.
         sym, other, peer = (remote, tv, REMOTE) if nat_a == "symmetric" else (tv, remote, TV)
-        current = other.links[peer].paths.current
+        current = other.traversal.links[peer].paths.current
         assert current is not None and current.key is not None
         assert sym.registered_as is not None
         assert current.key[0] == sym.registered_as[0]
@@ -385,13 +394,11 @@ def test_double_nat_symmetric_cgn_to_full_cone_goes_direct() -> None:
     exchange(scene, PathKind.DIRECT)
 
 
-def test_relay_only_pair_carries_application_datagrams_through_the_relay() -> None:
+def test_relay_only_pair_carries_stanzas_through_the_relay() -> None:
     scene = introduce("symmetric", "symmetric")
     scene.net.run(SETTLE)
-    relayed_before = scene.server.core.statistics().get("relayed_frames", 0)
     exchange(scene, PathKind.RELAY, n=100)
-    assert scene.server.core.statistics()["relayed_frames"] - relayed_before == 200
-    assert scene.remote.links[TV].received[0].via is PathKind.RELAY
+    assert scene.remote.sessions[TV].path is PathKind.RELAY
 
 
 def test_relay_only_pair_stops_probing_after_the_schedule() -> None:
@@ -400,8 +407,28 @@ def test_relay_only_pair_stops_probing_after_the_schedule() -> None:
     assert scene.remote.path(TV) is PathKind.RELAY
     filtered = scene.net.counters["filtered"]
     scene.net.run(60.0)
-    # keepalives to the server go on; probes to the peer have stopped
+    # keepalives to the server and over the relay go on; probes to the peer have stopped
     assert scene.net.counters["filtered"] == filtered
+    assert scene.remote.sessions[TV].is_open, "the session lives on the relay"
+
+
+def test_an_introduction_to_a_device_that_is_not_listening_is_refused() -> None:
+    """The accepting gate: a device that does not listen takes no
+    introduction it did not ask for, and no session."""
+    ids = [identity_for(REMOTE, 1), identity_for(TV, 2)]
+    net, server = make_scene(ids)
+    public = PublicAddresses()
+    home_a = net.add_nat("a", "full-cone", public.take(), lan_prefix="10.1.0")
+    home_b = net.add_nat("b", "full-cone", public.take(), lan_prefix="10.2.0")
+    remote = add_device(net, home_a, ids[0], server, seed=1)
+    tv = add_device(net, home_b, ids[1], server, seed=2, listen=False)
+    tv.start()
+    remote.start()
+    assert net.run_until(lambda: remote.endpoint.registered and tv.endpoint.registered, 10.0)
+    remote.introduce(TV)
+    net.run(5.0)
+    assert REMOTE not in tv.traversal.links
+    assert not tv.endpoint.connections()
 
 
 # -- under loss -------------------------------------------------------------------------
@@ -411,7 +438,7 @@ def test_relay_only_pair_stops_probing_after_the_schedule() -> None:
 def test_twenty_percent_loss_still_ends_direct(seed: int) -> None:
     route = LossyRoute(random.Random(seed), loss=0.2, duplicate=0.01, jitter=0.01)
     scene = introduce("port-restricted-cone", "restricted-cone", seed=seed, route=route,
-                      register_within=30.0)
+                      register_within=30.0, session_within=None)
     assert scene.net.run_until(both_direct(scene), 20.0), "direct despite loss"
     assert route.dropped > 0
 
@@ -424,10 +451,10 @@ def both_direct(scene: Scene) -> Callable[[], bool]:
 def history(seed: int) -> list[tuple[float, str]]:
     route = LossyRoute(random.Random(seed), loss=0.2, duplicate=0.05, jitter=0.03)
     scene = introduce("restricted-cone", "symmetric", seed=seed, route=route,
-                      register_within=30.0)
+                      register_within=30.0, session_within=None)
     scene.net.run(10.0)
     return [(c.at, c.kind.value) for d, p in ((scene.remote, TV), (scene.tv, REMOTE))
-            for c in d.links[p].changes]
+            for c in d.changes(p)]
 
 
 def test_a_seeded_run_is_repeatable() -> None:
@@ -438,24 +465,28 @@ def test_a_seeded_run_is_repeatable() -> None:
 
 
 def stream(scene: Scene, seconds: float, every: float = 0.05) -> None:
-    """Datagrams both ways every ``every`` seconds (bounded)."""
+    """Stanzas both ways every ``every`` seconds (bounded)."""
     for i in range(int(seconds / every)):
-        scene.remote.send_app(TV, b"r%d" % i)
-        scene.tv.send_app(REMOTE, b"t%d" % i)
+        scene.remote.send(TV, "r%d" % i)
+        scene.tv.send(REMOTE, "t%d" % i)
         scene.net.run(every)
 
 
 def test_a_port_preserving_nat_reboot_does_not_leave_the_direct_path() -> None:
     scene = introduce("port-restricted-cone", "port-restricted-cone")
     scene.net.run(SETTLE)
-    changes = len(scene.remote.links[TV].changes), len(scene.tv.links[REMOTE].changes)
+    changes = len(scene.remote.changes(TV)), len(scene.tv.changes(REMOTE))
     for nat in scene.net.nats.values():
         nat.flush()
-    stream(scene, 5.0)
+    stream(scene, 4.0)
     # both keep sending to the same public addresses, which reopens both filters
-    assert (len(scene.remote.links[TV].changes), len(scene.tv.links[REMOTE].changes)) == changes
+    assert (len(scene.remote.changes(TV)), len(scene.tv.changes(REMOTE))) == changes
     assert scene.remote.path(TV) is PathKind.DIRECT and scene.tv.path(REMOTE) is PathKind.DIRECT
-    assert sum(1 for d in scene.tv.links[REMOTE].received[-50:] if d.via is PathKind.DIRECT) == 50
+    before = relayed(scene)
+    stream(scene, 1.0)
+    assert relayed(scene) == before, "the last stanzas went direct"
+    assert scene.tv.bodies(REMOTE)[-100:] == ["r%d" % i for i in range(80)] + [
+        "r%d" % i for i in range(20)], "every stanza arrived, in order"
 
 
 def test_a_new_public_address_falls_back_to_the_relay_then_punches_again() -> None:
@@ -464,7 +495,7 @@ def test_a_new_public_address_falls_back_to_the_relay_then_punches_again() -> No
     start = scene.net.clock.now
     scene.net.renumber(scene.net.nats["a"], "198.51.100.99")
     stream(scene, 10.0)
-    kinds = [(c.kind, round(c.at - start, 1)) for c in scene.remote.links[TV].changes]
+    kinds = [(c.kind, round(c.at - start, 1)) for c in scene.remote.changes(TV)]
     assert [k for k, _ in kinds] == [PathKind.RELAY, PathKind.DIRECT, PathKind.RELAY,
                                      PathKind.DIRECT]
     fell_back, back_direct = kinds[2][1], kinds[3][1]
@@ -472,5 +503,7 @@ def test_a_new_public_address_falls_back_to_the_relay_then_punches_again() -> No
     assert back_direct < fell_back + 2.0, "registration and punching start at once"
     assert scene.remote.registered_as == ("198.51.100.99", 5000)
     assert scene.tv.path(REMOTE) is PathKind.DIRECT
-    current = scene.tv.links[REMOTE].paths.current
+    current = scene.tv.traversal.links[REMOTE].paths.current
     assert current is not None and current.key == ("198.51.100.99", 5000)
+    assert scene.tv.bodies(REMOTE)[-200:] == ["r%d" % i for i in range(200)], \
+        "every stanza arrived exactly once, in order, across the change"

@@ -1,0 +1,797 @@
+"""The device, sans-IO: every session of one UDP socket, and its traversal.
+
+An :class:`Endpoint` is what a device is on the network, minus the socket
+and the clock. It owns:
+
+* the session table: one :class:`Connection` (an
+  :class:`~dtx.proto.auth.AuthenticatedQuicConnection` with an
+  :class:`~dtx.proto.session.XmlSession` stacked on it) per remote address;
+* half-open admission: handshakes from remote devices, bounded per source
+  IP and in all, expired on a timer;
+* keepalives (a QUIC PING on a quiet session);
+* NAT traversal (:class:`~dtx.proto.traversal.Traversal`): the rendezvous
+  registration, the path managers, probe signing, relay channels, and the
+  seam through which introductions arrive;
+* the receive-buffer policy (no QUIC credit while the application is
+  behind);
+* one merged timer.
+
+In (the shape of aioquic's ``QuicConnection``): :meth:`receive_datagram`,
+:meth:`handle_timer`, and the user calls :meth:`connect`,
+:meth:`introduce`, :meth:`introduced`, ``Connection.send`` / ``close``.
+Out: :meth:`datagrams_to_send`, :meth:`get_timer`, :meth:`next_event`
+(typed, past-tense events). A driver is a socket, one timer and a
+``transmit()``: send what :meth:`datagrams_to_send` returns, re-arm the
+timer at :meth:`get_timer`. Time and randomness are arguments.
+
+The path of one datagram in: ``receive_datagram`` → first byte
+(:func:`dtx.wire.demux.classify`) → dtx frames to the traversal (a relay
+frame comes back as a QUIC packet from a mapped address), QUIC packets
+mapped to the stable address of their link → the connection's QUIC →
+its XML stream → events. Out: ``Connection.send`` queues on the XML stream
+→ ``datagrams_to_send`` flushes it into QUIC → each QUIC datagram is routed
+by its link's path manager (direct, relay, or sprayed) or sent as is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+from xml.etree.ElementTree import Element
+
+from aioquic.buffer import Buffer  # type: ignore[attr-defined]
+from aioquic.quic.packet import QuicPacketType, pull_quic_header
+
+from ..errors import (
+    AuthenticationError,
+    ConnectError,
+    DtxError,
+    TrustError,
+)
+from ..identity import DeviceIdentity
+from ..logs import LogLimiter
+from ..wire.demux import PacketKind, classify
+from . import session as sc
+from .auth import AuthenticatedQuicConnection, make_certificate, quic_configuration
+from .paths import PathChanged, PathKind
+from .session import SessionConfig, XmlSession, trust_check_for
+from .traversal import (
+    Introduction,
+    IntroductionCompleted,
+    IntroductionFailed,
+    Link,
+    LinkPathChanged,
+    Registered,
+    RegistrationLost,
+    RegistrationRefused,
+    Traversal,
+    TraversalConfig,
+)
+
+logger = logging.getLogger(__name__)
+
+Address = tuple[str, int]
+
+Verify = Callable[[str, bytes], None]
+"""Raises :class:`~dtx.errors.TrustError` unless ``key`` may speak for ``jid``."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class EndpointConfig:
+    """Tunables of a device endpoint. Times in seconds, sizes in bytes."""
+
+    session: SessionConfig = SessionConfig()
+    idle_timeout: float = 30.0
+    datagrams: bool = True
+    """Offer the unreliable DATAGRAM channel (RFC 9221)."""
+    max_connections: int = 1024
+    """Bound on concurrent connections, half-open ones included."""
+    receive_buffer_bytes: int = 4 * 1024 * 1024
+    """Received stanzas the application has not consumed, beyond which the
+    session stops granting the sender QUIC credit (it resumes below a
+    quarter of it): memory stays bounded, nothing is dropped."""
+    max_datagram_size: int = 1200
+    """Largest UDP payload QUIC sends."""
+    keepalive_interval: float = 10.0
+    """A session quiet for this long sends a QUIC PING."""
+    max_half_open: int = 256
+    """Handshakes from remote devices in progress; at the bound the oldest
+    is dropped to make room."""
+    max_half_open_per_ip: int = 16
+    """Handshakes in progress from one source IP; more are refused."""
+    handshake_timeout: float = 10.0
+    """A handshake from a remote device still in progress after this long
+    is dropped (on a timer)."""
+    traversal: TraversalConfig = TraversalConfig()
+
+
+# -- events -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HandshakeConfirmed:
+    """The peer's key was checked and trusted (locally): ``connection`` may send."""
+
+    connection: Connection
+
+
+@dataclass(frozen=True)
+class SessionOpened:
+    """Both stream headers exchanged: stanzas flow both ways."""
+
+    connection: Connection
+
+
+@dataclass(frozen=True)
+class StanzaReceived:
+    connection: Connection
+    stanza: Element
+    size: int
+    """Bytes of stream data it took; hand them back with
+    :meth:`Connection.consumed` once the application has it."""
+
+
+@dataclass(frozen=True)
+class DatagramReceived:
+    connection: Connection
+    stanza: Element
+
+
+@dataclass(frozen=True)
+class StanzasAcknowledged:
+    connection: Connection
+    count: int
+    total: int
+
+
+@dataclass(frozen=True)
+class SessionEnded:
+    """``connection`` is over; ``ended`` says how, with every stanza the
+    application handed over that the peer did not acknowledge."""
+
+    connection: Connection
+    ended: sc.SessionEnded
+
+
+@dataclass(frozen=True)
+class HandshakeRefused:
+    """A remote device's handshake ended before it opened a session: its key
+    was refused (``refused``) or it failed or timed out."""
+
+    address: Address
+    error: DtxError
+    refused: bool
+
+
+@dataclass(frozen=True)
+class PathChangedEvent:
+    """The path to ``peer_jid`` changed; ``connections`` run over it."""
+
+    peer_jid: str
+    change: PathChanged
+    connections: tuple[Connection, ...]
+
+
+EndpointEvent = (
+    HandshakeConfirmed | SessionOpened | StanzaReceived | DatagramReceived
+    | StanzasAcknowledged | SessionEnded | HandshakeRefused | PathChangedEvent
+    | Registered | RegistrationRefused | RegistrationLost
+    | IntroductionCompleted | IntroductionFailed
+)
+
+
+@dataclass(frozen=True)
+class SessionStatistics:
+    """A snapshot of one session's counters."""
+
+    stanzas_sent: int
+    stanzas_received: int
+    stanzas_acknowledged: int
+    datagrams_sent: int
+    datagrams_received: int
+    datagrams_dropped: int
+    bytes_sent: int
+    bytes_received: int
+    pings_answered: int
+    unacknowledged: int
+    received_unconsumed_bytes: int
+    rtt_ms: float
+    path: PathKind
+
+
+@dataclass(frozen=True)
+class EndpointStatistics:
+    """A snapshot of a device's counters (the traversal's included)."""
+
+    sessions: int
+    half_open: int
+    links: int
+    registered: bool
+    counters: dict[str, int]
+
+
+# -- one connection -----------------------------------------------------------
+
+
+class Connection:
+    """One session: QUIC, the XML stream on it, and the path it runs on.
+
+    Made by :meth:`Endpoint.connect` (this side initiates) or by the
+    endpoint for a remote device's handshake. The application's handle:
+    what it calls here is queued and goes out with the endpoint's next
+    :meth:`Endpoint.datagrams_to_send`.
+    """
+
+    def __init__(self, endpoint: Endpoint, quic: AuthenticatedQuicConnection,
+                 core: XmlSession, address: Address, *, initiator: bool, now: float,
+                 sid: str, log: logging.LoggerAdapter[logging.Logger],
+                 link: Link | None, fixed_path: PathKind) -> None:
+        self._endpoint = endpoint
+        self.quic = quic
+        self.core = core
+        self.address = address
+        self.initiator = initiator
+        self.sid = sid
+        self.log = log
+        self.link = link
+        self.fixed_path = fixed_path
+        self.started_at = now
+        self.last_rx = now
+        self._last_keepalive = now
+        self.opened = False
+        self.ended: sc.SessionEnded | None = None
+        self._unconsumed = 0
+        self._timer_at: float | None = None
+
+    # -- reading ------------------------------------------------------------------
+
+    @property
+    def peer_jid(self) -> str | None:
+        """The JID the peer authenticated as (None before its key is checked)."""
+        return self.core.peer_jid
+
+    @property
+    def local_jid(self) -> str:
+        return self._endpoint.jid
+
+    @property
+    def is_open(self) -> bool:
+        return self.core.is_open
+
+    @property
+    def stream_id(self) -> str | None:
+        return self.core.stream_id
+
+    @property
+    def unacknowledged(self) -> tuple[Element, ...]:
+        return self.core.unacknowledged
+
+    @property
+    def path(self) -> PathKind:
+        """The path now carrying this session."""
+        if self.link is None or self.link.paths.kind is None:
+            return self.fixed_path
+        return self.link.paths.kind
+
+    def path_history(self) -> list[tuple[float, PathKind]]:
+        """(seconds since the session started, path) for every path change."""
+        if self.link is None:
+            return [(0.0, self.fixed_path)]
+        return [(max(0.0, at - self.started_at), kind) for at, kind in self.link.paths.history]
+
+    def max_datagram_bytes(self) -> int:
+        return self.core.max_datagram_bytes()
+
+    def statistics(self) -> SessionStatistics:
+        s = self.core.statistics
+        return SessionStatistics(
+            stanzas_sent=s.stanzas_sent,
+            stanzas_received=s.stanzas_received,
+            stanzas_acknowledged=s.stanzas_acknowledged,
+            datagrams_sent=s.datagrams_sent,
+            datagrams_received=s.datagrams_received,
+            datagrams_dropped=s.datagrams_dropped,
+            bytes_sent=s.bytes_sent,
+            bytes_received=s.bytes_received,
+            pings_answered=s.pings_answered,
+            unacknowledged=len(self.core.unacknowledged),
+            received_unconsumed_bytes=self._unconsumed,
+            rtt_ms=round(self.quic.smoothed_rtt * 1000, 3),
+            path=self.path,
+        )
+
+    # -- user calls ---------------------------------------------------------------
+
+    def send(self, stanza: Element) -> None:
+        """Queue ``stanza`` on the reliable stream (kept until acknowledged)."""
+        self.core.send(stanza)
+        self._endpoint._dirty.add(self)
+
+    def send_datagram(self, stanza: Element) -> None:
+        """Send ``stanza`` in one unreliable DATAGRAM frame."""
+        self.core.send_datagram(stanza)
+        self._endpoint._dirty.add(self)
+
+    def request_ack(self) -> None:
+        """Ask the peer to acknowledge what it has (someone waits for it)."""
+        if self.core.unacknowledged:
+            self.core.request_ack()
+            self._endpoint._dirty.add(self)
+
+    def consumed(self, size: int) -> bool:
+        """The application took a received stanza of ``size`` bytes; grant
+        the sender credit again once the backlog is small. True when that
+        happened now (there is something to transmit)."""
+        self._unconsumed -= size
+        if self.quic.receive_paused and \
+                self._unconsumed <= self._endpoint.config.receive_buffer_bytes // 4:
+            self.quic.receive_paused = False
+            self._endpoint._dirty.add(self)
+            return True
+        return False
+
+    def close(self) -> None:
+        """Close gracefully: everything queued is delivered first; a
+        :class:`SessionEnded` follows."""
+        self.core.close()
+        self._endpoint._dirty.add(self)
+
+    def abort(self, reason: str = "aborted") -> None:
+        """End at once; unacknowledged stanzas come back in :class:`SessionEnded`."""
+        self.core.abort(reason)
+        self._endpoint._dirty.add(self)
+
+    def end(self, error: DtxError) -> None:
+        """Forget this connection now, with ``error`` (a close that timed
+        out): a :class:`SessionEnded` follows at once."""
+        if self.ended is None:
+            self.core.abort(str(error))
+            self._endpoint._terminate(self, sc.SessionEnded(error, self.core.unacknowledged))
+
+    # -- the endpoint's side --------------------------------------------------------
+
+    def _timer(self, cfg: EndpointConfig) -> float | None:
+        when = self.quic.get_timer()
+        core_at = self.core.get_timer()
+        if core_at is not None and (when is None or core_at < when):
+            when = core_at
+        if self.opened:
+            ka = max(self.last_rx, self._last_keepalive) + cfg.keepalive_interval
+            if when is None or ka < when:
+                when = ka
+        elif not self.initiator:
+            deadline = self.started_at + cfg.handshake_timeout
+            if when is None or deadline < when:
+                when = deadline
+        return when
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.sid} {self.peer_jid or '?'} at {self.address}>"
+
+
+class _Adapter(logging.LoggerAdapter):  # type: ignore[type-arg]
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return f"[{self.extra['sid']}] {msg}", kwargs  # type: ignore[index]
+
+
+# -- the endpoint -------------------------------------------------------------
+
+
+class Endpoint:
+    """One device on one UDP socket, sans-IO.
+
+    ``verify`` decides whether a key may speak for a JID (it raises
+    :class:`~dtx.errors.TrustError`); it is called inside the handshake.
+    ``listen``: accept handshakes and introductions from remote devices.
+    ``rendezvous``: register there (host candidates ``host_candidates``)
+    so that :meth:`introduce` works.
+    """
+
+    def __init__(
+        self,
+        identity: DeviceIdentity,
+        verify: Verify,
+        *,
+        rng: random.Random,
+        config: EndpointConfig | None = None,
+        listen: bool = True,
+        rendezvous: Address | None = None,
+        host_candidates: Sequence[Address] = (),
+    ) -> None:
+        self.identity = identity
+        self.jid = str(identity.jid)
+        self.config = config or EndpointConfig()
+        self.listening = listen
+        self._verify = verify
+        self._rng = rng
+        self._certificate = make_certificate(identity.private_key, self.jid)
+        self._connections: dict[Address, Connection] = {}
+        self._dirty: set[Connection] = set()
+        self._events: deque[EndpointEvent] = deque()
+        self._sid_next = 1
+        self._log = LogLimiter(logger)
+        self.counters: dict[str, int] = {
+            "handshakes_refused": 0,
+            "handshakes_failed": 0,
+            "datagrams_dropped": 0,
+            "connections_refused": 0,
+            "half_open_refused_per_ip": 0,
+            "half_open_evicted": 0,
+            "half_open_expired": 0,
+        }
+        self.traversal: Traversal | None = None
+        if rendezvous is not None:
+            self.traversal = Traversal(
+                jid=self.jid,
+                key=identity.public_key,
+                sign=identity.sign,
+                server=rendezvous,
+                host_candidates=host_candidates,
+                accept_introductions=listen,
+                rng=random.Random(rng.getrandbits(64)),
+                config=self.config.traversal,
+            )
+        self._started = False
+        self._closed = False
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def start(self, now: float) -> None:
+        """Begin: register with the rendezvous, if there is one."""
+        if not self._started:
+            self._started = True
+            if self.traversal is not None:
+                self.traversal.start(now)
+                self._drain_traversal()
+
+    def close(self) -> None:
+        """Stop: abort every connection still open and unregister (the
+        last datagrams go out with the next :meth:`datagrams_to_send`)."""
+        if self._closed:
+            return
+        for conn in list(self._connections.values()):
+            conn.abort("device shut down")
+        if self.traversal is not None:
+            self.traversal.close()
+        self._closed = True
+
+    # -- user calls ---------------------------------------------------------------
+
+    def connect(self, jid: str, now: float, *, address: Address | None = None,
+                path: PathKind = PathKind.DIRECT) -> Connection:
+        """Open a session with ``jid``: at ``address``, or, without one,
+        over the link an introduction made (:meth:`introduce`).
+
+        A :class:`HandshakeConfirmed` follows once the peer's key is
+        trusted (the connection may send from then on), or a
+        :class:`SessionEnded`. ``path`` names a fixed path (``lan`` for an
+        mDNS find) when ``address`` is given. Raises
+        :class:`~dtx.errors.ConnectError` when there is no address, no
+        link, or a session at that address already.
+        """
+        link: Link | None = None
+        if address is None:
+            if self.traversal is None:
+                raise ConnectError(f"no address for {jid} and no rendezvous configured")
+            link = self.traversal.link_for(jid)
+            if link is None:
+                raise ConnectError(f"no introduction to {jid} yet")
+            address = link.mapped
+        if address in self._connections:
+            raise ConnectError(f"a session with {address[0]}:{address[1]} already exists")
+        conn = self._new_connection(address, initiator=True, expected=jid, now=now,
+                                    link=link, fixed_path=path)
+        conn.quic.connect(address, now=now)
+        self._dirty.add(conn)
+        return conn
+
+    def introduce(self, target: str, now: float) -> None:
+        """Ask the rendezvous to introduce ``target``; an
+        :class:`IntroductionCompleted` or :class:`IntroductionFailed` follows."""
+        if self.traversal is None:
+            raise ConnectError("no rendezvous configured")
+        self.traversal.introduce(target, now)
+        self._drain_traversal()
+
+    def introduced(self, intro: Introduction, now: float) -> Link | None:
+        """An introduction from another source (XMPP signalling, the LAN)."""
+        if self.traversal is None:
+            raise ConnectError("no traversal: this endpoint has no rendezvous")
+        link = self.traversal.introduced(intro, now)
+        self._drain_traversal()
+        return link
+
+    def connections(self) -> list[Connection]:
+        return list(self._connections.values())
+
+    @property
+    def registered(self) -> bool:
+        return self.traversal is not None and self.traversal.registered
+
+    def statistics(self) -> EndpointStatistics:
+        counters = dict(self.counters)
+        counters["log_suppressed"] = self._log.suppressed
+        if self.traversal is not None:
+            for name, n in self.traversal.counters.items():
+                counters[f"traversal_{name}"] = n
+        return EndpointStatistics(
+            sessions=sum(1 for c in self._connections.values() if c.opened),
+            half_open=sum(1 for c in self._connections.values() if self._half_open(c)),
+            links=0 if self.traversal is None else len(self.traversal.links),
+            registered=self.registered,
+            counters=counters,
+        )
+
+    # -- datagrams in -------------------------------------------------------------
+
+    def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
+        """One UDP datagram from ``addr``. Never raises for bad input: it is
+        counted and dropped, or ends the connection it belongs to."""
+        kind = classify(data)
+        if kind is PacketKind.QUIC:
+            if self.traversal is not None:
+                mapped = self.traversal.map_incoming(addr, now)
+                if mapped is not None:
+                    addr = mapped
+            self._quic_datagram(data, addr, now)
+        elif kind is PacketKind.DTX and self.traversal is not None:
+            relayed = self.traversal.receive_dtx(data, addr, now)
+            if relayed is not None:
+                self._quic_datagram(relayed[0], relayed[1], now)
+            self._drain_traversal()
+        else:
+            self.counters["datagrams_dropped"] += 1
+
+    def _quic_datagram(self, data: bytes, addr: Address, now: float) -> None:
+        conn = self._connections.get(addr)
+        if conn is None:
+            conn = self._admit(data, addr, now)
+            if conn is None:
+                return
+        conn.last_rx = now
+        conn.quic.receive_datagram(data, addr, now)
+        self._process(conn)
+        self._dirty.add(conn)
+
+    def _half_open(self, conn: Connection) -> bool:
+        return not conn.initiator and not conn.opened and conn.ended is None
+
+    def _admit(self, data: bytes, addr: Address, now: float) -> Connection | None:
+        """A new listening-side connection for a QUIC Initial from ``addr``, or None.
+
+        Unauthenticated handshakes ("half-open") are bounded: at most
+        ``max_half_open_per_ip`` per source IP (more are refused) and
+        ``max_half_open`` in all (the oldest makes room); each expires
+        ``handshake_timeout`` after it began, on the timer. Dropped ones
+        are forgotten without a reply: their source never proved its
+        address. Refusals are counted and logged rate-limited.
+        """
+        counters = self.counters
+        if not self.listening or self._closed:
+            counters["datagrams_dropped"] += 1
+            return None
+        try:
+            header = pull_quic_header(Buffer(data=data), host_cid_length=8)
+        except ValueError:
+            counters["datagrams_dropped"] += 1
+            logger.debug("dropped a non-QUIC datagram from %s", addr)
+            return None
+        if header.packet_type != QuicPacketType.INITIAL or len(data) < 1200:
+            counters["datagrams_dropped"] += 1
+            return None
+        cfg = self.config
+        half_open = [c for c in self._connections.values() if self._half_open(c)]
+        if sum(1 for c in half_open if c.address[0] == addr[0]) >= cfg.max_half_open_per_ip:
+            counters["half_open_refused_per_ip"] += 1
+            self._log.warning("half_open_per_ip", addr[0],
+                              "too many handshakes from %s; refusing", addr[0])
+            return None
+        if len(half_open) >= cfg.max_half_open:
+            self._drop(min(half_open, key=lambda c: c.started_at), "half_open_evicted")
+        if len(self._connections) >= cfg.max_connections:
+            counters["connections_refused"] += 1
+            self._log.warning("connections_full", None, "connection table full; refusing %s",
+                              addr)
+            return None
+        link = self.traversal.link_for_mapped(addr) if self.traversal is not None else None
+        return self._new_connection(addr, initiator=False, expected=None, now=now,
+                                    original_dcid=header.destination_cid, link=link,
+                                    fixed_path=PathKind.DIRECT)
+
+    def _drop(self, conn: Connection, counter: str) -> None:
+        """Forget a half-open connection without a word to its source."""
+        self.counters[counter] += 1
+        self._forget(conn)
+        conn.ended = sc.SessionEnded(ConnectError(f"handshake dropped ({counter})"), ())
+
+    # -- datagrams out --------------------------------------------------------------
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]:
+        """Everything to send now: (payload, destination) pairs."""
+        out: list[tuple[bytes, Address]] = []
+        traversal = self.traversal
+        dirty, self._dirty = self._dirty, set()
+        for conn in dirty:
+            conn.core.flush(now)
+            if conn.link is not None and traversal is not None:
+                route = traversal.route
+                for data, addr in conn.quic.datagrams_to_send(now=now):
+                    out.extend(route(data, addr, now))
+            else:
+                out.extend(conn.quic.datagrams_to_send(now=now))
+            # Events may appear on transmit (the idle timeout fired, say).
+            self._process(conn)
+        if traversal is not None:
+            self._drain_traversal()
+            out.extend(traversal.datagrams_to_send())
+        return out
+
+    def next_event(self) -> EndpointEvent | None:
+        return self._events.popleft() if self._events else None
+
+    # -- the timer ------------------------------------------------------------------
+
+    def get_timer(self) -> float | None:
+        """When :meth:`handle_timer` wants calling (the earliest of every
+        connection's, the traversal's and the half-open expiry)."""
+        when = self.traversal.get_timer() if self.traversal is not None else None
+        for conn in self._connections.values():
+            t = conn._timer_at
+            if t is not None and (when is None or t < when):
+                when = t
+        return when
+
+    def handle_timer(self, now: float) -> None:
+        cfg = self.config
+        if self.traversal is not None:
+            due = self.traversal.get_timer()
+            if due is not None and now >= due:
+                self.traversal.handle_timer(now)
+                self._drain_traversal()
+        for conn in list(self._connections.values()):
+            if conn._timer_at is None or now < conn._timer_at:
+                continue
+            if self._half_open(conn) and now >= conn.started_at + cfg.handshake_timeout:
+                self._drop(conn, "half_open_expired")
+                continue
+            conn.core.handle_timer(now)
+            quic_at = conn.quic.get_timer()
+            if quic_at is not None and quic_at <= now:
+                conn.quic.handle_timer(now=now)
+            if conn.opened and conn.is_open and \
+                    now >= max(conn.last_rx, conn._last_keepalive) + cfg.keepalive_interval:
+                conn._last_keepalive = now
+                conn.quic.send_ping(0)
+            self._process(conn)
+            self._dirty.add(conn)
+
+    # -- the machinery ----------------------------------------------------------------
+
+    def _new_connection(self, address: Address, *, initiator: bool, expected: str | None,
+                        now: float, link: Link | None, fixed_path: PathKind,
+                        original_dcid: bytes | None = None) -> Connection:
+        cfg = self.config
+        qconf = quic_configuration(
+            is_client=initiator,
+            private_key=self.identity.private_key,
+            certificate=self._certificate,
+            idle_timeout=cfg.idle_timeout,
+            # The receiver's own limit: no DATAGRAM frame larger than a packet.
+            max_datagram_frame_size=cfg.max_datagram_size if cfg.datagrams else None,
+            max_datagram_size=cfg.max_datagram_size,
+        )
+        quic = AuthenticatedQuicConnection(
+            configuration=qconf,
+            check=trust_check_for(self._verify, expected),
+            original_destination_connection_id=original_dcid,
+        )
+        sid = f"{self._sid_next:x}"
+        self._sid_next += 1
+        log = _Adapter(logger, {"sid": sid})
+        core = XmlSession(
+            quic,
+            local_jid=self.jid,
+            peer_jid=expected,
+            config=dataclasses.replace(cfg.session, max_datagram_size=cfg.max_datagram_size),
+            rng=random.Random(self._rng.getrandbits(64)),
+            logger=log,
+        )
+        conn = Connection(self, quic, core, address, initiator=initiator, now=now, sid=sid,
+                          log=log, link=link, fixed_path=fixed_path)
+        self._connections[address] = conn
+        return conn
+
+    def _process(self, conn: Connection) -> None:
+        """Feed the connection's QUIC events to its XML stream; queue the
+        resulting endpoint events; refresh its timer."""
+        quic, core = conn.quic, conn.core
+        while (ev := quic.next_event()) is not None:
+            for sev in core.handle_quic_event(ev):
+                self._on_session_event(conn, sev)
+        if conn.ended is None:
+            conn._timer_at = conn._timer(self.config)
+
+    def _on_session_event(self, conn: Connection, sev: sc.SessionEvent) -> None:
+        events = self._events
+        if isinstance(sev, sc.StanzaReceived):
+            conn._unconsumed += sev.size
+            if conn._unconsumed > self.config.receive_buffer_bytes:
+                conn.quic.receive_paused = True
+            events.append(StanzaReceived(conn, sev.stanza, sev.size))
+        elif isinstance(sev, sc.StanzasAcknowledged):
+            events.append(StanzasAcknowledged(conn, sev.count, sev.total))
+        elif isinstance(sev, sc.DatagramReceived):
+            events.append(DatagramReceived(conn, sev.stanza))
+        elif isinstance(sev, sc.HandshakeConfirmed):
+            events.append(HandshakeConfirmed(conn))
+        elif isinstance(sev, sc.SessionOpened):
+            conn.opened = True
+            events.append(SessionOpened(conn))
+        elif isinstance(sev, sc.SessionEnded):
+            self._terminate(conn, sev)
+
+    def _forget(self, conn: Connection) -> None:
+        if self._connections.get(conn.address) is conn:
+            del self._connections[conn.address]
+        self._dirty.discard(conn)
+        conn._timer_at = None
+
+    def _terminate(self, conn: Connection, ended: sc.SessionEnded) -> None:
+        if conn.ended is not None:
+            return
+        conn.ended = ended
+        self._forget(conn)
+        if ended.error is not None and not conn.initiator and conn.core.peer_jid is None:
+            refused = isinstance(ended.error, (TrustError, AuthenticationError))
+            name = "handshakes_refused" if refused else "handshakes_failed"
+            self.counters[name] += 1
+            if refused:
+                self._log.warning(name, conn.address[0], "handshake from %s refused: %s",
+                                  conn.address, ended.error)
+            else:
+                self._log.info(name, conn.address[0], "handshake from %s failed: %s",
+                               conn.address, ended.error)
+            self._events.append(HandshakeRefused(conn.address, ended.error, refused))
+        self._events.append(SessionEnded(conn, ended))
+
+    def _drain_traversal(self) -> None:
+        traversal = self.traversal
+        if traversal is None:
+            return
+        while (ev := traversal.next_event()) is not None:
+            if isinstance(ev, LinkPathChanged):
+                link = ev.link
+                conns = tuple(c for c in self._connections.values() if c.link is link)
+                self._events.append(PathChangedEvent(link.peer_jid, ev.change, conns))
+            else:
+                self._events.append(ev)
+
+
+__all__ = [
+    "Connection",
+    "DatagramReceived",
+    "Endpoint",
+    "EndpointConfig",
+    "EndpointEvent",
+    "EndpointStatistics",
+    "HandshakeConfirmed",
+    "HandshakeRefused",
+    "Introduction",
+    "IntroductionCompleted",
+    "IntroductionFailed",
+    "PathChangedEvent",
+    "Registered",
+    "RegistrationLost",
+    "RegistrationRefused",
+    "SessionEnded",
+    "SessionOpened",
+    "SessionStatistics",
+    "StanzaReceived",
+    "StanzasAcknowledged",
+    "Verify",
+]

@@ -1,0 +1,612 @@
+"""NAT traversal of one device, sans-IO: introductions, probes, relay.
+
+Owns the device's registration with its rendezvous
+(:class:`~dtx.proto.rdvclient.RendezvousClient`) and one
+:class:`~dtx.proto.paths.PathManager` per introduced device (a
+:class:`Link`). QUIC never sees real addresses for those devices: each gets
+a *mapped address* (``fd64::N``, port ``N``), and this core translates both
+ways:
+
+* :meth:`Traversal.route` says where an outgoing QUIC datagram to a mapped
+  address really goes: straight to the peer, or wrapped in a relay frame to
+  the rendezvous server (several places while spraying);
+* :meth:`Traversal.map_incoming` names the mapped address of a QUIC
+  datagram from a known direct path, and :meth:`Traversal.receive_dtx`
+  unwraps relay frames on a known channel.
+
+**Introductions are a seam.** Whoever tells this device "here is the peer,
+its key, its candidates, how to relay to it; probe now" hands an
+:class:`Introduction` to :meth:`Traversal.introduced`. Today the rendezvous
+client is the source (:func:`introduction_from_control`); others (the
+account's XMPP server, the LAN) build the same value.
+
+In: :meth:`receive_dtx`, :meth:`map_incoming`, :meth:`handle_timer`, the
+user calls :meth:`introduce` and :meth:`introduced`. Out:
+:meth:`datagrams_to_send` (control messages and probes), :meth:`route`,
+:meth:`get_timer`, :meth:`next_event`. Time and randomness are arguments;
+no clock, socket or asyncio here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import random
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from ..errors import DecodeError, DtxError
+from ..jid import JID, jid_matches
+from ..logs import LogLimiter
+from ..wire.control import (
+    CandidateKind,
+    ControlMessage,
+    Probe,
+    ProbeKind,
+    decode_control,
+    decode_probe,
+    encode_probe,
+)
+from ..wire.demux import CONTROL_FIRST_BYTE, PROBE_FIRST_BYTE, RELAY_FIRST_BYTE
+from ..wire.relay import decode_relay, encode_relay
+from .paths import PathChanged, PathConfig, PathKind, PathManager, RelayWrap
+from .rdvclient import (
+    IntroductionFailed as _ClientIntroductionFailed,
+    IntroductionReceived,
+    ReflexiveChanged,
+    Registered,
+    RegistrationLost,
+    RegistrationRefused,
+    RendezvousClient,
+    RendezvousClientConfig,
+)
+
+logger = logging.getLogger(__name__)
+
+Address = tuple[str, int]
+
+ROLE_INITIATOR = 1
+ROLE_RESPONDER = 2
+
+
+@dataclass(frozen=True, kw_only=True)
+class TraversalConfig:
+    """Tunables of NAT traversal. Times in seconds."""
+
+    paths: PathConfig = PathConfig()
+    client: RendezvousClientConfig = RendezvousClientConfig()
+    reintroduce_backoff: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
+    """After a failed re-introduction (the peer may not have registered
+    again yet), ask again after these pauses, then give up."""
+    max_old_intros: int = 3
+    """Earlier introductions of a link whose probe keys and relay channel
+    are still accepted (both sides may briefly disagree on the current one)."""
+    max_links: int = 1024
+    """Introduced devices held at once; an introduction past it is refused."""
+    punch_restarts_burst: int = 3
+    punch_restart_interval: float = 10.0
+    """Introductions that restart punching to one peer: ``punch_restarts_burst``
+    at once, then one per ``punch_restart_interval``. A device that
+    re-introduces itself over and over gets its relay channel updated, but
+    no new round of probes: its candidates cannot turn this device into a
+    reflector."""
+
+
+# -- the seam: an introduction ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Introduction:
+    """A peer to reach, from any source of introductions.
+
+    ``candidates`` are (address, kind) pairs to probe; ``relay`` wraps a
+    QUIC packet for the relay and names where it goes (None: no relay);
+    ``channel`` identifies relay frames from the peer (dtx rendezvous relay
+    channels); ``intro`` and ``probe_key`` tag and sign the probes both
+    sides send each other.
+    """
+
+    peer_jid: str
+    peer_key: bytes
+    intro: bytes
+    probe_key: bytes
+    initiator: bool
+    candidates: tuple[tuple[Address, PathKind], ...]
+    relay: RelayWrap | None
+    channel: int | None
+    source: str = "rendezvous"
+
+
+def introduction_from_control(msg: ControlMessage, server: Address) -> Introduction:
+    """The :class:`Introduction` a rendezvous INTRODUCTION message carries;
+    :class:`DecodeError` when a field is missing or malformed."""
+    if (msg.peer_jid is None or msg.peer_key is None or msg.intro is None
+            or msg.probe_key is None or msg.channel is None):
+        raise DecodeError("INTRODUCTION without peer, key, intro, probe key or channel")
+    if msg.role not in (ROLE_INITIATOR, ROLE_RESPONDER):
+        raise DecodeError(f"INTRODUCTION with role {msg.role}")
+    try:
+        peer = JID.parse(msg.peer_jid).full
+    except DtxError as exc:
+        raise DecodeError(f"INTRODUCTION with a bad JID: {exc}") from None
+    channel = msg.channel
+
+    def wrap(payload: bytes) -> tuple[bytes, Address]:
+        return encode_relay(channel, payload), server
+
+    candidates = tuple(
+        (c.addr, PathKind.LAN if c.kind == CandidateKind.HOST else PathKind.DIRECT)
+        for c in msg.candidates
+    )
+    return Introduction(peer, msg.peer_key, msg.intro, msg.probe_key,
+                        msg.role == ROLE_INITIATOR, candidates, wrap, channel)
+
+
+# -- events (the rendezvous client's Registered, RegistrationRefused and
+# RegistrationLost pass through as they are) --------------------------------
+
+
+@dataclass(frozen=True)
+class IntroductionCompleted:
+    """This device and ``link.peer_jid`` were introduced (the relay path,
+    if any, is usable at once)."""
+
+    link: Link
+
+
+@dataclass(frozen=True)
+class IntroductionFailed:
+    target: str
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class LinkPathChanged:
+    link: Link
+    change: PathChanged
+
+
+TraversalEvent = (
+    Registered | RegistrationRefused | RegistrationLost | IntroductionCompleted
+    | IntroductionFailed | LinkPathChanged
+)
+
+
+@dataclass
+class Link:
+    """What this device knows about one introduced remote device."""
+
+    peer_jid: str
+    peer_key: bytes
+    mapped: Address
+    paths: PathManager
+    intro: bytes
+    probe_key: bytes
+    channel: int | None
+    initiator: bool
+    created_at: float
+    old_intros: dict[bytes, tuple[bytes, int | None]] = field(default_factory=dict)
+    """(probe key, relay channel) of earlier introductions, still accepted
+    for a while: after a re-introduction both sides may briefly disagree on
+    which one is current."""
+    reintroduce_at: float | None = None
+    reintroduce_attempts: int = 0
+    punch_tokens: float = 0.0
+    punch_tokens_at: float = 0.0
+    changes: list[PathChanged] = field(default_factory=list)
+
+
+class Traversal:
+    """The rendezvous side of one device's socket, sans-IO."""
+
+    def __init__(
+        self,
+        *,
+        jid: str,
+        key: bytes,
+        sign: Callable[[bytes], bytes],
+        server: Address,
+        host_candidates: Sequence[Address],
+        accept_introductions: bool,
+        rng: random.Random,
+        config: TraversalConfig | None = None,
+    ) -> None:
+        self.config = config or TraversalConfig()
+        self._rng = rng
+        self.server = server
+        self._accepting = accept_introductions
+        self.host_candidates = tuple(host_candidates)
+        self.client = RendezvousClient(
+            jid=jid,
+            key=key,
+            sign=sign,
+            server=server,
+            rng=rng,
+            config=self.config.client,
+            host_candidates=self.host_candidates,
+        )
+        self.links: dict[str, Link] = {}
+        self._by_mapped: dict[Address, Link] = {}
+        self._by_channel: dict[int, Link] = {}
+        self._by_intro: dict[bytes, Link] = {}
+        self._by_addr: dict[Address, Link] = {}
+        self._mapped_next = 1
+        self._out: list[tuple[bytes, Address]] = []
+        self._events: deque[TraversalEvent] = deque()
+        self.refusal: tuple[int, str] | None = None
+        """The server's latest refusal of this device's registration."""
+        self.counters: dict[str, int] = {"dropped": 0, "probes_bad": 0, "relay_unknown": 0,
+                                         "introductions_bad": 0, "punch_restarts_limited": 0}
+        self._log = LogLimiter(logger)
+        self._closed = False
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def start(self, now: float) -> None:
+        self.client.start(now)
+        self._service(now)
+
+    def close(self) -> None:
+        """Stop; a best-effort UNREGISTER goes out with the next datagrams."""
+        if self._closed:
+            return
+        data = self.client.unregister()
+        if data is not None:
+            self._out.append((data, self.server))
+        self._closed = True
+
+    @property
+    def registered(self) -> bool:
+        return self.client.registered
+
+    # -- user calls -----------------------------------------------------------------
+
+    def introduce(self, target: str, now: float) -> None:
+        """Ask the rendezvous to introduce this device and ``target``; an
+        :class:`IntroductionCompleted` or :class:`IntroductionFailed` follows."""
+        self.client.introduce(target, now)
+        self._service(now)
+
+    def introduced(self, intro: Introduction, now: float) -> Link | None:
+        """Take an introduction from any source; returns the link (None when
+        it is refused: not listening, or too many links)."""
+        link = self.links.get(intro.peer_jid)
+        if link is None and not intro.initiator and not self._accepting:
+            logger.info("not accepting the introduction of %s (not listening)", intro.peer_jid)
+            return None
+        if link is None and len(self.links) >= self.config.max_links:
+            self._log.warning("links_full", None, "link table full; refusing %s",
+                              intro.peer_jid)
+            return None
+        cfg = self.config
+        restart = True
+        if link is None:
+            paths = PathManager(cfg.paths, random.Random(self._rng.getrandbits(64)), now,
+                                relay=intro.relay)
+            n = self._mapped_next
+            self._mapped_next += 1
+            link = Link(intro.peer_jid, intro.peer_key, (f"fd64::{n:x}", n), paths,
+                        intro.intro, intro.probe_key, intro.channel, intro.initiator, now,
+                        punch_tokens=float(cfg.punch_restarts_burst), punch_tokens_at=now)
+            self.links[intro.peer_jid] = link
+            self._by_mapped[link.mapped] = link
+        else:
+            if link.peer_key != intro.peer_key:
+                logger.warning("%s introduced with a different key than before", intro.peer_jid)
+                link.peer_key = intro.peer_key
+            if intro.intro != link.intro:
+                link.old_intros[link.intro] = (link.probe_key, link.channel)
+            while len(link.old_intros) > cfg.max_old_intros:
+                oldest = next(iter(link.old_intros))
+                _, old_channel = link.old_intros.pop(oldest)
+                self._by_intro.pop(oldest, None)
+                if old_channel is not None and self._by_channel.get(old_channel) is link:
+                    del self._by_channel[old_channel]
+            link.intro, link.probe_key, link.channel = intro.intro, intro.probe_key, intro.channel
+            link.initiator = link.initiator or intro.initiator
+            link.reintroduce_at = None
+            link.reintroduce_attempts = 0
+            restart = self._take_punch_token(link, now)
+            if restart:
+                link.paths.reset(intro.relay, now, keep=[a for a, _ in intro.candidates])
+                for addr in [a for a, cached in self._by_addr.items() if cached is link]:
+                    del self._by_addr[addr]
+            else:
+                link.paths.set_relay(intro.relay, now)
+        if intro.channel is not None:
+            self._by_channel[intro.channel] = link
+        self._by_intro[intro.intro] = link
+        if restart:
+            for addr, kind in intro.candidates:
+                if kind is PathKind.LAN and not self._shares_lan(addr, intro.candidates):
+                    continue
+                link.paths.add_candidate(addr, kind)
+            link.paths.restart_punching(now)
+            link.paths.handle_timer(now)  # the first punch goes out now
+        logger.info("introduced to %s (%s, by %s), %d candidates, relay channel %s",
+                    intro.peer_jid, "initiator" if intro.initiator else "responder",
+                    intro.source, len(intro.candidates), intro.channel)
+        self._events.append(IntroductionCompleted(link))
+        self._service(now)
+        return link
+
+    def _take_punch_token(self, link: Link, now: float) -> bool:
+        cfg = self.config
+        link.punch_tokens = min(float(cfg.punch_restarts_burst), link.punch_tokens + (
+            now - link.punch_tokens_at) / cfg.punch_restart_interval)
+        link.punch_tokens_at = now
+        if link.punch_tokens >= 1.0:
+            link.punch_tokens -= 1.0
+            return True
+        self.counters["punch_restarts_limited"] += 1
+        self._log.info("punch_limited", link.peer_jid,
+                       "%s re-introduced too often; not probing again yet", link.peer_jid)
+        return False
+
+    def _shares_lan(self, addr: Address, candidates: Sequence[tuple[Address, PathKind]]) -> bool:
+        """A host candidate is probed only where it can be the peer: on one
+        of this device's own networks (same /24, or /64), or at the peer's
+        reflexive address (a peer with no NAT). Anything else may be a
+        third party the peer wants this device to flood."""
+        if any(a[0] == addr[0] for a, kind in candidates if kind is PathKind.DIRECT):
+            return True
+        try:
+            ip = ipaddress.ip_address(addr[0])
+        except ValueError:
+            return False
+        for own, _ in self.host_candidates:
+            try:
+                mine = ipaddress.ip_address(own)
+            except ValueError:
+                continue
+            if mine.version != ip.version:
+                continue
+            prefix = 24 if ip.version == 4 else 64
+            net = ipaddress.ip_network(f"{mine}/{prefix}", strict=False)
+            if ip in net:
+                return True
+        return False
+
+    def link_for_mapped(self, addr: Address) -> Link | None:
+        return self._by_mapped.get(addr)
+
+    def link_for(self, jid: str) -> Link | None:
+        """The link to the device ``jid`` names (a bare JID: any of its devices)."""
+        try:
+            key = JID.parse(jid).full
+        except DtxError:
+            return None
+        link = self.links.get(key)
+        if link is not None:
+            return link
+        for candidate in self.links.values():
+            if jid_matches(key, candidate.peer_jid):
+                return candidate
+        return None
+
+    # -- datagrams in -------------------------------------------------------------
+
+    def receive_dtx(self, data: bytes, src: Address, now: float) -> tuple[bytes, Address] | None:
+        """A datagram whose first byte is in dtx's range (16–19). Returns a
+        relayed QUIC packet with the mapped address of its sender, if it
+        was one."""
+        first = data[0]
+        if first == RELAY_FIRST_BYTE:
+            if src != self.server:
+                self.counters["dropped"] += 1
+                return None
+            try:
+                channel, payload = decode_relay(data)
+            except DecodeError:
+                self.counters["dropped"] += 1
+                return None
+            link = self._by_channel.get(channel)
+            if link is None:
+                self.counters["relay_unknown"] += 1
+                return None
+            return payload, link.mapped
+        if first == CONTROL_FIRST_BYTE:
+            if src != self.server:
+                self.counters["dropped"] += 1
+                return None
+            try:
+                msg = decode_control(data)
+            except DecodeError as exc:
+                self.counters["dropped"] += 1
+                self._log.warning("control_bad", src, "bad control message from the "
+                                  "rendezvous: %s", exc)
+                return None
+            self.client.receive(msg, now)
+        elif first == PROBE_FIRST_BYTE:
+            self._on_probe(data, src, now)
+        else:
+            self.counters["dropped"] += 1
+            return None
+        self._service(now)
+        return None
+
+    def map_incoming(self, src: Address, now: float) -> Address | None:
+        """The mapped address for a QUIC datagram from ``src``, if ``src`` is
+        a known direct path of an introduced device."""
+        link = self._by_addr.get(src)
+        if link is None:
+            # Paths are only added between resets, which clear this cache.
+            for candidate in self.links.values():
+                if candidate.paths.knows(src):
+                    link = self._by_addr[src] = candidate
+                    break
+            else:
+                return None
+        link.paths.on_heard(src, now)
+        return link.mapped
+
+    def _probe_key(self, intro: bytes) -> bytes | None:
+        link = self._by_intro.get(intro)
+        if link is None:
+            return None
+        if intro == link.intro:
+            return link.probe_key
+        old = link.old_intros.get(intro)
+        return None if old is None else old[0]
+
+    def _on_probe(self, data: bytes, src: Address, now: float) -> None:
+        try:
+            probe = decode_probe(data, self._probe_key)
+        except DecodeError as exc:
+            self.counters["probes_bad"] += 1
+            self._log.log(logging.DEBUG, "probe_bad", src, "dropped a probe from %s: %s",
+                          src, exc)
+            return
+        link = self._by_intro.get(probe.intro)
+        if link is None:  # decode_probe found its key, so this cannot happen
+            self.counters["probes_bad"] += 1
+            return
+        if probe.kind is ProbeKind.PING:
+            link.paths.on_ping(probe.txid, src, now)
+        else:
+            link.paths.on_pong(probe.txid, src, now)
+
+    # -- datagrams out --------------------------------------------------------------
+
+    def route(self, data: bytes, mapped: Address, now: float) -> list[tuple[bytes, Address]]:
+        """Where a QUIC datagram for ``mapped`` goes: (payload, destination)
+        pairs (none for an unknown mapped address)."""
+        link = self._by_mapped.get(mapped)
+        if link is None:
+            return []
+        return link.paths.route(data, now)
+
+    def datagrams_to_send(self) -> list[tuple[bytes, Address]]:
+        """Control messages and probes to send."""
+        out, self._out = self._out, []
+        return out
+
+    def next_event(self) -> TraversalEvent | None:
+        return self._events.popleft() if self._events else None
+
+    # -- timers -------------------------------------------------------------------
+
+    def get_timer(self) -> float | None:
+        if self._closed:
+            return None
+        when = self.client.get_timer()
+        for link in self.links.values():
+            for t in (link.paths.get_timer(), link.reintroduce_at):
+                if t is not None and (when is None or t < when):
+                    when = t
+        return when
+
+    def handle_timer(self, now: float) -> None:
+        if self._closed:
+            return
+        self.client.handle_timer(now)
+        for link in self.links.values():
+            link.paths.handle_timer(now)
+            if link.reintroduce_at is not None and now >= link.reintroduce_at:
+                link.reintroduce_at = None
+                if self.client.registered:
+                    self.client.introduce(link.peer_jid, now)
+        self._service(now)
+
+    # -- the machinery ----------------------------------------------------------------
+
+    def _service(self, now: float) -> None:
+        if self._closed:
+            return
+        client = self.client
+        while (ev := client.next_event()) is not None:
+            if isinstance(ev, Registered):
+                self.refusal = None
+                self._events.append(ev)
+                if ev.again:
+                    self._reintroduce_all(now)
+            elif isinstance(ev, RegistrationLost):
+                self._events.append(ev)
+            elif isinstance(ev, ReflexiveChanged):
+                self._reintroduce_all(now)
+            elif isinstance(ev, IntroductionReceived):
+                self._on_introduction(ev.message, now)
+            elif isinstance(ev, _ClientIntroductionFailed):
+                self._on_intro_failed(ev, now)
+            elif isinstance(ev, RegistrationRefused):
+                logger.warning("rendezvous refused registration: %d %s", ev.code, ev.reason)
+                self.refusal = (ev.code, ev.reason)
+                self._events.append(ev)
+        self._out.extend(client.datagrams_to_send())
+        for link in self.links.values():
+            self._flush_link(link, now)
+
+    def _flush_link(self, link: Link, now: float) -> None:
+        for req in link.paths.probes_to_send():
+            if req.ping:
+                probe = Probe(ProbeKind.PING, link.intro, req.txid, None)
+            else:
+                probe = Probe(ProbeKind.PONG, link.intro, req.txid, req.observed)
+            self._out.append((encode_probe(probe, link.probe_key), req.dest))
+        while (change := link.paths.next_event()) is not None:
+            link.changes.append(change)
+            logger.info(
+                "path to %s: %s -> %s%s",
+                link.peer_jid,
+                change.previous.value if change.previous else "none",
+                change.kind.value,
+                f" {change.addr[0]}:{change.addr[1]}" if change.addr else "",
+            )
+            if change.kind is PathKind.RELAY and change.previous in (PathKind.DIRECT, PathKind.LAN):
+                # The direct path died: perhaps our NAT changed. Ask the
+                # server now rather than at the next keepalive.
+                self.client.check_now(now)
+                self._out.extend(self.client.datagrams_to_send())
+            self._events.append(LinkPathChanged(link, change))
+
+    def _on_introduction(self, msg: ControlMessage, now: float) -> None:
+        try:
+            intro = introduction_from_control(msg, self.server)
+        except DecodeError as exc:
+            self.counters["introductions_bad"] += 1
+            self._log.warning("introduction_bad", self.server,
+                              "bad introduction from the rendezvous: %s", exc)
+            return
+        link = self.introduced(intro, now)
+        if link is not None and not intro.initiator:
+            self.client.accept(intro.intro, now)
+
+    def _on_intro_failed(self, ev: _ClientIntroductionFailed, now: float) -> None:
+        try:
+            key = JID.parse(ev.target).full
+        except DtxError:
+            key = ev.target
+        link = self.links.get(key)
+        backoff = self.config.reintroduce_backoff
+        if link is not None and link.reintroduce_attempts < len(backoff):
+            # The peer may not have registered again yet (a restart): retry.
+            link.reintroduce_at = now + backoff[link.reintroduce_attempts]
+            link.reintroduce_attempts += 1
+        self._events.append(IntroductionFailed(ev.target, ev.code, ev.reason))
+
+    def _reintroduce_all(self, now: float) -> None:
+        """After a new registration or a new public address: fresh
+        introductions (new relay channels, new candidates) with every known
+        device; the other side is introduced in the same stroke."""
+        for link in self.links.values():
+            link.reintroduce_attempts = 0
+            link.reintroduce_at = None
+            self.client.introduce(link.peer_jid, now)
+
+
+__all__ = [
+    "Introduction",
+    "IntroductionCompleted",
+    "IntroductionFailed",
+    "Link",
+    "LinkPathChanged",
+    "Registered",
+    "RegistrationLost",
+    "RegistrationRefused",
+    "Traversal",
+    "TraversalConfig",
+    "TraversalEvent",
+    "introduction_from_control",
+]

@@ -1,0 +1,105 @@
+"""The layers stay layers: sans-IO code loads no driver, drivers form no cycle.
+
+``dtx/wire`` (codecs) and ``dtx/proto`` (sans-IO machines) import no
+asyncio, socket, clock or OS randomness, and importing them loads no
+asyncio; the drivers in ``dtx/aio`` import each other without a cycle.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SANS_IO = sorted([*(ROOT / "dtx" / "wire").glob("*.py"), *(ROOT / "dtx" / "proto").glob("*.py")])
+FORBIDDEN_MODULES = {"asyncio", "socket", "time", "selectors", "threading"}
+
+
+def imports_of(path: Path) -> list[tuple[str, str | None]]:
+    """(module, name) for every import in ``path`` (name None for ``import m``)."""
+    tree = ast.parse(path.read_text(), str(path))
+    out: list[tuple[str, str | None]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.extend((alias.name, None) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = "." * node.level + (node.module or "")
+            out.extend((base, alias.name) for alias in node.names)
+    return out
+
+
+@pytest.mark.parametrize("path", SANS_IO, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_sans_io_modules_import_no_io(path: Path) -> None:
+    bad = []
+    for module, name in imports_of(path):
+        top = module.lstrip(".").split(".")[0]
+        if top in FORBIDDEN_MODULES and not module.startswith("."):
+            bad.append(module)
+        if top == "os" and (name in (None, "urandom")):
+            bad.append(f"{module} {name or ''}".strip())
+        if module.startswith(".") and module.lstrip(".").startswith("aio") \
+                or module.startswith("dtx.aio"):
+            bad.append(module)
+    source = path.read_text()
+    assert "os.urandom" not in source and "time.time(" not in source
+    assert not bad, f"{path.name} imports {bad}"
+
+
+def test_importing_the_sans_io_layer_loads_no_asyncio() -> None:
+    code = ("import sys, dtx.wire.demux, dtx.proto.session, dtx.proto.endpoint, "
+            "dtx.proto.traversal, dtx.wire.control, dtx.wire.stun\n"
+            "loaded = sorted(m for m in sys.modules if m == 'asyncio' or m.startswith('dtx.aio'))\n"
+            "assert not loaded, loaded\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+def test_the_public_api_still_loads_the_driver_on_use() -> None:
+    code = ("import sys, dtx\n"
+            "assert 'dtx.aio.peer' not in sys.modules\n"
+            "assert dtx.Peer.__module__ == 'dtx.aio.peer'\n"
+            "assert dtx.Session.__module__ == 'dtx.aio.session'\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+def test_no_import_cycle_among_the_drivers() -> None:
+    aio = ROOT / "dtx" / "aio"
+    names = {p.stem for p in aio.glob("*.py") if p.stem != "__init__"}
+    graph: dict[str, set[str]] = {}
+    for name in names:
+        deps = set()
+        for module, imported in imports_of(aio / f"{name}.py"):
+            if module == ".":
+                target = imported or ""
+            elif module.startswith(".") and not module.startswith(".."):
+                target = module[1:].split(".")[0]
+            elif module.startswith("dtx.aio."):
+                target = module.split(".")[2]
+            else:
+                continue
+            if target in names:
+                deps.add(target)
+        graph[name] = deps
+
+    visiting: list[str] = []
+    done: set[str] = set()
+
+    def visit(node: str) -> None:
+        if node in done:
+            return
+        assert node not in visiting, f"import cycle: {' -> '.join(visiting + [node])}"
+        visiting.append(node)
+        for dep in sorted(graph[node]):
+            visit(dep)
+        visiting.pop()
+        done.add(node)
+
+    for node in sorted(graph):
+        visit(node)
