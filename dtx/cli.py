@@ -93,9 +93,9 @@ def _ascii_digits(text: str, most: int) -> bool:
     return 0 < len(text) <= most and text.isascii() and text.isdigit()
 
 
-def _check_host_text(host: str, text: str) -> None:
+def _check_host_text(host: str, text: str, empty: str) -> None:
     if not host:
-        raise argparse.ArgumentTypeError(f"{text!r} has no host; expected HOST:PORT")
+        raise argparse.ArgumentTypeError(f"{text!r} {empty}")
     if not host.isprintable() or any(c.isspace() for c in host):
         raise argparse.ArgumentTypeError(f"{text!r}: the host has spaces or control characters")
 
@@ -114,7 +114,7 @@ def parse_hostport(text: str) -> tuple[str, int]:
     elif ":" in host:
         raise argparse.ArgumentTypeError(
             f"{text!r}: write an IPv6 address in brackets, as [::1]:5300")
-    _check_host_text(host, text)
+    _check_host_text(host, text, "has no host; expected HOST:PORT")
     if not _ascii_digits(port_text, 5) or not 0 < int(port_text) < 65536:
         raise argparse.ArgumentTypeError(f"{text!r}: the port must be a number from 1 to 65535")
     return host, int(port_text)
@@ -123,7 +123,7 @@ def parse_hostport(text: str) -> tuple[str, int]:
 def parse_bind_host(text: str) -> str:
     """A local address to bind: an IP address or a host name (``[::1]`` too)."""
     host = text[1:-1] if text.startswith("[") and text.endswith("]") else text
-    _check_host_text(host, text)
+    _check_host_text(host, text, "is not an address or host name")
     return host
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import queue
+import re
+import shlex
 import socket
 import stat
 import subprocess
@@ -12,16 +15,32 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
+from xml.etree.ElementTree import Element
 
 import pytest
 
+from dtx import stanza as st
+from dtx.aio.peer import Session, open_peer
+from dtx.identity import load_identity
+from dtx.proto import xmlstream
+from dtx.proto.xmlstream import DEFAULT_MAX_STANZA_BYTES, encode_stanza
+from dtx.trust import PinStore, VCardDirectory, Verifier
+
 TV = "tv@example.org/living-room"
 REMOTE = "remote@example.org/phone"
+DEADLINE = 30.0
+CLI_DOC = Path(__file__).resolve().parents[2] / "docs" / "cli.md"
 
 
-def dtx(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+def dtx(*args: str, timeout: float = 60,
+        cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `dtx` (this checkout's, from any folder) as a person would."""
+    path = os.pathsep.join(p for p in (str(CLI_DOC.parents[1]), os.environ.get("PYTHONPATH"))
+                           if p)
     return subprocess.run([sys.executable, "-m", "dtx.cli", *args], capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL, cwd=cwd,
+                          env={**os.environ, "PYTHONPATH": path})
 
 
 def free_udp_port() -> int:
@@ -45,6 +64,8 @@ def keys(tmp_path: Path) -> dict[str, Path]:
 
 
 class Listener:
+    """A `dtx listen --json` process; its stdout read line by line in a thread."""
+
     def __init__(self, proc: subprocess.Popen[str]) -> None:
         self.proc = proc
         self.lines: queue.Queue[str | None] = queue.Queue()
@@ -56,26 +77,40 @@ class Listener:
             self.lines.put(line)
         self.lines.put(None)
 
-    def next_event(self, timeout: float = 20) -> dict[str, object]:
+    def next_event(self, timeout: float = DEADLINE) -> dict[str, object]:
         line = self.lines.get(timeout=timeout)
         assert line is not None, "listener exited"
         return json.loads(line)  # type: ignore[no-any-return]
 
+    def rest(self, timeout: float = DEADLINE) -> list[dict[str, object]]:
+        """Every event until the process closes its stdout."""
+        events = []
+        while (line := self.lines.get(timeout=timeout)) is not None:
+            events.append(json.loads(line))
+        return events
+
+
+def spawn_listener(keys: dict[str, Path], *args: str,
+                   stderr: IO[str] | int = subprocess.DEVNULL) -> Listener:
+    return Listener(subprocess.Popen(
+        [sys.executable, "-m", "dtx.cli", "listen", str(keys["tv"]),
+         "--vcards", str(keys["vcards"]), "--no-pins", "--json", *args],
+        stdout=subprocess.PIPE, stderr=stderr, text=True, stdin=subprocess.DEVNULL))
+
 
 @pytest.fixture
 def listener(keys: dict[str, Path]) -> Iterator[tuple[Listener, int]]:
-    port = free_udp_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dtx.cli", "listen", str(keys["tv"]), "--port", str(port),
-         "--vcards", str(keys["vcards"]), "--no-pins", "--echo", "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, stdin=subprocess.DEVNULL)
-    lst = Listener(proc)
+    lst = spawn_listener(keys, "--echo")  # no --port: any free port, printed
     try:
-        assert lst.next_event()["event"] == "listening"
+        listening = lst.next_event()
+        assert listening["event"] == "listening"
+        port = listening["port"]
+        assert isinstance(port, int) and port > 0
+        assert listening["address"] == f"127.0.0.1:{port}"
         yield lst, port
     finally:
-        proc.kill()
-        proc.wait(10)
+        lst.proc.kill()
+        lst.proc.wait(10)
 
 
 def test_keygen_writes_a_private_key_file(keys: dict[str, Path]) -> None:
@@ -140,3 +175,188 @@ def test_send_without_a_way_to_reach_the_peer_is_a_usage_error(keys: dict[str, P
     done = dtx("send", str(keys["remote"]), "--to", "tv@example.org", "--body", "x")
     assert done.returncode == 2
     assert "--addr" in done.stderr
+
+
+def test_send_resolves_a_host_name(keys: dict[str, Path],
+                                   listener: tuple[Listener, int]) -> None:
+    lst, port = listener
+    sent = dtx("send", str(keys["remote"]), "--to", "tv@example.org", "--addr",
+               f"localhost:{port}", "--vcards", str(keys["vcards"]), "--no-pins",
+               "--body", "by name", "--json")
+    assert sent.returncode == 0, sent.stderr
+    assert json.loads(sent.stdout)["peer"] == TV
+    assert lst.next_event()["event"] == "session"
+    assert lst.next_event()["body"] == "by name"
+
+
+def test_listen_with_a_rendezvous_needs_no_port(keys: dict[str, Path]) -> None:
+    rdv = Listener(subprocess.Popen(
+        [sys.executable, "-m", "rendezvous", "--listen", "127.0.0.1:0",
+         "--vcards", str(keys["vcards"])],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, stdin=subprocess.DEVNULL))
+    lst = None
+    try:
+        line = rdv.lines.get(timeout=DEADLINE)
+        found = re.search(r"listening on 127\.0\.0\.1:(\d+)", line or "")
+        assert found, line
+        server = f"localhost:{found[1]}"  # a name, resolved to 127.0.0.1
+        lst = spawn_listener(keys, "--rendezvous", server, "--host", "127.0.0.1")
+        listening = lst.next_event()
+        assert listening["event"] == "listening"
+        port = listening["port"]
+        assert isinstance(port, int) and port > 0
+        assert listening["address"] == f"127.0.0.1:{port}"
+        sent = dtx("send", str(keys["remote"]), "--to", "tv@example.org",
+                   "--rendezvous", server, "--bind", "127.0.0.1",
+                   "--vcards", str(keys["vcards"]), "--no-pins", "--body", "by jid", "--json")
+        assert sent.returncode == 0, sent.stderr
+        assert json.loads(sent.stdout)["peer"] == TV
+    finally:
+        for proc in (rdv.proc, lst.proc if lst is not None else None):
+            if proc is not None:
+                proc.kill()
+                proc.wait(10)
+
+
+# -- D3: an echo that does not fit in a stanza ------------------------------------------
+
+
+def sized_message(size: int, id_: str) -> Element:
+    """A message to the TV whose encoding is exactly ``size`` bytes."""
+    pad = size - len(encode_stanza(st.message("x", to="tv@example.org", id_=id_)))
+    el = st.message("x" * (1 + pad), to="tv@example.org", id_=id_)
+    assert len(encode_stanza(el)) == size
+    return el
+
+
+def write_gt_unescaped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make this process write '>' in text as is, as XML allows and other
+    XMPP software does (dtx writes '&gt;'); `dtx listen` is another process
+    and keeps its own encoder, which re-escapes it."""
+    real = xmlstream.encode_stanza
+
+    def encode(element: Element) -> bytes:
+        return real(element).replace(b"&gt;", b">")
+
+    monkeypatch.setattr(xmlstream, "encode_stanza", encode)
+
+
+async def next_stanza(session: Session) -> Element:
+    async with asyncio.timeout(DEADLINE):
+        return await session.receive()
+
+
+def assert_stanza_error(reply: Element, id_: str) -> None:
+    assert reply.tag == st.MESSAGE and reply.get("type") == "error", reply.attrib
+    assert reply.get("id") == id_ and reply.get("to") == REMOTE
+    error = reply.find(f"{{{st.NS_CLIENT}}}error")
+    assert error is not None and error.get("type") == "modify"
+    assert error.find(f"{{{st.NS_STANZAS}}}policy-violation") is not None
+    text = error.find(f"{{{st.NS_STANZAS}}}text")
+    assert text is not None and "262144" in (text.text or "")
+
+
+async def test_an_echo_too_large_is_answered_with_a_stanza_error_and_the_session_goes_on(
+        keys: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    errors_file = tmp_path / "listen.stderr"
+    with open(errors_file, "w") as errors_out:
+        lst = spawn_listener(keys, "--echo", "--sessions", "1", stderr=errors_out)
+    try:
+        listening = await asyncio.to_thread(lst.next_event)
+        port = listening["port"]
+        assert isinstance(port, int)
+        trust = Verifier([VCardDirectory(keys["vcards"])], PinStore(None))
+        async with open_peer(load_identity(keys["remote"]), trust) as peer:
+            session = await peer.connect("tv@example.org", ("127.0.0.1", port),
+                                         timeout=DEADLINE)
+            # The largest stanza allowed: its echo, with to= added, is 30 bytes too large.
+            session.send(sized_message(DEFAULT_MAX_STANZA_BYTES, "max"))
+            assert_stanza_error(await next_stanza(session), "max")
+            # 100 KB of '>' written as is: 400 KB once the echo escapes it.
+            write_gt_unescaped(monkeypatch)
+            session.send(st.message(">" * 100_000, to="tv@example.org", id_="gt"))
+            monkeypatch.undo()
+            assert_stanza_error(await next_stanza(session), "gt")
+            # The same session is still served.
+            session.send(st.message("still here", to="tv@example.org", id_="after"))
+            echo = await next_stanza(session)
+            assert echo.get("type") == "chat" and st.body_of(echo) == "still here"
+            await session.close()
+        events = await asyncio.to_thread(lst.rest)
+        code = await asyncio.to_thread(lst.proc.wait, DEADLINE)
+    finally:
+        lst.proc.kill()
+        lst.proc.wait(10)
+    stderr = errors_file.read_text()
+    assert code == 0, stderr  # --sessions 1: its one session ended normally
+    assert "Traceback" not in stderr and "never retrieved" not in stderr, stderr
+    assert stderr.count("echo not sent") == 2, stderr  # logged once each
+    assert [e["id"] for e in events if e["event"] == "echo_refused"] == ["max", "gt"]
+    assert [e["body"] for e in events if e["event"] == "stanza"][-1] == "still here"
+    assert events[-1]["event"] == "closed" and events[-1]["error"] is None
+
+
+# -- docs/cli.md: every bad argument, its message and its exit code -----------------------
+
+
+def bad_argument_rows() -> list[tuple[str, str, int]]:
+    """The rows of the table under "## Bad arguments" in docs/cli.md."""
+    section = CLI_DOC.read_text(encoding="utf-8").split("\n## Bad arguments\n", 1)[1]
+    section = section.split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        row = re.fullmatch(r"\| `(dtx[^`]*)` \| `([^`]+)` \| (\d+) \|", line.strip())
+        if row:
+            rows.append((row[1], row[2], int(row[3])))
+    return rows
+
+
+BAD_ARGUMENTS = bad_argument_rows()
+
+
+def test_the_table_of_bad_arguments_covers_the_known_cases() -> None:
+    commands = " ".join(command for command, _, _ in BAD_ARGUMENTS)
+    for case in ("--port 70000", "--count 0", "--timeout 0", "--timeout -1", "--timeout nan",
+                 "--timeout inf", "--vcards notes.txt", "dtx pin forget", "$BUSY",
+                 "--addr 127.0.0.1 ", "--addr 127.0.0.1:70000", "--addr :5300"):
+        assert case in commands, case
+
+
+@pytest.fixture(scope="module")
+def bad_argument_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("cli-bad-arguments")
+    (folder / "vcards").mkdir()
+    for name, jid in (("tv", TV), ("remote", REMOTE)):
+        made = dtx("keygen", "--jid", jid, "--out", f"{name}.key", cwd=folder)
+        assert made.returncode == 0, made.stderr
+        card = dtx("vcard", f"{name}.key", cwd=folder)
+        assert card.returncode == 0, card.stderr
+        (folder / "vcards" / f"{jid.split('/')[0]}.xml").write_text(card.stdout)
+    (folder / "notes.txt").write_text("not a folder\n")
+    (folder / "bad-pins.json").write_text("{not json\n")
+    return folder
+
+
+@pytest.mark.parametrize("command, message, code", BAD_ARGUMENTS,
+                         ids=[command for command, _, _ in BAD_ARGUMENTS])
+def test_a_bad_argument_is_one_line_on_stderr_and_its_exit_code(
+        command: str, message: str, code: int, bad_argument_folder: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        values = {"$BUSY": str(busy.getsockname()[1]), "$BIG": ">" * 100_000,
+                  "$CTRL": "a\x01b"}
+
+        def fill(text: str) -> str:
+            for name, value in values.items():
+                text = text.replace(name, value)
+            return text
+
+        argv = [fill(word) for word in shlex.split(command)]
+        assert argv[0] == "dtx"
+        done = dtx(*argv[1:], cwd=bad_argument_folder)
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == code, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert fill(message) in last, done.stderr
+    assert last.startswith("dtx"), done.stderr
+    assert done.stdout == ""
