@@ -3,6 +3,17 @@
 Every limit the server enforces is a field here (docs/rendezvous.md lists
 them with their defaults); tests build the config they need instead of
 patching module globals. Seconds unless the name says otherwise.
+
+Control messages are charged to one of two budgets, after they decode
+(``rendezvous.core``): a message carrying a live registration id from
+that registration's address is charged to the registration
+(``control_per_registration_*``); anything else from a source that proved
+nothing — HELLO, REGISTER, a registration id the server does not know —
+to its source address (``control_per_address_*``) *and* its source IP
+(``control_per_source_*``). The per-address bucket keeps one busy socket
+from using up what its IP may send; the per-IP bucket caps what the
+server sends towards one IP that proved nothing. Datagrams that do not
+decode cost no budget at all.
 """
 
 from __future__ import annotations
@@ -38,7 +49,13 @@ class RendezvousConfig:
     intro_timeout: float = 5.0
     intro_retransmits: tuple[float, ...] = (0.25, 0.5, 1.0)
     control_per_source_per_s: float = 50.0
-    """Control messages, per source IP."""
+    """Control messages from unproven sources, per source IP."""
     control_per_source_burst: float = 100.0
+    control_per_address_per_s: float = 10.0
+    """Control messages from unproven sources, per source (IP, port)."""
+    control_per_address_burst: float = 20.0
+    control_per_registration_per_s: float = 50.0
+    """Control messages carrying a live registration id, per registration."""
+    control_per_registration_burst: float = 100.0
     max_sources: int = 65_536
-    """Entries in each per-source table (IPs, log peers)."""
+    """Entries in each per-source table (IPs, addresses, log peers)."""

@@ -21,7 +21,13 @@ ones), :mod:`rendezvous.registrations` (the registration table),
 Rules the core keeps whatever arrives:
 
 * ``receive_datagram`` never raises; what does not decode is counted and
-  dropped, never answered.
+  dropped, never answered, and costs no rate-limit budget: rate limits are
+  charged only to messages that decode, so junk from a device's IP (or
+  its very address) cannot use up what the device may send.
+* A message carrying a live registration id, from that registration's
+  address, is charged to the registration; anything else (HELLO, REGISTER,
+  an unknown registration) to its source address and its source IP
+  (:mod:`rendezvous.config`).
 * Nothing is stored for a source that has not proved its address (the
   challenge is stateless) and its key (signature and vCard), beyond its
   rate-limit buckets in bounded tables. Every table is bounded, and a full
@@ -171,6 +177,9 @@ class RendezvousCore:
         self._per_ip = BucketTable(rate=config.control_per_source_per_s,
                                    burst=config.control_per_source_burst,
                                    max_entries=config.max_sources)
+        self._per_address = BucketTable(rate=config.control_per_address_per_s,
+                                        burst=config.control_per_address_burst,
+                                        max_entries=config.max_sources)
         self._log = LogLimiter(logger, max_peers=config.max_sources)
         self._timers = TimerHeap()
         self._counters: dict[str, int] = {}
@@ -295,6 +304,12 @@ class RendezvousCore:
             return key in self._intros
         return key in self._verifications
 
+    def _unproven_allowed(self, src: Address, now: float) -> bool:
+        """Charge a message from a source that proved nothing: to its
+        address first (one busy socket stops at its own bucket), then to
+        its IP."""
+        return self._per_address.take(src, now) and self._per_ip.take(src[0], now)
+
     # -- dispatch -----------------------------------------------------------
 
     def _receive(self, data: bytes, src: Address, local: Address, now: float) -> None:
@@ -320,10 +335,6 @@ class RendezvousCore:
 
     def _on_control(self, data: bytes, src: Address, now: float) -> None:
         size = len(data)
-        if not self._per_ip.take(src[0], now):
-            self._count("dropped_rate_limited")
-            logger.debug("rate limiting %s", src)
-            return
         try:
             msg = decode_control(data)
         except DecodeError as exc:
@@ -340,6 +351,18 @@ class RendezvousCore:
         reg = None
         if msg.type in _CARRY_REGISTRATION:
             reg = self._registered(msg.registration, src, now)
+        if reg is not None:
+            cfg = self._config
+            if not reg.control_bucket.take(1, now, cfg.control_per_registration_per_s,
+                                           cfg.control_per_registration_burst):
+                self._count("dropped_rate_limited_registered")
+                self._log.warning("registration rate limited", reg.jid,
+                                  "%s (%s) is over its control message budget", reg.jid, src)
+                return
+        elif not self._unproven_allowed(src, now):
+            self._count("dropped_rate_limited")
+            logger.debug("rate limiting %s", src)
+            return
         logger.debug("%s from %s (%d bytes)", msg.type.name, src, size)
         if msg.type == MessageType.HELLO:
             self._on_hello(msg, src, size, now)
@@ -478,6 +501,7 @@ class RendezvousCore:
             expires=now + cfg.lifetime,
             byte_bucket=TokenBucket(cfg.relay_burst_bytes, now),
             frame_bucket=TokenBucket(cfg.relay_burst_frames, now),
+            control_bucket=TokenBucket(cfg.control_per_registration_burst, now),
         )
         self._regs.add(reg)
         self._used.add(challenge, now + cfg.challenge_validity + _USED_CHALLENGE_MARGIN)

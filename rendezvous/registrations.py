@@ -43,6 +43,7 @@ class Registration:
     expires: float
     byte_bucket: TokenBucket
     frame_bucket: TokenBucket
+    control_bucket: TokenBucket
     channels: dict[int, Introduction] = field(default_factory=dict)
     """This device's relay channels (owned by the introduction table)."""
     intros: set[bytes] = field(default_factory=set)

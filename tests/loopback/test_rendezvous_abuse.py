@@ -166,6 +166,17 @@ async def test_no_reply_to_an_unproven_source_exceeds_three_times_the_request(
 # -- no open relay ---------------------------------------------------------------
 
 
+async def _introduce(a: Device, b: Device) -> tuple[int, int]:
+    """``a`` asks for ``b``, ``b`` accepts: the relay channels of ``a`` and ``b``."""
+    a.control(MessageType.INTRODUCE, target=b.ident.jid.full)
+    intro_a = await a.recv_control(MessageType.INTRODUCTION)
+    intro_b = await b.recv_control(MessageType.INTRODUCTION)
+    assert intro_a.channel is not None and intro_b.channel is not None
+    b.control(MessageType.ACCEPT, intro=intro_b.intro)
+    await b.recv_control(MessageType.ACK)
+    return intro_a.channel, intro_b.channel
+
+
 async def test_no_open_relay(server: Server, accounts: dict[str, DeviceIdentity]) -> None:
     a = await Device(accounts["phone"], server.address).open()
     b = await Device(accounts["tv"], server.address).open()
@@ -175,22 +186,17 @@ async def test_no_open_relay(server: Server, accounts: dict[str, DeviceIdentity]
         await a.register()
         await b.register()
         await eve.register()  # registered, but never introduced to anyone
-        a.control(MessageType.INTRODUCE, target=accounts["tv"].jid.full)
-        intro_a = await a.recv_control(MessageType.INTRODUCTION)
-        intro_b = await b.recv_control(MessageType.INTRODUCTION)
-        assert intro_a.channel is not None and intro_b.channel is not None
-        b.control(MessageType.ACCEPT, intro=intro_b.intro)
-        await b.recv_control(MessageType.ACK)
+        chan_a, chan_b = await _introduce(a, b)
         before = server.statistics()
-        for channel in (intro_a.channel, intro_b.channel):
+        for channel in (chan_a, chan_b):
             for i in range(50):
                 outsider.send(encode_relay(channel, b"\xc0outsider-%d" % i))
                 eve.send(encode_relay(channel, b"\xc0eve-%d" % i))
         # a's own frame after the hostile ones: it is the first thing b gets
-        a.send(encode_relay(intro_a.channel, b"\xc0legit"))
-        assert decode_relay(await b.recv()) == (intro_b.channel, b"\xc0legit")
-        b.send(encode_relay(intro_b.channel, b"\x40back"))
-        assert decode_relay(await a.recv()) == (intro_a.channel, b"\x40back")
+        a.send(encode_relay(chan_a, b"\xc0legit"))
+        assert decode_relay(await b.recv()) == (chan_b, b"\xc0legit")
+        b.send(encode_relay(chan_b, b"\x40back"))
+        assert decode_relay(await a.recv()) == (chan_a, b"\x40back")
         assert b.inbox.empty() and a.inbox.empty()
         stats = server.statistics()
         assert stats["dropped_relay_unregistered"] - before.get(
@@ -214,17 +220,12 @@ async def test_relay_flood_is_held_to_the_device_limits(
     try:
         await a.register()
         await b.register()
-        a.control(MessageType.INTRODUCE, target=accounts["tv"].jid.full)
-        intro_a = await a.recv_control(MessageType.INTRODUCTION)
-        intro_b = await b.recv_control(MessageType.INTRODUCTION)
-        assert intro_a.channel is not None
-        b.control(MessageType.ACCEPT, intro=intro_b.intro)
-        await b.recv_control(MessageType.ACK)
+        chan_a, _ = await _introduce(a, b)
         loop = asyncio.get_running_loop()
         start = loop.time()
         flood = 2000
         for i in range(flood):
-            a.send(encode_relay(intro_a.channel, b"\xc0%d" % i))
+            a.send(encode_relay(chan_a, b"\xc0%d" % i))
         # a's keepalive is read after every frame of the flood (one socket, in order)
         a.control(MessageType.KEEPALIVE)
         await a.recv_control(MessageType.KEEPALIVE_ACK)
@@ -348,3 +349,128 @@ async def test_registration_flood_cannot_push_out_established_devices(
         for dev in (a, b, *bots):
             dev.close()
         srv.close()
+
+
+# -- junk and HELLO floods from the device's own IP (issue D5) ----------------------
+
+
+async def _drain(sock: Raw) -> int:
+    """A STUN request, and how many CHALLENGEs came before its answer: the
+    server has then read all ``sock`` sent (loopback keeps order)."""
+    marker = bytes(range(12))
+    sock.send(binding_request(marker))
+    challenges = 0
+    async with asyncio.timeout(DEADLINE):
+        for _ in range(100_000):
+            data = await sock.inbox.get()
+            if data[:1] == b"\x01" and data[8:20] == marker:
+                return challenges
+            if decode_control(data).type == MessageType.CHALLENGE:
+                challenges += 1
+    raise AssertionError("no end marker")
+
+
+class _Flood:
+    """Every 10 ms, from sockets of the devices' IP: a 1-byte ``0x10``
+    datagram (the junk of issue D5) from one, 10 valid HELLOs from another,
+    and once ``wide`` one HELLO from each of 10 more, more than that IP may
+    send."""
+
+    def __init__(self, ident: DeviceIdentity, target: tuple[str, int]) -> None:
+        self.junk_sock = Raw(ident, target, "127.0.0.1")
+        self.hello_sock = Raw(ident, target, "127.0.0.1")
+        self.wide_socks = [Raw(ident, target, "127.0.0.1") for _ in range(10)]
+        self.wide = False
+        self.junk = 0
+        self.steps = 0
+        self._waiters: list[tuple[int, asyncio.Event]] = []
+        self._stop = asyncio.Event()
+
+    def socks(self) -> list[Raw]:
+        return [self.junk_sock, self.hello_sock, *self.wide_socks]
+
+    async def open(self) -> _Flood:
+        for sock in self.socks():
+            await sock.open()
+        return self
+
+    async def after(self, steps: int) -> None:
+        """Wait until the flood has run ``steps`` more steps."""
+        event = asyncio.Event()
+        self._waiters.append((self.steps + steps, event))
+        async with asyncio.timeout(steps * 0.01 + 30):
+            await event.wait()
+
+    async def run(self) -> None:
+        txid = 0
+        while not self._stop.is_set():
+            self.junk_sock.send(b"\x10")
+            self.junk += 1
+            for sock in [self.hello_sock] * 10 + (self.wide_socks if self.wide else []):
+                txid += 1
+                sock.send(encode_hello(txid.to_bytes(8, "big")))
+            self.steps += 1
+            for due, event in self._waiters:
+                if self.steps >= due:
+                    event.set()
+            await asyncio.sleep(0.01)  # pacing the flood, not synchronising
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+async def test_junk_and_hello_floods_from_the_device_ip_do_not_starve_it(
+    tmp_path: Path, accounts: dict[str, DeviceIdentity]
+) -> None:
+    write_vcards(tmp_path, *accounts.values())
+    config = RendezvousConfig()
+    srv = await serve(("127.0.0.1", 0), vcards=tmp_path, config=config)
+    a = await Device(accounts["phone"], srv.address).open()
+    b = await Device(accounts["tv"], srv.address).open()
+    flood = await _Flood(accounts["eve"], srv.address).open()
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    task = asyncio.create_task(flood.run())
+    try:
+        await flood.after(100)
+        # one HELLO and one REGISTER each, no retransmission: none may be lost
+        await a.register()
+        await b.register()
+        flood.wide = True  # from now on the IP's budget for unproven sources is used up
+        await flood.after(100)
+        for _ in range(5):
+            a.control(MessageType.KEEPALIVE)
+            await a.recv_control(MessageType.KEEPALIVE_ACK)
+            await flood.after(20)
+        chan_a, chan_b = await _introduce(a, b)
+        a.send(encode_relay(chan_a, b"\xc0through"))
+        assert decode_relay(await b.recv()) == (chan_b, b"\xc0through")
+    finally:
+        flood.stop()
+        await task
+    try:
+        hello_challenges = await _drain(flood.hello_sock)
+        challenges = hello_challenges
+        for sock in [flood.junk_sock, *flood.wide_socks]:
+            challenges += await _drain(sock)
+        elapsed = loop.time() - start
+        stats = srv.statistics()
+        assert stats["registrations"] == 2
+        assert stats["dropped_undecodable"] == flood.junk  # each counted, none charged
+        assert stats["dropped_rate_limited"] > 0
+        assert stats.get("dropped_rate_limited_registered", 0) == 0
+        # the HELLO socket was held to its address's budget all along
+        per_address = config.control_per_address_burst + config.control_per_address_per_s * elapsed
+        assert hello_challenges <= per_address
+        # and all the flood's sockets together to the IP's
+        per_ip = config.control_per_source_burst + config.control_per_source_per_s * elapsed
+        devices = 4  # their HELLOs and REGISTERs
+        assert challenges + devices <= per_ip
+    finally:
+        for sock in flood.socks():
+            sock.close()
+        a.close()
+        b.close()
+        srv.close()
+        await srv.wait_closed()
+    assert srv.statistics().get("internal_errors", 0) == 0

@@ -678,7 +678,11 @@ def test_receive_datagram_never_raises(
     assert h.core.statistics().get("internal_errors", 0) == 0
 
 
-_FUZZ = make(RendezvousConfig(control_per_source_per_s=1e9, control_per_source_burst=1e9))
+_FUZZ = make(RendezvousConfig(
+    control_per_source_per_s=1e9, control_per_source_burst=1e9,
+    control_per_address_per_s=1e9, control_per_address_burst=1e9,
+    control_per_registration_per_s=1e9, control_per_registration_burst=1e9,
+))
 _FUZZ.register("alice", HOME_A)
 _FUZZ.register("bob", HOME_B)
 
