@@ -482,10 +482,12 @@ class RendezvousCore:
             if self._regs.account_size(jid.bare) >= cfg.max_devices_per_account and not (
                 at_src is not None and at_src.jid.bare == jid.bare
             ):
+                self._count("refused_too_many_devices")
                 self._error(msg.txid, ErrorCode.TABLE_FULL, "too many devices", src, size,
                             proven=True)
                 return
         else:
+            # the same device (full JID) registering again: it keeps its slot
             self._remove_registration(old, "replaced")
         other = self._regs.at(src)
         if other is not None:

@@ -1,11 +1,13 @@
 """The rendezvous core's budgets against a fake clock: rate limits charged
 after decoding (junk costs none), per registration for registered devices,
-per address and per IP for sources that proved nothing."""
+per address and per IP for sources that proved nothing; and the bound on
+devices per account."""
 
 from __future__ import annotations
 
 import random
 
+from dtx.identity import DeviceIdentity, generate_identity
 from dtx.wire.control import (
     ControlMessage,
     MessageType,
@@ -183,3 +185,70 @@ def test_unproven_sources_leave_no_state_but_their_buckets() -> None:
     assert stats["pending_verifications"] == 0
     assert len(h.core._per_ip) <= 64 and len(h.core._per_address) <= 64
 
+
+# -- devices per account ---------------------------------------------------------
+
+
+def _account(n: int) -> dict[str, DeviceIdentity]:
+    return {f"dev{i}": generate_identity(f"carol@example.org/dev{i}") for i in range(n)}
+
+
+def _home(i: int) -> tuple[str, int]:
+    return (f"203.0.113.{100 + i % 100}", 20000 + i)
+
+
+def test_a_full_account_is_refused_with_503_and_counted() -> None:
+    devices = _account(4)
+    h = make(RendezvousConfig(max_devices_per_account=3), extra=devices)
+    for i in range(3):
+        assert h.register(f"dev{i}", _home(i)).type == MessageType.REGISTERED
+    reply = h.register("dev3", _home(3))
+    assert reply.type == MessageType.ERROR and reply.error == (503, "too many devices")
+    stats = h.core.statistics()
+    assert stats["refused_too_many_devices"] == 1 and stats["refused_503"] == 1
+    assert stats["registrations"] == 3
+    for i in range(3):  # nobody was pushed out
+        _keepalive_ok(h, f"dev{i}", _home(i))
+    # another account is not affected
+    assert h.register("alice", HOME_A).type == MessageType.REGISTERED
+    # a slot that frees (unregister) is taken
+    bye = ControlMessage(MessageType.UNREGISTER, h.txid(), registration=h.regs["dev0"])
+    assert h.ask(encode_control(bye), _home(0)).type == MessageType.ACK
+    assert h.register("dev3", _home(3)).type == MessageType.REGISTERED
+
+
+def test_the_same_device_registering_again_keeps_its_slot() -> None:
+    """A device (same key, same full JID) that registers again — from its
+    address, or from a new one after its NAT mapping changed — replaces its
+    registration, even when its account is full."""
+    devices = _account(2)
+    h = make(RendezvousConfig(max_devices_per_account=2), extra=devices)
+    assert h.register("dev0", _home(0)).type == MessageType.REGISTERED
+    assert h.register("dev1", _home(1)).type == MessageType.REGISTERED
+    first = h.regs["dev0"]
+    assert h.register("dev0", _home(0)).type == MessageType.REGISTERED
+    second = h.regs["dev0"]
+    moved = ("192.0.2.200", 30000)
+    assert h.register("dev0", moved).type == MessageType.REGISTERED
+    latest = h.regs["dev0"]
+    assert len({first, second, latest}) == 3
+    stats = h.core.statistics()
+    assert stats["registrations"] == 2 and stats.get("refused_too_many_devices", 0) == 0
+    # the old registrations are gone: 404 at the old address
+    for old in (first, second):
+        h.regs["dev0"] = old
+        reply = h.keepalive("dev0", _home(0))
+        assert reply.error is not None and reply.error[0] == 404
+    h.regs["dev0"] = latest
+    _keepalive_ok(h, "dev0", moved)
+    _keepalive_ok(h, "dev1", _home(1))
+
+
+def test_the_default_bound_is_32_devices_per_account() -> None:
+    devices = _account(33)
+    h = make(extra=devices)
+    assert RendezvousConfig().max_devices_per_account == 32
+    for i in range(32):
+        assert h.register(f"dev{i}", _home(i)).type == MessageType.REGISTERED
+    reply = h.register("dev32", _home(32))
+    assert reply.error == (503, "too many devices")
