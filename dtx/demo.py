@@ -23,7 +23,9 @@ from pathlib import Path
 from . import stanza as st
 from .aio.peer import open_peer
 from .identity import generate_identity, load_identity, save_identity
-from .trust import PinStore, VCardDirectory, Verifier, add_key, new_vcard
+from .errors import LabError
+from .lab.scene import start_rendezvous, write_vcards
+from .trust import PinStore, VCardDirectory, Verifier
 
 
 def _say(text: str) -> None:
@@ -33,14 +35,12 @@ def _say(text: str) -> None:
 async def run_demo(workdir: Path, pings: int) -> None:
     tv_key, remote_key = workdir / "tv.key", workdir / "remote.key"
     vcards = workdir / "vcards"
-    vcards.mkdir()
     for jid, path in (("tv@example.org/living-room", tv_key),
                       ("remote@example.org/phone", remote_key)):
         save_identity(generate_identity(jid), path)
     tv, remote = load_identity(tv_key), load_identity(remote_key)
+    write_vcards(vcards, tv, remote)
     for ident in (tv, remote):
-        bare = str(ident.jid.bare)
-        (vcards / f"{bare}.xml").write_bytes(add_key(new_vcard(bare), ident.public_key))
         _say(f"device {ident.jid}: key {ident.fingerprint}")
     _say(f"vCards with both keys in {vcards.name}/ (the trust source)")
 
@@ -139,17 +139,12 @@ async def lab_pair(lab_host_a: object, lab_host_b: object, vcards: Path,
 
 
 def run_lab_demo(workdir: Path) -> None:
-    import subprocess
-
     from .lab import STANDARD_WAN, Lab
 
     tv, remote = (generate_identity("tv@example.org/living-room"),
                   generate_identity("remote@example.org/phone"))
     vcards = workdir / "vcards"
-    vcards.mkdir()
-    for ident in (tv, remote):
-        bare = str(ident.jid.bare)
-        (vcards / f"{bare}.xml").write_bytes(add_key(new_vcard(bare), ident.public_key))
+    write_vcards(vcards, tv, remote)
     _say("NAT lab: each home 20 ms from the core, the rendezvous 40 ms beyond it "
          "(home-home RTT 80 ms, home-server 120 ms)")
     for nat_a, nat_b in (("port-restricted-cone", "restricted-cone"),
@@ -159,18 +154,13 @@ def run_lab_demo(workdir: Path) -> None:
             home_a = lab.add_home("a", nat=nat_a)
             home_b = lab.add_home("b", nat=nat_b)
             lab.up()
-            addr = server.addresses[0]
-            proc = server.popen(
-                [sys.executable, "-m", "rendezvous", "--listen", f"{addr}:3478",
-                 "--alt-address", server.addresses[1], "--vcards", str(vcards)],
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            assert proc.stdout is not None
-            line = proc.stdout.readline()
-            if "listening" not in line:
-                raise SystemExit(f"the rendezvous did not start: {line}")
+            try:
+                _, rdv = start_rendezvous(server, vcards)
+            except LabError as exc:
+                raise SystemExit(str(exc)) from None
             _say(f"\nremote behind {nat_a} ({home_a.public_ip}), "
-                 f"tv behind {nat_b} ({home_b.public_ip}), rendezvous {addr}:3478")
-            r = asyncio.run(lab_pair(home_a.hosts[0], home_b.hosts[0], vcards, (addr, 3478),
+                 f"tv behind {nat_b} ({home_b.public_ip}), rendezvous {rdv[0]}:{rdv[1]}")
+            r = asyncio.run(lab_pair(home_a.hosts[0], home_b.hosts[0], vcards, rdv,
                                      tv, remote))
             _say(f"  tv <- {r['from']}: {r['body']!r}, first stanza "
                  f"{r['first_stanza_ms']:.0f} ms after connect('tv@example.org')")

@@ -37,6 +37,7 @@ from enum import Enum
 from typing import Any
 
 from .errors import DecodeError, LocalProtocolError
+from .aio.socket import UdpSocket
 from .wire.stun import Address, StunClass, StunMessage, binding_request, decode_stun, is_stun
 
 __all__ = [
@@ -53,7 +54,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-MAX_DATAGRAM_BYTES = 2048
 EXIT_CONNECT = 4  # as dtx.cli: no answer
 
 
@@ -519,30 +519,46 @@ def _source_ip_towards(dest: Address, family: int) -> str | None:
 
 
 async def _drive(machine: NatCheck, sock: socket.socket, second: socket.socket | None) -> None:
+    """Run ``machine`` on ``sock`` (and ``second``, for sending from another
+    port) until it is done; both sockets are borrowed and left open."""
     loop = asyncio.get_running_loop()
-    while not machine.done:
-        via = second if machine.from_second_socket and second is not None else sock
-        for data, dest in machine.datagrams_to_send(loop.time()):
-            try:
-                await loop.sock_sendto(via, data, dest)
-            except OSError as exc:  # counts as a lost packet
-                logger.debug("send to %s failed: %s", dest, exc)
-        timer = machine.get_timer()
-        if timer is None:
-            continue
-        try:
-            data, src = await asyncio.wait_for(
-                loop.sock_recvfrom(sock, MAX_DATAGRAM_BYTES), max(0.0, timer - loop.time())
-            )
-        except TimeoutError:
-            machine.handle_timer(loop.time())
-            continue
-        except OSError as exc:  # e.g. an ICMP error surfaced on the socket
-            logger.debug("receive failed: %s", exc)
-            machine.handle_timer(loop.time())
-            continue
-        machine.receive_datagram(data, (str(src[0]), int(src[1])), loop.time())
+    finished: asyncio.Future[None] = loop.create_future()
+    timer: asyncio.TimerHandle | None = None
+
+    def received(data: bytes, src: Address) -> None:
+        machine.receive_datagram(data, src, loop.time())
+
+    def transmit() -> None:
+        nonlocal timer
+        if timer is not None:
+            timer.cancel()
+            timer = None
+        if finished.done():
+            return
         machine.handle_timer(loop.time())
+        via = seconds if machine.from_second_socket and seconds is not None else primary
+        for data, dest in machine.datagrams_to_send(loop.time()):
+            via.sendto(data, dest)  # a failed send counts as a lost packet
+        when = machine.get_timer()
+        if machine.done:
+            finished.set_result(None)
+        elif when is not None:
+            timer = loop.call_at(when, transmit)
+
+    def ignore(data: bytes, src: Address) -> None:
+        logger.debug("ignored %d bytes from %s on the second socket", len(data), src)
+
+    primary = UdpSocket(sock, received, transmit)
+    seconds = None if second is None else UdpSocket(second, ignore, lambda: None)
+    try:
+        transmit()
+        await finished
+    finally:
+        if timer is not None:
+            timer.cancel()
+        primary.detach()
+        if seconds is not None:
+            seconds.detach()
 
 
 async def nat_check(

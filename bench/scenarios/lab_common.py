@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import queue
-import select
 import shutil
 import socket
 import subprocess
@@ -37,7 +36,7 @@ from dtx.aio.peer import Peer, PeerConfig
 from dtx.identity import DeviceIdentity
 from dtx.lab import Lab
 from dtx.lab.topology import Host
-from dtx.trust import PinStore, VCardDirectory, Verifier, add_key, new_vcard
+from dtx.trust import PinStore, VCardDirectory, Verifier
 from dtx.wire.stun import binding_request, decode_stun
 from dtx.errors import DecodeError
 
@@ -45,9 +44,11 @@ from .common import Metric, Options, Result
 from .loopback import dtx_datagram_rtt, dtx_ping_rtt, dtx_stanza_rtt, dtx_throughput, \
     sized_stanza
 
+from dtx.lab.scene import RDV_PORT, write_vcards
+from dtx.lab.scene import start_rendezvous as start_lab_rendezvous
+
 logger = logging.getLogger(__name__)
 
-RDV_PORT = 3478
 PROSODY_PORT = 5222
 TURN_PORT = 3490
 """coturn's port (the rendezvous holds 3478 and its RFC 5780 port 3479)."""
@@ -75,33 +76,6 @@ def alternatives_missing() -> str | None:
 
 
 # -- processes ------------------------------------------------------------------
-
-
-def _drain(stream: IO[str]) -> None:
-    for _ in stream:
-        pass
-
-
-def wait_line(proc: subprocess.Popen[str], word: str, what: str) -> None:
-    """Read ``proc``'s output until a line containing ``word``, then keep
-    draining it in a thread (a chatty process never blocks on its pipe)."""
-    deadline = time.monotonic() + READY_TIMEOUT
-    seen: list[str] = []
-    assert proc.stdout is not None
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 0.2)
-        if ready:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            seen.append(line)
-            if word in line:
-                threading.Thread(target=_drain, args=(proc.stdout,), daemon=True).start()
-                return
-        if proc.poll() is not None:
-            break
-    proc.kill()
-    raise RuntimeError(f"{what} did not start: " + "".join(seen)[-2000:])
 
 
 class Worker:
@@ -185,26 +159,8 @@ def wire_bytes(*hosts: Host) -> int:
 # -- the servers ------------------------------------------------------------------
 
 
-def write_vcards(folder: Path, *identities: DeviceIdentity) -> None:
-    """A vCard per account listing its devices' keys (the rendezvous's
-    and the devices' trust source)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    cards: dict[str, bytes] = {}
-    for ident in identities:
-        bare = str(ident.jid.bare)
-        cards[bare] = add_key(cards.get(bare) or new_vcard(bare), ident.public_key)
-    for bare, card in cards.items():
-        (folder / f"{bare}.xml").write_bytes(card)
-
-
 def start_rendezvous(server: Host, vcards: Path) -> None:
-    argv = [sys.executable, "-m", "rendezvous", "--listen", f"{server.ip}:{RDV_PORT}",
-            "--vcards", str(vcards)]
-    if len(server.addresses) > 1:
-        argv += ["--alt-address", server.addresses[1]]
-    proc = server.popen(argv, cwd=ROOT, stdout=subprocess.PIPE,
-                        stderr=subprocess.STDOUT, text=True)
-    wait_line(proc, "listening", "rendezvous")
+    start_lab_rendezvous(server, vcards, listen=(server.ip, RDV_PORT), cwd=ROOT)
 
 
 def _lua(text: str) -> str:

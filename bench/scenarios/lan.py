@@ -20,12 +20,13 @@ from pathlib import Path
 
 from dtx.identity import generate_identity
 from dtx.lab import STANDARD_WAN, Lab, lab_missing
+from dtx.lab.scene import wait_line
 from dtx.lab.topology import Host
 
 from .common import Metric, Options, Result
 from .lab_common import (ROOT, TV_BARE, TV_JID, Pair, alternatives_missing, guarded,
                          guarded_async, measure_dtx, measure_webrtc, measure_xmpp,
-                         scratch, start_world, udp_rtt, wait_line)
+                         scratch, start_world, udp_rtt)
 
 logger = logging.getLogger(__name__)
 

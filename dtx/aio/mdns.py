@@ -38,7 +38,6 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol, TypeAlias
 
-import ifaddr
 from zeroconf import (
     BadTypeInNameException,
     InterfaceChoice,
@@ -57,6 +56,7 @@ from dtx.errors import (
 )
 from dtx.identity import FINGERPRINT_PREFIX, parse_fingerprint
 from dtx.jid import JID, jid_matches
+from dtx.aio.netif import local_ipv4_addresses
 
 __all__ = [
     "DEFAULT_RESOLVE_SETTLE",
@@ -393,20 +393,6 @@ def _zeroconf_interfaces(interfaces: Interfaces) -> InterfaceChoice | list[str |
     return [str(i) for i in interfaces]
 
 
-def local_ipv4_addresses() -> list[str]:
-    """IPv4 addresses of this host's interfaces (of this network namespace),
-    loopback excluded."""
-    found: list[str] = []
-    for adapter in ifaddr.get_adapters():
-        for ip in adapter.ips:
-            if not isinstance(ip.ip, str):
-                continue
-            if ipaddress.IPv4Address(ip.ip).is_loopback or ip.ip in found:
-                continue
-            found.append(ip.ip)
-    return found
-
-
 class LanAdvertiser:
     """Announces one device on the LAN while the context is open.
 
@@ -445,7 +431,7 @@ class LanAdvertiser:
         elif not isinstance(self._interfaces, InterfaceChoice):
             chosen = list(self._interfaces)
         else:
-            chosen = local_ipv4_addresses()
+            chosen = local_ipv4_addresses(include_link_local=True)
         v4 = [a for a in chosen if ipaddress.ip_address(a).version == 4]
         if not v4:
             raise DiscoveryError(f"no IPv4 address to announce for {self.jid}")

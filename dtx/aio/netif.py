@@ -1,33 +1,31 @@
-"""Local interface addresses: a device's host candidates."""
+"""Local interface addresses: a device's host candidates and what mDNS
+announces. The one place dtx asks the OS for them (through ``ifaddr``,
+which zeroconf uses too)."""
 
 from __future__ import annotations
 
-import fcntl
 import ipaddress
-import socket
-import struct
 
-_SIOCGIFADDR = 0x8915
+import ifaddr
 
 
-def local_ipv4_addresses(*, include_loopback: bool = False) -> list[str]:
-    """IPv4 addresses of this network namespace's interfaces (Linux)."""
+def local_ipv4_addresses(*, include_loopback: bool = False,
+                         include_link_local: bool = False) -> list[str]:
+    """IPv4 addresses of this network namespace's interfaces, each once,
+    in interface order; loopback and link-local ones only when asked."""
     out: list[str] = []
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        for _, name in socket.if_nameindex():
-            try:
-                req = struct.pack("256s", name.encode()[:15])
-                res = fcntl.ioctl(sock.fileno(), _SIOCGIFADDR, req)
-            except OSError:
+    for adapter in ifaddr.get_adapters():
+        for entry in adapter.ips:
+            if not isinstance(entry.ip, str):
+                continue  # IPv6: (address, flowinfo, scope id)
+            ip = ipaddress.IPv4Address(entry.ip)
+            if ip.is_unspecified or entry.ip in out:
                 continue
-            addr = socket.inet_ntoa(res[20:24])
-            ip = ipaddress.IPv4Address(addr)
             if ip.is_loopback and not include_loopback:
                 continue
-            if ip.is_link_local or ip.is_unspecified:
+            if ip.is_link_local and not include_link_local:
                 continue
-            if addr not in out:
-                out.append(addr)
+            out.append(entry.ip)
     return out
 
 

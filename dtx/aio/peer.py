@@ -306,6 +306,8 @@ class Peer:
         loop = self._loop_()
         budget = self.config.connect_timeout if timeout is None else timeout
         deadline = loop.time() + budget
+        logger.info("connecting to %s%s, within %.1f s", jid,
+                    "" if addr is None else f" at {addr[0]}:{addr[1]}", budget)
         if addr is not None:
             return await self._open(jid, deadline, address=addr)
         if self._browser is not None:
@@ -348,7 +350,7 @@ class Peer:
         except TimeoutError:
             where = f"{conn.address[0]}:{conn.address[1]}"
             conn.end(ConnectError(f"no answer from {jid} at {where}"))
-            self._wake()
+            self._transmit()  # the session ends now, not at the next iteration
             raise ConnectError(f"no answer from {jid} at {where} in time") from None
         return session
 

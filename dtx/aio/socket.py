@@ -1,4 +1,6 @@
-"""The one UDP socket of a device, read in batches.
+"""A UDP socket on the event loop, read in batches: the one wrapper the
+device (:class:`~dtx.aio.peer.Peer`), the rendezvous server and
+``nat-check`` share.
 
 asyncio's datagram transport reads one datagram per event-loop iteration;
 at tens of thousands of packets per second the loop's own overhead then
@@ -113,8 +115,14 @@ class UdpSocket:
         finally:
             self._on_batch_end()
 
-    def close(self) -> None:
+    def detach(self) -> socket.socket:
+        """Stop reading and hand the socket back, open (a borrowed socket)."""
         if not self._closed:
             self._closed = True
             self._loop.remove_reader(self._sock.fileno())
+        return self._sock
+
+    def close(self) -> None:
+        if not self._closed:
+            self.detach()
             self._sock.close()
