@@ -2,10 +2,14 @@
 
 Binds the primary UDP socket and, for RFC 5780 when an alternate IP is
 given, three more (primary IP port+1, alternate IP port, alternate IP
-port+1) that serve STUN only. Every datagram goes to
-:class:`~rendezvous.core.RendezvousCore`; whatever it queues is sent from
-the socket it names; one timer is re-armed after each call, as aioquic's
-``QuicConnectionProtocol.transmit`` does.
+port+1) that serve STUN only. Each is a :class:`~dtx.aio.socket.UdpSocket`,
+the device's wrapper: it reads up to a batch of datagrams per wake-up and
+hands each to :class:`~rendezvous.core.RendezvousCore`; at the end of the
+batch the server transmits once — whatever the core queued, from the
+socket it names — and re-arms its one timer, as aioquic's
+``QuicConnectionProtocol.transmit`` does. Replies to a batch thus go out
+together, and a send that fails (a full buffer, an unroutable address) is
+counted, never raised.
 
 The key source is a folder of vCards, read synchronously (files are
 cached by inode, size and mtime), or an asynchronous lookup (live vCards
@@ -23,8 +27,8 @@ import os
 import random
 import socket
 from collections.abc import Awaitable, Callable
-from typing import cast
 
+from dtx.aio.socket import UdpSocket
 from dtx.trust import StaticKeys, VCardDirectory
 from dtx.trust.store import KeySource
 from dtx.wire.stun import Address
@@ -39,21 +43,6 @@ KeyLookup = Callable[[str], Awaitable[frozenset[bytes] | None]]
 logger = logging.getLogger(__name__)
 
 _BIND_TRIES = 20
-_RECV_BUFFER_BYTES = 4 * 1024 * 1024
-
-
-class _Protocol(asyncio.DatagramProtocol):
-    def __init__(self, server: Server, local: Address) -> None:
-        self._server = server
-        self._local = local
-
-    def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
-        src = (str(addr[0]), cast(int, addr[1]))
-        self._server._received(data, src, self._local)
-
-    def error_received(self, exc: Exception) -> None:
-        # ICMP errors (port unreachable from a device that went away): count, carry on
-        self._server._count_socket_error(exc)
 
 
 class Server:
@@ -66,11 +55,10 @@ class Server:
         self._key_lookup = key_lookup
         self._lookups: set[asyncio.Task[None]] = set()
         self._loop = asyncio.get_running_loop()
-        self._transports: dict[Address, asyncio.DatagramTransport] = {}
+        self._sockets: dict[Address, UdpSocket] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._closed = asyncio.Event()
-        self._socket_errors = 0
 
     @property
     def address(self) -> Address:
@@ -78,9 +66,11 @@ class Server:
         return self.addresses.primary
 
     def statistics(self) -> dict[str, int]:
-        """The core's counters plus the driver's."""
+        """The core's counters plus the driver's: ``socket_errors``, the
+        sends and reads that failed, over every socket."""
         stats = self.core.statistics()
-        stats["socket_errors"] = self._socket_errors
+        stats["socket_errors"] = sum(sock.send_errors + sock.receive_errors
+                                     for sock in self._sockets.values())
         return stats
 
     def close(self) -> None:
@@ -92,8 +82,8 @@ class Server:
             self._timer = None
         for task in self._lookups:
             task.cancel()
-        for transport in self._transports.values():
-            transport.close()
+        for sock in self._sockets.values():
+            sock.close()
         self._closed.set()
         logger.info("rendezvous closed: %s", self.statistics())
 
@@ -102,13 +92,15 @@ class Server:
 
     # -- driver -------------------------------------------------------------
 
-    def _received(self, data: bytes, src: Address, local: Address) -> None:
-        self.core.receive_datagram(data, src, local, self._loop.time())
-        self._transmit()
+    def _attach(self, local: Address, sock: socket.socket) -> None:
+        """Serve ``sock``, bound to ``local``: its datagrams go to the core,
+        and the end of each batch read from it transmits."""
+        core, loop = self.core, self._loop
 
-    def _count_socket_error(self, exc: Exception) -> None:
-        self._socket_errors += 1
-        logger.debug("socket error: %s", exc)
+        def received(data: bytes, src: Address) -> None:
+            core.receive_datagram(data, src, local, loop.time())
+
+        self._sockets[local] = UdpSocket(sock, received, self._transmit)
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -122,21 +114,17 @@ class Server:
         while (event := self.core.next_event()) is not None:
             self._start_lookup(event.token, event.bare_jid)
         for data, send_to, send_from in self.core.datagrams_to_send():
-            transport = self._transports.get(send_from)
-            if transport is None:
+            sock = self._sockets.get(send_from)
+            if sock is None:
                 logger.debug("no socket for %s; dropping", send_from)
                 continue
-            try:
-                transport.sendto(data, send_to)
-            except (OSError, ValueError) as exc:  # unroutable destination
-                self._count_socket_error(exc)
+            sock.sendto(data, send_to)  # counts a failure in send_errors
         when = self.core.get_timer()
         if when != self._timer_at:
             if self._timer is not None:
                 self._timer.cancel()
             self._timer = None if when is None else self._loop.call_at(when, self._on_timer)
             self._timer_at = when
-
 
     def _start_lookup(self, token: int, bare_jid: str) -> None:
         if self._key_lookup is None:
@@ -167,19 +155,16 @@ def _family(host: str) -> socket.AddressFamily:
 
 
 def _bind(addr: Address) -> socket.socket:
+    """A UDP socket bound to ``addr`` (an IPv6 one for IPv6 only); the
+    buffer sizes and non-blocking mode are :class:`UdpSocket`'s."""
     sock = socket.socket(_family(addr[0]), socket.SOCK_DGRAM)
     try:
         if sock.family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RECV_BUFFER_BYTES)
-        except OSError:
-            pass
         sock.bind(addr)
     except OSError:
         sock.close()
         raise
-    sock.setblocking(False)
     return sock
 
 
@@ -226,7 +211,6 @@ async def serve(
     asynchronous lookup (live vCards over XMPP). With none, every
     registration is refused and only STUN is useful.
     """
-    loop = asyncio.get_running_loop()
     source: KeySource | None
     if key_lookup is not None:
         source = None
@@ -248,10 +232,7 @@ async def serve(
     server = Server(core, addresses, key_lookup)
     try:
         for local, sock in zip(addresses.sockets(), socks):
-            transport, _ = await loop.create_datagram_endpoint(
-                lambda local=local: _Protocol(server, local), sock=sock  # type: ignore[misc]
-            )
-            server._transports[local] = transport
+            server._attach(local, sock)
     except BaseException:
         server.close()
         for sock in socks:

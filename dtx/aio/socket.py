@@ -51,6 +51,10 @@ class UdpSocket:
         self._loop = asyncio.get_running_loop()
         self._closed = False
         self.send_errors = 0
+        self.receive_errors = 0
+        """Failed reads: an ICMP error reported on the socket (port
+        unreachable for something sent earlier), or another ``recvfrom``
+        error. Counted only; reading goes on."""
         self._loop.add_reader(sock.fileno(), self._read_ready)
 
     @classmethod
@@ -107,8 +111,10 @@ class UdpSocket:
                     break
                 except ConnectionRefusedError:
                     # An ICMP port unreachable for something we sent earlier.
+                    self.receive_errors += 1
                     continue
                 except OSError as exc:
+                    self.receive_errors += 1
                     logger.debug("recvfrom failed: %s", exc)
                     break
                 handler(data, (addr[0], addr[1]))
