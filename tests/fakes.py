@@ -540,14 +540,15 @@ class MemoryPeer:
 
     def __init__(self, network: MemoryNetwork, identity: DeviceIdentity, addr: Address,
                  server: Address | None, keys: StaticKeys, *, seed: int,
-                 config: EndpointConfig | None = None, listen: bool = True) -> None:
+                 config: EndpointConfig | None = None, listen: bool = True,
+                 host_candidates: tuple[Address, ...] | None = None) -> None:
         self.network = network
         self.identity = identity
         self.jid = str(identity.jid)
         self.addr = addr
         self.endpoint = Endpoint(identity, static_verify(keys), rng=random.Random(seed),
                                  config=config, listen=listen, rendezvous=server,
-                                 host_candidates=(addr,))
+                                 host_candidates=host_candidates or (addr,))
         self.events: list[EndpointEvent] = []
         self.received: dict[str, list[Element]] = {}
         self.sessions: dict[str, Connection] = {}
@@ -661,12 +662,14 @@ def make_scene(identities: Iterable[DeviceIdentity], *, seed: int = 0,
 
 def add_device(net: MemoryNetwork, nat: MemoryNat, identity: DeviceIdentity,
                server: MemoryServer, *, seed: int,
-               config: EndpointConfig | None = None, listen: bool = True) -> MemoryPeer:
+               config: EndpointConfig | None = None, listen: bool = True,
+               host_candidates: tuple[Address, ...] | None = None) -> MemoryPeer:
     """A device on a new host behind ``nat``, bound to :data:`DEVICE_PORT`,
-    trusting the keys the server knows."""
+    trusting the keys the server knows; it registers ``host_candidates``
+    (by default its own address)."""
     ip = net.add_host(nat)
     return MemoryPeer(net, identity, (ip, DEVICE_PORT), server.addr, server.keys, seed=seed,
-                      config=config, listen=listen)
+                      config=config, listen=listen, host_candidates=host_candidates)
 
 
 __all__ = [

@@ -93,12 +93,13 @@ class PeerConfig:
     and the NAT bindings on its path, alive; well inside idle_timeout)."""
     max_half_open: int = 256
     """Bound on handshakes from remote devices still in progress; when it is
-    reached the oldest one is dropped to make room, so a flood of Initials
-    delays, but cannot lock out, a device whose handshake takes one round
-    trip."""
+    reached the oldest one of the source IP holding the most is dropped to
+    make room, so a flood of Initials from a few addresses delays, but
+    cannot lock out, a device whose handshake takes one round trip."""
     max_half_open_per_ip: int = 16
-    """Bound on handshakes in progress from one source IP; further Initials
-    from that IP are dropped until one completes or expires."""
+    """Bound on handshakes in progress from one source IP; at the bound the
+    oldest from that IP is dropped to make room (a home's devices share
+    one IP: a trickle of Initials from it cannot lock them out)."""
     handshake_timeout: float = 10.0
     """A handshake from a remote device still in progress after this long is
     dropped (on a timer)."""

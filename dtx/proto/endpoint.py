@@ -101,9 +101,10 @@ class EndpointConfig:
     """A session quiet for this long sends a QUIC PING."""
     max_half_open: int = 256
     """Handshakes from remote devices in progress; at the bound the oldest
-    is dropped to make room."""
+    of the source IP holding the most is dropped to make room."""
     max_half_open_per_ip: int = 16
-    """Handshakes in progress from one source IP; more are refused."""
+    """Handshakes in progress from one source IP; at the bound the oldest
+    from that IP is dropped to make room."""
     handshake_timeout: float = 10.0
     """A handshake from a remote device still in progress after this long
     is dropped (on a timer)."""
@@ -565,9 +566,10 @@ class Endpoint:
         """A new listening-side connection for a QUIC Initial from ``addr``, or None.
 
         Unauthenticated handshakes ("half-open") are bounded: at most
-        ``max_half_open_per_ip`` per source IP (more are refused) and
-        ``max_half_open`` in all (the oldest makes room); each expires
-        ``handshake_timeout`` after it began, on the timer. Dropped ones
+        ``max_half_open_per_ip`` per source IP (the oldest of that IP makes
+        room) and ``max_half_open`` in all (the oldest of the IP holding
+        the most makes room); each expires ``handshake_timeout`` after it
+        began, on the timer. Dropped ones
         are forgotten without a reply: their source never proved its
         address. Refusals are counted and logged rate-limited.
         """
@@ -586,13 +588,25 @@ class Endpoint:
             return None
         cfg = self.config
         half_open = [c for c in self._connections.values() if self._half_open(c)]
-        if sum(1 for c in half_open if c.address[0] == addr[0]) >= cfg.max_half_open_per_ip:
+        same_ip = [c for c in half_open if c.address[0] == addr[0]]
+        if len(same_ip) >= cfg.max_half_open_per_ip:
+            # The oldest handshake from that IP makes room: every device of
+            # a home shares its IP, and a real handshake takes one round
+            # trip, so a trickle of Initials cannot keep a device out.
             counters["half_open_refused_per_ip"] += 1
             self._log.warning("half_open_per_ip", addr[0],
-                              "too many handshakes from %s; refusing", addr[0])
-            return None
+                              "too many handshakes from %s; dropping its oldest", addr[0])
+            oldest = min(same_ip, key=lambda c: c.started_at)
+            self._drop(oldest, "half_open_evicted")
+            half_open.remove(oldest)
         if len(half_open) >= cfg.max_half_open:
-            self._drop(min(half_open, key=lambda c: c.started_at), "half_open_evicted")
+            # Room is made at the expense of the IP holding the most
+            # handshakes (its oldest one), never of a lone device's.
+            by_ip: dict[str, list[Connection]] = {}
+            for c in half_open:
+                by_ip.setdefault(c.address[0], []).append(c)
+            crowd = max(by_ip.values(), key=len)
+            self._drop(min(crowd, key=lambda c: c.started_at), "half_open_evicted")
         if len(self._connections) >= cfg.max_connections:
             counters["connections_refused"] += 1
             self._log.warning("connections_full", None, "connection table full; refusing %s",

@@ -238,7 +238,8 @@ class Traversal:
         self.refusal: tuple[int, str] | None = None
         """The server's latest refusal of this device's registration."""
         self.counters: dict[str, int] = {"dropped": 0, "probes_bad": 0, "relay_unknown": 0,
-                                         "introductions_bad": 0, "punch_restarts_limited": 0}
+                                         "introductions_bad": 0, "punch_restarts_limited": 0,
+                                         "host_candidates_skipped": 0}
         self._log = LogLimiter(logger)
         self._closed = False
 
@@ -320,7 +321,8 @@ class Traversal:
         self._by_intro[intro.intro] = link
         if restart:
             for addr, kind in intro.candidates:
-                if kind is PathKind.LAN and not self._shares_lan(addr, intro.candidates):
+                if kind is PathKind.LAN and not self._may_probe_host(addr, intro.candidates):
+                    self.counters["host_candidates_skipped"] += 1
                     continue
                 link.paths.add_candidate(addr, kind)
             link.paths.restart_punching(now)
@@ -345,29 +347,23 @@ class Traversal:
                        "%s re-introduced too often; not probing again yet", link.peer_jid)
         return False
 
-    def _shares_lan(self, addr: Address, candidates: Sequence[tuple[Address, PathKind]]) -> bool:
-        """A host candidate is probed only where it can be the peer: on one
-        of this device's own networks (same /24, or /64), or at the peer's
-        reflexive address (a peer with no NAT). Anything else may be a
-        third party the peer wants this device to flood."""
-        if any(a[0] == addr[0] for a, kind in candidates if kind is PathKind.DIRECT):
+    def _may_probe_host(self, addr: Address,
+                        candidates: Sequence[tuple[Address, PathKind]]) -> bool:
+        """Whether a host candidate the peer claims can be its own: it is the
+        peer's reflexive address (a peer with no NAT), or a private address
+        while both devices are seen at one public IP (behind one NAT, so
+        on one LAN). Anything else may be a third party that a hostile
+        peer wants this device to flood: it is not probed."""
+        reflexive_ips = {a[0] for a, kind in candidates if kind is PathKind.DIRECT}
+        if addr[0] in reflexive_ips:
             return True
+        mine = self.client.reflexive
+        if mine is None or mine[0] not in reflexive_ips:
+            return False
         try:
-            ip = ipaddress.ip_address(addr[0])
+            return ipaddress.ip_address(addr[0]).is_private
         except ValueError:
             return False
-        for own, _ in self.host_candidates:
-            try:
-                mine = ipaddress.ip_address(own)
-            except ValueError:
-                continue
-            if mine.version != ip.version:
-                continue
-            prefix = 24 if ip.version == 4 else 64
-            net = ipaddress.ip_network(f"{mine}/{prefix}", strict=False)
-            if ip in net:
-                return True
-        return False
 
     def link_for_mapped(self, addr: Address) -> Link | None:
         return self._by_mapped.get(addr)

@@ -507,3 +507,62 @@ def test_a_new_public_address_falls_back_to_the_relay_then_punches_again() -> No
     assert current is not None and current.key == ("198.51.100.99", 5000)
     assert scene.tv.bodies(REMOTE)[-200:] == ["r%d" % i for i in range(200)], \
         "every stanza arrived exactly once, in order, across the change"
+
+
+# -- a hostile peer: no reflection ------------------------------------------------
+
+
+class Tally:
+    """A route hook that counts the bytes each (source IP, destination IP)
+    pair puts on the wire, then delivers as is."""
+
+    def __init__(self) -> None:
+        self.bytes: dict[tuple[str, str], int] = {}
+
+    def __call__(self, network: MemoryNetwork, packet: Packet) -> None:
+        key = (packet.src[0], packet.dst[0])
+        self.bytes[key] = self.bytes.get(key, 0) + len(packet.data)
+        network.deliver(packet)
+
+    def sent_by(self, ips: set[str]) -> int:
+        return sum(n for (src, _), n in self.bytes.items() if src in ips)
+
+    def received_by(self, ip: str, *, excluding: set[str]) -> int:
+        return sum(n for (src, dst), n in self.bytes.items() if dst == ip and src not in excluding)
+
+
+def test_a_peer_listing_third_parties_as_host_candidates_gets_no_reflection() -> None:
+    """A registered account lists third-party addresses (on the internet and
+    on the TV's own LAN) as its host candidates and introduces itself to the
+    TV over and over. The TV probes none of them: toward any address not
+    the peer's it sends at most 2x what the attacker spent (here, nothing)."""
+    tally = Tally()
+    ids = [identity_for(REMOTE, 1), identity_for(TV, 2)]
+    net, server = make_scene(ids, route_packet=tally)
+    public = PublicAddresses()
+    home_a = net.add_nat("a", "full-cone", public.take(), lan_prefix="10.1.0")
+    home_b = net.add_nat("b", "port-restricted-cone", public.take(), lan_prefix="10.2.0")
+    victims = [net.add_public_host(f"192.0.2.{50 + i}") for i in range(4)]
+    neighbour = net.add_host(home_b)  # a printer on the TV's LAN
+    tv = add_device(net, home_b, ids[1], server, seed=2)
+    listed = tuple((ip, 9) for ip in [*victims, neighbour, "10.1.0.10"])
+    attacker = add_device(net, home_a, ids[0], server, seed=1, listen=False,
+                          host_candidates=listed)
+    tv.start()
+    attacker.start()
+    assert net.run_until(lambda: attacker.endpoint.registered and tv.endpoint.registered, 10.0)
+    for _ in range(60):
+        attacker.introduce(TV)
+        net.run(1.0)
+    assert REMOTE in tv.traversal.links, "the introductions reached the TV"
+    attacker_ips = {home_a.public_ip, "10.1.0.10"}
+    spent = tally.sent_by(attacker_ips)
+    assert spent > 0
+    tv_ips = {home_b.public_ip, "10.2.0.11"}
+    for victim in [*victims, neighbour]:
+        reflected = sum(n for (src, dst), n in tally.bytes.items()
+                        if dst == victim and src in tv_ips)
+        assert reflected <= 2 * spent, f"{reflected} B toward {victim} for {spent} B spent"
+        assert reflected == 0
+    assert tv.traversal.counters["host_candidates_skipped"] > 0
+    assert tv.traversal.counters["punch_restarts_limited"] > 0, "re-introductions limited"
