@@ -22,6 +22,7 @@ from dtx.wire.control import (
     CandidateKind,
     ControlMessage,
     MessageType,
+    Role,
     encode_control,
 )
 from rendezvous.ids import unique
@@ -35,8 +36,8 @@ __all__ = [
     "introduction_message",
 ]
 
-ROLE_INITIATOR = 1
-ROLE_RESPONDER = 2
+ROLE_INITIATOR = Role.INITIATOR
+ROLE_RESPONDER = Role.RESPONDER
 _ID_BYTES = 8
 _PROBE_KEY_BYTES = 32
 _TXID_BYTES = 8
@@ -89,7 +90,7 @@ class Introduction:
         return frames
 
 
-def introduction_message(intro: Introduction, role: int, txid: bytes) -> bytes:
+def introduction_message(intro: Introduction, role: Role, txid: bytes) -> bytes:
     """The INTRODUCTION for one side of ``intro`` (``role`` names which)."""
     me = intro.initiator if role == ROLE_INITIATOR else intro.responder
     peer = intro.other(me)

@@ -24,6 +24,7 @@ from ..wire.control import (
     CandidateKind,
     ControlMessage,
     MessageType,
+    Role,
     encode_control,
     encode_hello,
     encode_register,
@@ -213,7 +214,7 @@ class RendezvousClient:
 
     def receive(self, msg: ControlMessage, now: float) -> None:
         req = self._requests.get(msg.txid)
-        if msg.type is MessageType.INTRODUCTION and msg.role == 2:
+        if msg.type is MessageType.INTRODUCTION and msg.role is Role.RESPONDER:
             # Unsolicited: another device asked for us.
             self._events.append(IntroductionReceived(msg))
             return
@@ -224,8 +225,10 @@ class RendezvousClient:
         if msg.type is MessageType.ERROR:
             self._on_error(req, msg, now)
         elif msg.type is MessageType.CHALLENGE and req.kind is MessageType.HELLO:
-            assert msg.challenge is not None
             challenge = msg.challenge
+            if challenge is None:  # decode_control requires it; never trust that here
+                logger.debug("rendezvous: CHALLENGE without a challenge")
+                return
             self.state = RegistrationState.REGISTER_SENT
             self._request(
                 MessageType.REGISTER,
@@ -240,7 +243,9 @@ class RendezvousClient:
                 now,
             )
         elif msg.type is MessageType.REGISTERED and req.kind is MessageType.REGISTER:
-            assert msg.reflexive is not None and msg.registration is not None
+            if msg.reflexive is None or msg.registration is None:
+                logger.debug("rendezvous: REGISTERED without an address or registration")
+                return
             again = self._was_registered
             self.registration = msg.registration
             self.state = RegistrationState.REGISTERED

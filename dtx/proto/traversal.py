@@ -44,6 +44,7 @@ from ..wire.control import (
     ControlMessage,
     Probe,
     ProbeKind,
+    Role,
     decode_control,
     decode_probe,
     encode_probe,
@@ -65,9 +66,6 @@ from .rdvclient import (
 logger = logging.getLogger(__name__)
 
 Address = tuple[str, int]
-
-ROLE_INITIATOR = 1
-ROLE_RESPONDER = 2
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -124,8 +122,8 @@ def introduction_from_control(msg: ControlMessage, server: Address) -> Introduct
     if (msg.peer_jid is None or msg.peer_key is None or msg.intro is None
             or msg.probe_key is None or msg.channel is None):
         raise DecodeError("INTRODUCTION without peer, key, intro, probe key or channel")
-    if msg.role not in (ROLE_INITIATOR, ROLE_RESPONDER):
-        raise DecodeError(f"INTRODUCTION with role {msg.role}")
+    if msg.role is None:
+        raise DecodeError("INTRODUCTION without a role")
     try:
         peer = JID.parse(msg.peer_jid).full
     except DtxError as exc:
@@ -140,7 +138,7 @@ def introduction_from_control(msg: ControlMessage, server: Address) -> Introduct
         for c in msg.candidates
     )
     return Introduction(peer, msg.peer_key, msg.intro, msg.probe_key,
-                        msg.role == ROLE_INITIATOR, candidates, wrap, channel)
+                        msg.role is Role.INITIATOR, candidates, wrap, channel)
 
 
 # -- events (the rendezvous client's Registered, RegistrationRefused and

@@ -41,6 +41,7 @@ __all__ = [
     "MessageType",
     "Probe",
     "ProbeKind",
+    "Role",
     "decode_address",
     "decode_control",
     "decode_probe",
@@ -116,6 +117,14 @@ class CandidateKind(IntEnum):
     PEER_REFLEXIVE = 3
 
 
+class Role(IntEnum):
+    """Which side of an introduction a device is (ROLE attribute)."""
+
+    INITIATOR = 1
+    """It asked for the introduction: it opens the QUIC connection."""
+    RESPONDER = 2
+
+
 class ProbeKind(IntEnum):
     PING = 1
     PONG = 2
@@ -154,7 +163,7 @@ class ControlMessage:
     intro: bytes | None = None
     channel: int | None = None
     probe_key: bytes | None = None
-    role: int | None = None
+    role: Role | None = None
     error: tuple[int, str] | None = None
     peer_jid: str | None = None
     peer_key: bytes | None = None
@@ -469,9 +478,9 @@ def decode_control(data: bytes) -> ControlMessage:
         elif kind in (AttrType.LIFETIME, AttrType.KEEPALIVE, AttrType.CHANNEL):
             fields[kind.name.lower()] = int.from_bytes(value, "big")
         elif kind == AttrType.ROLE:
-            if value[0] not in (1, 2):
+            if value[0] not in (Role.INITIATOR, Role.RESPONDER):
                 raise DecodeError(f"ROLE {value[0]} is neither 1 nor 2")
-            fields["role"] = value[0]
+            fields["role"] = Role(value[0])
         elif kind == AttrType.ERROR:
             if length < 2:
                 raise DecodeError("ERROR shorter than its code")
