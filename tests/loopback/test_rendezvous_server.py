@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from dtx.identity import DeviceIdentity, generate_identity
-from dtx.trust import add_key, new_vcard
+from dtx.lab.scene import write_vcards
 from dtx.wire.control import (
     Candidate,
     CandidateKind,
@@ -113,13 +113,6 @@ class Device:
             mtype, self.txid(), registration=self.registration, **fields  # type: ignore[arg-type]
         )
         self.send(encode_control(msg))
-
-
-def write_vcards(folder: Path, *ids: DeviceIdentity) -> None:
-    for ident in ids:
-        bare = ident.jid.bare.full
-        vcard = add_key(new_vcard(bare), ident.public_key)
-        (folder / f"{bare}.xml").write_bytes(vcard)
 
 
 async def exercise(server: tuple[str, int], tv: DeviceIdentity, phone: DeviceIdentity) -> None:
