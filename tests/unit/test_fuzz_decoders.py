@@ -34,6 +34,7 @@ from dtx.wire.control import (
     MessageType,
     Probe,
     ProbeKind,
+    Role,
     decode_control,
     decode_probe,
     encode_control,
@@ -134,7 +135,7 @@ CONTROL_SEEDS = [
     ),
     encode_control(
         ControlMessage(
-            MessageType.INTRODUCTION, _TXID, intro=bytes(8), role=1,
+            MessageType.INTRODUCTION, _TXID, intro=bytes(8), role=Role.INITIATOR,
             peer_jid="tv@example.org/living-room", peer_key=bytes(32), channel=7,
             probe_key=bytes(32), candidates=_CANDS,
         )
@@ -249,19 +250,38 @@ def test_xml_stream_parser(data: bytes, chunk: int) -> None:
 # -- the rendezvous core end to end --------------------------------------------------
 
 
+_UNLIMITED = 1e9
+"""A rate and burst no fuzz run reaches: every mutant that decodes reaches
+its handler instead of being dropped by a control budget."""
+
+
 class _Core:
     """One core reused across examples (with a registered device), so state
-    built by earlier inputs is exercised by later ones."""
+    built by earlier inputs is exercised by later ones. Every control budget
+    (per IP, per address, per registration) is turned off; a registration
+    that a mutant ended (UNREGISTER) or let expire is made again, so later
+    mutants aimed at it still get past the lookup."""
 
     def __init__(self) -> None:
         self.now = 1000.0
         self.core = RendezvousCore(
             keys=StaticKeys({"alice@example.org": [_alice.public_key]}),
             addresses=ServerAddresses(SERVER),
-            config=RendezvousConfig(control_per_source_per_s=1e9, control_per_source_burst=1e9),
+            config=RendezvousConfig(
+                control_per_source_per_s=_UNLIMITED, control_per_source_burst=_UNLIMITED,
+                control_per_address_per_s=_UNLIMITED, control_per_address_burst=_UNLIMITED,
+                control_per_registration_per_s=_UNLIMITED,
+                control_per_registration_burst=_UNLIMITED,
+            ),
             secret=bytes(32),
             rng=random.Random(7),
         )
+        self.registration = b""
+        self.register()
+
+    def register(self) -> None:
+        """Register alice's phone from HOME (again); keep its registration id."""
+        self.core.datagrams_to_send()  # what earlier inputs left queued
         challenge = self.core.make_challenge(HOME, self.now)
         self.core.receive_datagram(
             encode_register(
@@ -292,4 +312,9 @@ def test_rendezvous_core(data: bytes, from_home: bool, replace_reg: int) -> None
         if src != HOME:  # unproven source: the 3x budget holds
             assert len(reply) <= 3 * len(data)
     h.core.handle_timer(h.now)
-    assert h.core.statistics().get("internal_errors", 0) == 0
+    stats = h.core.statistics()
+    assert stats.get("internal_errors", 0) == 0
+    assert stats.get("dropped_rate_limited", 0) == 0
+    assert stats.get("dropped_rate_limited_registered", 0) == 0
+    if stats["registrations"] == 0:
+        h.register()
