@@ -8,17 +8,29 @@ bound the test holds the device to stated in it.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import queue
 import socket
-from collections.abc import AsyncIterator
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from dtx import stanza as st
 from dtx.aio.peer import Peer, PeerConfig, open_peer
-from dtx.identity import DeviceIdentity
+from dtx.aio.session import Session
+from dtx.identity import DeviceIdentity, save_identity
+from dtx.lab.scene import write_vcards
 
 from .conftest import trusting
 from .test_hostile_input import DEADLINE, quic_initials
+
+ROOT = Path(__file__).resolve().parents[2]
 
 HANDSHAKE_TIMEOUT = 1.0
 """The listener's half-open expiry, scaled down from the default 10 s so the
@@ -85,3 +97,104 @@ async def test_a_trickle_of_initials_from_the_devices_ip_cannot_lock_it_out(
         attacker.cancel()
         for sock in socks:
             sock.close()
+
+
+# -- a trusted peer that turns hostile: the victim in its own process --------------
+
+
+def rss_bytes(pid: int) -> int:
+    """The resident memory of process ``pid`` (Linux ``/proc``)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+@dataclass
+class Victim:
+    proc: subprocess.Popen[str]
+    address: tuple[str, int]
+    events: queue.Queue[dict[str, object]]
+
+    def rss(self) -> int:
+        return rss_bytes(self.proc.pid)
+
+
+@pytest.fixture
+def victim(tmp_path: Path, tv_id: DeviceIdentity,
+           remote_id: DeviceIdentity) -> Iterator[Victim]:
+    """``dtx listen`` (which never reads datagrams) as the TV, trusting the
+    remote's key, in its own process."""
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs /proc to read the victim's resident memory")
+    vcards = tmp_path / "vcards"
+    write_vcards(vcards, tv_id, remote_id)
+    key = tmp_path / "tv.key"
+    save_identity(tv_id, key)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dtx.cli", "listen", str(key), "--vcards", str(vcards),
+         "--no-pins", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True,
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    events: queue.Queue[dict[str, object]] = queue.Queue()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            events.put(json.loads(line))
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        first = events.get(timeout=30)
+        assert first["event"] == "listening", first
+        yield Victim(proc, (str(first["host"]), int(str(first["port"]))), events)
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+async def connected(remote: Peer, victim: Victim, tv_id: DeviceIdentity) -> Session:
+    session = await remote.connect(tv_id.jid.full, victim.address, timeout=DEADLINE)
+    assert await session.ping(timeout=DEADLINE) > 0
+    return session
+
+
+async def test_unread_datagrams_cost_the_receiver_a_bounded_queue(
+    victim: Victim, tv_id: DeviceIdentity, remote_id: DeviceIdentity
+) -> None:
+    """D2: 120,000 datagrams of about 1 KB that the listener never reads
+    grow it by less than 16 MB: it holds 256 per session, dropping the
+    oldest (they were kept without bound: +934 MB for 474,800; the same
+    run with no bound here grows it by about 60 MB). The session goes on."""
+    cfg = PeerConfig(max_datagram_size=1200)
+    async with open_peer(remote_id, trusting(tv_id, remote_id), config=cfg) as remote:
+        session = await connected(remote, victim, tv_id)
+        before = victim.rss()
+        body = "x" * (session.connection.max_datagram_bytes() - 200)
+        for i in range(120_000):
+            session.send_datagram(st.message(body, to=tv_id.jid.full, id_=f"d{i}"))
+            if i % 50 == 49:
+                await asyncio.sleep(0)  # let the driver transmit (pacing)
+        assert await session.ping(timeout=DEADLINE) > 0, "the session goes on"
+        grown = victim.rss() - before
+        assert grown < 16 * 1024 * 1024, f"grew by {grown / 1e6:.1f} MB"
+        await session.close()
+
+
+async def test_a_datagram_over_the_receivers_limit_closes_the_session_not_the_listener(
+    victim: Victim, tv_id: DeviceIdentity, remote_id: DeviceIdentity
+) -> None:
+    """D2: a peer that raises its own limit and sends a 60 KB DATAGRAM frame
+    is closed by QUIC; the listener serves the next session."""
+    hostile = PeerConfig(max_datagram_size=65_000)  # its packets carry 60 KB frames
+    async with open_peer(remote_id, trusting(tv_id, remote_id), config=hostile) as remote:
+        session = await connected(remote, victim, tv_id)
+        # a modified client: past its own size check, straight into QUIC
+        session.connection.quic.send_datagram_frame(b"<message/>" + b" " * 60_000)
+        session.connection.send(st.message("after"))  # marks it for transmission
+        session._wake()
+        async with asyncio.timeout(DEADLINE):
+            ended = await session.wait_closed()
+        assert ended.error is not None and "DATAGRAM" in str(ended.error), ended.error
+        again = await connected(remote, victim, tv_id)
+        await again.close()
