@@ -1,6 +1,7 @@
 """Trust: which Ed25519 device keys may speak for a JID (vCards, pins)."""
 
-from dtx.trust.store import KeySource, PinStore, StaticKeys, VCardDirectory, Verifier
+from dtx.trust.pins import PinLimitError, PinStore, PinStoreConfig, PinStoreStatistics
+from dtx.trust.store import KeySource, StaticKeys, VCardDirectory, Verifier
 from dtx.trust.vcard import (
     KEY_TYPE,
     VCARD4_NS,
@@ -18,7 +19,10 @@ __all__ = [
     "VCARD4_NS",
     "VCARD_TEMP_NS",
     "KeySource",
+    "PinLimitError",
     "PinStore",
+    "PinStoreConfig",
+    "PinStoreStatistics",
     "StaticKeys",
     "VCardDirectory",
     "VCardFormat",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import stat
@@ -146,13 +147,15 @@ def test_pins_persist_across_instances(tmp_path: Path) -> None:
     first = PinStore(path)
     first.pin(TV, K1)
     first.pin("tv@example.org/kitchen", K2)
+    first.flush()  # written by the store's thread; flush waits for it
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert sorted(p.name for p in path.parent.iterdir()) == ["pins.json"]  # no temp left
     second = PinStore(path)
     assert second.get(TV) == K1
     assert second.entries() == first.entries()
-    doc = json.loads(path.read_text())
-    assert doc["pins"][TV]["fingerprint"] == fingerprint(K1)
+    records = [json.loads(line) for line in path.read_text().splitlines()[1:]]
+    assert {"pin": TV, "key": base64.b64encode(K1).decode(), "fingerprint": fingerprint(K1)} \
+        in records
 
 
 def test_pins_survive_a_restart_of_the_verifier(tmp_path: Path) -> None:
@@ -182,6 +185,7 @@ def test_forget_then_new_key_accepted(tmp_path: Path) -> None:
     with pytest.raises(PinMismatchError):
         verifier.verify(TV, K2)
     PinStore(tmp_path / "pins.json").forget(TV)  # as another process would
+    pins.reload()  # else within PinStoreConfig.reload_interval
     verifier.verify(TV, K2)
     assert pins.get(TV) == K2
 
@@ -190,10 +194,15 @@ def test_store_sees_changes_by_other_instances(tmp_path: Path) -> None:
     a = PinStore(tmp_path / "pins.json")
     b = PinStore(tmp_path / "pins.json")
     a.pin(TV, K1)
+    a.flush()
+    b.reload()
     assert b.get(TV) == K1
     b.pin("x@example.org/y", K2)
+    b.flush()
+    a.reload()
     assert a.entries() == {TV: K1, "x@example.org/y": K2}
     (tmp_path / "pins.json").unlink()
+    a.reload()
     assert a.entries() == {}
 
 
@@ -210,6 +219,8 @@ def test_store_sees_changes_by_other_instances(tmp_path: Path) -> None:
         b'{"version": 1, "pins": {"tv@example.org": {"key": "!!"}}}',
         b'{"version": 1, "pins": {"@bad": {"key": "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE="}}}',
         b"\xff\xfe",
+        b'{"version": 1, "pins": {}} trailing',
+        b'{"version": 3}\n{"pin": "tv@example.org/x", "key": "AQ=="}\n',
     ],
 )
 def test_corrupt_pin_file_is_refused(tmp_path: Path, content: bytes) -> None:
