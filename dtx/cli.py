@@ -20,20 +20,18 @@ code  meaning
 Arguments are checked by argparse ``type=`` functions (exit 2 before
 anything starts); host names in ``HOST:PORT`` are resolved once, before the
 device starts, to an address of the local socket's family (IPv4 first).
-``docs/cli.md`` is the reference, with every refused argument.
+The argument types, the resolution and the exit codes are shared with the
+other command lines (:mod:`dtx.cliargs`). ``docs/cli.md`` is the
+reference, with every refused argument.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import errno
-import ipaddress
 import json
 import logging
-import math
 import os
-import socket
 import statistics
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -42,41 +40,36 @@ from typing import Any
 from xml.etree.ElementTree import Element, SubElement
 
 from . import stanza as st
-from .errors import (
-    AuthenticationError,
-    ConnectError,
-    DtxError,
-    JIDError,
-    KeyFileError,
-    LocalProtocolError,
-    SessionClosedError,
-    StanzaTooLargeError,
-    TrustError,
-    VCardError,
+from .cliargs import (
+    UsageError,
+    bind_failure,
+    configure_logging,
+    format_address,
+    parse_bind_host,
+    parse_count,
+    parse_delay,
+    parse_directory,
+    parse_hostport,
+    parse_jid,
+    parse_port,
+    parse_sessions,
+    parse_timeout,
+    resolve_endpoints,
+    run_command,
 )
+from .errors import ConnectError, LocalProtocolError, SessionClosedError, TrustError
 from .identity import generate_identity, load_identity, save_identity
-from .jid import JID
 from .logs import LogLimiter
 from .natcheck import add_cli as add_natcheck_cli
 from .proto.xmlstream import DEFAULT_MAX_STANZA_BYTES, encode_stanza
 from .xmpp.cli import add_cli as add_xmpp_cli
 from .trust import PinStore, VCardDirectory, Verifier, add_key, new_vcard
 
-EXIT_ERROR, EXIT_USAGE, EXIT_TRUST, EXIT_CONNECT = 1, 2, 3, 4
-
 MESSAGE_TYPES = ("chat", "normal", "headline", "groupchat")
 """``--type`` values: RFC 6120's message types but ``error`` (an error
 message is an answer, not something to send on its own)."""
 
-BIND_ERRNOS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES,
-                         errno.EPERM, errno.EAFNOSUPPORT, errno.EINVAL})
-"""Errors of binding the UDP socket that the command line can fix (exit 2)."""
-
 logger = logging.getLogger(__name__)
-
-
-class UsageError(DtxError):
-    """The command line does not say enough to act on."""
 
 
 def default_pins_path() -> Path:
@@ -86,108 +79,7 @@ def default_pins_path() -> Path:
     return Path(base) / "dtx" / "pins.json"
 
 
-# -- argument types (argparse ``type=``: a bad value is exit 2 with its message) -----
-
-
-def _ascii_digits(text: str, most: int) -> bool:
-    return 0 < len(text) <= most and text.isascii() and text.isdigit()
-
-
-def _check_host_text(host: str, text: str, empty: str) -> None:
-    if not host:
-        raise argparse.ArgumentTypeError(f"{text!r} {empty}")
-    if not host.isprintable() or any(c.isspace() for c in host):
-        raise argparse.ArgumentTypeError(f"{text!r}: the host has spaces or control characters")
-
-
-def parse_hostport(text: str) -> tuple[str, int]:
-    """``HOST:PORT``, an IPv6 address in brackets (``[::1]:5300``); port 1-65535.
-
-    Only the syntax: a host name is resolved later (:func:`resolve_host`)."""
-    host, sep, port_text = text.rpartition(":")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"{text!r} has no port; expected HOST:PORT")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-        if not _is_ipv6(host):
-            raise argparse.ArgumentTypeError(f"{text!r}: [{host}] is not an IPv6 address")
-    elif ":" in host:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: write an IPv6 address in brackets, as [::1]:5300")
-    _check_host_text(host, text, "has no host; expected HOST:PORT")
-    if not _ascii_digits(port_text, 5) or not 0 < int(port_text) < 65536:
-        raise argparse.ArgumentTypeError(f"{text!r}: the port must be a number from 1 to 65535")
-    return host, int(port_text)
-
-
-def parse_bind_host(text: str) -> str:
-    """A local address to bind: an IP address or a host name (``[::1]`` too)."""
-    host = text[1:-1] if text.startswith("[") and text.endswith("]") else text
-    _check_host_text(host, text, "is not an address or host name")
-    return host
-
-
-def parse_port(text: str) -> int:
-    """A local UDP port, 0 (any free port) to 65535."""
-    if not _ascii_digits(text, 5) or int(text) > 65535:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a port (0 to 65535; 0 picks any free port)")
-    return int(text)
-
-
-def parse_count(text: str) -> int:
-    """A whole number of at least 1."""
-    if not _ascii_digits(text, 18) or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number of at least 1")
-    return int(text)
-
-
-def parse_sessions(text: str) -> int:
-    """A whole number, 0 or more."""
-    if not _ascii_digits(text, 18):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number, 0 or more")
-    return int(text)
-
-
-def _seconds(text: str, *, zero: bool) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
-        bound = ">= 0" if zero else "> 0"
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: expected a finite number of seconds {bound}")
-    return value
-
-
-def parse_timeout(text: str) -> float:
-    """Seconds, finite and > 0."""
-    return _seconds(text, zero=False)
-
-
-def parse_delay(text: str) -> float:
-    """Seconds, finite and >= 0."""
-    return _seconds(text, zero=True)
-
-
-def parse_jid(text: str) -> str:
-    """A JID (RFC 7622, as dtx accepts them); returned as given."""
-    try:
-        JID.parse(text)
-    except JIDError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a JID: {exc}") from None
-    return text
-
-
-def parse_directory(text: str) -> str:
-    """An existing folder."""
-    path = Path(text)
-    if not path.exists():
-        raise argparse.ArgumentTypeError(f"{text}: no such folder")
-    if not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text}: not a folder")
-    return text
+# -- argument types (the shared ones are in dtx.cliargs) -----------------------------
 
 
 def parse_body(text: str) -> str:
@@ -200,97 +92,16 @@ def parse_body(text: str) -> str:
     return text
 
 
-# -- addresses --------------------------------------------------------------------------
-
-
-def _is_ipv6(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).version == 6
-    except ValueError:
-        return False
-
-
-def format_address(host: str, port: int) -> str:
-    """``host:port``, an IPv6 address in brackets."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _family_name(family: int) -> str:
-    return "IPv6" if family == socket.AF_INET6 else "IPv4"
-
-
-def resolve_host(host: str, flag: str, family: int | None = None, *,
-                 shown: str | None = None) -> str:
-    """``host`` as an IP address: itself if it is one, else the first address
-    the resolver gives of ``family`` (any family, IPv4 first, when None).
-    Raises :class:`UsageError` naming ``flag`` and ``shown`` (the argument
-    as given; ``host`` by default)."""
-    where = f"{flag} {shown or host}"
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        pass
-    else:
-        have = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-        if family is not None and have != family:
-            raise UsageError(
-                f"{where}: an {_family_name(have)} address, but the local socket is "
-                f"{_family_name(family)}; give an {_family_name(family)} address, or bind "
-                f"an {_family_name(have)} one")
-        return str(ip)
-    try:
-        infos = socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)
-    except socket.gaierror as exc:
-        raise UsageError(f"{where}: cannot resolve the name: {exc.strerror}") from None
-    except (UnicodeError, ValueError) as exc:
-        raise UsageError(f"{where}: not a host name: {exc}") from None
-    wanted = [family] if family is not None else [socket.AF_INET, socket.AF_INET6]
-    for fam in wanted:
-        for info_family, _, _, _, sockaddr in infos:
-            if info_family == fam:
-                return str(sockaddr[0])
-    raise UsageError(f"{where}: the name has no {_family_name(wanted[0])} address "
-                     "(the local socket's family)")
-
-
-def resolve_hostport(addr: tuple[str, int], flag: str, family: int) -> tuple[str, int]:
-    host, port = addr
-    return resolve_host(host, flag, family, shown=format_address(host, port)), port
-
-
-def _family_of(ip: str) -> int:
-    return socket.AF_INET6 if ":" in ip else socket.AF_INET
-
-
-def resolve_endpoints(args: argparse.Namespace, local_flag: str, local: str) -> None:
-    """Resolve the local address ``local`` (of ``local_flag``) and every
-    remote ``HOST:PORT`` in ``args`` to IP addresses of the same family,
-    in place. Raises :class:`UsageError`."""
-    ip = resolve_host(local, local_flag)
-    setattr(args, local_flag.lstrip("-"), ip)
-    family = _family_of(ip)
-    for flag in ("--addr", "--rendezvous"):
-        name = flag.lstrip("-")
-        value = getattr(args, name, None)
-        if value is not None:
-            setattr(args, name, resolve_hostport(value, flag, family))
-
-
 async def start_peer(peer: Any, host: str, port: int, *, listen: bool) -> None:
     """``peer.start``; a socket this host cannot bind is a :class:`UsageError`
     naming the address and port."""
     try:
         await peer.start(host, port, listen=listen)
     except OSError as exc:
-        if exc.errno not in BIND_ERRNOS:
+        usage = bind_failure(exc, host, port, listen=listen)
+        if usage is None:
             raise
-        hint = ""
-        if exc.errno == errno.EADDRINUSE:
-            hint = " (another program uses it; choose another port, or 0 for any free one)"
-        elif exc.errno == errno.EADDRNOTAVAIL:
-            hint = " (not an address of this host)"
-        where = f"listen on {format_address(host, port)}" if listen else f"bind {host}"
-        raise UsageError(f"cannot {where}: {exc.strerror or exc}{hint}") from None
+        raise usage from None
 
 
 def percentile(samples: Sequence[float], q: float) -> float:
@@ -776,30 +587,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 argv[i : i + 2] = [f"vcard-{argv[i + 1]}"]
             break
     args = parser.parse_args(argv)
-    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.func(args))
-    except KeyboardInterrupt:
-        return 130
-    except (TrustError, AuthenticationError) as exc:
-        print(f"dtx: refused: {exc}", file=sys.stderr)
-        return EXIT_TRUST
-    except (ConnectError, TimeoutError) as exc:
-        print(f"dtx: could not connect: {exc or 'timed out'}", file=sys.stderr)
-        return EXIT_CONNECT
-    except (KeyFileError, VCardError, JIDError, UsageError) as exc:
-        print(f"dtx: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except (DtxError, OSError) as exc:
-        print(f"dtx: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except Exception as exc:  # noqa: BLE001 - a bug: one line, the traceback with -vv
-        logger.debug("unexpected error", exc_info=True)
-        print(f"dtx: internal error: {type(exc).__name__}: {exc} (run with -vv for details)",
-              file=sys.stderr)
-        return EXIT_ERROR
+    configure_logging(args.verbose)
+    return run_command("dtx", lambda: int(args.func(args)))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,10 @@ Three layers, in the usual dtx shape:
   one UDP socket, feeds it what arrives, re-arms its one timer. Optionally
   runs pystun3's RFC 3489 classification at the same time, in a thread, on
   a second socket (pystun3 is blocking and opens its own exchanges).
-* :func:`add_cli` — the ``dtx nat-check`` subcommand.
+* :func:`add_cli` — the ``dtx nat-check`` subcommand; :func:`main` runs the
+  same command as ``python -m dtx.natcheck``. Arguments are checked by the
+  shared types of :mod:`dtx.cliargs` (exit 2), the local and server names
+  resolved before any socket is made.
 
 Test order matters on one socket. The mapping tests II and III send to the
 server's other address, and an address-dependent filter then lets that
@@ -32,10 +35,24 @@ import logging
 import random
 import socket
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from .cliargs import (
+    EXIT_CONNECT,
+    bind_failure,
+    configure_logging,
+    family_of,
+    format_address,
+    parse_bind_host,
+    parse_hostport,
+    parse_port,
+    parse_timeout,
+    resolve_endpoints,
+    run_command,
+)
 from .errors import DecodeError, LocalProtocolError
 from .aio.socket import UdpSocket
 from .wire.stun import Address, StunClass, StunMessage, binding_request, decode_stun, is_stun
@@ -49,12 +66,11 @@ __all__ = [
     "add_cli",
     "classic_nat_type",
     "format_report",
+    "main",
     "nat_check",
 ]
 
 logger = logging.getLogger(__name__)
-
-EXIT_CONNECT = 4  # as dtx.cli: no answer
 
 
 class Behaviour(str, Enum):
@@ -661,13 +677,6 @@ async def nat_check(
 # -- command line -----------------------------------------------------------------
 
 
-def _hostport(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    return host.strip("[]"), int(port)
-
-
 def format_report(report: NatReport) -> str:
     """A short human summary, one finding per line."""
 
@@ -693,24 +702,55 @@ def format_report(report: NatReport) -> str:
     return "\n".join(lines)
 
 
+def _bind(host: str, port: int) -> socket.socket:
+    """The UDP socket the RFC 5780 tests run on; one that cannot be bound
+    (port in use, not this host's address) is a usage error."""
+    sock = socket.socket(family_of(host), socket.SOCK_DGRAM)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        usage = bind_failure(exc, host, port, listen=False)
+        if usage is None:
+            raise
+        raise usage from None
+    return sock
+
+
 def cmd_nat_check(args: argparse.Namespace) -> int:
-    """``dtx nat-check``: print the report; exit 4 when the server never answered."""
-    report = asyncio.run(
-        nat_check(
-            args.stun,
-            local=(args.bind, args.port),
-            classic=not args.no_classic,
-            timeout=args.timeout,
+    """``dtx nat-check``: print the report; exit 4 when the server never
+    answered. ``--bind`` and ``--stun`` are resolved (to the bind address's
+    family) and the socket bound before the event loop starts."""
+    resolve_endpoints(args, "--bind", args.bind, ("--stun",))
+    with _bind(args.bind, args.port) as sock:
+        report = asyncio.run(
+            nat_check(args.stun, sock=sock, classic=not args.no_classic, timeout=args.timeout)
         )
-    )
     if args.json:
         print(json.dumps(report.to_json()), flush=True)
     else:
         print(format_report(report), flush=True)
     if report.public is None:
-        print(f"dtx: no answer from STUN server {args.stun[0]}:{args.stun[1]}", file=sys.stderr)
+        print(f"dtx: no answer from STUN server {format_address(*args.stun)}", file=sys.stderr)
         return EXIT_CONNECT
     return 0
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    """Add the arguments of ``nat-check`` to ``p``."""
+    p.add_argument("--stun", required=True, type=parse_hostport, metavar="HOST:PORT",
+                   help="STUN server (RFC 5780 needs one with two addresses)")
+    p.add_argument("--bind", default="0.0.0.0", type=parse_bind_host, metavar="HOST",
+                   help="local address or host name (default %(default)s; its family is "
+                   "the server's)")
+    p.add_argument("--port", type=parse_port, default=0,
+                   help="local UDP port (default 0: any free port)")
+    p.add_argument("--no-classic", action="store_true",
+                   help="skip the RFC 3489 classification (pystun3)")
+    p.add_argument("--timeout", type=parse_timeout, default=10.0,
+                   help="seconds for the RFC 5780 tests, > 0 (default %(default)s)")
+    p.add_argument("--json", action="store_true", help="print JSON on stdout")
+    p.set_defaults(func=cmd_nat_check)
 
 
 def add_cli(subparsers: Any) -> None:
@@ -719,15 +759,28 @@ def add_cli(subparsers: Any) -> None:
         "nat-check",
         help="report this host's NAT mapping and filtering (RFC 5780) and classic class",
     )
-    p.add_argument("--stun", required=True, type=_hostport, metavar="HOST:PORT",
-                   help="STUN server (RFC 5780 needs one with two addresses)")
-    p.add_argument("--bind", default="0.0.0.0", metavar="IP",
-                   help="local address (default %(default)s)")
-    p.add_argument("--port", type=int, default=0, help="local port (default: any)")
-    p.add_argument("--no-classic", action="store_true",
-                   help="skip the RFC 3489 classification (pystun3)")
-    p.add_argument("--timeout", type=float, default=10.0,
-                   help="seconds for the RFC 5780 tests (default %(default)s)")
-    p.add_argument("--json", action="store_true", help="print JSON on stdout")
-    p.set_defaults(func=cmd_nat_check)
+    configure_parser(p)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m dtx.natcheck``: ``dtx nat-check``'s
+    arguments, and ``-v``."""
+    parser = argparse.ArgumentParser(
+        prog="dtx nat-check",
+        description="Report this host's NAT mapping and filtering (RFC 5780) and classic class.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log more (-v info, -vv debug) to stderr")
+    configure_parser(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m dtx.natcheck``: as ``dtx nat-check``, with its exit codes."""
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
+    return run_command("dtx", lambda: cmd_nat_check(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

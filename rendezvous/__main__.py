@@ -1,7 +1,13 @@
 """``dtx-rendezvous`` / ``python -m rendezvous``: run the rendezvous server.
 
 Prints one line, ``rendezvous listening on HOST:PORT ...``, once every
-socket is bound, and exits cleanly on SIGTERM or SIGINT.
+socket is bound, and exits cleanly (0) on SIGTERM or SIGINT.
+
+Arguments are checked by the shared types of :mod:`dtx.cliargs` and fail
+with the exit codes of every dtx command: 2 bad usage (an argument, a
+password file, a name that does not resolve, an address that cannot be
+bound), 3 the XMPP login refused, 4 no XMPP server, 1 anything else.
+``docs/cli.md`` has the table of bad arguments, which the tests run.
 """
 
 from __future__ import annotations
@@ -14,43 +20,32 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from dtx.errors import DtxError
+from dtx.cliargs import (
+    UsageError,
+    bind_failure,
+    configure_logging,
+    family_of,
+    format_address,
+    parse_directory,
+    parse_file,
+    parse_hostport,
+    parse_ip,
+    parse_jid,
+    parse_listen_hostport,
+    parse_timeout,
+    resolve_hostport,
+    run_command,
+)
 from rendezvous.core import RendezvousConfig
 from rendezvous.server import serve
 
 logger = logging.getLogger("rendezvous")
 
+MAX_SECONDS = 0xFFFFFFFF
+"""``--lifetime`` and ``--keepalive`` are sent to devices as whole seconds
+in 32 bits (docs/protocol.md 7.2)."""
 
-def _host_port(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, not {text!r}")
-    host = host.strip("[]")
-    try:
-        ipaddress.ip_address(host)
-        number = int(port)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected IP:PORT, not {text!r}") from None
-    if not 0 <= number <= 65535:
-        raise argparse.ArgumentTypeError(f"port {number} out of range")
-    return host, number
-
-
-def _ip(text: str) -> str:
-    try:
-        return str(ipaddress.ip_address(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an IP address: {text!r}") from None
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be positive")
-    return value
+DEFAULT_VCARD_TTL = 60.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,32 +53,71 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dtx-rendezvous",
         description="dtx rendezvous server: STUN, signed registration, introductions, relay.",
     )
-    parser.add_argument("--listen", type=_host_port, default=("0.0.0.0", 3478),
-                        metavar="HOST:PORT", help="primary address (default 0.0.0.0:3478)")
-    parser.add_argument("--alt-address", type=_ip, metavar="IP",
+    parser.add_argument("--listen", type=parse_listen_hostport, default=("0.0.0.0", 3478),
+                        metavar="HOST:PORT",
+                        help="primary address (default 0.0.0.0:3478; port 0: any free port)")
+    parser.add_argument("--alt-address", type=parse_ip, metavar="IP",
                         help="second IP for RFC 5780 NAT tests (STUN also on port+1 of both)")
-    parser.add_argument("--vcards", metavar="DIR",
+    parser.add_argument("--vcards", metavar="DIR", type=parse_directory,
                         help="folder of account vCards, <bare JID>.xml")
-    parser.add_argument("--xmpp-account", metavar="JID",
+    parser.add_argument("--xmpp-account", metavar="JID", type=parse_jid,
                         help="check registrations against live vCards, fetched over XMPP "
                              "as this account (instead of --vcards)")
-    parser.add_argument("--password-file", metavar="FILE",
+    parser.add_argument("--password-file", metavar="FILE", type=parse_file,
                         help="with --xmpp-account: file whose first line is its password "
                              "(mode 0600)")
-    parser.add_argument("--server", type=_host_port, metavar="HOST:PORT",
+    parser.add_argument("--server", type=parse_hostport, metavar="HOST:PORT",
                         help="with --xmpp-account: the XMPP server (default: the JID's domain)")
     parser.add_argument("--allow-plaintext", action="store_true",
                         help="with --xmpp-account: log in without TLS (test servers only)")
-    parser.add_argument("--vcard-ttl", type=_positive, default=60.0,
-                        help="seconds a fetched vCard is trusted (default 60)")
+    parser.add_argument("--vcard-ttl", type=parse_timeout, default=None,
+                        help="with --xmpp-account: seconds a fetched vCard is trusted "
+                             f"(default {DEFAULT_VCARD_TTL:g})")
     parser.add_argument("--no-relay", action="store_true", help="do not relay traffic")
-    parser.add_argument("--lifetime", type=_positive, default=90.0,
+    parser.add_argument("--lifetime", type=parse_timeout, default=90.0,
                         help="registration lifetime, seconds (default 90)")
-    parser.add_argument("--keepalive", type=_positive, default=25.0,
-                        help="keepalive interval asked of devices, seconds (default 25)")
+    parser.add_argument("--keepalive", type=parse_timeout, default=25.0,
+                        help="keepalive interval asked of devices, seconds, less than the "
+                             "lifetime (default 25)")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="-v: log every registration and introduction; -vv: every packet")
     return parser
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """What argparse's types cannot see: options that go together, and the
+    ``--listen`` name resolved (in place). Raises :class:`UsageError`."""
+    if args.xmpp_account is None:
+        for flag, value in (("--password-file", args.password_file),
+                            ("--server", args.server),
+                            ("--allow-plaintext", args.allow_plaintext or None),
+                            ("--vcard-ttl", args.vcard_ttl)):
+            if value is not None:
+                raise UsageError(f"{flag} is for --xmpp-account, which is not given")
+    elif args.password_file is None:
+        raise UsageError("--xmpp-account needs --password-file")
+    elif args.vcards is not None:
+        raise UsageError("give --vcards or --xmpp-account, not both")
+    for flag in ("--lifetime", "--keepalive"):
+        value = getattr(args, flag[2:])
+        if not 1 <= value <= MAX_SECONDS:
+            raise UsageError(f"{flag} {value:g}: must be from 1 to {MAX_SECONDS} seconds "
+                             "(it is sent to devices in whole seconds)")
+    if args.keepalive >= args.lifetime:
+        raise UsageError(f"--keepalive {args.keepalive:g} must be less than --lifetime "
+                         f"{args.lifetime:g} (a registration would expire between keepalives)")
+    args.listen = resolve_hostport(args.listen, "--listen")
+    if args.alt_address is not None:
+        ip = args.listen[0]
+        if ipaddress.ip_address(ip).is_unspecified:
+            raise UsageError("--alt-address needs --listen with a concrete IP "
+                             "(RFC 5780 names it)")
+        if family_of(args.alt_address) != family_of(ip):
+            raise UsageError(f"--alt-address {args.alt_address}: not of the family of "
+                             f"--listen {ip}")
+        if ipaddress.ip_address(args.alt_address) == ipaddress.ip_address(ip):
+            raise UsageError(f"--alt-address {args.alt_address}: the --listen IP itself; "
+                             "RFC 5780 needs a second one")
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -101,12 +135,19 @@ async def _run(args: argparse.Namespace) -> int:
             read_password_file(args.password_file),
             server=args.server,
             allow_plaintext=args.allow_plaintext,
-            ttl=args.vcard_ttl,
+            ttl=DEFAULT_VCARD_TTL if args.vcard_ttl is None else args.vcard_ttl,
         )
         await lookup.start()
     try:
         server = await serve(args.listen, alt_ip=args.alt_address, vcards=args.vcards,
                              config=config, key_lookup=lookup)
+    except OSError as exc:
+        if lookup is not None:
+            await lookup.close()
+        usage = bind_failure(exc, *args.listen, listen=True)
+        if usage is None:
+            raise
+        raise usage from None
     except BaseException:
         if lookup is not None:
             await lookup.close()
@@ -115,14 +156,14 @@ async def _run(args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    host, port = server.address
     extra = ""
     if len(server.addresses.sockets()) > 1:
         extra = " (STUN also on " + ", ".join(
-            f"{h}:{p}" for h, p in server.addresses.sockets()[1:]
+            format_address(h, p) for h, p in server.addresses.sockets()[1:]
         ) + ")"
     relay = "relay off" if args.no_relay else "relay on"
-    print(f"rendezvous listening on {host}:{port} {relay}{extra}", flush=True)
+    print(f"rendezvous listening on {format_address(*server.address)} {relay}{extra}",
+          flush=True)
     try:
         await stop.wait()
     finally:
@@ -136,25 +177,13 @@ async def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    level = logging.WARNING if args.verbose == 0 else logging.INFO
-    if args.verbose >= 2:
-        level = logging.DEBUG
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.xmpp_account is not None and args.password_file is None:
-        print("--xmpp-account needs --password-file", file=sys.stderr)
-        return 2
-    if args.xmpp_account is not None and args.vcards is not None:
-        print("give --vcards or --xmpp-account, not both", file=sys.stderr)
-        return 2
-    if args.alt_address is not None and ipaddress.ip_address(args.listen[0]).is_unspecified:
-        print("--alt-address needs --listen with a concrete IP (RFC 5780 names it)",
-              file=sys.stderr)
-        return 2
-    try:
+    configure_logging(args.verbose)
+
+    def run() -> int:
+        check_arguments(args)
         return asyncio.run(_run(args))
-    except (OSError, DtxError) as exc:
-        print(f"dtx-rendezvous: {exc}", file=sys.stderr)
-        return 1
+
+    return run_command("dtx-rendezvous", run)
 
 
 if __name__ == "__main__":

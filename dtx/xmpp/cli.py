@@ -6,9 +6,10 @@ subparsers; ``dtx vcard publish KEYFILE ...`` routes to the same handler
 The handler logs in as the key file's account, adds (or with ``--revoke``
 removes) the device's key, and prints what it did. Errors are raised as
 :class:`~dtx.errors.DtxError` subclasses for ``dtx``'s ``main`` to report
-with its exit codes: 2 bad key file or vCard, 3 login refused, 4 no
-connection, 1 anything else (no TLS without ``--allow-plaintext``, a server
-refusing the vCard).
+with its exit codes: 2 bad usage (an argument, a key file, a password file
+or a vCard), 3 login refused, 4 no connection, 1 anything else (no TLS
+without ``--allow-plaintext``, a server refusing the vCard). Arguments are
+checked by the shared types of :mod:`dtx.cliargs`.
 """
 
 from __future__ import annotations
@@ -20,93 +21,102 @@ import os
 import stat
 from typing import Any
 
+from dtx.cliargs import (
+    UsageError,
+    parse_file,
+    parse_hostport,
+    parse_jid,
+    parse_output_directory,
+    parse_timeout,
+)
 from dtx.errors import XmppError
-from dtx.identity import fingerprint, load_identity
+from dtx.identity import DeviceIdentity, fingerprint, load_identity
 from dtx.xmpp.client import PUBLISH_FORMATS, KeyChange, XmppClient, XmppConfig
 
 __all__ = [
+    "PasswordFileError",
     "add_cli",
     "cmd_vcard_fetch",
     "cmd_vcard_publish",
     "configure_fetch_parser",
     "configure_publish_parser",
-    "parse_server",
+    "read_password_file",
 ]
 
 MAX_PASSWORD_FILE_BYTES = 4096
 
 
-def parse_server(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (IPv6 in brackets) as a (host, port) pair."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    return host.strip("[]"), int(port)
+class PasswordFileError(XmppError, UsageError):
+    """A password file that cannot be used: unreadable, not a regular file,
+    readable by others, too large, not UTF-8, empty. A usage error (exit 2:
+    the file is the user's to fix), and still an :class:`XmppError` for
+    callers that catch those."""
 
 
 def read_password_file(path: str) -> str:
-    """The first line of a password file that only its owner can read."""
+    """The first line of a password file that only its owner can read;
+    raises :class:`PasswordFileError`."""
     try:
         with open(path, "rb") as f:
             mode = os.fstat(f.fileno()).st_mode
             data = f.read(MAX_PASSWORD_FILE_BYTES + 1)
     except OSError as exc:
-        raise XmppError(f"cannot read password file {path}: {exc.strerror}") from exc
+        raise PasswordFileError(f"cannot read password file {path}: {exc.strerror}") from exc
     if not stat.S_ISREG(mode):
-        raise XmppError(f"password file {path} is not a regular file")
+        raise PasswordFileError(f"password file {path} is not a regular file")
     if mode & 0o077:
-        raise XmppError(
+        raise PasswordFileError(
             f"password file {path} has mode {stat.S_IMODE(mode):04o}, readable by others; "
             f"run: chmod 600 {path}"
         )
     if len(data) > MAX_PASSWORD_FILE_BYTES:
-        raise XmppError(f"password file {path} is larger than {MAX_PASSWORD_FILE_BYTES} bytes")
+        raise PasswordFileError(
+            f"password file {path} is larger than {MAX_PASSWORD_FILE_BYTES} bytes")
     try:
         password = data.decode("utf-8").splitlines()[0] if data else ""
     except UnicodeDecodeError as exc:
-        raise XmppError(f"password file {path} is not UTF-8 text") from exc
+        raise PasswordFileError(f"password file {path} is not UTF-8 text") from exc
     if not password:
-        raise XmppError(f"password file {path} is empty")
+        raise PasswordFileError(f"password file {path} is empty")
     return password
+
+
+def _login_options(p: argparse.ArgumentParser, password_help: str) -> None:
+    """The options of logging in to the XMPP server, shared by publish and fetch."""
+    p.add_argument("--password-file", required=True, metavar="FILE", type=parse_file,
+                   help=password_help)
+    p.add_argument("--server", type=parse_hostport, metavar="HOST:PORT", default=None,
+                   help="connect here (default: the JID's domain, DNS SRV)")
+    p.add_argument("--allow-plaintext", action="store_true",
+                   help="log in even if the server offers no TLS (test servers only)")
+    p.add_argument("--ca-file", metavar="PEM", default=None, type=parse_file,
+                   help="also trust this CA for the server's certificate")
+    p.add_argument("--timeout", type=parse_timeout, default=10.0,
+                   help="seconds for the login and each request, > 0 (default %(default)s)")
+    p.add_argument("--json", action="store_true", help="print JSON on stdout")
 
 
 def configure_publish_parser(p: argparse.ArgumentParser) -> None:
     """Add the arguments of ``dtx vcard publish`` to ``p``."""
     p.add_argument("keyfile", help="the device's key file (its JID names the account)")
-    p.add_argument("--password-file", required=True, metavar="FILE",
-                   help="file whose first line is the account's password (mode 0600)")
-    p.add_argument("--server", type=parse_server, metavar="HOST:PORT", default=None,
-                   help="connect here (default: the JID's domain, DNS SRV)")
-    p.add_argument("--allow-plaintext", action="store_true",
-                   help="log in even if the server offers no TLS (test servers only)")
-    p.add_argument("--ca-file", metavar="PEM", default=None,
-                   help="also trust this CA for the server's certificate")
+    _login_options(p, "file whose first line is the account's password (mode 0600)")
     p.add_argument("--revoke", action="store_true",
                    help="remove this device's key instead of adding it")
     p.add_argument("--format", dest="fmt", choices=PUBLISH_FORMATS, default="auto",
                    help="vCard form to write (default: the one the server keeps)")
-    p.add_argument("--timeout", type=float, default=10.0,
-                   help="seconds for the login and each request (default %(default)s)")
-    p.add_argument("--json", action="store_true", help="print JSON on stdout")
     p.set_defaults(func=cmd_vcard_publish)
 
 
 def configure_fetch_parser(p: argparse.ArgumentParser) -> None:
     """Add the arguments of ``dtx vcard fetch`` to ``p``."""
-    p.add_argument("jid", help="the account (bare JID) whose device keys to fetch")
+    p.add_argument("jid", type=parse_jid,
+                   help="the account (bare JID) whose device keys to fetch")
     p.add_argument("--account-key", required=True, metavar="KEYFILE",
                    help="this device's key file: its JID names the account to log in as")
-    p.add_argument("--password-file", required=True, metavar="FILE",
-                   help="file whose first line is that account's password (mode 0600)")
-    p.add_argument("--out", required=True, metavar="DIR",
-                   help="vCard folder to write JID.xml into (the trust source of "
-                        "listen/send --vcards)")
-    p.add_argument("--server", type=parse_server, metavar="HOST:PORT", default=None)
-    p.add_argument("--allow-plaintext", action="store_true",
-                   help="log in even if the server offers no TLS (test servers only)")
-    p.add_argument("--ca-file", metavar="PEM", default=None)
-    p.add_argument("--timeout", type=float, default=10.0)
-    p.add_argument("--json", action="store_true", help="print JSON on stdout")
+    p.add_argument("--out", required=True, metavar="DIR", type=parse_output_directory,
+                   help="vCard folder to write JID.xml into, made if missing (the trust "
+                        "source of listen/send --vcards)")
+    _login_options(p, "file whose first line is that account's password (mode 0600)")
     p.set_defaults(func=cmd_vcard_fetch)
 
 
@@ -114,18 +124,21 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``vcard-publish`` and ``vcard-fetch`` on ``dtx``'s
     subparsers; returns the publish parser."""
     p: argparse.ArgumentParser = subparsers.add_parser(
-        "vcard-publish", help="add (or --revoke) this device's key in the account's vCard"
+        "vcard-publish", prog="dtx vcard publish",
+        help="add (or --revoke) this device's key in the account's vCard",
     )
     configure_publish_parser(p)
     f: argparse.ArgumentParser = subparsers.add_parser(
-        "vcard-fetch", help="fetch an account's device keys into a vCard folder"
+        "vcard-fetch", prog="dtx vcard fetch",
+        help="fetch an account's device keys into a vCard folder",
     )
     configure_fetch_parser(f)
     return p
 
 
-async def _fetch(args: argparse.Namespace) -> frozenset[bytes] | None:
-    identity = load_identity(args.account_key)
+def _client(args: argparse.Namespace, identity: DeviceIdentity) -> XmppClient:
+    """A client for the key file's account, with the login options of
+    ``args``; the password file is read (and checked) here, before connecting."""
     password = read_password_file(args.password_file)
     config = XmppConfig(
         server=args.server,
@@ -133,7 +146,11 @@ async def _fetch(args: argparse.Namespace) -> frozenset[bytes] | None:
         ca_file=args.ca_file,
         timeout=float(args.timeout),
     )
-    client = XmppClient(identity.jid.bare, password, config=config)
+    return XmppClient(identity.jid.bare, password, config=config)
+
+
+async def _fetch(args: argparse.Namespace) -> frozenset[bytes] | None:
+    client = _client(args, load_identity(args.account_key))
     await client.connect()
     try:
         return await client.fetch_keys(args.jid)
@@ -174,14 +191,7 @@ def cmd_vcard_fetch(args: argparse.Namespace) -> int:
 
 async def _run(args: argparse.Namespace) -> tuple[str, KeyChange]:
     identity = load_identity(args.keyfile)
-    password = read_password_file(args.password_file)
-    config = XmppConfig(
-        server=args.server,
-        allow_plaintext=bool(args.allow_plaintext),
-        ca_file=getattr(args, "ca_file", None),
-        timeout=float(args.timeout),
-    )
-    client = XmppClient(identity.jid.bare, password, config=config)
+    client = _client(args, identity)
     await client.connect()
     try:
         if args.revoke:

@@ -33,14 +33,24 @@ DEADLINE = 30.0
 CLI_DOC = Path(__file__).resolve().parents[2] / "docs" / "cli.md"
 
 
+MODULES = {"dtx": "dtx.cli", "dtx-rendezvous": "rendezvous", "dtx nat-check": "dtx.natcheck"}
+"""Each command, as the module ``python -m`` runs (this checkout's)."""
+
+
+def run(command: str, *args: str, timeout: float = 60,
+        cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``command`` (a key of MODULES), from any folder, as a person would."""
+    path = os.pathsep.join(p for p in (str(CLI_DOC.parents[1]), os.environ.get("PYTHONPATH"))
+                           if p)
+    return subprocess.run([sys.executable, "-m", MODULES[command], *args], capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL, cwd=cwd,
+                          env={**os.environ, "PYTHONPATH": path})
+
+
 def dtx(*args: str, timeout: float = 60,
         cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """Run `dtx` (this checkout's, from any folder) as a person would."""
-    path = os.pathsep.join(p for p in (str(CLI_DOC.parents[1]), os.environ.get("PYTHONPATH"))
-                           if p)
-    return subprocess.run([sys.executable, "-m", "dtx.cli", *args], capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL, cwd=cwd,
-                          env={**os.environ, "PYTHONPATH": path})
+    return run("dtx", *args, timeout=timeout, cwd=cwd)
 
 
 def free_udp_port() -> int:
@@ -300,7 +310,8 @@ async def test_an_echo_too_large_is_answered_with_a_stanza_error_and_the_session
 
 
 def bad_argument_rows() -> list[tuple[str, str, int]]:
-    """The rows of the table under "## Bad arguments" in docs/cli.md."""
+    """The rows of the tables under "## Bad arguments" in docs/cli.md
+    (`dtx ...` and `dtx-rendezvous ...`)."""
     section = CLI_DOC.read_text(encoding="utf-8").split("\n## Bad arguments\n", 1)[1]
     section = section.split("\n## ", 1)[0]
     rows = []
@@ -318,8 +329,17 @@ def test_the_table_of_bad_arguments_covers_the_known_cases() -> None:
     commands = " ".join(command for command, _, _ in BAD_ARGUMENTS)
     for case in ("--port 70000", "--count 0", "--timeout 0", "--timeout -1", "--timeout nan",
                  "--timeout inf", "--vcards notes.txt", "dtx pin forget", "$BUSY",
-                 "--addr 127.0.0.1 ", "--addr 127.0.0.1:70000", "--addr :5300"):
+                 "--addr 127.0.0.1 ", "--addr 127.0.0.1:70000", "--addr :5300",
+                 "nat-check --stun 127.0.0.1:3478 --port 70000",
+                 "nat-check --stun 127.0.0.1:3478 --timeout 0",
+                 "nat-check --stun 127.0.0.1:3478 --timeout nan",
+                 "nat-check --stun 127.0.0.1:3478 --bind nonsense.invalid",
+                 "vcard publish tv.key --password-file secret.password --timeout -1",
+                 "--out vcards --timeout -1", "vcard publish tv.key --password-file missing",
+                 "dtx-rendezvous --lifetime nan", "dtx-rendezvous --lifetime inf",
+                 "dtx-rendezvous --keepalive nan", "dtx-rendezvous --listen 127.0.0.1:$BUSY"):
         assert case in commands, case
+    assert {command.split()[0] for command, _, _ in BAD_ARGUMENTS} == {"dtx", "dtx-rendezvous"}
 
 
 @pytest.fixture(scope="module")
@@ -334,6 +354,9 @@ def bad_argument_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (folder / "vcards" / f"{jid.split('/')[0]}.xml").write_text(card.stdout)
     (folder / "notes.txt").write_text("not a folder\n")
     (folder / "bad-pins.json").write_text("{not json\n")
+    for name, mode in (("secret.password", 0o600), ("open.password", 0o644)):
+        (folder / name).write_text("not the password\n")
+        os.chmod(folder / name, mode)
     return folder
 
 
@@ -352,11 +375,39 @@ def test_a_bad_argument_is_one_line_on_stderr_and_its_exit_code(
             return text
 
         argv = [fill(word) for word in shlex.split(command)]
-        assert argv[0] == "dtx"
-        done = dtx(*argv[1:], cwd=bad_argument_folder)
+        assert argv[0] in ("dtx", "dtx-rendezvous")
+        done = run(argv[0], *argv[1:], cwd=bad_argument_folder)
     assert "Traceback" not in done.stderr, done.stderr
     assert done.returncode == code, done.stderr
     last = done.stderr.strip().splitlines()[-1]
     assert fill(message) in last, done.stderr
-    assert last.startswith("dtx"), done.stderr
+    assert last.startswith(f"{argv[0]} ") or last.startswith(f"{argv[0]}:"), done.stderr
     assert done.stdout == ""
+
+
+# -- python -m dtx.natcheck: the same command as dtx nat-check ---------------------------
+
+
+def test_nat_check_runs_alone_against_the_rendezvous_on_loopback(tmp_path: Path) -> None:
+    rdv = Listener(subprocess.Popen(
+        [sys.executable, "-m", "rendezvous", "--listen", "127.0.0.1:0"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, stdin=subprocess.DEVNULL))
+    try:
+        line = rdv.lines.get(timeout=DEADLINE)
+        found = re.search(r"listening on 127\.0\.0\.1:(\d+)", line or "")
+        assert found, line
+        port = int(found[1])
+        done = run("dtx nat-check", "--stun", f"localhost:{port}", "--bind", "127.0.0.1",
+                   "--no-classic", "--json", "--timeout", "20")
+        assert done.returncode == 0, done.stderr
+        report = json.loads(done.stdout)
+        assert report["server"] == ["127.0.0.1", port]  # the name, resolved to IPv4
+        assert report["public"] == report["local"] and report["local"][0] == "127.0.0.1"
+        assert report["nat"] is False and report["rfc5780"] is False
+        bad = run("dtx nat-check", "--stun", f"127.0.0.1:{port}", "--port", "70000")
+        assert bad.returncode == 2 and bad.stdout == ""
+        assert bad.stderr.strip().splitlines()[-1].startswith(
+            "dtx nat-check: error: argument --port: '70000' is not a port")
+    finally:
+        rdv.proc.kill()
+        rdv.proc.wait(10)

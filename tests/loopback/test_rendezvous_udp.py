@@ -37,7 +37,7 @@ def client() -> socket.socket:
 
 async def answers(sock: socket.socket, count: int) -> list[bytes]:
     loop = asyncio.get_running_loop()
-    got = []
+    got: list[bytes] = []
     async with asyncio.timeout(DEADLINE):
         while len(got) < count:
             got.append(await loop.sock_recv(sock, 2048))
