@@ -175,3 +175,19 @@ class UnacknowledgedLimitError(LocalProtocolError):
     (``SessionConfig.max_unacknowledged_stanzas`` / ``_bytes``). Nothing was
     queued: wait until the peer acknowledges (``wait_acknowledged``) and
     send again."""
+
+
+# -- XEP-0174 link-local streams --------------------------------------------
+
+
+class LinkLocalError(DtxError):
+    """A XEP-0174 link-local stream could not be opened or used as asked: no
+    ``_presence._tcp`` record for the name, outgoing streams not enabled, or
+    the listener not running. Link-local streams are unauthenticated; see
+    ``docs/lan-discovery.md``."""
+
+
+class SendBufferFullError(LocalProtocolError):
+    """The peer of a link-local stream is not reading: sending would hold
+    more than ``LinkLocalConfig.send_buffer_bytes`` unsent. Nothing was
+    queued."""

@@ -258,10 +258,12 @@ def encode_stream_header(
     from_: str,
     to: str,
     stream_id: str | None = None,
-    version: str = "1.0",
+    version: str | None = "1.0",
     lang: str | None = None,
 ) -> bytes:
-    """Serialise the XML declaration and the opening ``<stream:stream>`` tag."""
+    """Serialise the XML declaration and the opening ``<stream:stream>`` tag
+    (without ``version`` when it is None: the answer to a XEP-0174 peer
+    that sent none, RFC 6120 section 4.7.5)."""
     parts = [
         '<?xml version="1.0"?><stream:stream xmlns="jabber:client"'
         ' xmlns:stream="http://etherx.jabber.org/streams"',
@@ -269,7 +271,8 @@ def encode_stream_header(
     ]
     if stream_id is not None:
         parts.append(f' id="{_header_attr(stream_id)}"')
-    parts.append(f' version="{_header_attr(version)}"')
+    if version is not None:
+        parts.append(f' version="{_header_attr(version)}"')
     if lang is not None:
         parts.append(f' xml:lang="{_header_attr(lang)}"')
     parts.append(">")
