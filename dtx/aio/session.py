@@ -146,7 +146,10 @@ class Session:
     # -- sending ----------------------------------------------------------------
 
     def send(self, stanza: Element) -> None:
-        """Queue ``stanza``; it is kept until the peer acknowledges it."""
+        """Queue ``stanza``; it is kept until the peer acknowledges it.
+        Raises :class:`~dtx.errors.UnacknowledgedLimitError` (nothing
+        queued) when the session already holds its bound of unacknowledged
+        stanzas: see :meth:`drain`."""
         self.connection.send(stanza)
         self._wake()
 
@@ -154,6 +157,24 @@ class Session:
         """Send ``stanza`` in one unreliable DATAGRAM (see XmlSession)."""
         self.connection.send_datagram(stanza)
         self._wake()
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Wait until there is room to send: what waits for the peer's
+        acknowledgement is under half the session's bounds
+        (``SessionConfig.max_unacknowledged_*``). A sender that may outrun
+        its peer calls this between bursts rather than meeting
+        :class:`~dtx.errors.UnacknowledgedLimitError` from :meth:`send`."""
+        conn = self.connection
+        if conn.has_room():
+            return
+        conn.request_ack()
+        self._wake()
+        async with asyncio.timeout(timeout):
+            while not conn.has_room():
+                if self._closed.done():
+                    raise SessionClosedError("session ended while waiting for room")
+                self._acked.clear()
+                await self._acked.wait()
 
     async def wait_acknowledged(self, timeout: float | None = None) -> None:
         """Wait until the peer acknowledged every stanza sent so far."""

@@ -320,7 +320,7 @@ class Connection:
 
     def request_ack(self) -> None:
         """Ask the peer to acknowledge what it has (someone waits for it)."""
-        if self.core.unacknowledged:
+        if self.core.waiting:
             self.core.request_ack()
             self._endpoint._dirty.add(self)
 
@@ -329,8 +329,26 @@ class Connection:
         the sender credit again once the backlog is small. True when that
         happened now (there is something to transmit)."""
         self._unconsumed -= size
-        if self.quic.receive_paused and \
-                self._unconsumed <= self._endpoint.config.receive_buffer_bytes // 4:
+        return self._credit()
+
+    def has_room(self) -> bool:
+        """Whether what waits for the peer's acknowledgement is under half
+        the session's bounds (``Session.drain`` waits for this)."""
+        return self.core.has_room(0.5)
+
+    def _credit(self) -> bool:
+        """The receive-credit policy: no QUIC credit for a peer while the
+        application has not consumed ``receive_buffer_bytes`` of its
+        stanzas, or while half the unacknowledged bound waits on it (the
+        answers it asked for and does not acknowledge); credit again below
+        a quarter of both. True when credit was granted again just now."""
+        cfg = self._endpoint.config
+        core = self.core
+        if not self.quic.receive_paused:
+            if self._unconsumed > cfg.receive_buffer_bytes or not core.has_room(0.5):
+                self.quic.receive_paused = True
+            return False
+        if self._unconsumed <= cfg.receive_buffer_bytes // 4 and core.has_room(0.25):
             self.quic.receive_paused = False
             self._endpoint._dirty.add(self)
             return True
@@ -728,14 +746,13 @@ class Endpoint:
             for sev in core.handle_quic_event(ev):
                 self._on_session_event(conn, sev)
         if conn.ended is None:
+            conn._credit()
             conn._timer_at = conn._timer(self.config)
 
     def _on_session_event(self, conn: Connection, sev: sc.SessionEvent) -> None:
         events = self._events
         if isinstance(sev, sc.StanzaReceived):
             conn._unconsumed += sev.size
-            if conn._unconsumed > self.config.receive_buffer_bytes:
-                conn.quic.receive_paused = True
             events.append(StanzaReceived(conn, sev.stanza, sev.size))
         elif isinstance(sev, sc.StanzasAcknowledged):
             events.append(StanzasAcknowledged(conn, sev.count, sev.total))

@@ -120,13 +120,17 @@ class SessionConfig:
     ack_request_delay: float = 0.05
     """... or once stanzas have waited this long (seconds) for one. Asking
     on every write would cost a packet each way per exchange."""
-    max_unacknowledged_stanzas: int = 10_000
+    max_unacknowledged_stanzas: int = 65_536
     """At most this many stanzas wait for the peer's acknowledgement: the
     application's and the session's own answers (pings, disco) together.
     Past it :meth:`XmlSession.send` raises
-    :class:`~dtx.errors.UnacknowledgedLimitError`, and a query whose answer
-    would not fit ends the session (``policy-violation``)."""
-    max_unacknowledged_bytes: int = 16 * 1024 * 1024
+    :class:`~dtx.errors.UnacknowledgedLimitError` (a sender that wants to
+    wait for room instead awaits ``Session.drain()``), and a query whose
+    answer would not fit ends the session (``policy-violation``). The
+    session's own answers are held as their size only, so a peer that
+    floods queries and acknowledges nothing costs about the bytes it made
+    this side write."""
+    max_unacknowledged_bytes: int = 32 * 1024 * 1024
     """The same bound on the encoded size of those stanzas."""
     ack_window: float = 60.0
     """A peer that leaves stanzas unacknowledged this long (seconds) without
@@ -342,6 +346,18 @@ class XmlSession:
                 f"{self._config.max_unacknowledged_bytes} bytes); nothing was queued"
             )
         self._queue(stanza, data)
+
+    @property
+    def waiting(self) -> int:
+        """Stanzas waiting for the peer's acknowledgement, the session's own
+        answers included (cheap: no copy)."""
+        return len(self._unacked)
+
+    def has_room(self, fraction: float = 1.0) -> bool:
+        """Whether what waits is under ``fraction`` of both bounds."""
+        cfg = self._config
+        return (len(self._unacked) < cfg.max_unacknowledged_stanzas * fraction
+                and self._unacked_bytes < cfg.max_unacknowledged_bytes * fraction)
 
     def _room_for(self, size: int) -> bool:
         return (

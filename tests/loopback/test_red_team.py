@@ -18,6 +18,7 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,6 +27,8 @@ from dtx.aio.peer import Peer, PeerConfig, open_peer
 from dtx.aio.session import Session
 from dtx.identity import DeviceIdentity, save_identity
 from dtx.lab.scene import write_vcards
+from dtx.proto import xmlstream as xs
+from dtx.proto.session import SM_R
 
 from .conftest import trusting
 from .test_hostile_input import DEADLINE, quic_initials
@@ -120,20 +123,47 @@ class Victim:
         return rss_bytes(self.proc.pid)
 
 
-@pytest.fixture
-def victim(tmp_path: Path, tv_id: DeviceIdentity,
-           remote_id: DeviceIdentity) -> Iterator[Victim]:
-    """``dtx listen`` (which never reads datagrams) as the TV, trusting the
-    remote's key, in its own process."""
-    if not Path("/proc/self/status").exists():
-        pytest.skip("needs /proc to read the victim's resident memory")
+VICTIM_SCRIPT = """
+import asyncio, json, sys
+from dtx.aio.peer import PeerConfig, open_peer
+from dtx.identity import load_identity
+from dtx.proto.session import SessionConfig
+from dtx.trust import PinStore, VCardDirectory, Verifier
+
+async def serve(session):
+    async for _ in session:
+        pass
+    ended = await session.wait_closed()
+    print(json.dumps({"event": "closed", "error": str(ended.error)}), flush=True)
+
+async def main(key, vcards, ack_window):
+    config = PeerConfig(session=SessionConfig(ack_window=ack_window))
+    verifier = Verifier([VCardDirectory(vcards)], PinStore(None))
+    async with open_peer(load_identity(key), verifier, config=config) as peer:
+        host, port = peer.address
+        print(json.dumps({"event": "listening", "host": host, "port": port}), flush=True)
+        tasks = set()
+        while True:
+            task = asyncio.create_task(serve(await peer.accept()))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+asyncio.run(main(sys.argv[1], sys.argv[2], float(sys.argv[3])))
+"""
+ACK_WINDOW = 3.0
+"""The script victim's ack window (60 s by default), so that its close of a
+peer that never acknowledges fits a test."""
+
+
+def start_victim(tmp_path: Path, tv_id: DeviceIdentity, remote_id: DeviceIdentity,
+                 argv: list[str]) -> Victim:
     vcards = tmp_path / "vcards"
     write_vcards(vcards, tv_id, remote_id)
     key = tmp_path / "tv.key"
     save_identity(tv_id, key)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dtx.cli", "listen", str(key), "--vcards", str(vcards),
-         "--no-pins", "--json"],
+        [sys.executable, *[{"{key}": str(key), "{vcards}": str(vcards)}.get(a, a)
+                           for a in argv]],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True,
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     events: queue.Queue[dict[str, object]] = queue.Queue()
@@ -146,11 +176,44 @@ def victim(tmp_path: Path, tv_id: DeviceIdentity,
     threading.Thread(target=read, daemon=True).start()
     try:
         first = events.get(timeout=30)
-        assert first["event"] == "listening", first
-        yield Victim(proc, (str(first["host"]), int(str(first["port"]))), events)
-    finally:
+    except queue.Empty:
         proc.kill()
-        proc.wait(10)
+        raise AssertionError("the victim did not start") from None
+    assert first["event"] == "listening", first
+    return Victim(proc, (str(first["host"]), int(str(first["port"]))), events)
+
+
+@pytest.fixture
+def victim(tmp_path: Path, tv_id: DeviceIdentity,
+           remote_id: DeviceIdentity) -> Iterator[Victim]:
+    """``dtx listen`` (which never reads datagrams) as the TV, trusting the
+    remote's key, in its own process."""
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs /proc to read the victim's resident memory")
+    v = start_victim(tmp_path, tv_id, remote_id,
+                     ["-m", "dtx.cli", "listen", "{key}", "--vcards", "{vcards}", "--no-pins",
+                      "--json"])
+    try:
+        yield v
+    finally:
+        v.proc.kill()
+        v.proc.wait(10)
+
+
+@pytest.fixture
+def strict_victim(tmp_path: Path, tv_id: DeviceIdentity,
+                  remote_id: DeviceIdentity) -> Iterator[Victim]:
+    """A listener like ``dtx listen`` with an ack window of ACK_WINDOW s,
+    in its own process; it reports each session's end."""
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs /proc to read the victim's resident memory")
+    v = start_victim(tmp_path, tv_id, remote_id,
+                     ["-c", VICTIM_SCRIPT, "{key}", "{vcards}", str(ACK_WINDOW)])
+    try:
+        yield v
+    finally:
+        v.proc.kill()
+        v.proc.wait(10)
 
 
 async def connected(remote: Peer, victim: Victim, tv_id: DeviceIdentity) -> Session:
@@ -198,3 +261,66 @@ async def test_a_datagram_over_the_receivers_limit_closes_the_session_not_the_li
         assert ended.error is not None and "DATAGRAM" in str(ended.error), ended.error
         again = await connected(remote, victim, tv_id)
         await again.close()
+
+
+def deafen(session: Session) -> None:
+    """Make ``session`` a hostile peer's: it ignores ``<r/>`` (so it never
+    acknowledges what it is sent) and grants no more QUIC credit."""
+    core = session.connection.core
+    handle = core._on_xml_event
+
+    def on_xml_event(xev: xs.XmlEvent, out: list[Any]) -> None:
+        if isinstance(xev, xs.StanzaReceived) and xev.element.tag == SM_R:
+            return
+        handle(xev, out)
+
+    core._on_xml_event = on_xml_event  # type: ignore[method-assign]
+    session.connection.quic.receive_paused = True
+
+
+def write_raw(session: Session, data: bytes) -> None:
+    conn = session.connection
+    stream = conn.core._stream
+    assert stream is not None
+    conn.quic.send_stream_data(stream, data)
+    conn._endpoint._dirty.add(conn)
+    session._wake()
+
+
+PING = b"<iq type='get' id='p%d'><ping xmlns='urn:xmpp:ping'/></iq>"
+DISCO = b"<iq type='get' id='q%d'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>"
+
+
+@pytest.mark.parametrize("query", [PING, DISCO], ids=["pings", "disco"])
+async def test_queries_never_acknowledged_cost_a_bounded_amount_and_end_the_session(
+    strict_victim: Victim, tv_id: DeviceIdentity, remote_id: DeviceIdentity, query: bytes
+) -> None:
+    """D1: a trusted peer floods pings (or disco#info queries), never
+    acknowledges the answers and withholds QUIC credit. The listener grows by
+    less than 64 MB (it grew 410 MB for 600,000 pings, linearly): past half
+    its unacknowledged bound it grants that peer no more credit, and it ends
+    the session once the peer made no acknowledgement progress for its ack
+    window; meanwhile and afterwards it serves other sessions."""
+    victim = strict_victim
+    async with open_peer(remote_id, trusting(tv_id, remote_id)) as remote:
+        hostile = await connected(remote, victim, tv_id)
+        deafen(hostile)
+        before = victim.rss()
+        batch = 500
+        for first in range(0, 600_000, batch):
+            if not hostile.is_open:
+                break
+            write_raw(hostile, b"".join(query % (first + i) for i in range(batch)))
+            await asyncio.sleep(0)  # let the driver transmit (pacing)
+        async with open_peer(remote_id, trusting(tv_id, remote_id)) as neighbour:
+            other = await connected(neighbour, victim, tv_id)
+            async with asyncio.timeout(ACK_WINDOW + DEADLINE * 3):
+                ended = await hostile.wait_closed()
+            grown = victim.rss() - before
+            assert grown < 64 * 1024 * 1024, f"grew by {grown / 1e6:.1f} MB"
+            assert ended.error is not None, "the listener ended the hostile session"
+            closed = victim.events.get(timeout=DEADLINE)
+            assert closed["event"] == "closed", closed
+            assert "connection-timeout" in str(closed["error"]), closed
+            assert await other.ping(timeout=DEADLINE) > 0, "the other session went on"
+            await other.close()
