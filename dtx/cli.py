@@ -394,9 +394,16 @@ async def run_listen(args: argparse.Namespace) -> int:
             say(args, {"event": "stanza", "peer": session.peer_jid, "kind": tag,
                        "from": el.get("from"), "body": body},
                 f"{tag} from {el.get('from')}: {body if body is not None else ''}")
-            if (args.echo and el.tag == st.MESSAGE and body is not None
-                    and el.get("type") != "error" and not echo(session, el, body)):
-                break
+            if args.echo and el.tag == st.MESSAGE and body is not None \
+                    and el.get("type") != "error":
+                try:
+                    # A peer that does not acknowledge its echoes gets no
+                    # more of them (and, as nothing more is read, no credit).
+                    await session.drain()
+                except SessionClosedError:
+                    break
+                if not echo(session, el, body):
+                    break
         ended = await session.wait_closed()
         say(args, {"event": "closed", "peer": session.peer_jid, "path": session.path,
                    "error": None if ended.error is None else str(ended.error)},

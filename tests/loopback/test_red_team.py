@@ -28,7 +28,7 @@ from dtx.aio.session import Session
 from dtx.identity import DeviceIdentity, save_identity
 from dtx.lab.scene import write_vcards
 from dtx.proto import xmlstream as xs
-from dtx.proto.session import SM_R
+from dtx.proto.session import SM_R, SessionConfig
 
 from .conftest import trusting
 from .test_hostile_input import DEADLINE, quic_initials
@@ -323,4 +323,64 @@ async def test_queries_never_acknowledged_cost_a_bounded_amount_and_end_the_sess
             assert closed["event"] == "closed", closed
             assert "connection-timeout" in str(closed["error"]), closed
             assert await other.ping(timeout=DEADLINE) > 0, "the other session went on"
+            await other.close()
+
+
+@pytest.fixture
+def echo_victim(tmp_path: Path, tv_id: DeviceIdentity,
+                remote_id: DeviceIdentity) -> Iterator[Victim]:
+    """``dtx listen --echo`` as the TV, in its own process."""
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs /proc to read the victim's resident memory")
+    v = start_victim(tmp_path, tv_id, remote_id,
+                     ["-m", "dtx.cli", "listen", "{key}", "--vcards", "{vcards}", "--no-pins",
+                      "--echo", "--json"])
+    try:
+        yield v
+    finally:
+        v.proc.kill()
+        v.proc.wait(10)
+
+
+async def test_messages_whose_echoes_are_never_acknowledged_cost_a_bounded_amount(
+    echo_victim: Victim, tv_id: DeviceIdentity, remote_id: DeviceIdentity
+) -> None:
+    """D1: a trusted peer floods ``dtx listen --echo`` with 200,000 messages
+    and acknowledges none of the echoes. The listener echoes until half its
+    unacknowledged bound waits, then reads no more from that peer (so grants
+    it no more credit): it grows by less than 64 MB and serves another
+    session meanwhile."""
+    victim = echo_victim
+    async with open_peer(remote_id, trusting(tv_id, remote_id)) as remote:
+        hostile = await connected(remote, victim, tv_id)
+        deafen(hostile)
+        before = victim.rss()
+        message = b"<message to='tv@example.org'><body>%d</body></message>"
+        batch = 500
+        for first in range(0, 200_000, batch):
+            if not hostile.is_open:
+                break
+            write_raw(hostile, b"".join(message % (first + i) for i in range(batch)))
+            await asyncio.sleep(0)  # let the driver transmit (pacing)
+        # until the listener stops taking messages from that peer (bounded)
+        loop = asyncio.get_running_loop()
+        deadline, quiet_since, seen = loop.time() + 60, loop.time(), 0
+        while loop.time() < deadline and loop.time() - quiet_since < 2.0:
+            got = 0
+            while not victim.events.empty():
+                victim.events.get_nowait()
+                got += 1
+            if got:
+                seen += got
+                quiet_since = loop.time()
+            await asyncio.sleep(0.05)  # polling the victim's output
+        assert seen > SessionConfig().max_unacknowledged_stanzas // 2, seen
+        assert seen < 200_000, "it stopped taking messages from a peer that does not acknowledge"
+        async with open_peer(remote_id, trusting(tv_id, remote_id)) as neighbour:
+            other = await connected(neighbour, victim, tv_id)
+            other.send(st.message("still there?", to=tv_id.jid.full))
+            async with asyncio.timeout(DEADLINE):
+                assert st.body_of(await other.receive()) == "still there?"
+            grown = victim.rss() - before
+            assert grown < 64 * 1024 * 1024, f"grew by {grown / 1e6:.1f} MB"
             await other.close()
