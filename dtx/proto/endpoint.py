@@ -199,6 +199,7 @@ class SessionStatistics:
     bytes_sent: int
     bytes_received: int
     pings_answered: int
+    log_suppressed: int
     unacknowledged: int
     received_unconsumed_bytes: int
     rtt_ms: float
@@ -300,6 +301,7 @@ class Connection:
             bytes_sent=s.bytes_sent,
             bytes_received=s.bytes_received,
             pings_answered=s.pings_answered,
+            log_suppressed=s.log_suppressed,
             unacknowledged=len(self.core.unacknowledged),
             received_unconsumed_bytes=self._unconsumed,
             rtt_ms=round(self.quic.smoothed_rtt * 1000, 3),
@@ -534,8 +536,10 @@ class Endpoint:
 
     def statistics(self) -> EndpointStatistics:
         counters = dict(self.counters)
-        counters["log_suppressed"] = self._log.suppressed
+        counters["log_suppressed"] = self._log.suppressed + sum(
+            c.core.statistics.log_suppressed for c in self._connections.values())
         if self.traversal is not None:
+            counters["log_suppressed"] += self.traversal.log_suppressed
             for name, n in self.traversal.counters.items():
                 counters[f"traversal_{name}"] = n
         return EndpointStatistics(

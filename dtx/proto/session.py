@@ -57,6 +57,7 @@ from ..errors import (
 )
 from ..jid import JID
 from ..wire.xml import decode_count
+from ..logs import LogLimiter
 from . import xmlstream as xs
 from .auth import (
     ALERT_CERTIFICATE_REQUIRED,
@@ -225,6 +226,8 @@ class SessionStatistics:
     bytes_sent: int = 0
     bytes_received: int = 0
     pings_answered: int = 0
+    log_suppressed: int = 0
+    """Repeated warnings about this peer logged at DEBUG instead (counted)."""
 
 
 def _bare(jid: str) -> str:
@@ -263,6 +266,7 @@ class XmlSession:
         self._config = config
         self._rng = rng
         self._log = logger or logging.getLogger(__name__)
+        self._limited = LogLimiter(self._log)
         self._parser = xs.XmlStreamParser(
             max_stanza_bytes=config.max_stanza_bytes, max_depth=config.max_depth
         )
@@ -732,7 +736,9 @@ class XmlSession:
             self._check_from(stanzas[0])
         except StreamError as exc:
             self.statistics.datagrams_dropped += 1
-            self._log.warning("dropped a bad datagram from %s: %s", self.peer_jid, exc)
+            self._limited.warning("bad-datagram", None, "dropped a bad datagram from %s: %s",
+                                  self.peer_jid, exc)
+            self.statistics.log_suppressed = self._limited.suppressed
             return []
         self.statistics.datagrams_received += 1
         return [DatagramReceived(stanzas[0])]

@@ -260,6 +260,11 @@ class Traversal:
     def registered(self) -> bool:
         return self.client.registered
 
+    @property
+    def log_suppressed(self) -> int:
+        """Repeated warnings logged at DEBUG instead."""
+        return self._log.suppressed
+
     # -- user calls -----------------------------------------------------------------
 
     def introduce(self, target: str, now: float) -> None:

@@ -384,3 +384,69 @@ async def test_messages_whose_echoes_are_never_acknowledged_cost_a_bounded_amoun
             grown = victim.rss() - before
             assert grown < 64 * 1024 * 1024, f"grew by {grown / 1e6:.1f} MB"
             await other.close()
+
+
+@pytest.fixture
+def logged_victim(tmp_path: Path, tv_id: DeviceIdentity,
+                  remote_id: DeviceIdentity) -> Iterator[tuple[Victim, Path]]:
+    """``dtx listen`` as the TV with its log (stderr, default level) in a file."""
+    vcards = tmp_path / "vcards"
+    write_vcards(vcards, tv_id, remote_id)
+    key = tmp_path / "tv.key"
+    save_identity(tv_id, key)
+    log = tmp_path / "listen.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dtx.cli", "listen", str(key), "--vcards", str(vcards),
+             "--no-pins", "--json"],
+            stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, text=True,
+            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    events: queue.Queue[dict[str, object]] = queue.Queue()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            events.put(json.loads(line))
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        first = events.get(timeout=30)
+        assert first["event"] == "listening", first
+        yield Victim(proc, (str(first["host"]), int(str(first["port"]))), events), log
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+async def test_a_flood_of_bad_input_costs_a_few_log_lines(
+    logged_victim: tuple[Victim, Path], tv_id: DeviceIdentity, remote_id: DeviceIdentity
+) -> None:
+    """D7: 50,000 garbage datagrams, 2,000 truncated Initials and 20,000 bad
+    DATAGRAM frames from a trusted peer leave at most 64 warning lines
+    (it was one WARNING per bad datagram: 231,400 lines in 10 s), and the
+    listener still answers."""
+    victim, log = logged_victim
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    try:
+        initial = quic_initials(1, victim.address)[0]
+        for i in range(50_000):
+            sock.sendto(bytes([i % 256]) + b"garbage" * (1 + i % 7), victim.address)
+            if i % 500 == 499:
+                await asyncio.sleep(0)  # pacing: the kernel's buffer is finite
+        for i in range(2_000):
+            sock.sendto(initial[: 1 + i % 1199], victim.address)
+        async with open_peer(remote_id, trusting(tv_id, remote_id)) as remote:
+            session = await connected(remote, victim, tv_id)
+            for i in range(20_000):
+                session.connection.quic.send_datagram_frame(b"<not xml %d" % i)
+                if i % 200 == 199:
+                    session._wake()
+                    await asyncio.sleep(0)  # let the driver transmit (pacing)
+            assert await session.ping(timeout=DEADLINE) > 0, "the listener still answers"
+            await session.close()
+    finally:
+        sock.close()
+    warnings = [line for line in log.read_text().splitlines() if "WARNING" in line]
+    assert len(warnings) <= 64, warnings[:20]
+    assert any("bad datagram" in line for line in warnings), "the flood was seen and logged"
