@@ -3,9 +3,11 @@
 A device announces itself as a ``_dtx._udp.local.`` service: the SRV record
 carries the UDP port of its dtx socket, A records its IPv4 addresses, and the
 TXT record (see :func:`txt_for`) its JID, key fingerprint and protocol
-version. Optionally it also announces XEP-0174 presence
-(``_presence._tcp.local.``, ``txtvers=1`` first) so that Bonjour-style XMPP
-clients list it.
+version. With a running XEP-0174 listener (:mod:`dtx.aio.linklocal`) it
+also announces ``_presence._tcp.local.`` (:class:`PresenceAnnouncement`:
+the listener's TCP port, ``txtvers=1`` first, status and XEP-0115 caps), so
+that the XMPP clients people have on the LAN (Pidgin's Bonjour) list it and
+can talk to it.
 
 Discovery is not trust: anybody on the LAN can announce any JID with any
 fingerprint. A :class:`LanRecord` only says where to knock; the session
@@ -18,25 +20,22 @@ open no sockets; :class:`LanAdvertiser` and :class:`LanBrowser` are thin
 asyncio drivers around zeroconf's ``AsyncZeroconf``, IPv4 only.
 
 ``python -m dtx.aio.mdns advertise|resolve|browse|lookup`` is a small command line
-for people and for the namespace tests (one JSON object per line on stdout).
+for people and for the namespace tests (one JSON object per line on stdout;
+:mod:`dtx.aio.mdns_cli`).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import ipaddress
-import json
 import logging
 import re
-import signal
 import sys
-import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Protocol, TypeAlias
+from typing import Any, Generic, Protocol, Self, TypeAlias, TypeVar
 
 from zeroconf import (
     BadTypeInNameException,
@@ -57,6 +56,7 @@ from dtx.errors import (
 from dtx.identity import FINGERPRINT_PREFIX, parse_fingerprint
 from dtx.jid import JID, jid_matches
 from dtx.aio.netif import local_ipv4_addresses
+from dtx.proto.caps import Caps
 
 __all__ = [
     "DEFAULT_RESOLVE_SETTLE",
@@ -257,25 +257,52 @@ def txt_for(identity_jid: str, fingerprint: str, *,
     return txt
 
 
-def presence_txt_for(jid: str, port: int, *, nick: str | None = None,
-                     status: str = "avail") -> dict[str, str]:
-    """XEP-0174 presence TXT attributes, ``txtvers=1`` first as the XEP
-    requires; ``jid`` is the bare JID (the account), ``port.p2pj`` the port.
+PRESENCE_STATUSES = ("avail", "away", "dnd")
+"""The values of the XEP-0174 ``status`` key."""
 
-    The port is dtx's UDP port: a XEP-0174 client that opens a plain TCP XML
-    stream there will not get one; the record exists so that such clients
-    list the device (see docs/lan-discovery.md).
-    """
+
+def presence_txt_for(jid: str, port: int, *, nick: str | None = None, status: str = "avail",
+                     msg: str | None = None, caps: Caps | None = None) -> dict[str, str]:
+    """XEP-0174 presence TXT attributes, in announcement order: ``txtvers=1``
+    first (the XEP says it SHOULD be), ``port.p2pj`` (the TCP port of the
+    XEP-0174 listener, the same as the SRV record's), ``status``, ``msg``
+    (if any), ``jid`` (the bare JID: the account), ``nick`` (the resource
+    unless given), then the XEP-0115 ``node``, ``hash`` and ``ver`` of what
+    the device answers in disco#info (:func:`dtx.proto.caps.caps_for`).
+    Raises :class:`DiscoveryError` for another status or an entry longer
+    than 255 bytes."""
+    if status not in PRESENCE_STATUSES:
+        raise DiscoveryError(f"status {status!r} is not one of {', '.join(PRESENCE_STATUSES)}")
     parsed = JID.parse(jid)
-    txt = {
-        "txtvers": "1",
-        "port.p2pj": str(port),
-        "status": status,
-        "jid": parsed.bare.full,
-        "nick": nick if nick is not None else (parsed.resource or parsed.bare.full),
-    }
+    txt = {"txtvers": "1", "port.p2pj": str(port), "status": status}
+    if msg:
+        txt["msg"] = msg
+    txt["jid"] = parsed.bare.full
+    txt["nick"] = nick if nick is not None else (parsed.resource or parsed.bare.full)
+    if caps is not None:
+        txt.update(node=caps.node, hash=caps.hash, ver=caps.ver)
     encode_txt(txt)
     return txt
+
+
+@dataclass(frozen=True, kw_only=True)
+class PresenceAnnouncement:
+    """What a device says in its XEP-0174 ``_presence._tcp`` record.
+
+    ``port`` is the TCP port of its *running* XEP-0174 listener
+    (:class:`dtx.aio.linklocal.LinkLocal`): the record promises a plain XML
+    stream there, so it is published only while one serves it."""
+
+    port: int
+    nick: str | None = None
+    status: str = "avail"
+    msg: str | None = None
+    caps: Caps | None = None
+
+    def txt(self, jid: str) -> dict[str, str]:
+        """The TXT attributes (:func:`presence_txt_for`)."""
+        return presence_txt_for(jid, self.port, nick=self.nick, status=self.status,
+                                msg=self.msg, caps=self.caps)
 
 
 # -- records ------------------------------------------------------------------
@@ -404,12 +431,15 @@ class LanAdvertiser:
     """
 
     def __init__(self, jid: str, fingerprint: str, port: int, *,
-                 addresses: Sequence[str] | None = None, presence: bool = False,
+                 addresses: Sequence[str] | None = None,
+                 presence: PresenceAnnouncement | None = None,
                  interfaces: Interfaces = InterfaceChoice.All,
-                 zeroconf: AsyncZeroconf | None = None, nick: str | None = None,
+                 zeroconf: AsyncZeroconf | None = None,
                  extra_txt: Mapping[str, str] | None = None) -> None:
         if not 0 < port < 65536:
             raise DiscoveryError(f"port {port} is not a UDP port")
+        if presence is not None and not 0 < presence.port < 65536:
+            raise DiscoveryError(f"port {presence.port} is not a TCP port")
         self.jid = JID.parse(jid).full
         self.fingerprint = _canonical_fingerprint(fingerprint)
         self.port = port
@@ -417,7 +447,8 @@ class LanAdvertiser:
         self.instance = instance_name(self.jid, self.fingerprint)
         self.server = host_label(self.jid, self.fingerprint) + ".local."
         self.presence = presence
-        self._presence_txt = presence_txt_for(self.jid, port, nick=nick) if presence else None
+        self.presence_instance = presence_instance_name(self.jid, self.fingerprint)
+        self.presence_txt = presence.txt(self.jid) if presence is not None else None
         self._addresses = list(addresses) if addresses is not None else None
         self._interfaces = interfaces
         self._zc = zeroconf
@@ -445,11 +476,8 @@ class LanAdvertiser:
         infos = [AsyncServiceInfo(SERVICE_TYPE, f"{self.instance}.{SERVICE_TYPE}",
                                   port=self.port, properties=encode_txt(self.txt),
                                   server=self.server, parsed_addresses=self.addresses)]
-        if self._presence_txt is not None:
-            name = presence_instance_name(self.jid, self.fingerprint)
-            infos.append(AsyncServiceInfo(PRESENCE_TYPE, f"{name}.{PRESENCE_TYPE}",
-                                          port=self.port, properties=encode_txt(self._presence_txt),
-                                          server=self.server, parsed_addresses=self.addresses))
+        if self.presence is not None:
+            infos.append(self._presence_info(self.presence))
         zc = self._zc
         try:
             # Probing (RFC 6762 section 8.1, about a second) happens here, for
@@ -475,6 +503,27 @@ class LanAdvertiser:
                         exc: BaseException | None, tb: TracebackType | None) -> None:
         await self._close()
 
+    def _presence_info(self, presence: PresenceAnnouncement) -> AsyncServiceInfo:
+        return AsyncServiceInfo(PRESENCE_TYPE, f"{self.presence_instance}.{PRESENCE_TYPE}",
+                                port=presence.port, properties=encode_txt(presence.txt(self.jid)),
+                                server=self.server, parsed_addresses=self.addresses)
+
+    async def update_presence(self, presence: PresenceAnnouncement) -> None:
+        """Announce a changed ``status``, ``msg`` or ``nick`` (the TXT record
+        again, RFC 6762 section 8.4). Raises :class:`DiscoveryError` if this
+        advertiser announces no presence, or for another port."""
+        old = self.presence
+        if old is None or self._zc is None:
+            raise DiscoveryError("this advertiser announces no XEP-0174 presence")
+        if presence.port != old.port:
+            raise DiscoveryError("the XEP-0174 port cannot change while announced")
+        txt = presence.txt(self.jid)  # checks before anything is sent
+        info = self._presence_info(presence)
+        await self._zc.async_update_service(info)
+        self._infos = [i for i in self._infos if i.type != PRESENCE_TYPE] + [info]
+        self.presence, self.presence_txt = presence, txt
+        logger.info("XEP-0174 presence of %s now %s", self.jid, presence.status)
+
     async def _close(self) -> None:
         zc, self._zc = self._zc, None
         if zc is None:
@@ -488,34 +537,39 @@ class LanAdvertiser:
             await goodbye
 
 
-class LanBrowser:
-    """A live table of the dtx devices announced on the LAN.
+R = TypeVar("R")
 
-    Browses ``_dtx._udp.local.`` while the context is open; each announced
-    instance is resolved (SRV, TXT, A) and parsed by
-    :func:`record_from_service_info`, malformed ones are ignored.
+
+class ServiceBrowser(Generic[R]):
+    """A live table of the instances of one DNS-SD service type on the LAN.
+
+    Browses ``service_type`` while the context is open; each announced
+    instance is resolved (SRV, TXT, A) and turned into a record by
+    ``parse`` (None: malformed, ignored). :class:`LanBrowser` keeps
+    ``_dtx._udp``; ``dtx.aio.presence.PresenceBrowser`` ``_presence._tcp``.
     """
 
-    def __init__(self, *, interfaces: Interfaces = InterfaceChoice.All,
+    def __init__(self, service_type: str, parse: Callable[[AsyncServiceInfo], R | None], *,
+                 interfaces: Interfaces = InterfaceChoice.All,
                  zeroconf: AsyncZeroconf | None = None,
-                 info_timeout: float = DEFAULT_INFO_TIMEOUT,
-                 on_event: Callable[[LanEvent], None] | None = None) -> None:
-        self._on_event = on_event
+                 info_timeout: float = DEFAULT_INFO_TIMEOUT) -> None:
+        self.service_type = service_type
+        self._parse = parse
         self._interfaces = interfaces
         self._zc = zeroconf
         self._owns_zc = zeroconf is None
         self._info_timeout = info_timeout
-        self._records: dict[str, LanRecord] = {}
+        self._records: dict[str, R] = {}
         self._changed = asyncio.Condition()
         self._tasks: set[asyncio.Task[None]] = set()
         self._generation: dict[str, int] = {}
         self._browser: AsyncServiceBrowser | None = None
 
-    async def __aenter__(self) -> LanBrowser:
+    async def __aenter__(self) -> Self:
         if self._zc is None:
             self._zc = AsyncZeroconf(interfaces=_zeroconf_interfaces(self._interfaces),
                                      ip_version=IPVersion.V4Only)
-        self._browser = AsyncServiceBrowser(self._zc.zeroconf, SERVICE_TYPE,
+        self._browser = AsyncServiceBrowser(self._zc.zeroconf, self.service_type,
                                             handlers=[self._on_change])
         return self
 
@@ -532,7 +586,7 @@ class LanBrowser:
         if zc is not None and self._owns_zc:
             await zc.async_close()
 
-    def records(self) -> list[LanRecord]:
+    def records(self) -> list[R]:
         """Every record currently known, by instance name."""
         return [self._records[k] for k in sorted(self._records)]
 
@@ -556,37 +610,75 @@ class LanBrowser:
         zc = self._zc
         if zc is None:
             return
-        info = AsyncServiceInfo(SERVICE_TYPE, name)
+        info = AsyncServiceInfo(self.service_type, name)
         if not await info.async_request(zc.zeroconf, self._info_timeout * 1000):
             logger.debug("no SRV/TXT/A for %s within %.1f s", name, self._info_timeout)
             return
         if self._generation.get(name.lower()) != generation:
             return
-        await self.update(name, record_from_service_info(info))
+        await self.update(name, self._parse(info))
 
-    async def update(self, name: str, record: LanRecord | None) -> None:
-        """Put one instance's record in the table (None: remove it), emit
-        :class:`DeviceFound` / :class:`DeviceLost` and wake waiters. The
-        zeroconf callbacks call it; tests may feed it directly."""
+    async def update(self, name: str, record: R | None) -> None:
+        """Put one instance's record in the table (None: remove it), report
+        it (:meth:`_changed_record`) and wake waiters. The zeroconf callbacks
+        call it; tests may feed it directly."""
         key = name.lower()
         old = self._records.get(key)
         if record is None:
             if old is None:
                 return
             del self._records[key]
-            logger.info("LAN device gone: %s", name)
-            event: LanEvent = DeviceLost(old)
         else:
             if old == record:
                 return
             self._records[key] = record
-            logger.info("LAN device: %s %s at %s", record.jid, record.fingerprint,
-                        record.addresses)
-            event = DeviceFound(record)
-        if self._on_event is not None:
-            self._on_event(event)
+        self._changed_record(name, old, record)
         async with self._changed:
             self._changed.notify_all()
+
+    def _changed_record(self, name: str, old: R | None, new: R | None) -> None:
+        """Called for each change of the table (a subclass reports it)."""
+
+    async def wait_until(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Wait up to ``timeout`` for ``predicate()`` to hold after a change
+        of the table (or at once); returns whether it held."""
+        try:
+            async with asyncio.timeout(max(timeout, 0.0)):
+                async with self._changed:
+                    await self._changed.wait_for(predicate)
+        except TimeoutError:
+            return predicate()
+        return True
+
+
+class LanBrowser(ServiceBrowser[LanRecord]):
+    """A live table of the dtx devices announced on the LAN.
+
+    Browses ``_dtx._udp.local.`` while the context is open; each announced
+    instance is resolved (SRV, TXT, A) and parsed by
+    :func:`record_from_service_info`, malformed ones are ignored.
+    """
+
+    def __init__(self, *, interfaces: Interfaces = InterfaceChoice.All,
+                 zeroconf: AsyncZeroconf | None = None,
+                 info_timeout: float = DEFAULT_INFO_TIMEOUT,
+                 on_event: Callable[[LanEvent], None] | None = None) -> None:
+        super().__init__(SERVICE_TYPE, record_from_service_info, interfaces=interfaces,
+                         zeroconf=zeroconf, info_timeout=info_timeout)
+        self._on_event = on_event
+
+    def _changed_record(self, name: str, old: LanRecord | None,
+                        new: LanRecord | None) -> None:
+        if new is None:
+            if old is None:
+                return
+            logger.info("LAN device gone: %s", name)
+            event: LanEvent = DeviceLost(old)
+        else:
+            logger.info("LAN device: %s %s at %s", new.jid, new.fingerprint, new.addresses)
+            event = DeviceFound(new)
+        if self._on_event is not None:
+            self._on_event(event)
 
     async def wait_records(self, jid: str, *, count: int = 1, timeout: float,
                            trusted: Iterable[str] = ()) -> list[LanRecord]:
@@ -598,12 +690,7 @@ class LanBrowser:
         def current() -> list[LanRecord]:
             return select_records(self._records.values(), query, trusted=trusted)
 
-        try:
-            async with asyncio.timeout(max(timeout, 0.0)):
-                async with self._changed:
-                    await self._changed.wait_for(lambda: len(current()) >= count)
-        except TimeoutError:
-            pass
+        await self.wait_until(lambda: len(current()) >= count, timeout)
         return current()
 
     async def resolve(self, jid: str, *, timeout: float,
@@ -635,114 +722,10 @@ class LanBrowser:
         return found
 
 
-# -- command line ---------------------------------------------------------------
-
-
-def _emit(obj: Mapping[str, Any]) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
-
-
-async def _advertise(args: argparse.Namespace) -> int:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    started = time.monotonic()
-    async with LanAdvertiser(args.jid, args.fingerprint, args.port,
-                             addresses=args.address or None, presence=args.presence,
-                             nick=args.nick) as adv:
-        _emit({"event": "announced", "jid": adv.jid, "fingerprint": adv.fingerprint,
-               "instance": adv.instance, "addresses": adv.addresses, "port": adv.port,
-               "seconds": round(time.monotonic() - started, 3)})
-        await stop.wait()
-    return 0
-
-
-async def _resolve(args: argparse.Namespace) -> int:
-    started = time.monotonic()
-    async with LanBrowser() as browser:
-        if args.count is not None:
-            found = await browser.wait_records(args.jid, count=args.count,
-                                               timeout=args.timeout, trusted=args.trusted)
-        else:
-            found = await browser.resolve(args.jid, timeout=args.timeout,
-                                          settle=args.settle, trusted=args.trusted)
-        elapsed = time.monotonic() - started
-        _emit({"jid": args.jid, "records": [r.to_json() for r in found],
-               "seconds": round(elapsed, 3)})
-    return 0 if found else 1
-
-
-async def _browse(args: argparse.Namespace) -> int:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    started = time.monotonic()
-
-    def show(event: LanEvent) -> None:
-        kind = "found" if isinstance(event, DeviceFound) else "lost"
-        _emit({"event": kind, "record": event.record.to_json(),
-               "seconds": round(time.monotonic() - started, 3)})
-
-    async with LanBrowser(on_event=show):
-        _emit({"event": "browsing", "type": SERVICE_TYPE})
-        await stop.wait()
-    return 0
-
-
-async def _lookup(args: argparse.Namespace) -> int:
-    started = time.monotonic()
-    async with AsyncZeroconf(ip_version=IPVersion.V4Only) as zc:
-        info = AsyncServiceInfo(args.type, f"{args.instance}.{args.type}")
-        ok = await info.async_request(zc.zeroconf, args.timeout * 1000)
-        text = info.text or b""
-        strings: list[str] = []
-        pos = 0
-        while pos < len(text):
-            length = text[pos]
-            strings.append(text[pos + 1 : pos + 1 + length].decode("utf-8", "replace"))
-            pos += 1 + length
-        _emit({"found": ok, "port": info.port, "server": info.server,
-               "addresses": info.parsed_addresses(IPVersion.V4Only), "txt": strings,
-               "seconds": round(time.monotonic() - started, 3)})
-    return 0 if ok else 1
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m dtx.aio.mdns advertise|resolve|browse|lookup`` (JSON lines out)."""
-    parser = argparse.ArgumentParser(prog="python -m dtx.aio.mdns",
-                                     description="dtx LAN discovery (mDNS/DNS-SD)")
-    sub = parser.add_subparsers(dest="command", required=True)
-    adv = sub.add_parser("advertise", help="announce a device until SIGTERM/SIGINT")
-    adv.add_argument("--jid", required=True)
-    adv.add_argument("--fingerprint", required=True)
-    adv.add_argument("--port", type=int, required=True)
-    adv.add_argument("--address", action="append", help="IPv4 address to announce (repeatable)")
-    adv.add_argument("--presence", action="store_true", help="also announce XEP-0174 presence")
-    adv.add_argument("--nick")
-    res = sub.add_parser("resolve", help="find the devices announcing a JID")
-    res.add_argument("jid")
-    res.add_argument("--timeout", type=float, default=5.0)
-    res.add_argument("--settle", type=float, default=DEFAULT_RESOLVE_SETTLE)
-    res.add_argument("--count", type=int, help="wait for this many records instead of settling")
-    res.add_argument("--trusted", action="append", default=[], help="fingerprint to list first")
-    sub.add_parser("browse", help="print devices as they come and go, until SIGTERM/SIGINT")
-    look = sub.add_parser("lookup", help="resolve one service instance, print its raw TXT")
-    look.add_argument("--type", default=PRESENCE_TYPE)
-    look.add_argument("--instance", required=True)
-    look.add_argument("--timeout", type=float, default=5.0)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    runner = {"advertise": _advertise, "resolve": _resolve, "browse": _browse,
-              "lookup": _lookup}[args.command]
-    try:
-        return asyncio.run(runner(args))
-    except (DiscoveryError, JIDError, FingerprintError) as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return 2
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    # ``python -m dtx.aio.mdns``: the command line is dtx.aio.mdns_cli, which
+    # imports this module (as dtx.aio.mdns, not as this __main__); loaded by
+    # name so that the drivers' import graph stays acyclic.
+    import importlib
+
+    sys.exit(importlib.import_module("dtx.aio.mdns_cli").main())

@@ -25,18 +25,22 @@ from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import AuthenticationError, ConnectError, DtxError, TrustError
 from ..identity import DeviceIdentity, fingerprint
 from ..jid import JID, jid_matches
 from ..proto import endpoint as ep
+from ..proto.linklocal import LinkLocalConfig
 from ..proto.paths import PathConfig, PathKind
 from ..proto.session import SessionConfig, SessionEnded
 from ..proto.traversal import Link, Traversal, TraversalConfig
 from .netif import host_candidates
 from .session import Session
 from .socket import UdpSocket
+
+if TYPE_CHECKING:
+    from .linklocal import LinkLocal
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +80,12 @@ class PeerConfig:
     and look for the peer there first when connecting by JID."""
     lan_timeout: float = 1.5
     """How long connect() waits for an mDNS answer before going on."""
+    link_local: LinkLocalConfig | None = None
+    """Also speak XEP-0174 on the LAN (with ``lan``): a TCP listener for the
+    XMPP clients people have (Pidgin's Bonjour), announced as
+    ``_presence._tcp`` only while it runs. Its streams are unauthenticated:
+    they come from ``Peer.link_local.accept()`` as ``LinkLocalStream``,
+    never as a Session (docs/lan-discovery.md). None: no listener, no record."""
     receive_buffer_bytes: int = 4 * 1024 * 1024
     """Received stanzas the application has not read yet, in bytes, beyond
     which the session stops granting the sender QUIC credit (it resumes
@@ -157,6 +167,8 @@ class Peer:
         self._transmit_scheduled = False
         self._advertiser: Any = None
         self._browser: Any = None
+        self.link_local: LinkLocal | None = None
+        """The XEP-0174 listener (``PeerConfig.link_local``), once started."""
         self._sessions: dict[ep.Connection, Session] = {}
         self._incoming: asyncio.Queue[Session] = asyncio.Queue(self.config.accept_backlog)
         self._state_changed = asyncio.Event()
@@ -203,10 +215,23 @@ class Peer:
         assert self._socket is not None
         self._browser = LanBrowser()
         await self._browser.__aenter__()
+        presence = None
+        if self.config.link_local is not None:
+            from .linklocal import LinkLocal
+
+            self.link_local = LinkLocal(self.jid, self.identity.fingerprint,
+                                        self.config.link_local, peer=self,
+                                        features=self.config.session.features,
+                                        rng=random.Random(self._rng.getrandbits(64)))
+            await self.link_local.start(self._socket.address[0], listen=listen)
+            if listen:
+                presence = self.link_local.presence()
         if listen:
             self._advertiser = LanAdvertiser(self.jid, self.identity.fingerprint,
-                                             self._socket.address[1])
+                                             self._socket.address[1], presence=presence)
             await self._advertiser.__aenter__()
+            if self.link_local is not None:
+                self.link_local.attach(self._advertiser)
 
     async def wait_registered(self, timeout: float | None = None) -> None:
         """Wait until the rendezvous accepted this device's registration.
@@ -274,6 +299,9 @@ class Peer:
                 except Exception as exc:  # noqa: BLE001 - shutting down anyway
                     logger.debug("mDNS shutdown: %s", exc)
         self._advertiser = self._browser = None
+        link_local, self.link_local = self.link_local, None
+        if link_local is not None:  # after the goodbye of its record
+            await link_local.close()
         if self._endpoint is not None:
             self._endpoint.close()
             self._transmit()

@@ -21,6 +21,7 @@ from dtx.aio.mdns import (
     LanAdvertiser,
     LanBrowser,
     LanRecord,
+    PresenceAnnouncement,
     decode_txt,
     encode_txt,
     host_label,
@@ -32,7 +33,10 @@ from dtx.aio.mdns import (
     select_records,
     txt_for,
 )
+from dtx.aio.mdns_cli import main as mdns_main
+from dtx.aio.mdns_cli import normal_service_type
 from dtx.errors import DecodeError, DiscoveryError, FingerprintError, JIDError
+from dtx.proto.caps import caps_for
 from dtx.identity import fingerprint
 
 FP_A = fingerprint(b"a" * 32)
@@ -96,6 +100,41 @@ def test_presence_txt_has_txtvers_1_first() -> None:
     assert decoded["port.p2pj"] == b"41000"
     assert decoded["jid"] == b"tv@example.org"
     assert decoded["status"] == b"avail"
+
+
+def test_presence_txt_carries_the_caps_and_the_status() -> None:
+    caps = caps_for(("urn:example:remote",))
+    txt = presence_txt_for(TV, 41001, status="away", msg="watching", caps=caps, nick="TV")
+    assert list(txt) == ["txtvers", "port.p2pj", "status", "msg", "jid", "nick", "node",
+                         "hash", "ver"]
+    assert (txt["node"], txt["hash"], txt["ver"]) == (caps.node, "sha-1", caps.ver)
+    assert txt["status"] == "away" and txt["msg"] == "watching"
+    with pytest.raises(DiscoveryError):
+        presence_txt_for(TV, 41001, status="busy")
+
+
+@pytest.mark.parametrize(("text", "normal"), [
+    ("_presence._tcp", "_presence._tcp.local."),
+    ("_presence._tcp.local", "_presence._tcp.local."),
+    ("_presence._tcp.local.", "_presence._tcp.local."),
+    ("_dtx._udp", "_dtx._udp.local."),
+    ("bad type", None), ("_presence", None), ("_a--b._tcp", None), ("_123._tcp", None),
+    ("_presence._tcp.example.", None), ("_abcdefghijklmnop._tcp", None),
+])
+def test_lookup_service_types_are_normalised_or_refused(text: str, normal: str | None) -> None:
+    if normal is None:
+        with pytest.raises(DiscoveryError):
+            normal_service_type(text)
+    else:
+        assert normal_service_type(text) == normal
+
+
+def test_lookup_with_a_bad_type_is_a_usage_error_before_any_socket(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        mdns_main(["lookup", "--type", "bad type", "--instance", "x"])
+    assert exit_.value.code == 2
+    assert "is not a DNS-SD service type" in capsys.readouterr().err
 
 
 def test_decode_txt_rules() -> None:
@@ -247,7 +286,11 @@ def test_advertiser_checks_arguments_without_network() -> None:
         LanAdvertiser(TV, FP_A, 0)
     with pytest.raises(JIDError):
         LanAdvertiser("@example.org", FP_A, 41000)
-    adv = LanAdvertiser(TV, FP_A, 41000, presence=True)
+    with pytest.raises(DiscoveryError):
+        LanAdvertiser(TV, FP_A, 41000, presence=PresenceAnnouncement(port=0))
+    adv = LanAdvertiser(TV, FP_A, 41000, presence=PresenceAnnouncement(port=41001))
+    assert adv.presence_txt is not None and adv.presence_txt["port.p2pj"] == "41001"
+    assert adv.presence_instance == presence_instance_name(TV, FP_A)
     assert adv.instance == instance_name(TV, FP_A)
     assert adv.server == host_label(TV, FP_A) + ".local."
     assert adv.txt == txt_for(TV, FP_A)
