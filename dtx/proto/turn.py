@@ -106,6 +106,11 @@ class TurnClientConfig:
     """Rm: after the last transmission, wait this many RTOs for an answer."""
     max_auth_retries: int = 2
     """New transactions one request may take after 401/438 challenges."""
+    mismatch_retries: tuple[float, ...] = (2.0, 4.0)
+    """Pauses before asking again when an Allocate gets 437 (the server
+    still holds an allocation for this socket: coturn keeps a released one
+    for about a second). There is no other socket to try from, as RFC 8656
+    section 7.4 would have it; after the last, :class:`AllocationFailed`."""
     lifetime: int = 600
     """LIFETIME asked for in Allocate and Refresh (the server decides)."""
     refresh_margin: float = 60.0
@@ -346,6 +351,9 @@ class TurnClient:
         self._events: deque[TurnEvent] = deque()
         self._refresh_at: float | None = None
         self._expires_at: float | None = None
+        self._allocate_at: float | None = None
+        """When to ask again after a 437 to Allocate."""
+        self._mismatches = 0
         self._permissions: dict[str, _Permission] = {}
         self._channels: dict[Address, _Channel] = {}
         self._by_number: dict[int, _Channel] = {}
@@ -362,6 +370,7 @@ class TurnClient:
         self.state = AllocationState.ALLOCATING
         self._alloc_creds = self._creds
         self._pinned = False
+        self._mismatches = 0
         self._request(_Kind.ALLOCATE, now)
 
     def permit(self, peer: Address, now: float) -> None:
@@ -465,6 +474,11 @@ class TurnClient:
         chan = self._channels.get(peer)
         return chan.number if chan is not None and chan.active else None
 
+    @property
+    def outstanding(self) -> int:
+        """Requests sent and neither answered nor given up yet."""
+        return len(self._txns)
+
     def permitted(self, ip: str) -> bool:
         perm = self._permissions.get(ip)
         return perm is not None and perm.active
@@ -529,7 +543,8 @@ class TurnClient:
         if msg.cls is StunClass.SUCCESS:
             self._succeeded(txn, msg, now)
             return
-        code, reason = (error.code, error.reason) if error is not None else (400, "no ERROR-CODE")
+        code, reason = (error.code, error.reason.rstrip("\x00")) if error is not None \
+            else (400, "no ERROR-CODE")  # coturn counts a NUL into its reasons
         if challenge and self._challenged(txn, msg, code, now):
             return
         self._failed(txn, code, reason, now)
@@ -634,6 +649,10 @@ class TurnClient:
         kind = txn.kind
         logger.info("turn %s:%d: %s failed: %d %s", *self.server, kind.value, code, reason)
         if kind is _Kind.ALLOCATE:
+            if code == 437 and self._mismatches < len(self.config.mismatch_retries):
+                self._allocate_at = now + self.config.mismatch_retries[self._mismatches]
+                self._mismatches += 1
+                return
             self._reset()
             self._events.append(AllocationFailed(code, reason))
         elif kind is _Kind.CLOSE:
@@ -685,7 +704,7 @@ class TurnClient:
         self.state = AllocationState.IDLE
         self.relayed = self.mapped = None
         self.lifetime = None
-        self._refresh_at = self._expires_at = None
+        self._refresh_at = self._expires_at = self._allocate_at = None
         self._txns.clear()
         self._permissions.clear()
         self._channels.clear()
@@ -696,6 +715,8 @@ class TurnClient:
 
     def get_timer(self) -> float | None:
         times = [t.next_at for t in self._txns.values()]
+        if self._allocate_at is not None:
+            times.append(self._allocate_at)
         expires = self._creds.expires
         if self.state is AllocationState.ALLOCATED:
             times += [t for t in (self._refresh_at, self._expires_at) if t is not None]
@@ -723,6 +744,10 @@ class TurnClient:
                 and now >= expires - self.config.credential_margin:
             self._warned = self._creds
             self._events.append(CredentialsExpiring(expires))
+        if self._allocate_at is not None and now >= self._allocate_at:
+            self._allocate_at = None
+            self._alloc_creds = self._creds
+            self._request(_Kind.ALLOCATE, now)
         if self.state is not AllocationState.ALLOCATED:
             return  # an Allocate in flight: the server judges its credentials
         if expires is not None and now >= expires:

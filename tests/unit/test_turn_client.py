@@ -111,6 +111,7 @@ class FakeTurnServer:
         self.corrupt_next = 0
         self.unsigned_next = 0
         self.refuse_channels = False
+        self.mismatch_next = 0
         self.error_for: dict[int, tuple[int, str]] = {}
         self.lapses: list[str] = []
         self._answers: dict[bytes, bytes] = {}
@@ -223,6 +224,9 @@ class FakeTurnServer:
             assert msg.password_algorithms == (PasswordAlgorithm.SHA256, PasswordAlgorithm.MD5)
         if check_integrity(data, key) is not IntegrityCheck.VALID:
             return self._error(msg, 401, "Unauthorized", challenge=True)
+        if msg.method == StunMethod.ALLOCATE and self.mismatch_next:
+            self.mismatch_next -= 1  # a released allocation not yet gone
+            return self._error(msg, 437, "Mismatched allocation: wrong transaction ID\x00")
         if msg.method in self.error_for:
             code, reason = self.error_for[msg.method]
             return self._error(msg, code, reason)  # unsigned, as coturn sends many
@@ -466,6 +470,24 @@ def test_unsigned_error_is_believed() -> None:
     h.client.allocate(h.clock.now)
     h.pump()
     assert h.of(AllocationFailed) == [AllocationFailed(486, "Allocation Quota Reached")]
+
+
+@pytest.mark.parametrize(("mismatches", "allocated"), [(1, True), (2, True), (3, False)])
+def test_allocate_mismatch_is_asked_again_later(mismatches: int, allocated: bool) -> None:
+    h = Harness()
+    h.server.mismatch_next = mismatches
+    h.client.allocate(h.clock.now)
+    h.pump()
+    h.run_until(START + 60)
+    signed = [t - START for t, m in h.server.requests
+              if m.method == StunMethod.ALLOCATE and m.username is not None]
+    assert signed == [0.0, 2.0, 6.0][: min(mismatches + 1, 3)]
+    if allocated:
+        assert [e for _, e in h.events] == [Allocated(RELAYED, CLIENT, 600)]
+    else:
+        # the reason as sent, without the NUL coturn counts into it
+        assert h.events == [(START + 6.0, AllocationFailed(
+            437, "Mismatched allocation: wrong transaction ID"))]
 
 
 def test_sha256_when_the_server_offers_it() -> None:
