@@ -57,6 +57,7 @@ from .cliargs import (
     resolve_endpoints,
     run_command,
 )
+from .cli_presence import link_local_config, listening_fields, serve_link_local
 from .errors import ConnectError, LocalProtocolError, SessionClosedError, TrustError
 from .identity import generate_identity, load_identity, save_identity
 from .logs import LogLimiter
@@ -208,7 +209,7 @@ def peer_config(args: argparse.Namespace) -> Any:
 
     return PeerConfig(connect_timeout=getattr(args, "timeout", 10.0),
                       rendezvous=getattr(args, "rendezvous", None),
-                      lan=getattr(args, "lan", False))
+                      lan=getattr(args, "lan", False), link_local=link_local_config(args))
 
 
 def session_command(run: Callable[[argparse.Namespace], Coroutine[Any, Any, int]],
@@ -436,16 +437,21 @@ async def run_listen(args: argparse.Namespace) -> int:
             await peer.wait_registered(10.0)
         host, port = peer.address
         say(args, {"event": "listening", "jid": peer.jid, "address": format_address(host, port),
-                   "host": host, "port": port, "fingerprint": identity.fingerprint},
+                   "host": host, "port": port, "fingerprint": identity.fingerprint,
+                   **listening_fields(peer)},
             f"listening as {peer.jid} on {format_address(host, port)} ({identity.fingerprint})")
+        link_local = asyncio.create_task(serve_link_local(
+            peer, echo=args.echo, report=lambda obj, text: say(args, obj, text)))
+        tasks.add(link_local)
         while args.sessions == 0 or served < args.sessions:
             session = await peer.accept()
             served += 1
             task = asyncio.create_task(serve_logged(session))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
+        link_local.cancel()
         if tasks:
-            await asyncio.gather(*tasks)
+            await asyncio.gather(*tasks, return_exceptions=True)
     finally:
         await peer.close()
     return 0
@@ -542,6 +548,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="register with this rendezvous server, so peers reach this device by JID")
     p.add_argument("--lan", action="store_true",
                    help="advertise this device on the LAN (mDNS/DNS-SD, _dtx._udp)")
+    p.add_argument("--presence", action="store_true",
+                   help="with --lan: also serve XEP-0174 clients (Pidgin's Bonjour) on a TCP "
+                   "port announced as _presence._tcp; unauthenticated and unencrypted")
     p.add_argument("--echo", action="store_true", help="send every message body back")
     p.add_argument("--sessions", type=parse_sessions, default=0,
                    help="exit after this many sessions ended (0: never)")
