@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -15,8 +16,9 @@ from typing import Any
 
 import pytest
 
-from dtx.aio.mdns import host_label, presence_instance_name
-from dtx.identity import generate_identity
+from dtx.aio.mdns import host_label, instance_name, presence_instance_name
+from dtx.identity import generate_identity, save_identity
+from dtx.proto.caps import caps_for
 from dtx.lab import Lab
 from dtx.lab.topology import Host
 
@@ -140,22 +142,68 @@ def test_impostor_is_listed_with_its_own_fingerprint(lab: Lab) -> None:
                          impostor.fingerprint: [[c.ip, 41000]]}
 
 
-def test_presence_record_for_xep_0174_clients(lab: Lab) -> None:
+def listen(host: Host, keyfile: Path, *extra: str) -> tuple[subprocess.Popen[str],
+                                                            dict[str, Any]]:
+    """``dtx listen --lan`` in ``host``; its ``listening`` event (after probing)."""
+    proc = host.popen([sys.executable, "-m", "dtx.cli", "listen", str(keyfile), "--lan",
+                       "--no-pins", "--json", *extra],
+                      stdout=subprocess.PIPE, text=True, cwd=REPO, env=child_env())
+    listening = read_json_line(proc, START_TIMEOUT)
+    assert listening["event"] == "listening"
+    return proc, listening
+
+
+def tcp_listeners(host: Host) -> list[int]:
+    """The ports of the listening TCP sockets in ``host`` (``ss``)."""
+    out = host.run(["ss", "-Htln"], check=True).stdout
+    return sorted(int(line.split()[3].rpartition(":")[2]) for line in out.splitlines())
+
+
+def test_presence_record_names_the_xep0174_listener(lab: Lab, tmp_path: Path) -> None:
+    """With --presence, _presence._tcp names the TCP port a XEP-0174 stream
+    is served on (not dtx's UDP port), txtvers first, with the XEP-0115 keys
+    and status; the record goes with the listener."""
     a, b, _ = living_room(lab)
     tv = generate_identity(TV)
-    advertise(a, TV, tv.fingerprint, 41000, "--presence", "--nick", "TV")
+    save_identity(tv, tmp_path / "tv.key")
+    proc, listening = listen(a, tmp_path / "tv.key", "--presence")
+    port = listening["presence_port"]
+    assert listening["presence_name"] == presence_instance_name(TV, tv.fingerprint)
+    assert tcp_listeners(a) == [port] and port != listening["port"]
 
-    instance = presence_instance_name(TV, tv.fingerprint)
-    out = run_json(b, "lookup", "--type", "_presence._tcp.local.", "--instance", instance,
-                   "--timeout", "10")
-    print(f"{b.name}: XEP-0174 presence of {instance} looked up in {out['seconds']:.3f} s")
-    assert out["found"] is True
+    # The type without ".local." (this died with BadTypeInNameException once).
+    out = run_json(b, "lookup", "--type", "_presence._tcp", "--instance",
+                   listening["presence_name"], "--timeout", "10")
+    print(f"{b.name}: XEP-0174 presence looked up in {out['seconds']:.3f} s")
+    assert out["found"] is True and out["port"] == port
     assert out["txt"][0] == "txtvers=1"
-    assert set(out["txt"][1:]) >= {"port.p2pj=41000", "jid=tv@example.org", "nick=TV",
-                                   "status=avail"}
-    assert out["port"] == 41000
+    caps = caps_for()
+    assert set(out["txt"][1:]) == {f"port.p2pj={port}", "status=avail", "jid=tv@example.org",
+                                   "nick=living-room", f"node={caps.node}", "hash=sha-1",
+                                   f"ver={caps.ver}"}
     assert out["addresses"] == [a.ip]
     assert out["server"] == host_label(TV, tv.fingerprint) + ".local."
+
+    proc.send_signal(signal.SIGINT)  # Ctrl-C: dtx says goodbye, then exits 130
+    assert proc.wait(10) == 130
+    gone = run_json(b, "lookup", "--type", "_presence._tcp", "--instance",
+                    listening["presence_name"], "--timeout", "1.5")
+    assert gone["found"] is False and tcp_listeners(a) == []
+
+
+def test_without_presence_there_is_no_record_and_no_tcp_port(lab: Lab, tmp_path: Path) -> None:
+    a, b, _ = living_room(lab)
+    tv = generate_identity(TV)
+    save_identity(tv, tmp_path / "tv.key")
+    _, listening = listen(a, tmp_path / "tv.key")
+    assert "presence_port" not in listening
+    dtx_record = run_json(b, "lookup", "--type", "_dtx._udp", "--instance",
+                          instance_name(TV, tv.fingerprint), "--timeout", "10")
+    assert dtx_record["found"] is True and dtx_record["port"] == listening["port"]
+    presence = run_json(b, "lookup", "--type", "_presence._tcp", "--instance",
+                        presence_instance_name(TV, tv.fingerprint), "--timeout", "1.5")
+    assert presence["found"] is False
+    assert tcp_listeners(a) == []
 
 
 def test_goodbye_removes_the_device(lab: Lab) -> None:
