@@ -561,15 +561,18 @@ class TurnClient:
         if self._realm is None:
             return False
         self._nonce = nonce
-        self._algorithm, self._integrity, self._algorithms_attr = PasswordAlgorithm.MD5, \
-            Integrity.SHA1, None
         offered = msg.password_algorithms
-        if nonce.startswith(NONCE_COOKIE) and offered is not None:
+        if not nonce.startswith(NONCE_COOKIE):  # an RFC 5389 server (coturn)
+            self._algorithm, self._integrity, self._algorithms_attr = \
+                PasswordAlgorithm.MD5, Integrity.SHA1, None
+        elif offered is not None:
             # RFC 8489 section 9.2.5: the server's choices, echoed back
             # (bid-down protection); SHA-256 when offered.
             if PasswordAlgorithm.SHA256 in offered:
                 self._algorithm = PasswordAlgorithm.SHA256
-            elif PasswordAlgorithm.MD5 not in offered:
+            elif PasswordAlgorithm.MD5 in offered:
+                self._algorithm = PasswordAlgorithm.MD5
+            else:
                 return False
             self._integrity = Integrity.SHA256
             self._algorithms_attr = msg.attribute(AttrType.PASSWORD_ALGORITHMS)

@@ -500,6 +500,29 @@ def test_sha256_when_the_server_offers_it() -> None:
     h.client.permit(PEER, h.clock.now)
     h.pump()
     assert h.of(PermissionCreated) == [PermissionCreated(PEER[0])]
+    # a stale nonce keeps the algorithm (the server asserts it on every request)
+    h.server.rotate_nonce()
+    h.run_until(START + 600)
+    assert h.of(AllocationRefreshed) == [AllocationRefreshed(600)]
+    assert all(m.attribute(AttrType.MESSAGE_INTEGRITY_SHA256) is not None
+               for m in h.server.sent(StunMethod.REFRESH))
+
+
+def test_no_common_password_algorithm() -> None:
+    class Exotic(FakeTurnServer):
+        def _error(self, msg: StunMessage, code: int, reason: str, key: bytes | None = None,
+                   challenge: bool = False) -> bytes:
+            attrs = [error_code_attribute(code, reason)]
+            if challenge:
+                attrs += [realm_attribute(REALM), nonce_attribute(self.nonce),
+                          password_algorithms_attribute((0x7777,))]
+            return self._reply(msg, StunClass.ERROR, attrs, key)
+
+    h = Harness(Exotic(sha256=True))
+    h.client.allocate(h.clock.now)
+    h.pump()
+    assert h.of(AllocationFailed) == [AllocationFailed(401, "Unauthorized")]
+    assert len(h.server.sent(StunMethod.ALLOCATE)) == 1
 
 
 def test_allocation_without_relayed_address_fails() -> None:
