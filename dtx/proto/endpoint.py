@@ -643,6 +643,7 @@ class Endpoint:
         """Forget a half-open connection without a word to its source."""
         self.counters[counter] += 1
         self._forget(conn)
+        self._dirty.discard(conn)
         conn.ended = sc.SessionEnded(ConnectError(f"handshake dropped ({counter})"), ())
 
     # -- datagrams out --------------------------------------------------------------
@@ -653,6 +654,7 @@ class Endpoint:
         traversal = self.traversal
         dirty, self._dirty = self._dirty, set()
         for conn in dirty:
+            conn._credit()
             conn.core.flush(now)
             if conn.link is not None and traversal is not None:
                 route = traversal.route
@@ -662,6 +664,8 @@ class Endpoint:
                 out.extend(conn.quic.datagrams_to_send(now=now))
             # Events may appear on transmit (the idle timeout fired, say).
             self._process(conn)
+            if conn.ended is None:
+                conn._timer_at = conn._timer(self.config)
         if traversal is not None:
             self._drain_traversal()
             out.extend(traversal.datagrams_to_send())
@@ -674,7 +678,8 @@ class Endpoint:
 
     def get_timer(self) -> float | None:
         """When :meth:`handle_timer` wants calling (the earliest of every
-        connection's, the traversal's and the half-open expiry)."""
+        connection's, the traversal's and the half-open expiry); read it
+        after :meth:`datagrams_to_send`, as a driver does."""
         when = self.traversal.get_timer() if self.traversal is not None else None
         for conn in self._connections.values():
             t = conn._timer_at
@@ -743,15 +748,14 @@ class Endpoint:
         return conn
 
     def _process(self, conn: Connection) -> None:
-        """Feed the connection's QUIC events to its XML stream; queue the
-        resulting endpoint events; refresh its timer."""
+        """Feed the connection's QUIC events to its XML stream and queue the
+        resulting endpoint events. (Its credit and timer are brought up to
+        date in :meth:`datagrams_to_send`, once per batch: every input marks
+        the connection dirty.)"""
         quic, core = conn.quic, conn.core
         while (ev := quic.next_event()) is not None:
             for sev in core.handle_quic_event(ev):
                 self._on_session_event(conn, sev)
-        if conn.ended is None:
-            conn._credit()
-            conn._timer_at = conn._timer(self.config)
 
     def _on_session_event(self, conn: Connection, sev: sc.SessionEvent) -> None:
         events = self._events
@@ -771,9 +775,10 @@ class Endpoint:
             self._terminate(conn, sev)
 
     def _forget(self, conn: Connection) -> None:
+        """Out of the table and the timer (what it still has to send, a
+        CONNECTION_CLOSE say, goes out with the next datagrams)."""
         if self._connections.get(conn.address) is conn:
             del self._connections[conn.address]
-        self._dirty.discard(conn)
         conn._timer_at = None
 
     def _terminate(self, conn: Connection, ended: sc.SessionEnded) -> None:
