@@ -491,12 +491,22 @@ class MemoryServer:
         self.network = network
         self.addr = addr
         self.keys = keys
-        self.core = RendezvousCore(keys=keys, addresses=ServerAddresses(addr),
-                                   config=config or RendezvousConfig(),
-                                   secret=random.Random(seed).randbytes(32),
-                                   rng=random.Random(seed))
+        self._seed = seed
+        self._config = config or RendezvousConfig()
+        self.core = self._new_core()
         network.bind(addr, self._receive)
         network.add_node(self)
+
+    def _new_core(self) -> RendezvousCore:
+        return RendezvousCore(keys=self.keys, addresses=ServerAddresses(self.addr),
+                              config=self._config,
+                              secret=random.Random(self._seed).randbytes(32),
+                              rng=random.Random(self._seed))
+
+    def restart(self) -> None:
+        """The server process restarts: every registration is forgotten."""
+        self._seed += 1
+        self.core = self._new_core()
 
     def _receive(self, data: bytes, src: Address, local: Address) -> None:
         self.core.receive_datagram(data, src, local, self.network.clock.now)

@@ -21,8 +21,12 @@ from dataclasses import dataclass
 
 import pytest
 
+from dtx.errors import DecodeError
 from dtx.lab.nat import PROFILES, Filtering, Mapping
 from dtx.proto.paths import PathKind
+from dtx.proto.traversal import TraversalConfig, introduction_from_control
+from dtx.wire.control import ControlMessage, MessageType, Role, decode_control
+from dtx.wire.demux import CONTROL_FIRST_BYTE
 from tests.fakes import (
     FakeClock,
     LossyRoute,
@@ -31,6 +35,7 @@ from tests.fakes import (
     MemoryServer,
     NotSettled,
     Packet,
+    SERVER_ADDR,
     PublicAddresses,
     RouteHook,
     add_device,
@@ -566,3 +571,55 @@ def test_a_peer_listing_third_parties_as_host_candidates_gets_no_reflection() ->
         assert reflected == 0
     assert tv.traversal.counters["host_candidates_skipped"] > 0
     assert tv.traversal.counters["punch_restarts_limited"] > 0, "re-introductions limited"
+
+
+# -- re-introduction ----------------------------------------------------------------
+
+
+class Introductions:
+    """A route hook that notes when each source sends an INTRODUCE to the server."""
+
+    def __init__(self, server: Address) -> None:
+        self.server = server
+        self.sent: list[tuple[float, str]] = []
+        self.blackholed: set[str] = set()
+        """IPs whose packets vanish (a device switched off)."""
+
+    def __call__(self, network: MemoryNetwork, packet: Packet) -> None:
+        if packet.src[0] in self.blackholed or packet.dst[0] in self.blackholed:
+            return
+        if packet.dst == self.server and packet.data[:1] == bytes([CONTROL_FIRST_BYTE]):
+            try:
+                msg = decode_control(packet.data)
+            except DecodeError:
+                msg = None
+            if msg is not None and msg.type is MessageType.INTRODUCE:
+                self.sent.append((network.clock.now, packet.src[0]))
+        network.deliver(packet)
+
+
+def test_a_restarted_server_and_an_absent_peer_mean_bounded_re_introductions() -> None:
+    """After the rendezvous restarts, the remote registers again and asks for
+    a fresh introduction with the TV; the TV is gone (switched off), so the
+    server answers 404 and the remote asks again after 1, 2, 4, 8, 15 and
+    30 s — and then stops. (The old in-memory copy of this glue had no
+    back-off at all.)"""
+    route = Introductions(SERVER_ADDR)
+    scene = introduce("full-cone", "full-cone", route=route)
+    scene.net.run(SETTLE)
+    remote_ip = scene.net.nats["a"].public_ip
+    route.blackholed.add(scene.net.nats["b"].public_ip)
+    route.sent.clear()
+    scene.server.restart()
+    scene.net.run(200.0)
+    times = [t for t, src in route.sent if src == remote_ip]
+    assert len(times) == 1 + len(TraversalConfig().reintroduce_backoff), times
+    gaps = [round(b - a) for a, b in zip(times, times[1:])]
+    assert gaps == [round(d) for d in TraversalConfig().reintroduce_backoff], gaps
+
+
+def test_an_introduction_without_its_fields_is_a_decode_error_not_an_assert() -> None:
+    msg = ControlMessage(MessageType.INTRODUCTION, b"t" * 8, peer_jid=TV, intro=b"i" * 8,
+                         channel=7, role=Role.RESPONDER)
+    with pytest.raises(DecodeError):
+        introduction_from_control(msg, SERVER_ADDR)
