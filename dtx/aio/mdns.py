@@ -45,6 +45,7 @@ from zeroconf import (
     ServiceStateChange,
     Zeroconf,
 )
+from zeroconf import DNSOutgoing  # type: ignore[attr-defined]  # public, not in __all__
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from dtx.errors import (
@@ -115,6 +116,15 @@ DEFAULT_RESOLVE_SETTLE = 0.3
 """After the first matching answer, how long :meth:`LanBrowser.resolve` keeps
 collecting: responders answer a shared (PTR) question after a random 20-120 ms
 delay (RFC 6762 section 6), so the others arrive within this window."""
+
+GOODBYE_SECONDS = 1.2
+"""How long a changed TXT record waits after the goodbye of the old one:
+an mDNS cache drops a record 1 s after its goodbye (RFC 6762 section
+10.1), and avahi's service resolvers report a changed TXT only once the old
+one is gone."""
+
+_FLAGS_QR_RESPONSE = 0x8000
+_FLAGS_AA = 0x0400
 
 DEFAULT_INFO_TIMEOUT = 3.0
 """How long the browser waits for SRV/TXT/A of one announced instance."""
@@ -454,6 +464,7 @@ class LanAdvertiser:
         self._zc = zeroconf
         self._owns_zc = zeroconf is None
         self._infos: list[AsyncServiceInfo] = []
+        self._update_lock = asyncio.Lock()
         self.addresses: list[str] = []
 
     def _pick_addresses(self) -> list[str]:
@@ -509,20 +520,31 @@ class LanAdvertiser:
                                 server=self.server, parsed_addresses=self.addresses)
 
     async def update_presence(self, presence: PresenceAnnouncement) -> None:
-        """Announce a changed ``status``, ``msg`` or ``nick`` (the TXT record
-        again, RFC 6762 section 8.4). Raises :class:`DiscoveryError` if this
-        advertiser announces no presence, or for another port."""
-        old = self.presence
-        if old is None or self._zc is None:
-            raise DiscoveryError("this advertiser announces no XEP-0174 presence")
-        if presence.port != old.port:
-            raise DiscoveryError("the XEP-0174 port cannot change while announced")
-        txt = presence.txt(self.jid)  # checks before anything is sent
-        info = self._presence_info(presence)
-        await self._zc.async_update_service(info)
-        self._infos = [i for i in self._infos if i.type != PRESENCE_TYPE] + [info]
-        self.presence, self.presence_txt = presence, txt
-        logger.info("XEP-0174 presence of %s now %s", self.jid, presence.status)
+        """Announce a changed ``status``, ``msg`` or ``nick``: a goodbye of
+        the old TXT record, then, :data:`GOODBYE_SECONDS` later, the new one
+        (RFC 6762 sections 8.4 and 10.1). Raises :class:`DiscoveryError` if
+        this advertiser announces no presence, or for another port."""
+        async with self._update_lock:
+            old, zc = self.presence, self._zc
+            if old is None or zc is None:
+                raise DiscoveryError("this advertiser announces no XEP-0174 presence")
+            if presence.port != old.port:
+                raise DiscoveryError("the XEP-0174 port cannot change while announced")
+            txt = presence.txt(self.jid)  # checks before anything is sent
+            if txt == self.presence_txt:
+                self.presence = presence
+                return
+            info = self._presence_info(presence)
+            for previous in self._infos:
+                if previous.type == PRESENCE_TYPE:
+                    out = DNSOutgoing(_FLAGS_QR_RESPONSE | _FLAGS_AA)
+                    out.add_answer_at_time(previous.dns_text(override_ttl=0), 0)
+                    zc.zeroconf.async_send(out)
+            await asyncio.sleep(GOODBYE_SECONDS)
+            await zc.async_update_service(info)
+            self._infos = [i for i in self._infos if i.type != PRESENCE_TYPE] + [info]
+            self.presence, self.presence_txt = presence, txt
+            logger.info("XEP-0174 presence of %s now %s", self.jid, presence.status)
 
     async def _close(self) -> None:
         zc, self._zc = self._zc, None

@@ -213,6 +213,26 @@ class Libpurple:
                                                       f"int32:{presence}"))) or None
         _until(online, timeout, f"{name} online in Pidgin's buddy list", interval=0.2)
 
+    def status_of(self, name: str) -> tuple[str, str]:
+        """The id of the buddy's active status in libpurple ('' if unknown:
+        ``available``, ``away`` — which Bonjour's ``dnd`` maps to — or
+        ``offline``) and its message."""
+        buddy = self._int("PurpleFindBuddy", f"int32:{self.account}", f"string:{name}")
+        presence = self._int("PurpleBuddyGetPresence", f"int32:{buddy}") if buddy else 0
+        status = self._int("PurplePresenceGetActiveStatus", f"int32:{presence}") \
+            if presence else 0
+        if not status:
+            return "", ""
+        found = re.search(r'string "(.*)"', self.call("PurpleStatusGetId", f"int32:{status}"))
+        message = re.search(r'string "(.*)"', self.call(
+            "PurpleStatusGetAttrString", f"int32:{status}", "string:message"))
+        return (found.group(1) if found else "", message.group(1) if message else "")
+
+    def wait_status(self, name: str, status: str, timeout: float) -> None:
+        """Until libpurple shows ``name`` with ``status``."""
+        _until(lambda: self.status_of(name)[0] == status or None, timeout,
+               f"{name} {status} in Pidgin (now {self.status_of(name)!r})", interval=0.2)
+
     def send_im(self, name: str, text: str) -> None:
         """Open (or reuse) the conversation with ``name`` and send ``text``."""
         conv = self._int("PurpleConversationNew", "int32:1", f"int32:{self.account}",

@@ -233,3 +233,24 @@ def test_a_link_local_stanza_claiming_a_known_jid_stays_unauthenticated(room: Ro
     session_bodies = [e["body"] for e in room.tv.lines if e.get("event") == "stanza"]
     assert "unlock the door" not in session_bodies and "real" in session_bodies
     sock.close()
+
+
+def test_a_status_change_reaches_pidgin(room: Room) -> None:
+    """LinkLocal.set_status announces the new TXT record (after a goodbye of
+    the old one, which avahi needs to report a change): libpurple shows the
+    phone as away with its message (Bonjour's dnd; libpurple treats
+    ``away``, which XEP-0174 means as idle, as available), and avahi-browse
+    reads the new keys."""
+    phone_name = room.phone_ready["name"]
+    room.purple.wait_status(phone_name, "available", DEADLINE)
+    started = time.monotonic()
+    room.phone.command(op="status", status="dnd", msg="watching TV")
+    room.phone.event("status", status="dnd")
+    room.purple.wait_status(phone_name, "away", DEADLINE)
+    print(f"status change seen by Pidgin {time.monotonic() - started:.2f} s after set_status")
+    assert room.purple.status_of(phone_name) == ("away", "watching TV")
+    txt = room.purple.browse(phone_name)
+    assert txt["status"] == "dnd" and txt["msg"] == "watching TV"
+    assert txt["ver"] == caps_for().ver  # the rest of the record is unchanged
+    room.phone.command(op="status", status="avail")
+    room.purple.wait_status(phone_name, "available", DEADLINE)

@@ -11,6 +11,7 @@ on stdin:
   ``link_local``: a XEP-0174 stream), ``authenticated`` and ``peer``; then
   one ``stanza`` line per stanza that arrives on it;
 * ``{"op": "send", "to": NAME, "body": TEXT}`` sends a message on it;
+* ``{"op": "status", "status": S, "msg": TEXT}`` → ``LinkLocal.set_status``;
 * ``{"op": "quit"}``.
 """
 
@@ -61,6 +62,10 @@ async def run(keyfile: str, vcards: str) -> None:
             command = json.loads(line)
             if command["op"] == "quit":
                 break
+            if command["op"] == "status":
+                await ll.set_status(command["status"], command.get("msg"))
+                emit({"event": "status", "status": command["status"]})
+                continue
             to = command["to"]
             if command["op"] == "connect":
                 try:

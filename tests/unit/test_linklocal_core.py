@@ -308,3 +308,39 @@ def test_elements_handed_to_send_are_not_changed() -> None:
     el = Element(st.MESSAGE)
     s.send(el)
     assert el.get("from") is None and el.get("to") is None
+
+
+# -- fuzz: a bad peer ends the stream, never raises out of receive_data ---------------
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as hst  # noqa: E402
+
+VALID = PIDGIN_HEADER + PIDGIN_MESSAGE + DISCO + b"</stream:stream>"
+
+
+def feed_all(chunks: list[bytes]) -> LinkLocalStream:
+    s = responder()
+    for i, chunk in enumerate(chunks):
+        s.receive_data(chunk, float(i))  # raises nothing, whatever the bytes
+        s.data_to_send()
+    s.handle_timer(1e9)
+    end = [e for e in events(s) if isinstance(e, LinkLocalEnded)]
+    if end:
+        assert end[-1].error is None or isinstance(end[-1].error, (StreamError, SessionClosedError))
+    return s
+
+
+@given(hst.lists(hst.binary(max_size=200), max_size=8))
+def test_fuzz_arbitrary_bytes(chunks: list[bytes]) -> None:
+    feed_all(chunks)
+
+
+@given(hst.lists(hst.binary(max_size=100), max_size=4))
+def test_fuzz_after_a_valid_header(chunks: list[bytes]) -> None:
+    feed_all([PIDGIN_HEADER, *chunks])
+
+
+@given(hst.integers(0, len(VALID) - 1), hst.integers(0, 255), hst.integers(1, 40))
+def test_fuzz_mutations_of_a_valid_stream(at: int, byte: int, split: int) -> None:
+    data = VALID[:at] + bytes([byte]) + VALID[at + 1:]
+    feed_all([data[i:i + split] for i in range(0, len(data), split)])

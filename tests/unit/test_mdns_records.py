@@ -291,6 +291,14 @@ def test_advertiser_checks_arguments_without_network() -> None:
     adv = LanAdvertiser(TV, FP_A, 41000, presence=PresenceAnnouncement(port=41001))
     assert adv.presence_txt is not None and adv.presence_txt["port.p2pj"] == "41001"
     assert adv.presence_instance == presence_instance_name(TV, FP_A)
+
+
+async def test_presence_updates_need_an_announced_presence() -> None:
+    adv = LanAdvertiser(TV, FP_A, 41000, presence=PresenceAnnouncement(port=41001))
+    with pytest.raises(DiscoveryError):  # not announced yet: nothing to update
+        await adv.update_presence(PresenceAnnouncement(port=41001, status="dnd"))
+    with pytest.raises(DiscoveryError):
+        await LanAdvertiser(TV, FP_A, 41000).update_presence(PresenceAnnouncement(port=41001))
     assert adv.instance == instance_name(TV, FP_A)
     assert adv.server == host_label(TV, FP_A) + ".local."
     assert adv.txt == txt_for(TV, FP_A)
