@@ -37,8 +37,8 @@ from dtx.wire.control import (
     encode_register,
 )
 from dtx.wire.relay import decode_relay, encode_relay
+from dtx.wire.address import Address
 
-Address = tuple[str, int]
 WINDOW = 200
 """Registrations in flight at once."""
 RETRY = 1.0

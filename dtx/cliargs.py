@@ -42,6 +42,7 @@ from .errors import (
     VCardError,
 )
 from .jid import JID
+from .wire.address import format_address
 
 __all__ = [
     "BIND_ERRNOS",
@@ -244,11 +245,6 @@ def _is_ipv6(host: str) -> bool:
         return ipaddress.ip_address(host).version == 6
     except ValueError:
         return False
-
-
-def format_address(host: str, port: int) -> str:
-    """``host:port``, an IPv6 address in brackets."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _family_name(family: int) -> str:

@@ -90,7 +90,8 @@ from rendezvous.introductions import (
 )
 from rendezvous.limits import BucketTable, TokenBucket
 from rendezvous.registrations import Registration, RegistrationTable
-from rendezvous.stun import AMPLIFICATION_FACTOR, ServerAddresses, answer_stun, normalise_address
+from dtx.wire.address import normalise_address
+from rendezvous.stun import AMPLIFICATION_FACTOR, ServerAddresses, answer_stun
 from rendezvous.timers import TimerHeap, TimerKey, TimerKind
 
 __all__ = [

@@ -56,6 +56,7 @@ import logging
 from dataclasses import dataclass
 
 from dtx.errors import DecodeError
+from dtx.wire.address import normalise_address
 from dtx.wire.stun import (
     Address,
     Attribute,
@@ -141,19 +142,6 @@ class ServerAddresses:
         if ip is None or port is None:
             return None
         return (ip, port)
-
-
-def normalise_address(addr: Address) -> Address:
-    """Unwrap IPv4-mapped IPv6 (a dual-stack socket's view of IPv4), so one
-    device has one address."""
-    host, port = addr[0], addr[1]
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return (host, port)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return (str(ip.ipv4_mapped), port)
-    return (str(ip), port)
 
 
 def _local_ip(local: Address, addresses: ServerAddresses) -> str:

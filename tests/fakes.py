@@ -55,10 +55,10 @@ from dtx.proto.traversal import Traversal
 from dtx.trust import StaticKeys
 from rendezvous.core import RendezvousConfig, RendezvousCore
 from rendezvous.stun import ServerAddresses
+from dtx.wire.address import Address
 
 logger = logging.getLogger(__name__)
 
-Address = tuple[str, int]
 
 LAN_DELAY = 0.0005
 """One-way delay of a packet that never crosses the internet."""

@@ -38,13 +38,13 @@ from ..proto.traversal import Link, Traversal, TraversalConfig
 from .netif import host_candidates
 from .session import Session
 from .socket import UdpSocket
+from ..wire.address import Address
 
 if TYPE_CHECKING:
     from .linklocal import LinkLocal
 
 logger = logging.getLogger(__name__)
 
-Address = tuple[str, int]
 
 
 class KeyVerifier(Protocol):

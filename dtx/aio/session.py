@@ -24,10 +24,10 @@ from ..errors import DtxError, IqError, IqTimeout, SessionClosedError
 from ..proto import endpoint as ep
 from ..proto.paths import PathChanged, PathKind
 from ..proto.session import SessionEnded
+from ..wire.address import Address
 
 logger = logging.getLogger(__name__)
 
-Address = tuple[str, int]
 StanzaHandler = Callable[[Element], None]
 PathHandler = Callable[[PathChanged], None]
 

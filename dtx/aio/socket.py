@@ -17,10 +17,10 @@ import errno
 import logging
 import socket
 from collections.abc import Callable
+from ..wire.address import Address
 
 logger = logging.getLogger(__name__)
 
-Address = tuple[str, int]
 
 MAX_DATAGRAM_BYTES = 65535
 DEFAULT_BATCH = 128

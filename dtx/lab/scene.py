@@ -20,8 +20,8 @@ from typing import IO, Any, Protocol
 from ..errors import LabError
 from ..identity import DeviceIdentity
 from ..trust import add_key, new_vcard
+from ..wire.address import Address
 
-Address = tuple[str, int]
 
 RDV_PORT = 3478
 """The port a lab rendezvous listens on."""

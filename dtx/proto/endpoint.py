@@ -72,10 +72,10 @@ from .traversal import (
     Traversal,
     TraversalConfig,
 )
+from ..wire.address import Address
 
 logger = logging.getLogger(__name__)
 
-Address = tuple[str, int]
 
 Verify = Callable[[str, bytes], None]
 """Raises :class:`~dtx.errors.TrustError` unless ``key`` may speak for ``jid``."""

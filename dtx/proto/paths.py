@@ -31,7 +31,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-Address = tuple[str, int]
+from ..wire.address import Address
+
 
 
 class PathKind(StrEnum):

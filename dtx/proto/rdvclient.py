@@ -29,10 +29,10 @@ from ..wire.control import (
     encode_hello,
     encode_register,
 )
+from ..wire.address import Address
 
 logger = logging.getLogger(__name__)
 
-Address = tuple[str, int]
 
 
 class RegistrationState(Enum):

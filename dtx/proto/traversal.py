@@ -62,10 +62,10 @@ from .rdvclient import (
     RendezvousClient,
     RendezvousClientConfig,
 )
+from ..wire.address import Address
 
 logger = logging.getLogger(__name__)
 
-Address = tuple[str, int]
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from enum import Enum, IntEnum
 
 from dtx.errors import DecodeError, LocalProtocolError
+from .address import Address
 
 __all__ = [
     "MAGIC_COOKIE",
@@ -89,9 +90,6 @@ MAX_REASON_BYTES = 763  # RFC 8489 section 14.8
 _MI_BYTES = 20
 _MI_SHA256_MIN_BYTES = 16
 _MI_SHA256_BYTES = 32
-
-Address = tuple[str, int]
-"""A transport address: (host, port), host an IPv4 or IPv6 literal."""
 
 
 class StunClass(IntEnum):
