@@ -20,7 +20,7 @@ from typing import IO, Any, Protocol
 from ..errors import LabError
 from ..identity import DeviceIdentity
 from ..trust import add_key, new_vcard
-from ..wire.address import Address
+from ..wire.address import Address, format_address
 
 
 RDV_PORT = 3478
@@ -57,7 +57,7 @@ def server_address(server: Any) -> Address:
 def rendezvous_argv(listen: Address, vcards: Path | None, *extra: str,
                     alt_address: str | None = None) -> list[str]:
     """The command line of ``python -m rendezvous``."""
-    argv = [sys.executable, "-m", "rendezvous", "--listen", f"{listen[0]}:{listen[1]}", *extra]
+    argv = [sys.executable, "-m", "rendezvous", "--listen", format_address(*listen), *extra]
     if vcards is not None:
         argv += ["--vcards", str(vcards)]
     if alt_address is not None:
