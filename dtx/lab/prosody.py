@@ -14,6 +14,11 @@ Two module sets mirror the two server behaviours dtx must cope with:
 - ``"vcard-temp"``: ``vcard`` (vcard-temp stored as sent, as ejabberd does),
   no PEP and no vCard4.
 
+With ``turn=TurnExternal(...)`` the server also hands out STUN and TURN
+services by XEP-0215 (``mod_turn_external``, which loads
+``mod_external_services``): TURN REST credentials made with the secret a
+coturn beside it shares (:mod:`dtx.lab.coturn`), valid for ``ttl`` seconds.
+
 Prosody refuses to run as root only through ``mod_posix``, which is not
 loaded here; ``run_as_root`` also stops ``prosodyctl`` from switching to the
 ``prosody`` user (which could not read the temporary folder). As another
@@ -46,6 +51,34 @@ _MODULES: dict[ServerKind, tuple[str, ...]] = {
     "vcard4": ("roster", "saslauth", "disco", "pep", "vcard4", "vcard_legacy", "ping"),
     "vcard-temp": ("roster", "saslauth", "disco", "vcard", "ping"),
 }
+
+
+@dataclass(frozen=True, kw_only=True)
+class TurnExternal:
+    """``mod_turn_external``'s options: the TURN REST secret shared with
+    the TURN server, where clients reach it, and how long the credentials
+    it mints stay valid (Prosody's default is a day; the lab uses a minute
+    to see them expire)."""
+
+    secret: str
+    host: str
+    port: int = 3478
+    ttl: int = 86400
+    user: str | None = None
+    """``turn_external_user``: the ``user`` part of the ``expiry:user``
+    username; without it the username is the expiry alone."""
+
+    def lines(self) -> list[str]:
+        """The Prosody configuration lines."""
+        out = [
+            f"turn_external_secret = {_lua(self.secret)}",
+            f"turn_external_host = {_lua(self.host)}",
+            f"turn_external_port = {int(self.port)}",
+            f"turn_external_ttl = {int(self.ttl)}",
+        ]
+        if self.user is not None:
+            out.append(f"turn_external_user = {_lua(self.user)}")
+        return out
 
 
 def prosody_missing() -> str | None:
@@ -130,6 +163,8 @@ class ProsodyServer:
     ca_file: str | None = None
     host: Host | None = None
     """A NAT-lab host to run on (its namespace, its address); None: loopback."""
+    turn: TurnExternal | None = None
+    """Offer STUN and TURN by XEP-0215 (``mod_turn_external``)."""
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _owns_folder: bool = field(default=False, repr=False)
 
@@ -148,6 +183,8 @@ class ProsodyServer:
         # mod_tls only with our own certificate: without one, Prosody would
         # pick up the system's certificates folder.
         names = _MODULES[self.kind] + (("tls",) if self.tls else ())
+        if self.turn is not None:
+            names += ("turn_external",)
         modules = "; ".join(_lua(m) for m in names)
         lines = [
             "-- throwaway configuration written by the dtx tests",
@@ -184,6 +221,8 @@ class ProsodyServer:
                 "c2s_require_encryption = false",
                 "allow_unencrypted_plain_auth = true",
             ]
+        if self.turn is not None:
+            lines += self.turn.lines()
         lines += [f"VirtualHost {_lua(self.domain)}", ""]
         return "\n".join(lines)
 

@@ -48,6 +48,7 @@ from slixmpp.exceptions import IqError, IqTimeout
 from slixmpp.stanza import Iq
 
 from dtx.errors import AuthenticationError, ConnectError, VCardError, XmppError
+from dtx.errors import IqError as StanzaError
 from dtx.jid import JID
 from dtx.trust.vcard import (
     VCARD4_NS,
@@ -320,6 +321,16 @@ class XmppClient:
                 f"({payload.tag} to {to or 'own account'})"
             ) from None
         return result
+
+    async def iq_get(self, payload: ET.Element, to: str | None = None) -> ET.Element:
+        """Send an iq get carrying ``payload`` (to the own account when
+        ``to`` is None) and return the answer's XML. An error answer raises
+        :class:`dtx.errors.IqError`; no answer in time :class:`XmppError`."""
+        try:
+            answer = await self._iq("get", payload, to)
+        except IqError as exc:
+            raise StanzaError(exc.iq.xml) from None
+        return answer.xml
 
     # -- reading ------------------------------------------------------------
 
