@@ -18,6 +18,7 @@ from .errors import (
     DtxError,
     IqError,
     IqTimeout,
+    LinkLocalError,
     PinMismatchError,
     SessionClosedError,
     StanzaTooLargeError,
@@ -28,10 +29,12 @@ from .errors import (
 )
 from .identity import DeviceIdentity, generate_identity, load_identity, save_identity
 from .jid import JID
+from .proto.linklocal import LinkLocalConfig
 from .proto.paths import PathKind
 from .proto.session import SessionConfig, SessionEnded
 
 if TYPE_CHECKING:
+    from .aio.linklocal import LinkLocal, LinkLocalStream
     from .aio.peer import Peer, PeerConfig, PeerStatistics, open_peer
     from .aio.session import Session
     from .proto.endpoint import SessionStatistics
@@ -45,6 +48,8 @@ _LAZY = {
     "PeerStatistics": "dtx.aio.peer",
     "open_peer": "dtx.aio.peer",
     "Session": "dtx.aio.session",
+    "LinkLocal": "dtx.aio.linklocal",
+    "LinkLocalStream": "dtx.aio.linklocal",
     "SessionStatistics": "dtx.proto.endpoint",
     "PinStore": "dtx.trust",
     "StaticKeys": "dtx.trust",
@@ -70,6 +75,10 @@ __all__ = [
     "IqError",
     "IqTimeout",
     "JID",
+    "LinkLocal",
+    "LinkLocalConfig",
+    "LinkLocalError",
+    "LinkLocalStream",
     "PathKind",
     "Peer",
     "PeerConfig",
