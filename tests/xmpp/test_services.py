@@ -240,14 +240,14 @@ def login(server: ProsodyServer) -> tuple[str, str, XmppConfig]:
 
 
 def check_rest_credentials(service: TurnService, wall_before: float, wall_after: float,
-                           ttl: int, user: str) -> None:
+                           ttl: int, user: str, secret: str = SECRET) -> None:
     """username = expiry:user with the expiry ttl ahead (Prosody counts in
     whole seconds), password = base64(HMAC-SHA1(secret, username))."""
     expiry, _, name = service.username.partition(":")
     assert name == user, service.username
     assert int(wall_before) + ttl <= int(expiry) <= wall_after + ttl
-    assert service.password == rest_password(service.username)
-    assert service.password != rest_password(service.username, secret=SECRET + "x")
+    assert service.password == rest_password(service.username, secret)
+    assert service.password != rest_password(service.username, secret + "x")
 
 
 async def test_prosody_turn_external_answer(turn_prosody: ProsodyServer) -> None:
