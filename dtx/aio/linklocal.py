@@ -383,7 +383,7 @@ class LinkLocal:
         if listen:
             self._server = await self._loop.create_server(
                 lambda: _Connection(self, None), self.config.host or host, self.config.port,
-                reuse_address=True, backlog=self.config.max_connections)
+                reuse_address=True)  # the kernel's backlog: asyncio's 100; admission is ours
             logger.info("XEP-0174 listener for %s on TCP port %d", self.name, self.port)
         if self.config.outgoing:
             self._zc = AsyncZeroconf(interfaces=(self._interfaces if isinstance(

@@ -105,7 +105,8 @@ def room(netns_ready: None, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     write_vcards(tmp / "vcards", tv, phone)
     save_identity(tv, tmp / "tv.key")
     save_identity(phone, tmp / "phone.key")
-    with Lab() as lab:
+    with Lab() as lab, open(tmp / "tv.log", "w") as tv_log, \
+            open(tmp / "phone.log", "w") as phone_log:
         lan = lab.add_lan("living-room", hosts=3)
         lab.up()
         tv_host, pidgin_host, phone_host = lan.hosts
@@ -115,14 +116,14 @@ def room(netns_ready: None, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         proc = tv_host.popen([sys.executable, "-m", "dtx.cli", "listen", str(tmp / "tv.key"),
                               "--lan", "--presence", "--echo", "--vcards", str(tmp / "vcards"),
                               "--no-pins", "--json"],
-                             stdout=subprocess.PIPE, stderr=open(tmp / "tv.log", "w"),
+                             stdout=subprocess.PIPE, stderr=tv_log,
                              text=True, cwd=REPO, env=child_env())
         events = Events(proc)
         listening = events.event("listening")
         worker = phone_host.popen([sys.executable, "-m", "tests.netns.xep0174_worker",
                                    str(tmp / "phone.key"), str(tmp / "vcards")],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  stderr=open(tmp / "phone.log", "w"), text=True, cwd=REPO,
+                                  stderr=phone_log, text=True, cwd=REPO,
                                   env=child_env())
         phone_events = Events(worker)
         ready = phone_events.event("ready")
