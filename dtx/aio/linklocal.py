@@ -617,7 +617,11 @@ class LinkLocal:
             except DtxError:
                 continue
             trusted_keys = getattr(peer.verifier, "trusted_keys", None)
-            keys = trusted_keys(account) if trusted_keys is not None else None
+            try:
+                keys = trusted_keys(account) if trusted_keys is not None else None
+            except DtxError as exc:  # an unreadable trust source: nothing trusted here
+                logger.info("no trusted keys for %s: %s", account, exc)
+                keys = None
             trusted = [fingerprint_of(k) for k in keys or ()]
             if not trusted:
                 continue
