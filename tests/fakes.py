@@ -572,7 +572,6 @@ class MemoryPeer:
 
     @property
     def traversal(self) -> Traversal:
-        assert self.endpoint.traversal is not None
         return self.endpoint.traversal
 
     # -- the driver -------------------------------------------------------------------
@@ -623,7 +622,7 @@ class MemoryPeer:
         return [stanza.body_of(el) or "" for el in self.received.get(peer_jid, [])]
 
     def path(self, peer_jid: str) -> PathKind | None:
-        link = self.endpoint.traversal.links.get(peer_jid) if self.endpoint.traversal else None
+        link = self.endpoint.traversal.links.get(peer_jid)
         return None if link is None else link.paths.kind
 
     def changes(self, peer_jid: str) -> list[PathChanged]:
@@ -631,7 +630,8 @@ class MemoryPeer:
 
     @property
     def registered_as(self) -> Address | None:
-        return self.traversal.client.reflexive
+        client = self.traversal.client
+        return None if client is None else client.reflexive
 
 
 # -- a whole scene ----------------------------------------------------------------------

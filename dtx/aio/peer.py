@@ -240,10 +240,10 @@ class Peer:
         no answer within ``timeout``."""
         endpoint = self._started()
         traversal = endpoint.traversal
-        if traversal is None:
+        server = traversal.server
+        if server is None:
             raise DtxError("no rendezvous configured")
         budget = self.config.connect_timeout if timeout is None else timeout
-        server = traversal.server
         try:
             async with asyncio.timeout(budget):
                 while not traversal.registered:
@@ -262,7 +262,8 @@ class Peer:
 
     @property
     def traversal(self) -> Traversal | None:
-        """The sans-IO traversal (links, registration), when there is a rendezvous."""
+        """The sans-IO traversal (links; the registration when there is a
+        rendezvous); None before :meth:`start`."""
         return None if self._endpoint is None else self._endpoint.traversal
 
     @property
@@ -343,9 +344,11 @@ class Peer:
             session = await self._connect_lan(jid, deadline)
             if session is not None:
                 return session
-        if self.traversal is None:
+        if self.config.rendezvous is not None:
+            await self._introduce(jid, deadline)
+        elif self._started().traversal.link_for(jid) is None:
+            # Links may come from other sources of introductions (XMPP).
             raise ConnectError(f"no address for {jid} and no rendezvous configured")
-        await self._introduce(jid, deadline)
         return await self._open(jid, deadline)
 
     async def _introduce(self, jid: str, deadline: float) -> Link:
@@ -408,7 +411,7 @@ class Peer:
                     refusal = exc
                 except ConnectError as exc:
                     logger.info("LAN device at %s:%d did not answer: %s", *addr, exc)
-        if refusal is not None and self.traversal is None:
+        if refusal is not None and self.config.rendezvous is None:
             raise refusal
         return None
 

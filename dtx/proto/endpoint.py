@@ -60,6 +60,9 @@ from . import session as sc
 from .auth import AuthenticatedQuicConnection, make_certificate, quic_configuration
 from .paths import PathChanged, PathKind
 from .session import SessionConfig, XmlSession, trust_check_for
+from .turn import AllocationState as TurnState
+from .turn import DataReceived as TurnDataReceived
+from .turn import TurnClient, TurnEvent
 from .traversal import (
     Introduction,
     IntroductionCompleted,
@@ -183,6 +186,7 @@ EndpointEvent = (
     | StanzasAcknowledged | SessionEnded | HandshakeRefused | PathChangedEvent
     | Registered | RegistrationRefused | RegistrationLost
     | IntroductionCompleted | IntroductionFailed
+    | TurnEvent
 )
 
 
@@ -434,6 +438,7 @@ class Endpoint:
         self._connections: dict[Address, Connection] = {}
         self._dirty: set[Connection] = set()
         self._events: deque[EndpointEvent] = deque()
+        self._out_turn: list[tuple[bytes, Address]] = []
         self._sid_next = 1
         self._log = LogLimiter(logger)
         self.counters: dict[str, int] = {
@@ -445,18 +450,20 @@ class Endpoint:
             "half_open_evicted": 0,
             "half_open_expired": 0,
         }
-        self.traversal: Traversal | None = None
-        if rendezvous is not None:
-            self.traversal = Traversal(
-                jid=self.jid,
-                key=identity.public_key,
-                sign=identity.sign,
-                server=rendezvous,
-                host_candidates=host_candidates,
-                accept_introductions=listen,
-                rng=random.Random(rng.getrandbits(64)),
-                config=self.config.traversal,
-            )
+        self.traversal = Traversal(
+            jid=self.jid,
+            key=identity.public_key,
+            sign=identity.sign,
+            server=rendezvous,
+            host_candidates=host_candidates,
+            accept_introductions=listen,
+            rng=random.Random(rng.getrandbits(64)),
+            config=self.config.traversal,
+        )
+        """Links to introduced devices (introductions from the rendezvous, if
+        there is one, or from :meth:`introduced`)."""
+        self.turn: TurnClient | None = None
+        """The TURN allocation relaying for this device, if any (:meth:`use_turn`)."""
         self._started = False
         self._closed = False
 
@@ -466,9 +473,8 @@ class Endpoint:
         """Begin: register with the rendezvous, if there is one."""
         if not self._started:
             self._started = True
-            if self.traversal is not None:
-                self.traversal.start(now)
-                self._drain_traversal()
+            self.traversal.start(now)
+            self._drain_traversal()
 
     def close(self) -> None:
         """Stop: abort every connection still open and unregister (the
@@ -477,8 +483,7 @@ class Endpoint:
             return
         for conn in list(self._connections.values()):
             conn.abort("device shut down")
-        if self.traversal is not None:
-            self.traversal.close()
+        self.traversal.close()
         self._closed = True
 
     # -- user calls ---------------------------------------------------------------
@@ -497,10 +502,10 @@ class Endpoint:
         """
         link: Link | None = None
         if address is None:
-            if self.traversal is None:
-                raise ConnectError(f"no address for {jid} and no rendezvous configured")
             link = self.traversal.link_for(jid)
             if link is None:
+                if self.traversal.client is None:
+                    raise ConnectError(f"no address for {jid} and no rendezvous configured")
                 raise ConnectError(f"no introduction to {jid} yet")
             address = link.mapped
         if address in self._connections:
@@ -514,38 +519,49 @@ class Endpoint:
     def introduce(self, target: str, now: float) -> None:
         """Ask the rendezvous to introduce ``target``; an
         :class:`IntroductionCompleted` or :class:`IntroductionFailed` follows."""
-        if self.traversal is None:
+        if self.traversal.client is None:
             raise ConnectError("no rendezvous configured")
         self.traversal.introduce(target, now)
         self._drain_traversal()
 
     def introduced(self, intro: Introduction, now: float) -> Link | None:
         """An introduction from another source (XMPP signalling, the LAN)."""
-        if self.traversal is None:
-            raise ConnectError("no traversal: this endpoint has no rendezvous")
         link = self.traversal.introduced(intro, now)
         self._drain_traversal()
         return link
+
+    def use_turn(self, client: TurnClient, now: float) -> None:
+        """Relay through ``client``'s TURN server (credentials from XEP-0215,
+        say): datagrams from that server go to it, what it relays from a
+        peer reaches the link whose ``relay_peer`` that is, and its events
+        come out of :meth:`next_event`. Allocates at once unless it already
+        did; the previous client, if any, is closed."""
+        if self.turn is not None and self.turn is not client:
+            self.turn.close(now)
+            self._out_turn.extend(self.turn.datagrams_to_send())
+        self.turn = client
+        if client.state is TurnState.IDLE:
+            client.allocate(now)
+        self._drain_turn(now)
 
     def connections(self) -> list[Connection]:
         return list(self._connections.values())
 
     @property
     def registered(self) -> bool:
-        return self.traversal is not None and self.traversal.registered
+        return self.traversal.registered
 
     def statistics(self) -> EndpointStatistics:
         counters = dict(self.counters)
         counters["log_suppressed"] = self._log.suppressed + sum(
             c.core.statistics.log_suppressed for c in self._connections.values())
-        if self.traversal is not None:
-            counters["log_suppressed"] += self.traversal.log_suppressed
-            for name, n in self.traversal.counters.items():
-                counters[f"traversal_{name}"] = n
+        counters["log_suppressed"] += self.traversal.log_suppressed
+        for name, n in self.traversal.counters.items():
+            counters[f"traversal_{name}"] = n
         return EndpointStatistics(
             sessions=sum(1 for c in self._connections.values() if c.opened),
             half_open=sum(1 for c in self._connections.values() if self._half_open(c)),
-            links=0 if self.traversal is None else len(self.traversal.links),
+            links=len(self.traversal.links),
             registered=self.registered,
             counters=counters,
         )
@@ -555,14 +571,22 @@ class Endpoint:
     def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
         """One UDP datagram from ``addr``. Never raises for bad input: it is
         counted and dropped, or ends the connection it belongs to."""
+        turn = self.turn
+        if turn is not None and addr == turn.server:
+            # Before the first byte: ChannelData (64–79) from the TURN
+            # server is TURN, not QUIC.
+            turn.receive(data, now)
+            self._drain_turn(now)
+            return
         kind = classify(data)
         if kind is PacketKind.QUIC:
-            if self.traversal is not None:
+            if self.traversal.links:
                 mapped = self.traversal.map_incoming(addr, now)
                 if mapped is not None:
                     addr = mapped
             self._quic_datagram(data, addr, now)
-        elif kind is PacketKind.DTX and self.traversal is not None:
+        elif kind is PacketKind.DTX and (self.traversal.client is not None
+                                         or self.traversal.links):
             relayed = self.traversal.receive_dtx(data, addr, now)
             if relayed is not None:
                 self._quic_datagram(relayed[0], relayed[1], now)
@@ -634,7 +658,7 @@ class Endpoint:
             self._log.warning("connections_full", None, "connection table full; refusing %s",
                               addr)
             return None
-        link = self.traversal.link_for_mapped(addr) if self.traversal is not None else None
+        link = self.traversal.link_for_mapped(addr)
         return self._new_connection(addr, initiator=False, expected=None, now=now,
                                     original_dcid=header.destination_cid, link=link,
                                     fixed_path=PathKind.DIRECT)
@@ -656,7 +680,7 @@ class Endpoint:
         for conn in dirty:
             conn._credit()
             conn.core.flush(now)
-            if conn.link is not None and traversal is not None:
+            if conn.link is not None:
                 route = traversal.route
                 for data, addr in conn.quic.datagrams_to_send(now=now):
                     out.extend(route(data, addr, now))
@@ -666,9 +690,13 @@ class Endpoint:
             self._process(conn)
             if conn.ended is None:
                 conn._timer_at = conn._timer(self.config)
-        if traversal is not None:
-            self._drain_traversal()
-            out.extend(traversal.datagrams_to_send())
+        self._drain_traversal()
+        out.extend(traversal.datagrams_to_send())
+        if self.turn is not None:
+            out.extend(self.turn.datagrams_to_send())
+        if self._out_turn:
+            out.extend(self._out_turn)
+            self._out_turn.clear()
         return out
 
     def next_event(self) -> EndpointEvent | None:
@@ -680,7 +708,11 @@ class Endpoint:
         """When :meth:`handle_timer` wants calling (the earliest of every
         connection's, the traversal's and the half-open expiry); read it
         after :meth:`datagrams_to_send`, as a driver does."""
-        when = self.traversal.get_timer() if self.traversal is not None else None
+        when = self.traversal.get_timer()
+        if self.turn is not None:
+            t = self.turn.get_timer()
+            if t is not None and (when is None or t < when):
+                when = t
         for conn in self._connections.values():
             t = conn._timer_at
             if t is not None and (when is None or t < when):
@@ -689,11 +721,15 @@ class Endpoint:
 
     def handle_timer(self, now: float) -> None:
         cfg = self.config
-        if self.traversal is not None:
-            due = self.traversal.get_timer()
+        if self.turn is not None:
+            due = self.turn.get_timer()
             if due is not None and now >= due:
-                self.traversal.handle_timer(now)
-                self._drain_traversal()
+                self.turn.handle_timer(now)
+                self._drain_turn(now)
+        due = self.traversal.get_timer()
+        if due is not None and now >= due:
+            self.traversal.handle_timer(now)
+            self._drain_traversal()
         for conn in list(self._connections.values()):
             if conn._timer_at is None or now < conn._timer_at:
                 continue
@@ -799,10 +835,27 @@ class Endpoint:
             self._events.append(HandshakeRefused(conn.address, ended.error, refused))
         self._events.append(SessionEnded(conn, ended))
 
+    def _drain_turn(self, now: float) -> None:
+        """Relayed QUIC datagrams into their connections; every other TURN
+        event out to the application."""
+        turn = self.turn
+        if turn is None:
+            return
+        while (ev := turn.next_event()) is not None:
+            if isinstance(ev, TurnDataReceived):
+                # Only QUIC rides the relay; probes go on direct paths.
+                payload = ev.payload
+                if classify(payload) is PacketKind.QUIC:
+                    mapped = self.traversal.map_relayed(ev.peer)
+                    if mapped is not None:
+                        self._quic_datagram(payload, mapped, now)
+                        continue
+                self.counters["datagrams_dropped"] += 1
+            else:
+                self._events.append(ev)
+
     def _drain_traversal(self) -> None:
         traversal = self.traversal
-        if traversal is None:
-            return
         while (ev := traversal.next_event()) is not None:
             if isinstance(ev, LinkPathChanged):
                 link = ev.link

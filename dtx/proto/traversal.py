@@ -114,6 +114,11 @@ class Introduction:
     relay: RelayWrap | None
     channel: int | None
     source: str = "rendezvous"
+    relay_peer: Address | None = None
+    """The peer's address on the relay path, when it is not the dtx
+    rendezvous: through this device's TURN allocation, where the TURN
+    server sees the peer; or, when the peer relays through its own, the
+    peer's relayed address. Datagrams from there reach this link."""
 
 
 def introduction_from_control(msg: ControlMessage, server: Address) -> Introduction:
@@ -185,6 +190,7 @@ class Link:
     channel: int | None
     initiator: bool
     created_at: float
+    relay_peer: Address | None = None
     old_intros: dict[bytes, tuple[bytes, int | None]] = field(default_factory=dict)
     """(probe key, relay channel) of earlier introductions, still accepted
     for a while: after a re-introduction both sides may briefly disagree on
@@ -205,7 +211,7 @@ class Traversal:
         jid: str,
         key: bytes,
         sign: Callable[[bytes], bytes],
-        server: Address,
+        server: Address | None,
         host_candidates: Sequence[Address],
         accept_introductions: bool,
         rng: random.Random,
@@ -216,20 +222,25 @@ class Traversal:
         self.server = server
         self._accepting = accept_introductions
         self.host_candidates = tuple(host_candidates)
-        self.client = RendezvousClient(
-            jid=jid,
-            key=key,
-            sign=sign,
-            server=server,
-            rng=rng,
-            config=self.config.client,
-            host_candidates=self.host_candidates,
-        )
+        self.client: RendezvousClient | None = None
+        """The registration with the rendezvous; None without one (then
+        introductions come only through :meth:`introduced`)."""
+        if server is not None:
+            self.client = RendezvousClient(
+                jid=jid,
+                key=key,
+                sign=sign,
+                server=server,
+                rng=rng,
+                config=self.config.client,
+                host_candidates=self.host_candidates,
+            )
         self.links: dict[str, Link] = {}
         self._by_mapped: dict[Address, Link] = {}
         self._by_channel: dict[int, Link] = {}
         self._by_intro: dict[bytes, Link] = {}
         self._by_addr: dict[Address, Link] = {}
+        self._by_relay_peer: dict[Address, Link] = {}
         self._mapped_next = 1
         self._out: list[tuple[bytes, Address]] = []
         self._events: deque[TraversalEvent] = deque()
@@ -244,21 +255,22 @@ class Traversal:
     # -- lifecycle ----------------------------------------------------------------
 
     def start(self, now: float) -> None:
-        self.client.start(now)
+        if self.client is not None:
+            self.client.start(now)
         self._service(now)
 
     def close(self) -> None:
         """Stop; a best-effort UNREGISTER goes out with the next datagrams."""
         if self._closed:
             return
-        data = self.client.unregister()
-        if data is not None:
+        data = self.client.unregister() if self.client is not None else None
+        if data is not None and self.server is not None:
             self._out.append((data, self.server))
         self._closed = True
 
     @property
     def registered(self) -> bool:
-        return self.client.registered
+        return self.client is not None and self.client.registered
 
     @property
     def log_suppressed(self) -> int:
@@ -270,6 +282,9 @@ class Traversal:
     def introduce(self, target: str, now: float) -> None:
         """Ask the rendezvous to introduce this device and ``target``; an
         :class:`IntroductionCompleted` or :class:`IntroductionFailed` follows."""
+        if self.client is None:
+            self._events.append(IntroductionFailed(target, 404, "no rendezvous"))
+            return
         self.client.introduce(target, now)
         self._service(now)
 
@@ -321,6 +336,11 @@ class Traversal:
                 link.paths.set_relay(intro.relay, now)
         if intro.channel is not None:
             self._by_channel[intro.channel] = link
+        if intro.relay_peer is not None:
+            if link.relay_peer is not None and self._by_relay_peer.get(link.relay_peer) is link:
+                del self._by_relay_peer[link.relay_peer]
+            link.relay_peer = intro.relay_peer
+            self._by_relay_peer[intro.relay_peer] = link
         self._by_intro[intro.intro] = link
         if restart:
             for addr, kind in intro.candidates:
@@ -360,7 +380,7 @@ class Traversal:
         reflexive_ips = {a[0] for a, kind in candidates if kind is PathKind.DIRECT}
         if addr[0] in reflexive_ips:
             return True
-        mine = self.client.reflexive
+        mine = self.client.reflexive if self.client is not None else None
         if mine is None or mine[0] not in reflexive_ips:
             return False
         try:
@@ -417,7 +437,8 @@ class Traversal:
                 self._log.warning("control_bad", src, "bad control message from the "
                                   "rendezvous: %s", exc)
                 return None
-            self.client.receive(msg, now)
+            if self.client is not None:
+                self.client.receive(msg, now)
         elif first == PROBE_FIRST_BYTE:
             self._on_probe(data, src, now)
         else:
@@ -425,6 +446,21 @@ class Traversal:
             return None
         self._service(now)
         return None
+
+    def map_relayed(self, peer: Address) -> Address | None:
+        """The mapped address of the link whose TURN peer is ``peer`` (a
+        datagram the TURN server relayed from there)."""
+        link = self._by_relay_peer.get(peer)
+        if link is None:
+            # The peer's NAT may map it to another port toward the relay.
+            for candidate in self._by_relay_peer.values():
+                if candidate.relay_peer is not None and candidate.relay_peer[0] == peer[0]:
+                    link = candidate
+                    break
+            else:
+                self.counters["relay_unknown"] += 1
+                return None
+        return link.mapped
 
     def map_incoming(self, src: Address, now: float) -> Address | None:
         """The mapped address for a QUIC datagram from ``src``, if ``src`` is
@@ -437,7 +473,10 @@ class Traversal:
                     link = self._by_addr[src] = candidate
                     break
             else:
-                return None
+                # The relay path of a peer that relays through its own TURN
+                # allocation: its datagrams come from its relayed address.
+                relayed = self._by_relay_peer.get(src)
+                return None if relayed is None else relayed.mapped
         link.paths.on_heard(src, now)
         return link.mapped
 
@@ -490,7 +529,7 @@ class Traversal:
     def get_timer(self) -> float | None:
         if self._closed:
             return None
-        when = self.client.get_timer()
+        when = self.client.get_timer() if self.client is not None else None
         for link in self.links.values():
             for t in (link.paths.get_timer(), link.reintroduce_at):
                 if t is not None and (when is None or t < when):
@@ -500,13 +539,15 @@ class Traversal:
     def handle_timer(self, now: float) -> None:
         if self._closed:
             return
-        self.client.handle_timer(now)
+        client = self.client
+        if client is not None:
+            client.handle_timer(now)
         for link in self.links.values():
             link.paths.handle_timer(now)
             if link.reintroduce_at is not None and now >= link.reintroduce_at:
                 link.reintroduce_at = None
-                if self.client.registered:
-                    self.client.introduce(link.peer_jid, now)
+                if client is not None and client.registered:
+                    client.introduce(link.peer_jid, now)
         self._service(now)
 
     # -- the machinery ----------------------------------------------------------------
@@ -515,7 +556,7 @@ class Traversal:
         if self._closed:
             return
         client = self.client
-        while (ev := client.next_event()) is not None:
+        while client is not None and (ev := client.next_event()) is not None:
             if isinstance(ev, Registered):
                 self.refusal = None
                 self._events.append(ev)
@@ -533,7 +574,8 @@ class Traversal:
                 logger.warning("rendezvous refused registration: %d %s", ev.code, ev.reason)
                 self.refusal = (ev.code, ev.reason)
                 self._events.append(ev)
-        self._out.extend(client.datagrams_to_send())
+        if client is not None:
+            self._out.extend(client.datagrams_to_send())
         for link in self.links.values():
             self._flush_link(link, now)
 
@@ -556,12 +598,14 @@ class Traversal:
             if change.kind is PathKind.RELAY and change.previous in (PathKind.DIRECT, PathKind.LAN):
                 # The direct path died: perhaps our NAT changed. Ask the
                 # server now rather than at the next keepalive.
-                self.client.check_now(now)
-                self._out.extend(self.client.datagrams_to_send())
+                if self.client is not None:
+                    self.client.check_now(now)
+                    self._out.extend(self.client.datagrams_to_send())
             self._events.append(LinkPathChanged(link, change))
 
     def _on_introduction(self, msg: ControlMessage, now: float) -> None:
         try:
+            assert self.server is not None  # only the rendezvous client sends these
             intro = introduction_from_control(msg, self.server)
         except DecodeError as exc:
             self.counters["introductions_bad"] += 1
@@ -569,7 +613,7 @@ class Traversal:
                               "bad introduction from the rendezvous: %s", exc)
             return
         link = self.introduced(intro, now)
-        if link is not None and not intro.initiator:
+        if link is not None and not intro.initiator and self.client is not None:
             self.client.accept(intro.intro, now)
 
     def _on_intro_failed(self, ev: _ClientIntroductionFailed, now: float) -> None:
@@ -589,6 +633,8 @@ class Traversal:
         """After a new registration or a new public address: fresh
         introductions (new relay channels, new candidates) with every known
         device; the other side is introduced in the same stroke."""
+        if self.client is None:
+            return
         for link in self.links.values():
             link.reintroduce_attempts = 0
             link.reintroduce_at = None
