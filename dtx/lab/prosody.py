@@ -4,7 +4,8 @@ Each :class:`ProsodyServer` gets its own folder (config, data, log, TLS
 certificate), its own port and its own users: on loopback by default, or on
 a NAT-lab host (``host=``), where it is started inside the host's network
 namespace and listens on the host's address. Only client connections are
-served: no server-to-server, no HTTP, no components.
+served unless ``federation=`` asks for server-to-server links too; never
+HTTP or components.
 
 Two module sets mirror the two server behaviours dtx must cope with:
 
@@ -28,6 +29,7 @@ user the server runs as that user.
 from __future__ import annotations
 
 import datetime
+import glob
 import os
 import shutil
 import signal
@@ -79,6 +81,36 @@ class TurnExternal:
         if self.user is not None:
             out.append(f"turn_external_user = {_lua(self.user)}")
         return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class Federation:
+    """Server-to-server links to other domains: an s2s listener on
+    ``port``, dialback (no certificates in the lab, so no TLS is asked
+    for), and other domains found by DNS (``_xmpp-server._tcp`` SRV, then
+    A) at ``nameserver`` only, through libunbound (Debian's
+    ``lua-unbound``), never at this machine's resolvers."""
+
+    nameserver: str
+    port: int = 5269
+
+    def lines(self, resolv_conf: str) -> list[str]:
+        """The Prosody configuration lines."""
+        return [
+            f"s2s_ports = {{ {int(self.port)} }}",
+            "s2s_require_encryption = false",
+            "s2s_secure_auth = false",
+            f"unbound = {{ resolvconf = {_lua(resolv_conf)} }}",
+        ]
+
+
+def unbound_missing() -> str | None:
+    """Why Prosody cannot be pointed at a lab DNS server here (it needs
+    libunbound's Lua binding), or None when it can."""
+    if glob.glob("/usr/lib/*/lua/*/lunbound.so") or glob.glob("/usr/lib/lua/*/lunbound.so"):
+        return None
+    return ("needs libunbound's Lua binding for Prosody (Debian package lua-unbound, "
+            "which prosody recommends): run scripts/setup as root")
 
 
 def prosody_missing() -> str | None:
@@ -165,6 +197,8 @@ class ProsodyServer:
     """A NAT-lab host to run on (its namespace, its address); None: loopback."""
     turn: TurnExternal | None = None
     """Offer STUN and TURN by XEP-0215 (``mod_turn_external``)."""
+    federation: Federation | None = None
+    """Talk to other domains' servers (s2s); None: client connections only."""
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _owns_folder: bool = field(default=False, repr=False)
 
@@ -185,6 +219,8 @@ class ProsodyServer:
         names = _MODULES[self.kind] + (("tls",) if self.tls else ())
         if self.turn is not None:
             names += ("turn_external",)
+        if self.federation is not None:
+            names += ("dialback",)
         modules = "; ".join(_lua(m) for m in names)
         lines = [
             "-- throwaway configuration written by the dtx tests",
@@ -197,11 +233,9 @@ class ProsodyServer:
             f"c2s_ports = {{ {self.port} }}",
             "c2s_direct_tls_ports = { }",
             "legacy_ssl_ports = { }",
-            "s2s_ports = { }",
             "component_ports = { }",
             "http_ports = { }",
             "https_ports = { }",
-            'modules_disabled = { "s2s" }',
             f"modules_enabled = {{ {modules} }}",
             'authentication = "internal_plain"',
             'storage = "internal"',
@@ -223,6 +257,13 @@ class ProsodyServer:
             ]
         if self.turn is not None:
             lines += self.turn.lines()
+        if self.federation is None:
+            lines += ["s2s_ports = { }", 'modules_disabled = { "s2s" }']
+        else:
+            resolv_conf = os.path.join(self.folder, "resolv.conf")
+            with open(resolv_conf, "w", encoding="ascii") as f:
+                f.write(f"nameserver {self.federation.nameserver}\n")
+            lines += self.federation.lines(resolv_conf)
         lines += [f"VirtualHost {_lua(self.domain)}", ""]
         return "\n".join(lines)
 

@@ -15,16 +15,29 @@ XMPP server minted.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
+import shutil
 import socket
+import struct
+import subprocess
 import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from dtx.lab import STANDARD_WAN, Host, Lab, ns
 from dtx.lab.coturn import CoturnServer, coturn_missing
-from dtx.lab.prosody import ProsodyServer, TurnExternal, prosody_missing
+from dtx.identity import generate_identity
+from dtx.lab.prosody import (
+    Federation,
+    ProsodyServer,
+    TurnExternal,
+    prosody_missing,
+    unbound_missing,
+)
 from dtx.proto.turn import (
     AllocationClosed,
     AllocationFailed,
@@ -33,6 +46,7 @@ from dtx.proto.turn import (
     PermissionCreated,
     PermissionFailed,
 )
+from dtx.trust.vcard import VCARD_TEMP_NS
 from dtx.wire.stun import binding_request, decode_stun
 from dtx.xmpp.client import XmppConfig, open_xmpp_client
 from dtx.xmpp.services import ExternalServices, TurnService, discover_services
@@ -189,3 +203,186 @@ async def relay_both_ways(a: Host, sock_b: socket.socket, turn: TurnService,
     assert timings["b to a via relay"] >= 2 * ONE_WAY_HOME_TO_SERVER
     assert timings["a to b via relay"] >= 2 * ONE_WAY_HOME_TO_SERVER
     return timings
+
+
+# -- two domains, federated -----------------------------------------------------
+
+DNS_PORT = 53
+
+
+def dnsmasq_missing() -> str | None:
+    if shutil.which("dnsmasq") is None and not os.path.exists("/usr/sbin/dnsmasq"):
+        return "needs dnsmasq (Debian package dnsmasq-base): run scripts/setup as root"
+    return None
+
+
+def dns_query(name: str, qtype: int, qid: int) -> bytes:
+    """A DNS query (RFC 1035 4.1), recursion desired, class IN."""
+    labels = b"".join(bytes([len(p)]) + p.encode("ascii") for p in name.split("."))
+    return struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0) + labels + b"\0" + struct.pack(
+        "!HH", qtype, 1)
+
+
+def dns_answers(sock: socket.socket, server: tuple[str, int], name: str, qtype: int) -> int:
+    """How many answers the server gives for ``name`` (asked again every
+    0.2 s, bounded); raises AssertionError on an error answer or none."""
+    sock.settimeout(0.2)
+    for qid in range(1, 26):
+        sock.sendto(dns_query(name, qtype, qid), server)
+        try:
+            data, _ = sock.recvfrom(4096)
+        except TimeoutError:
+            continue
+        got_id, flags, _, count, _, _ = struct.unpack("!HHHHHH", data[:12])
+        if got_id != qid:
+            continue
+        assert flags & 0x000F == 0, f"{name}: rcode {flags & 0xF}"
+        return int(count)
+    raise AssertionError(f"no DNS answer from {server} for {name}")
+
+
+def start_dnsmasq(host: Host, zone: dict[str, str], folder: Path) -> Path:
+    """dnsmasq on ``host`` answering for the domains of ``zone`` (domain
+    -> server address) only: A for the domain and ``xmpp.<domain>``, SRV
+    for ``_xmpp-client._tcp`` and ``_xmpp-server._tcp``; everything else
+    in those domains is NXDOMAIN and nothing is forwarded anywhere.
+    Returns its log (``--log-queries``)."""
+    folder.mkdir(parents=True)
+    log = folder / "dnsmasq.log"
+    argv = ["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv",
+            "--no-hosts", "--bind-interfaces", f"--listen-address={host.ip}",
+            f"--port={DNS_PORT}", "--user=root", f"--pid-file={folder / 'dnsmasq.pid'}",
+            f"--log-facility={log}", "--log-queries"]
+    for domain, address in zone.items():
+        argv += [f"--local=/{domain}/", f"--host-record={domain},{address}",
+                 f"--host-record=xmpp.{domain},{address}",
+                 f"--srv-host=_xmpp-client._tcp.{domain},xmpp.{domain},5222,0,5",
+                 f"--srv-host=_xmpp-server._tcp.{domain},xmpp.{domain},5269,0,5"]
+    host.popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+               stderr=subprocess.DEVNULL)
+    return log
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What one account learnt of another over XMPP."""
+
+    source: str | None
+    """``from`` of the answer to a vcard-temp get."""
+    vcard: ET.Element | None
+    keys: frozenset[bytes] | None
+    first_iq: float
+    """Seconds the first iq to it took (with the s2s set-up, if any)."""
+
+
+def publish_and_discover(host: Host, prosody: ProsodyServer, jid: str, password: str,
+                         fetch: list[str]) -> tuple[ExternalServices, dict[str, Seen]]:
+    """From inside ``host``: log in, publish a device key in the account's
+    vCard, discover the services, and read the vCards and keys of the
+    accounts in ``fetch``."""
+
+    async def run() -> tuple[ExternalServices, dict[str, Seen]]:
+        config = XmppConfig(server=prosody.address(), allow_plaintext=True, timeout=DEADLINE)
+        seen: dict[str, Seen] = {}
+        async with open_xmpp_client(jid, password, config=config) as client:
+            await client.publish_key(generate_identity(f"{jid}/dev").public_key)
+            found = await discover_services(client)
+            for other in fetch:
+                started = time.monotonic()
+                # vcard-temp: answered by the account's server to anyone
+                # (disco#info on an account only to its contacts)
+                card = await client.iq_get(ET.Element(f"{{{VCARD_TEMP_NS}}}vCard"), other)
+                first = time.monotonic() - started
+                seen[other] = Seen(card.get("from"), card.find(f"{{{VCARD_TEMP_NS}}}vCard"),
+                                   await client.fetch_keys(other), first)
+        return found, seen
+
+    return ns.in_netns(host.netns, lambda: asyncio.run(run()))
+
+
+async def allocate(host: Host, service: TurnService, at: tuple[str, int]) -> object:
+    """Allocate on the TURN server at ``at`` with ``service``'s credentials:
+    the Allocated or AllocationFailed event."""
+    driver = TurnDriver(host.udp_socket(), dataclasses.replace(service, host=at[0], port=at[1]))
+    try:
+        driver.call(driver.client.allocate)
+        return await driver.event(Allocated, AllocationFailed)
+    finally:
+        driver.close()
+
+
+def test_two_domains_federated(netns_ready: None, tmp_path: Path) -> None:
+    for reason in (prosody_missing(), coturn_missing(), dnsmasq_missing(), unbound_missing()):
+        if reason:
+            pytest.skip(reason)
+    with Lab() as lab:
+        dns = lab.add_server("dns", addresses=1)
+        servers = {"example.org": lab.add_server("org", addresses=1),
+                   "example.net": lab.add_server("net", addresses=1)}
+        home_a, home_b = lab.add_home("a"), lab.add_home("b")
+        lab.up()
+        dns_log = start_dnsmasq(dns, {d: h.ip for d, h in servers.items()}, tmp_path / "dns")
+        # Each server finds the other through the lab's DNS.
+        for domain, other in (("example.org", "example.net"), ("example.net", "example.org")):
+            with servers[domain].udp_socket() as sock:
+                assert dns_answers(sock, (dns.ip, DNS_PORT), f"_xmpp-server._tcp.{other}", 33) == 1
+                assert dns_answers(sock, (dns.ip, DNS_PORT), f"xmpp.{other}", 1) == 1
+
+        coturns: dict[str, CoturnServer] = {}
+        prosodys: dict[str, ProsodyServer] = {}
+        try:
+            for domain, host in servers.items():
+                secret = f"secret-of-{domain}"
+                coturns[domain] = CoturnServer(secret, realm=domain, host=host,
+                                               folder=str(tmp_path / f"turn-{domain}"))
+                coturns[domain].start()
+                prosodys[domain] = ProsodyServer(
+                    "vcard4", host=host, domain=domain, folder=str(tmp_path / domain),
+                    turn=TurnExternal(secret=secret, host=host.ip, ttl=TTL, user=TURN_USER),
+                    federation=Federation(nameserver=dns.ip))
+                os.makedirs(prosodys[domain].folder)
+                prosodys[domain].start()
+            prosodys["example.org"].register("alice", "pw-alice")
+            prosodys["example.net"].register("bob", "pw-bob")
+            found_a, _ = publish_and_discover(home_a.hosts[0], prosodys["example.org"],
+                                              "alice@example.org", "pw-alice", [])
+            # bob (example.net) reads alice's account on example.org, then
+            # alice reads bob's: an s2s link each way, dialback both times.
+            found_b, seen_by_b = publish_and_discover(
+                home_b.hosts[0], prosodys["example.net"], "bob@example.net", "pw-bob",
+                ["alice@example.org"])
+            _, seen_by_a = publish_and_discover(home_a.hosts[0], prosodys["example.org"],
+                                                "alice@example.org", "pw-alice",
+                                                ["bob@example.net"])
+        finally:
+            for server in prosodys.values():
+                server.stop()
+        for seen, other in ((seen_by_b, "alice@example.org"), (seen_by_a, "bob@example.net")):
+            got = seen[other]
+            assert got.source == other and got.vcard is not None  # answered for the account
+            assert got.keys is not None and len(got.keys) == 1  # the key it published
+            print(f"\nfirst iq to {other}: {got.first_iq * 1000:.0f} ms")
+
+        # Each domain hands out its own coturn, whose secret is its own.
+        turn_a, turn_b = found_a.first_turn(), found_b.first_turn()
+        assert turn_a is not None and turn_a.address == coturns["example.org"].address
+        assert turn_b is not None and turn_b.address == coturns["example.net"].address
+
+        async def allocations() -> list[object]:
+            return list(await asyncio.gather(
+                allocate(home_a.hosts[0], turn_a, coturns["example.org"].address),
+                allocate(home_b.hosts[0], turn_b, coturns["example.net"].address),
+                allocate(home_a.hosts[0], turn_a, coturns["example.net"].address)))
+
+        outcomes = asyncio.run(allocations())
+        assert [type(o) for o in outcomes[:2]] == [Allocated, Allocated], outcomes
+        assert isinstance(outcomes[2], AllocationFailed) and outcomes[2].code == 401
+        logs = {domain: server.stop() for domain, server in coturns.items()}
+        dns_queries = dns_log.read_text()
+    assert [s.username for s in coturns["example.org"].sessions(logs["example.org"])] == [
+        turn_a.username]
+    assert [s.username for s in coturns["example.net"].sessions(logs["example.net"])] == [
+        turn_b.username]
+    for domain, other in (("example.org", "example.net"), ("example.net", "example.org")):
+        assert (f"query[SRV] _xmpp-server._tcp.{other} from {servers[domain].ip}"
+                in dns_queries), dns_queries
