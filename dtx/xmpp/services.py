@@ -32,8 +32,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import ipaddress
 import logging
 import re
+import socket
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
@@ -61,6 +63,7 @@ __all__ = [
     "encode_credentials_request",
     "encode_services_request",
     "refresh_credentials",
+    "resolve_address",
 ]
 
 logger = logging.getLogger(__name__)
@@ -437,3 +440,29 @@ async def discover_services(client: XmppClient, *, domain: str | None = None,
     logger.info("%s offers %d STUN and %d TURN services", where, len(found.stun),
                 len(found.turn))
     return found
+
+
+async def resolve_address(service: StunService | TurnService, *,
+                          family: int = socket.AF_INET) -> tuple[str, int]:
+    """Where to send to reach ``service`` from a socket of ``family``: its
+    host as it is when that is an address, else the first address the
+    system's resolver gives for the name (servers often name themselves:
+    Prosody's ``turn_external_host`` defaults to the XMPP domain). Raises
+    :class:`ServiceDiscoveryError` when there is none."""
+    try:
+        ip = ipaddress.ip_address(service.host.strip("[]"))
+    except ValueError:
+        pass
+    else:
+        if (ip.version == 6) != (family == socket.AF_INET6):
+            raise ServiceDiscoveryError(f"{service.host} is not an address of the socket's family")
+        return (str(ip), service.port)
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(service.host, service.port, family=family,
+                                       type=socket.SOCK_DGRAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ServiceDiscoveryError(f"cannot resolve {service.host}: {exc}") from None
+    for _, _, _, _, sockaddr in infos:
+        return (str(sockaddr[0]), service.port)
+    raise ServiceDiscoveryError(f"no address for {service.host}")

@@ -36,6 +36,7 @@ from dtx.xmpp.services import (
     BadServicesError,
     ExternalServices,
     IgnoredService,
+    ServiceDiscoveryError,
     ServicesNotOfferedError,
     StunService,
     TurnService,
@@ -44,6 +45,7 @@ from dtx.xmpp.services import (
     discover_services,
     encode_credentials_request,
     refresh_credentials,
+    resolve_address,
 )
 
 SECRET = "dtx-test-turn-secret"
@@ -387,6 +389,17 @@ async def test_coturn_accepts_the_discovered_credentials() -> None:
     (session,) = coturn.sessions(log)
     assert (session.event, session.username, session.realm) == ("new", service.username,
                                                                 "example.org")
+
+
+async def test_resolve_address() -> None:
+    stun = StunService("203.0.113.10", 3478)
+    assert await resolve_address(stun) == ("203.0.113.10", 3478)
+    turn = TurnService("[2001:db8::3]", 3479, "udp", "u", "p", None)
+    assert await resolve_address(turn, family=socket.AF_INET6) == ("2001:db8::3", 3479)
+    with pytest.raises(ServiceDiscoveryError, match="family"):
+        await resolve_address(turn)
+    # a name: from /etc/hosts, no DNS query leaves the machine
+    assert await resolve_address(StunService("localhost", 3478)) == ("127.0.0.1", 3478)
 
 
 def test_types_are_frozen() -> None:
