@@ -72,6 +72,7 @@ EXTDISCO_NS = "urn:xmpp:extdisco:2"
 MAX_SERVICES = 64
 """Service entries read from one answer; an answer with more is refused."""
 _MAX_ATTRIBUTE_CHARS = 1024
+_MAX_NAME_CHARS = 255
 
 Transport = Literal["udp", "tcp"]
 _DEFAULT_PORT = {False: 3478, True: 5349}  # RFC 8489 / RFC 8656, by TLS
@@ -305,8 +306,9 @@ def _decode(answer: ET.Element, now: float, wall: float) -> list[_Item]:
     :class:`TurnService` with empty credentials (to be asked for)."""
     items: list[_Item] = []
     for elem in _entries(answer, ("services",)):
-        kind = elem.get("type", "")
-        host = elem.get("host", "")
+        # (as named in IgnoredService and the log: bounded)
+        kind = elem.get("type", "")[:_MAX_NAME_CHARS]
+        host = elem.get("host", "")[:_MAX_NAME_CHARS]
         if kind not in ("stun", "stuns", "turn", "turns"):
             items.append(IgnoredService(kind, host, "not a STUN or TURN service"))
             continue

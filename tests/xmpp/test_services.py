@@ -148,6 +148,13 @@ def test_bad_answers_raise(bad: str) -> None:
         decode_services(ET.fromstring(bad), now=NOW, wall=WALL)
 
 
+def test_ignored_names_are_bounded() -> None:
+    found = decode_services(answer(f'<service type="turn" host="{"h" * 5000}"/>'),
+                            now=NOW, wall=WALL)
+    (ignored,) = found.ignored
+    assert ignored.host == "h" * 255 and "longer" in ignored.reason
+
+
 def test_too_many_services() -> None:
     entries = ['<service type="stun" host="h"/>'] * (MAX_SERVICES + 1)
     with pytest.raises(BadServicesError, match="at most"):
