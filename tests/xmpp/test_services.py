@@ -275,7 +275,7 @@ async def test_prosody_turn_external_answer(turn_prosody: ProsodyServer) -> None
     # expires: TTL ahead on the loop's clock (Prosody rounds its clock down
     # to the second), and the same instant as the expiry in the username
     assert turn.expires is not None
-    assert before + TTL - 1.0 <= turn.expires <= after + TTL
+    assert before + TTL - 1.05 <= turn.expires <= after + TTL  # (two clocks read apart)
     assert abs((turn.expires - after + wall_after) - int(turn.username.split(":")[0])) < 0.5
 
 
