@@ -487,10 +487,16 @@ class Peer:
         if endpoint is None:
             return
         sessions = self._sessions
+        per_session = _PER_SESSION
+        stanza_received = ep.StanzaReceived
         while (ev := endpoint.next_event()) is not None:
-            if isinstance(ev, (ep.StanzaReceived, ep.StanzasAcknowledged, ep.DatagramReceived,
-                               ep.HandshakeConfirmed)):
-                session = sessions.get(ev.connection)
+            kind = type(ev)
+            if kind is stanza_received:  # the hot path
+                session = sessions.get(ev.connection)  # type: ignore[union-attr]
+                if session is not None:
+                    session.stanza_received(ev)  # type: ignore[arg-type]
+            elif kind in per_session:
+                session = sessions.get(ev.connection)  # type: ignore[union-attr]
                 if session is not None:
                     session.handle_event(ev)
             elif isinstance(ev, ep.SessionOpened):
@@ -534,6 +540,11 @@ class Peer:
         except asyncio.QueueFull:
             logger.warning("accept backlog full; closing session from %s", conn.peer_jid)
             session.abort()
+
+
+_PER_SESSION = frozenset({ep.StanzaReceived, ep.StanzasAcknowledged, ep.DatagramReceived,
+                          ep.HandshakeConfirmed})
+"""Endpoint events that only the session of their connection needs."""
 
 
 def _normal(jid: str) -> str:

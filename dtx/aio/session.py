@@ -29,6 +29,7 @@ from ..wire.address import Address
 logger = logging.getLogger(__name__)
 
 StanzaHandler = Callable[[Element], None]
+_IQ = st.IQ
 PathHandler = Callable[[PathChanged], None]
 
 
@@ -315,22 +316,26 @@ class Session:
     async def wait_opened(self) -> None:
         await asyncio.shield(self._opened)
 
+    def stanza_received(self, ev: ep.StanzaReceived) -> None:
+        """A stanza for this session (from the peer's event pump)."""
+        el = ev.stanza
+        if el.tag == _IQ and el.get("type") in ("result", "error"):
+            fut = self._iq_waiters.get(el.get("id", ""))
+            if fut is not None and not fut.done():
+                self.connection.consumed(ev.size)
+                fut.set_result(el)
+                return
+        if self._on_stanza is not None:
+            self.connection.consumed(ev.size)
+            self._on_stanza(el)
+            return
+        self._stanzas.append((el, ev.size))
+        self._readable.set()
+
     def handle_event(self, ev: ep.EndpointEvent) -> None:
         """An endpoint event for this session's connection (from the peer)."""
         if isinstance(ev, ep.StanzaReceived):
-            el = ev.stanza
-            if el.tag == st.IQ and el.get("type") in ("result", "error"):
-                fut = self._iq_waiters.get(el.get("id", ""))
-                if fut is not None and not fut.done():
-                    self.connection.consumed(ev.size)
-                    fut.set_result(el)
-                    return
-            if self._on_stanza is not None:
-                self.connection.consumed(ev.size)
-                self._on_stanza(el)
-                return
-            self._stanzas.append((el, ev.size))
-            self._readable.set()
+            self.stanza_received(ev)
         elif isinstance(ev, ep.DatagramReceived):
             if len(self._datagrams) >= self._max_datagrams:
                 self._datagrams.popleft()

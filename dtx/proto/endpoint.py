@@ -131,7 +131,7 @@ class SessionOpened:
     connection: Connection
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StanzaReceived:
     connection: Connection
     stanza: Element
@@ -140,13 +140,13 @@ class StanzaReceived:
     :meth:`Connection.consumed` once the application has it."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DatagramReceived:
     connection: Connection
     stanza: Element
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StanzasAcknowledged:
     connection: Connection
     count: int
@@ -335,7 +335,8 @@ class Connection:
         the sender credit again once the backlog is small. True when that
         happened now (there is something to transmit)."""
         self._unconsumed -= size
-        return self._credit()
+        # Consuming can only lift a pause, never start one.
+        return self.quic.receive_paused and self._credit()
 
     def has_room(self) -> bool:
         """Whether what waits for the peer's acknowledgement is under half
@@ -788,10 +789,14 @@ class Endpoint:
         resulting endpoint events. (Its credit and timer are brought up to
         date in :meth:`datagrams_to_send`, once per batch: every input marks
         the connection dirty.)"""
-        quic, core = conn.quic, conn.core
+        quic, core, events = conn.quic, conn.core, self._events
         while (ev := quic.next_event()) is not None:
             for sev in core.handle_quic_event(ev):
-                self._on_session_event(conn, sev)
+                if type(sev) is sc.StanzaReceived:  # the hot path, first
+                    conn._unconsumed += sev.size
+                    events.append(StanzaReceived(conn, sev.stanza, sev.size))
+                else:
+                    self._on_session_event(conn, sev)
 
     def _on_session_event(self, conn: Connection, sev: sc.SessionEvent) -> None:
         events = self._events

@@ -334,22 +334,32 @@ class XmlSession:
         ``SessionConfig.max_unacknowledged_stanzas`` stanzas or
         ``max_unacknowledged_bytes`` bytes waiting.
         """
-        if self.state not in (SessionState.AUTHENTICATED, SessionState.OPEN):
-            raise SessionClosedError(f"cannot send: session is {self.state.value}")
+        state = self.state
+        if state is not SessionState.OPEN and state is not SessionState.AUTHENTICATED:
+            raise SessionClosedError(f"cannot send: session is {state.value}")
         data = xs.encode_stanza(stanza)
-        if len(data) > self._config.max_stanza_bytes:
+        size = len(data)
+        cfg = self._config
+        if size > cfg.max_stanza_bytes:
             raise StanzaTooLargeError(
-                f"stanza of {len(data)} bytes exceeds the limit of "
-                f"{self._config.max_stanza_bytes} bytes"
+                f"stanza of {size} bytes exceeds the limit of {cfg.max_stanza_bytes} bytes"
             )
-        if not self._room_for(len(data)):
+        unacked = self._unacked
+        if len(unacked) >= cfg.max_unacknowledged_stanzas \
+                or self._unacked_bytes + size > cfg.max_unacknowledged_bytes:
             raise UnacknowledgedLimitError(
-                f"{len(self._unacked)} stanzas ({self._unacked_bytes} bytes) already wait "
+                f"{len(unacked)} stanzas ({self._unacked_bytes} bytes) already wait "
                 f"for the peer's acknowledgement (limits: "
-                f"{self._config.max_unacknowledged_stanzas} stanzas, "
-                f"{self._config.max_unacknowledged_bytes} bytes); nothing was queued"
+                f"{cfg.max_unacknowledged_stanzas} stanzas, "
+                f"{cfg.max_unacknowledged_bytes} bytes); nothing was queued"
             )
-        self._queue(stanza, data)
+        # _queue, inlined: this is the sender's hot path
+        unacked.append((stanza, size))
+        self._unacked_bytes += size
+        self._out.append(data)
+        statistics = self.statistics
+        statistics.stanzas_sent += 1
+        statistics.bytes_sent += size
 
     @property
     def waiting(self) -> int:
