@@ -22,7 +22,7 @@ import logging
 import random
 import socket
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -175,6 +175,7 @@ class Peer:
         self._introductions: dict[str, asyncio.Future[Link]] = {}
         self.refusals: deque[tuple[Address, DtxError]] = deque(maxlen=64)
         """The latest handshakes this peer refused or was refused in, newest last."""
+        self._listeners: list[Callable[[object], None]] = []
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -316,6 +317,15 @@ class Peer:
         if self._socket is not None:
             self._socket.close()
             self._socket = None
+
+    def add_event_listener(self, listener: Callable[[object], None]) -> Callable[[], None]:
+        """Also hand ``listener`` the endpoint events this driver does not
+        consume itself (TURN events, registration events), as they come
+        out; a source of introductions (``dtx.aio.xmpp``) reacts to its
+        TURN allocation this way. Returns the function that removes it."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners \
+            else None
 
     # -- sessions -------------------------------------------------------------------
 
@@ -525,7 +535,9 @@ class Peer:
                         f"the rendezvous could not introduce {ev.target}: {ev.code} {ev.reason}"))
                     failed.exception()
                 self._state_changed.set()
-            else:  # registration events
+            else:  # registration and TURN events
+                for listener in self._listeners:
+                    listener(ev)
                 self._state_changed.set()
 
     def _on_opened(self, conn: ep.Connection, ev: ep.SessionOpened) -> None:

@@ -235,6 +235,10 @@ class Traversal:
                 config=self.config.client,
                 host_candidates=self.host_candidates,
             )
+        self.reflexive: Address | None = None
+        """This device's server-reflexive address when it has no rendezvous
+        to tell it (XMPP signalling learns it from its TURN allocation);
+        with a rendezvous, the registration's answer counts."""
         self.links: dict[str, Link] = {}
         self._by_mapped: dict[Address, Link] = {}
         self._by_channel: dict[int, Link] = {}
@@ -357,6 +361,32 @@ class Traversal:
         self._service(now)
         return link
 
+    def add_candidates(self, peer_jid: str, candidates: Sequence[tuple[Address, PathKind]],
+                       now: float) -> int:
+        """More candidates of an introduced device (trickled by its
+        signalling): the new ones are probed at once, host ones only where
+        :meth:`_may_probe_host` allows. Returns how many were added (0 for
+        a device with no link)."""
+        link = self.links.get(peer_jid)
+        if link is None:
+            return 0
+        added = 0
+        for addr, kind in candidates:
+            if link.paths.knows(addr):
+                continue
+            if kind is PathKind.LAN and not self._may_probe_host(addr, candidates):
+                self.counters["host_candidates_skipped"] += 1
+                continue
+            link.paths.add_candidate(addr, kind)
+            added += link.paths.knows(addr)
+        if added:
+            for addr in [a for a, cached in self._by_addr.items() if cached is link]:
+                del self._by_addr[addr]
+            link.paths.restart_punching(now)
+            link.paths.handle_timer(now)
+            self._service(now)
+        return added
+
     def _take_punch_token(self, link: Link, now: float) -> bool:
         cfg = self.config
         link.punch_tokens = min(float(cfg.punch_restarts_burst), link.punch_tokens + (
@@ -380,7 +410,7 @@ class Traversal:
         reflexive_ips = {a[0] for a, kind in candidates if kind is PathKind.DIRECT}
         if addr[0] in reflexive_ips:
             return True
-        mine = self.client.reflexive if self.client is not None else None
+        mine = self.client.reflexive if self.client is not None else self.reflexive
         if mine is None or mine[0] not in reflexive_ips:
             return False
         try:

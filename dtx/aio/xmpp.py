@@ -1,0 +1,589 @@
+"""The account's own XMPP server as the rendezvous: the asyncio driver.
+
+:class:`XmppSignalling` runs, for one started :class:`~dtx.aio.peer.Peer`,
+everything a device needs to reach another device by JID with no dtx
+rendezvous at all (``docs/xmpp-server.md``):
+
+- it logs in with slixmpp as the device's full JID (the key file's: the
+  Jingle signature covers it), TLS whenever the server offers it, plaintext
+  only where ``XmppConfig.allow_plaintext`` allows it (test servers), reads
+  the roster and sends presence;
+- it asks the server for its STUN and TURN services (XEP-0215,
+  :func:`~dtx.xmpp.services.discover_services`) and allocates a TURN relay
+  on the peer's one UDP socket (:meth:`Endpoint.use_turn
+  <dtx.proto.endpoint.Endpoint.use_turn>`), renewing the credentials over
+  XMPP when the TURN client says they are about to expire;
+- its local candidates are the socket's host addresses, the reflexive
+  address the TURN server saw (the Allocate's XOR-MAPPED-ADDRESS) and the
+  relayed address;
+- it drives the sans-IO :class:`~dtx.proto.signalling.JingleSignalling`:
+  every incoming iq goes to ``receive_iq`` before slixmpp's dispatch (an
+  ``in`` filter; what it takes never reaches slixmpp, which would otherwise
+  answer Jingle itself), what it wants sent leaves as raw stanzas, its
+  timer is one ``call_at``; an account's keys are fetched from its vCards
+  (:class:`~dtx.trust.xmpp.XmppKeySource`, which the peer's verifier
+  should use too: :attr:`XmppSignalling.key_source`);
+- when both sides are verified (:class:`~dtx.proto.signalling.PeerIntroduced`)
+  it hands the endpoint an :class:`~dtx.proto.traversal.Introduction`
+  whose relay is this device's TURN allocation towards the peer's relayed
+  address (or its reflexive one, when the peer has no relay), and permits
+  the peer on the allocation.
+
+The contact policy (who may learn this device's addresses): the account's
+own other devices always; a roster contact only with a presence
+subscription ``from`` (or ``both``): one this account lets see its presence.
+Anyone else gets ``service-unavailable`` and nothing else.
+
+:meth:`XmppSignalling.connect` returns a dtx :class:`~dtx.aio.session.Session`
+(this device is the QUIC client); incoming sessions come from
+``peer.accept()`` as always. When the XMPP connection drops, established
+dtx sessions go on (they never touch the server); new ones cannot be
+signalled until :meth:`XmppSignalling.start` runs again on a new object.
+
+Without a TURN service there is no reflexive address either (a STUN Binding
+on the peer's socket is not made here: the endpoint takes only its TURN
+server's STUN), so only host candidates are offered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import random
+import socket
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from slixmpp.xmlstream.tostring import tostring
+
+from ..errors import AuthenticationError, ConnectError, DtxError, LocalProtocolError, XmppError
+from ..identity import DeviceIdentity
+from ..jid import JID
+from ..proto import turn as tp
+from ..proto.paths import RelayWrap
+from ..proto.signalling import (
+    CandidatesAdded,
+    JingleSignalling,
+    KeysWanted,
+    LocalCandidate,
+    PeerIntroduced,
+    SessionTerminated,
+    SignallingConfig,
+    SignallingFailed,
+    certificate_fingerprint,
+)
+from ..trust.xmpp import XmppKeySource, XmppKeySourceConfig
+from ..wire.address import Address
+from ..wire.jingle import CandidateType, Reason
+from ..xmpp.client import XmppClient, XmppConfig, _Xmpp
+from ..xmpp.services import (
+    ServiceDiscoveryError,
+    TurnService,
+    discover_services,
+    refresh_credentials,
+    resolve_address,
+)
+from .netif import host_candidates
+from .peer import Peer
+from .session import Session
+
+__all__ = ["XmppSignalling", "XmppSignallingConfig", "XmppSignallingStatistics"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class XmppSignallingConfig:
+    """Options of :class:`XmppSignalling`. Times in seconds."""
+
+    xmpp: XmppConfig = XmppConfig()
+    """How to reach the server (``timeout`` bounds the login and each iq)."""
+    signalling: SignallingConfig = SignallingConfig()
+    keys: XmppKeySourceConfig = XmppKeySourceConfig()
+    use_turn: bool = True
+    """Allocate a relay on the first UDP TURN service the server lists."""
+    allocate_timeout: float = 5.0
+    """How long :meth:`XmppSignalling.start` waits for the allocation
+    (without one the device goes on with host candidates only)."""
+    connect_timeout: float = 15.0
+    """The default deadline of :meth:`XmppSignalling.connect`, whole call."""
+    max_tasks: int = 64
+    """Bound on background fetches (keys, credentials) in flight."""
+
+
+@dataclass(frozen=True)
+class XmppSignallingStatistics:
+    online: bool
+    relayed: Address | None
+    reflexive: Address | None
+    candidates: int
+    signalling: dict[str, int]
+
+
+class _DeviceClient(XmppClient):
+    """An :class:`XmppClient` logged in as one full JID (the device's
+    resource, which the Jingle signature names), not as the bare JID with
+    a resource the server picks. The same security settings as
+    ``XmppClient.connect``; it then reads vCards and asks for services as
+    any XmppClient does.
+
+    Its login repeats the shape of ``XmppClient.connect``, which hard-codes
+    the bare JID; once XmppClient takes a resource to bind, this class goes."""
+
+    def __init__(self, jid: JID, password: str, config: XmppConfig) -> None:
+        super().__init__(jid, password, config=config)
+        self.full = jid
+        self.xmpp: _Xmpp | None = None
+
+    async def connect(self) -> None:
+        cfg = self._config
+        xmpp = _Xmpp(self.full.full, self._password, allow_plaintext=cfg.allow_plaintext)
+        xmpp.enable_direct_tls = False
+        xmpp.enable_starttls = True
+        xmpp.enable_plaintext = False
+        if cfg.ca_file is not None:
+            xmpp.ca_certs = Path(cfg.ca_file)
+        if cfg.allow_plaintext:
+            mechs = xmpp.plugin["feature_mechanisms"]
+            mechs.unencrypted_plain = mechs.unencrypted_scram = True
+        where = "%s:%d" % cfg.server if cfg.server else self.full.domain
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def fail(exc: DtxError) -> Callable[[Any], None]:
+            return lambda _arg: None if done.done() else done.set_exception(exc)
+
+        xmpp.add_event_handler("session_start",
+                               lambda _: None if done.done() else done.set_result(None))
+        xmpp.add_event_handler("failed_all_auth", fail(AuthenticationError(
+            f"{where} refused the login of {self.full}")))
+        xmpp.add_event_handler("dtx_refused", fail(XmppError(f"{where}: no TLS offered")))
+        xmpp.add_event_handler("ssl_invalid_chain", fail(ConnectError(
+            f"{where}: TLS certificate not trusted")))
+        xmpp.add_event_handler("connection_failed", fail(ConnectError(
+            f"{where}: connection failed")))
+        xmpp.add_event_handler("disconnected", fail(ConnectError(
+            f"{where} closed the connection during login")))
+        if cfg.server is not None:
+            xmpp.connect(cfg.server[0], cfg.server[1])
+        else:
+            xmpp.connect()
+        try:
+            await asyncio.wait_for(done, cfg.timeout)
+        except TimeoutError:
+            await self._abort(xmpp)
+            raise ConnectError(f"no XMPP session with {where} within {cfg.timeout} s") from None
+        except BaseException:
+            await self._abort(xmpp)
+            raise
+        if str(xmpp.boundjid) != self.full.full:
+            await self._abort(xmpp)
+            raise XmppError(f"{where} bound {xmpp.boundjid}, not {self.full}")
+        self._xmpp = self.xmpp = xmpp
+        logger.info("logged in to %s as %s", where, xmpp.boundjid)
+
+    async def close(self) -> None:
+        self.xmpp = None
+        await super().close()
+
+
+class XmppSignalling:
+    """Jingle signalling through the account's own XMPP server for one
+    :class:`~dtx.aio.peer.Peer` (module docs). ``password`` is the
+    account's; the JID is the peer identity's full JID."""
+
+    def __init__(self, identity: DeviceIdentity, password: str, *,
+                 config: XmppSignallingConfig | None = None,
+                 rng: random.Random | None = None) -> None:
+        self.identity = identity
+        self.config = config or XmppSignallingConfig()
+        self._rng = rng or random.Random(random.SystemRandom().getrandbits(64))
+        self._client = _DeviceClient(identity.jid, password, self.config.xmpp)
+        self.key_source = XmppKeySource(self._client, config=self.config.keys)
+        """The accounts' published keys; give it to the peer's verifier."""
+        self._peer: Peer | None = None
+        self._signalling: JingleSignalling | None = None
+        self._turn: tp.TurnClient | None = None
+        self._service: TurnService | None = None
+        self._hosts: list[Address] = []
+        self._waiters: dict[str, asyncio.Future[PeerIntroduced]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._allocated = asyncio.Event()
+        self._remove_listener: Callable[[], None] | None = None
+        self._online = False
+        self._closed = False
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    async def start(self, peer: Peer) -> None:
+        """Log in, discover the services, allocate the relay, and begin
+        answering Jingle, for the started ``peer``. Raises
+        :class:`~dtx.errors.ConnectError`, :class:`~dtx.errors.AuthenticationError`
+        or :class:`~dtx.errors.XmppError` when the login fails."""
+        if self._peer is not None:
+            raise DtxError("XmppSignalling.start() called twice")
+        if str(peer.identity.jid) != str(self.identity.jid):
+            raise DtxError("the peer's identity is not this signalling's")
+        self._peer = peer
+        endpoint = peer.endpoint
+        await self._client.connect()
+        xmpp = self._client.xmpp
+        assert xmpp is not None
+        self._online = True
+        xmpp.add_event_handler("disconnected", self._on_disconnected)
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(xmpp.get_roster(), self.config.xmpp.timeout)
+        except (TimeoutError, Exception) as exc:  # noqa: BLE001 - no roster: own devices only
+            logger.warning("no roster from the server (%s): only own devices may connect", exc)
+        self._signalling = JingleSignalling(
+            self.identity, fingerprint=certificate_fingerprint(endpoint._certificate),
+            may_contact=self._may_contact, keys_for=self.key_source.keys_for,
+            local_candidates=self.local_candidates, rng=random.Random(self._rng.getrandbits(64)),
+            config=self.config.signalling)
+        xmpp.add_filter("in", self._incoming)
+        self.key_source.start()
+        try:
+            await self.key_source.refresh(self.identity.jid.bare.full)
+        except (DtxError, TimeoutError) as exc:
+            logger.warning("own account's keys not fetched: %s", exc)
+        server: Address = self.config.xmpp.server or (self.identity.jid.domain, 5222)
+        if self.config.use_turn:
+            await self._start_turn(peer, loop)
+        if self._turn is not None and self._turn.relayed is not None:
+            server = self._turn.server
+        bound = peer.address
+        self._hosts = ([(a, bound[1]) for a in peer.config.host_addresses]
+                       if peer.config.host_addresses is not None
+                       else host_candidates(bound, _ip_of(server)))
+        xmpp.send_presence()
+        self._pump()
+        logger.info("signalling over XMPP as %s: %d candidates", self.identity.jid,
+                    len(self.local_candidates()))
+
+    async def _start_turn(self, peer: Peer, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            found = await discover_services(self._client)
+        except ServiceDiscoveryError as exc:
+            logger.info("no external services: %s", exc)
+            return
+        service = found.first_turn()
+        if service is None:
+            logger.info("the server lists no UDP TURN service")
+            return
+        try:
+            address = await resolve_address(service, family=socket.AF_INET)
+        except ServiceDiscoveryError as exc:
+            logger.warning("TURN service not usable: %s", exc)
+            return
+        self._service = service
+        self._turn = tp.TurnClient(address, service.username, service.password, service.expires,
+                                   rng=random.Random(self._rng.getrandbits(64)))
+        self._remove_listener = peer.add_event_listener(self._on_endpoint_event)
+        peer.endpoint.use_turn(self._turn, loop.time())
+        peer._wake()
+        try:
+            await asyncio.wait_for(self._allocated.wait(), self.config.allocate_timeout)
+        except TimeoutError:
+            pass
+        if self._turn.relayed is None:
+            logger.warning("no TURN allocation at %s:%d; going on without a relay", *address)
+        else:
+            peer.endpoint.traversal.reflexive = self._turn.mapped
+
+    async def close(self) -> None:
+        """End the Jingle sessions (``gone``), release the relay, log out.
+        The peer and its sessions stay as they are (the relay path of a
+        session that used it goes with the allocation)."""
+        if self._closed:
+            return
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        if self._signalling is not None and self._online:
+            self._signalling.close(loop.time())
+            self._send_out()
+        for fut in self._waiters.values():
+            if not fut.done():
+                fut.set_exception(ConnectError("signalling closed"))
+                fut.exception()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=1.0)
+        if self._timer is not None:
+            self._timer.cancel()
+        peer = self._peer
+        if self._turn is not None and peer is not None and peer._endpoint is not None:
+            self._turn.close(loop.time())
+            peer._wake()
+        if self._remove_listener is not None:
+            self._remove_listener()
+        await self.key_source.close()
+        await self._client.close()
+        self._online = False
+
+    # -- user calls -------------------------------------------------------------------
+
+    @property
+    def online(self) -> bool:
+        """Logged in (False after the XMPP connection dropped)."""
+        return self._online
+
+    @property
+    def turn(self) -> tp.TurnClient | None:
+        """The TURN allocation relaying for this device, if any."""
+        return self._turn
+
+    @property
+    def signalling(self) -> JingleSignalling:
+        if self._signalling is None:
+            raise DtxError("XmppSignalling not started")
+        return self._signalling
+
+    def local_candidates(self) -> list[LocalCandidate]:
+        """This device's candidates now: host, reflexive, relayed."""
+        out = [LocalCandidate(a) for a in self._hosts]
+        turn = self._turn
+        if turn is not None and turn.state is tp.AllocationState.ALLOCATED:
+            if turn.mapped is not None and turn.mapped not in self._hosts:
+                out.append(LocalCandidate(turn.mapped, CandidateType.SRFLX,
+                                          self._hosts[0] if self._hosts else None))
+            if turn.relayed is not None:
+                out.append(LocalCandidate(turn.relayed, CandidateType.RELAY, turn.mapped))
+        return out
+
+    async def connect(self, jid: str, *, timeout: float | None = None) -> Session:
+        """A dtx session with the device ``jid`` (a full JID), signalled
+        through the server; ``timeout`` (default ``connect_timeout``) is a
+        deadline for the whole call. Raises :class:`~dtx.errors.ConnectError`
+        (refused, no answer, not a contact, offline), or what
+        :meth:`Peer.connect <dtx.aio.peer.Peer.connect>` raises for the
+        QUIC handshake (:class:`~dtx.errors.TrustError`,
+        :class:`~dtx.errors.AuthenticationError`)."""
+        peer, sig = self._started()
+        if not self._online:
+            raise ConnectError("not connected to the XMPP server")
+        loop = asyncio.get_running_loop()
+        budget = self.config.connect_timeout if timeout is None else timeout
+        deadline = loop.time() + budget
+        sid = sig.connect(jid, self.local_candidates(), loop.time())
+        fut = self._waiters.get(sid)
+        if fut is None or fut.done():
+            fut = self._waiters[sid] = loop.create_future()
+        self._pump()
+        try:
+            async with asyncio.timeout_at(deadline):
+                intro = await asyncio.shield(fut)
+        except TimeoutError:
+            if sig.terminate(sid, loop.time(), Reason.TIMEOUT):
+                self._pump()
+            raise ConnectError(f"no Jingle answer from {jid} within {budget:.1f} s") from None
+        finally:
+            if self._waiters.get(sid) is fut and fut.done():
+                del self._waiters[sid]
+        return await peer.connect(intro.peer_jid, timeout=max(0.0, deadline - loop.time()))
+
+    def statistics(self) -> XmppSignallingStatistics:
+        turn = self._turn
+        sig = self._signalling
+        return XmppSignallingStatistics(
+            self._online, None if turn is None else turn.relayed,
+            None if turn is None else turn.mapped, len(self.local_candidates()),
+            {} if sig is None else sig.statistics().counters)
+
+    # -- the driver -----------------------------------------------------------------
+
+    def _started(self) -> tuple[Peer, JingleSignalling]:
+        if self._peer is None or self._signalling is None:
+            raise DtxError("XmppSignalling not started")
+        return self._peer, self._signalling
+
+    def _may_contact(self, full_jid: str) -> bool:
+        bare = JID.parse(full_jid).bare.full
+        if bare == self.identity.jid.bare.full:
+            return True
+        xmpp = self._client.xmpp
+        if xmpp is None:
+            return False
+        roster = xmpp.client_roster
+        return bool(roster.has_jid(bare) and roster[bare]["from"])
+
+    def _incoming(self, stanza: Any) -> Any:
+        """slixmpp's ``in`` filter: signalling is taken here, the rest goes on."""
+        sig = self._signalling
+        if sig is None or self._closed:
+            return stanza
+        if sig.receive_iq(stanza.xml, asyncio.get_running_loop().time()):
+            self._pump()
+            return None
+        return stanza
+
+    def _send_out(self) -> None:
+        sig, xmpp = self._signalling, self._client.xmpp
+        if sig is None:
+            return
+        for elem in sig.stanzas_to_send():
+            if xmpp is not None and self._online:
+                xmpp.send_raw(tostring(elem, xmlns=xmpp.default_ns, stream=xmpp,
+                                       top_level=True))
+
+    def _pump(self) -> None:
+        """Send what the signalling wants sent, act on its events, re-arm its timer."""
+        sig = self._signalling
+        if sig is None:
+            return
+        self._send_out()
+        while (ev := sig.next_event()) is not None:
+            self._on_event(ev)
+        self._send_out()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        when = sig.get_timer()
+        if when is not None and not self._closed:
+            self._timer = asyncio.get_running_loop().call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._signalling is not None and not self._closed:
+            self._signalling.handle_timer(asyncio.get_running_loop().time())
+            self._pump()
+
+    def _on_event(self, ev: object) -> None:
+        peer, sig = self._started()
+        now = asyncio.get_running_loop().time()
+        if isinstance(ev, KeysWanted):
+            self._spawn(self._fetch_keys(ev.bare_jid))
+        elif isinstance(ev, PeerIntroduced):
+            relay, relay_peer = self._relay_for(ev, now)
+            intro = ev.introduction(relay=relay, channel=None)
+            intro = dataclasses.replace(intro, relay_peer=relay_peer)
+            peer.endpoint.introduced(intro, now)
+            peer._wake()
+            fut = self._waiters.get(ev.sid)
+            if fut is not None and not fut.done():
+                fut.set_result(ev)
+        elif isinstance(ev, CandidatesAdded):
+            self._permit(ev.candidates, now)
+            peer.endpoint.traversal.add_candidates(
+                ev.peer_jid, [(c.addr, c.kind) for c in ev.candidates], now)
+            peer._wake()
+        elif isinstance(ev, SignallingFailed):
+            fut = self._waiters.get(ev.sid)
+            if fut is not None and not fut.done():
+                why = ev.condition or ev.reason.value
+                fut.set_exception(ConnectError(
+                    f"{ev.peer_jid} {'refused' if ev.remote else 'could not be reached'}: "
+                    f"{why}{' (' + ev.text + ')' if ev.text else ''}"))
+                fut.exception()
+        elif isinstance(ev, SessionTerminated):
+            logger.info("Jingle session %s with %s ended: %s", ev.sid, ev.peer_jid,
+                        ev.reason.value)
+
+    def _relay_for(self, ev: PeerIntroduced, now: float) -> tuple[RelayWrap | None,
+                                                                  Address | None]:
+        """How to reach the peer on the relay path, and where relayed
+        datagrams from it come from: through this device's allocation to
+        the peer's relayed address (or its reflexive one); without an
+        allocation, straight to the peer's relayed address."""
+        peer_relay = next((c.addr for c in ev.candidates if c.type is CandidateType.RELAY), None)
+        peer_srflx = next((c.addr for c in ev.candidates if c.type is CandidateType.SRFLX), None)
+        turn = self._turn
+        if turn is not None and turn.state is tp.AllocationState.ALLOCATED:
+            self._permit(ev.candidates, now)
+            target = peer_relay or peer_srflx
+            if target is None:
+                return None, None
+            try:
+                turn.bind_channel(target, now)
+            except LocalProtocolError as exc:
+                logger.warning("no TURN channel to %s:%d: %s", *target, exc)
+            return turn.relay_wrap(target), target
+        if peer_relay is not None:
+            relayed = peer_relay
+            return (lambda payload: (payload, relayed)), relayed
+        return None, None
+
+    def _permit(self, candidates: Any, now: float) -> None:
+        """Permissions for the peer's public addresses on the allocation."""
+        turn = self._turn
+        if turn is None or turn.state is not tp.AllocationState.ALLOCATED:
+            return
+        for c in candidates:
+            if c.type in (CandidateType.SRFLX, CandidateType.RELAY) \
+                    and not turn.permitted(c.addr[0]):
+                try:
+                    turn.permit(c.addr, now)
+                except LocalProtocolError as exc:
+                    logger.warning("no TURN permission for %s: %s", c.addr[0], exc)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        if len(self._tasks) >= self.config.max_tasks:
+            coro.close()
+            logger.warning("too many XMPP fetches in flight; one dropped")
+            return
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _fetch_keys(self, bare: str) -> None:
+        try:
+            await self.key_source.refresh(bare)
+        except (DtxError, TimeoutError) as exc:
+            logger.info("keys of %s not fetched: %s", bare, exc)
+        if self._signalling is not None and not self._closed:
+            self._signalling.keys_changed(bare, asyncio.get_running_loop().time())
+            self._pump()
+
+    def _on_endpoint_event(self, ev: object) -> None:
+        """TURN events of the peer's endpoint."""
+        if isinstance(ev, tp.Allocated):
+            self._allocated.set()
+            if self._peer is not None:
+                self._peer.endpoint.traversal.reflexive = ev.mapped
+        elif isinstance(ev, tp.AllocationFailed):
+            logger.warning("TURN allocation refused: %d %s", ev.code, ev.reason)
+            self._allocated.set()
+        elif isinstance(ev, tp.AllocationLost):
+            logger.warning("TURN allocation lost: %s", ev.reason)
+        elif isinstance(ev, tp.CredentialsExpiring):
+            self._spawn(self._refresh_credentials())
+
+    async def _refresh_credentials(self) -> None:
+        service, turn = self._service, self._turn
+        if service is None or turn is None or not self._online:
+            return
+        try:
+            fresh = await refresh_credentials(self._client, service)
+        except DtxError as exc:
+            logger.warning("TURN credentials not renewed: %s", exc)
+            return
+        self._service = fresh
+        turn.update_credentials(fresh.username, fresh.password, fresh.expires,
+                                asyncio.get_running_loop().time())
+        if self._peer is not None:
+            self._peer._wake()
+
+    def _on_disconnected(self, _reason: object) -> None:
+        if not self._online:
+            return
+        self._online = False
+        if not self._closed:
+            logger.warning("the XMPP connection dropped; established dtx sessions go on")
+        for fut in self._waiters.values():
+            if not fut.done():
+                fut.set_exception(ConnectError("the XMPP connection dropped"))
+                fut.exception()
+
+
+def _ip_of(addr: Address) -> Address:
+    """``addr`` if its host is an address, else a stand-in public one (only
+    whether it is loopback matters to :func:`host_candidates`)."""
+    try:
+        socket.inet_aton(addr[0])
+    except OSError:
+        return ("192.0.2.1", addr[1])
+    return addr

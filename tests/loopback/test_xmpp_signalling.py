@@ -1,0 +1,154 @@
+"""Two devices of one account connect by JID through their own XMPP server.
+
+A real Prosody on loopback (``mod_turn_external``) and a real coturn beside
+it; no dtx rendezvous anywhere. Each device logs in as its full JID with
+:class:`~dtx.aio.xmpp.XmppSignalling`, learns the TURN service by
+XEP-0215, allocates on its peer's one UDP socket, and the remote reaches
+the TV with Jingle: the session that comes out carries stanzas both ways.
+A device of another account with no subscription is answered
+``service-unavailable`` and learns no address of the TV.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from dtx import stanza as st
+from dtx.aio.peer import Peer
+from dtx.aio.xmpp import XmppSignalling, XmppSignallingConfig
+from dtx.errors import ConnectError
+from dtx.identity import DeviceIdentity, generate_identity
+from dtx.lab.coturn import CoturnServer, coturn_missing
+from dtx.lab.prosody import ProsodyServer, TurnExternal, prosody_missing
+from dtx.trust import PinStore, Verifier
+from dtx.xmpp.client import XmppConfig, open_xmpp_client
+
+SECRET = "dtx-loopback-turn-secret"
+DEADLINE = 10.0
+
+
+@dataclass(frozen=True)
+class Servers:
+    prosody: ProsodyServer
+    coturn: CoturnServer
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+    for reason in (prosody_missing(), coturn_missing()):
+        if reason:
+            pytest.skip(reason)
+    folder: Path = tmp_path_factory.mktemp("xmpp-signalling")
+    coturn = CoturnServer(SECRET, realm="example.org", folder=str(folder / "turn"))
+    coturn.start()
+    prosody = ProsodyServer("vcard4", folder=str(folder / "prosody"),
+                            turn=TurnExternal(secret=SECRET, host=coturn.ip, port=coturn.port,
+                                              ttl=600))
+    try:
+        prosody.start()
+        prosody.register("alice", "pw-alice")
+        prosody.register("mallory", "pw-mallory")
+        yield Servers(prosody, coturn)
+    finally:
+        prosody.stop()
+        coturn.stop()
+
+
+def xmpp_config(servers: Servers) -> XmppConfig:
+    return XmppConfig(server=servers.prosody.address(), allow_plaintext=True, timeout=DEADLINE)
+
+
+async def publish(servers: Servers, password: str, *ids: DeviceIdentity) -> None:
+    """Each device's key into its account's vCard (one login per account)."""
+    async with open_xmpp_client(str(ids[0].jid.bare), password,
+                                config=xmpp_config(servers)) as client:
+        for identity in ids:
+            await client.publish_key(identity.public_key)
+
+
+@dataclass
+class Device:
+    peer: Peer
+    signalling: XmppSignalling
+
+
+@pytest.fixture
+async def open_device(servers: Servers) -> AsyncIterator[object]:
+    opened: list[Device] = []
+
+    async def make(identity: DeviceIdentity, password: str) -> Device:
+        signalling = XmppSignalling(identity, password, config=XmppSignallingConfig(
+            xmpp=xmpp_config(servers), connect_timeout=DEADLINE))
+        peer = Peer(identity, Verifier([signalling.key_source], PinStore(None)))
+        await peer.start("127.0.0.1")
+        device = Device(peer, signalling)
+        opened.append(device)
+        await signalling.start(peer)
+        return device
+
+    yield make
+    for device in reversed(opened):
+        await device.signalling.close()
+        await device.peer.close()
+
+
+async def test_connect_by_jid_through_the_own_server(servers: Servers, open_device) -> None:
+    tv_id = generate_identity("alice@example.org/tv")
+    remote_id = generate_identity("alice@example.org/remote")
+    await publish(servers, "pw-alice", tv_id, remote_id)
+    tv = await open_device(tv_id, "pw-alice")
+    remote = await open_device(remote_id, "pw-alice")
+    for device in (tv, remote):
+        turn = device.signalling.turn
+        assert turn is not None and turn.relayed is not None, "allocated by XEP-0215 credentials"
+        kinds = {c.type.value for c in device.signalling.local_candidates()}
+        assert kinds == {"host", "relay"}, kinds  # on loopback the reflexive one is the host
+
+    session = await remote.signalling.connect(tv_id.jid.full, timeout=DEADLINE)
+    async with asyncio.timeout(DEADLINE):
+        accepted = await tv.peer.accept()
+    assert session.peer_jid == tv_id.jid.full and accepted.peer_jid == remote_id.jid.full
+    for i in range(20):
+        session.send(st.message(f"pause {i}", to=tv_id.jid.full))
+        accepted.send(st.message(f"paused {i}", to=remote_id.jid.full))
+    async with asyncio.timeout(DEADLINE):
+        got_tv = [st.body_of(await accepted.receive()) for _ in range(20)]
+        got_remote = [st.body_of(await session.receive()) for _ in range(20)]
+    assert got_tv == [f"pause {i}" for i in range(20)]
+    assert got_remote == [f"paused {i}" for i in range(20)]
+    assert tv.peer.traversal is not None and tv.peer.traversal.server is None  # no rendezvous
+
+    # The XMPP connection goes; the dtx session does not.
+    await remote.signalling.close()
+    await tv.signalling.close()
+    session.send(st.message("still here", to=tv_id.jid.full))
+    async with asyncio.timeout(DEADLINE):
+        assert st.body_of(await accepted.receive()) == "still here"
+    await session.close()
+
+
+async def test_a_stranger_is_refused_and_learns_no_address(servers: Servers,
+                                                           open_device) -> None:
+    tv_id = generate_identity("alice@example.org/tv2")
+    mallory_id = generate_identity("mallory@example.org/laptop")
+    await publish(servers, "pw-alice", tv_id)
+    await publish(servers, "pw-mallory", mallory_id)
+    tv = await open_device(tv_id, "pw-alice")
+    mallory = await open_device(mallory_id, "pw-mallory")
+    # mallory's own policy would not even send; make it try.
+    mallory.signalling.signalling._may_contact = lambda _jid: True
+
+    with pytest.raises(ConnectError, match="service-unavailable"):
+        await mallory.signalling.connect(tv_id.jid.full, timeout=DEADLINE)
+    assert tv.signalling.signalling.counters["refused_unknown"] == 1
+    traversal = mallory.peer.traversal
+    assert traversal is not None and traversal.links == {}, "no introduction, no address"
+    assert tv.peer.traversal is not None and tv.peer.traversal.links == {}
+    # and the TV's own policy refuses to offer mallory anything
+    with pytest.raises(ConnectError, match="neither"):
+        await tv.signalling.connect(mallory_id.jid.full, timeout=DEADLINE)
