@@ -502,7 +502,8 @@ class XmlStreamParser:
                 Condition.UNSUPPORTED_ENCODING, f"encoding {encoding!r}, not UTF-8"
             )
 
-    def _ns_decl(self, prefix: str | None, uri: str) -> None:
+    def _ns_decl(self, prefix: str | None, uri: str | None) -> None:
+        uri = uri or ""  # expat passes None for xmlns=""
         if _SEP in uri:  # would make expat's names ambiguous
             raise StreamError(
                 Condition.INVALID_NAMESPACE, f"namespace name with {_SEP!r}: {uri!r}"

@@ -369,3 +369,17 @@ def test_many_small_stanzas_in_one_feed_are_all_delivered() -> None:
     parser = XmlStreamParser()
     events = parser.feed(HEADER + stanza * count)
     assert sum(isinstance(e, StanzaReceived) for e in events) == count
+
+
+def test_an_empty_default_namespace_is_not_a_crash() -> None:
+    """expat reports ``xmlns=""`` with no URI at all; found by the fuzz test
+    (a TypeError escaped the parser). Whole and byte by byte, the parser's
+    answer is its typed error."""
+    data = b'<?xml version=""?><s xmlns="" x="" v="">'
+    for step in (len(data), 1):
+        parser = XmlStreamParser()
+        with pytest.raises(StreamError, match="first element"):
+            for i in range(0, len(data), step):
+                parser.feed(data[i:i + step])
+    with pytest.raises(StreamError, match="unexpected element"):
+        XmlStreamParser().feed(HEADER + b"<message xmlns=''><body>x</body></message>")
