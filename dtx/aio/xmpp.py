@@ -52,6 +52,7 @@ import dataclasses
 import logging
 import random
 import socket
+from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,7 +78,7 @@ from ..proto.signalling import (
 )
 from ..trust.xmpp import XmppKeySource, XmppKeySourceConfig
 from ..wire.address import Address
-from ..wire.jingle import CandidateType, Reason
+from ..wire.jingle import CandidateType, Reason, jingle_child
 from ..xmpp.client import XmppClient, XmppConfig, _Xmpp
 from ..xmpp.services import (
     ServiceDiscoveryError,
@@ -112,6 +113,9 @@ class XmppSignallingConfig:
     """The default deadline of :meth:`XmppSignalling.connect`, whole call."""
     max_tasks: int = 64
     """Bound on background fetches (keys, credentials) in flight."""
+    max_sync_wait: float = 2.0
+    """Cap on how long the initiator, once introduced, waits for the
+    responder to acknowledge the ``<probe/>`` before opening QUIC anyway."""
 
 
 @dataclass(frozen=True)
@@ -209,6 +213,9 @@ class XmppSignalling:
         self._service: TurnService | None = None
         self._hosts: list[Address] = []
         self._waiters: dict[str, asyncio.Future[PeerIntroduced]] = {}
+        self._probe_iqs: OrderedDict[str, str] = OrderedDict()
+        """Ids of the ``<probe/>`` session-infos sent, by sid (bounded)."""
+        self._synced: dict[str, asyncio.Event] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._allocated = asyncio.Event()
@@ -373,17 +380,34 @@ class XmppSignalling:
         fut = self._waiters.get(sid)
         if fut is None or fut.done():
             fut = self._waiters[sid] = loop.create_future()
+        synced = self._synced.setdefault(sid, asyncio.Event())
         self._pump()
         try:
-            async with asyncio.timeout_at(deadline):
-                intro = await asyncio.shield(fut)
-        except TimeoutError:
-            if sig.terminate(sid, loop.time(), Reason.TIMEOUT):
-                self._pump()
-            raise ConnectError(f"no Jingle answer from {jid} within {budget:.1f} s") from None
+            try:
+                async with asyncio.timeout_at(deadline):
+                    intro = await asyncio.shield(fut)
+            except TimeoutError:
+                if sig.terminate(sid, loop.time(), Reason.TIMEOUT):
+                    self._pump()
+                raise ConnectError(f"no Jingle answer from {jid} within {budget:.1f} s") from None
+            finally:
+                if self._waiters.get(sid) is fut and fut.done():
+                    del self._waiters[sid]
+            # The responder takes its introduction when the <probe/> reaches
+            # it, and acknowledges it then. A QUIC Initial sprayed on a
+            # direct path that got there first would be taken as a
+            # connection from an unintroduced address, and stranded once
+            # the link exists: wait for the acknowledgement (bounded; the
+            # relay carries nothing before it either).
+            wait = min(self.config.max_sync_wait, max(0.0, deadline - loop.time()))
+            try:
+                await asyncio.wait_for(synced.wait(), wait)
+            except TimeoutError:
+                logger.info("no acknowledgement of the probe timing from %s; opening anyway",
+                            jid)
         finally:
-            if self._waiters.get(sid) is fut and fut.done():
-                del self._waiters[sid]
+            if self._synced.get(sid) is synced:
+                del self._synced[sid]
         return await peer.connect(intro.peer_jid, timeout=max(0.0, deadline - loop.time()))
 
     def statistics(self) -> XmppSignallingStatistics:
@@ -416,7 +440,14 @@ class XmppSignalling:
         sig = self._signalling
         if sig is None or self._closed:
             return stanza
-        if sig.receive_iq(stanza.xml, asyncio.get_running_loop().time()):
+        xml = stanza.xml
+        if xml.get("type") in ("result", "error"):
+            sid = self._probe_iqs.pop(xml.get("id") or "", None)
+            if sid is not None:
+                synced = self._synced.get(sid)
+                if synced is not None:
+                    synced.set()
+        if sig.receive_iq(xml, asyncio.get_running_loop().time()):
             self._pump()
             return None
         return stanza
@@ -426,6 +457,11 @@ class XmppSignalling:
         if sig is None:
             return
         for elem in sig.stanzas_to_send():
+            j = jingle_child(elem)
+            if j is not None and j.get("action") == "session-info" and elem.get("id"):
+                self._probe_iqs[elem.get("id") or ""] = j.get("sid") or ""
+                while len(self._probe_iqs) > _MAX_PROBE_IQS:
+                    self._probe_iqs.popitem(last=False)
             if xmpp is not None and self._online:
                 xmpp.send_raw(tostring(elem, xmlns=xmpp.default_ns, stream=xmpp,
                                        top_level=True))
@@ -577,6 +613,9 @@ class XmppSignalling:
             if not fut.done():
                 fut.set_exception(ConnectError("the XMPP connection dropped"))
                 fut.exception()
+
+
+_MAX_PROBE_IQS = 256
 
 
 def _ip_of(addr: Address) -> Address:

@@ -12,7 +12,7 @@ A device of another account with no subscription is answered
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +20,7 @@ import pytest
 
 from dtx import stanza as st
 from dtx.aio.peer import Peer
+from dtx.aio.session import Session
 from dtx.aio.xmpp import XmppSignalling, XmppSignallingConfig
 from dtx.errors import ConnectError
 from dtx.identity import DeviceIdentity, generate_identity
@@ -71,14 +72,29 @@ async def publish(servers: Servers, password: str, *ids: DeviceIdentity) -> None
             await client.publish_key(identity.public_key)
 
 
+async def stanzas_both_ways(session: Session, accepted: Session, n: int = 20) -> None:
+    """``n`` stanzas each way at once, all received in order."""
+    for i in range(n):
+        session.send(st.message(f"pause {i}", to=accepted.local_jid))
+        accepted.send(st.message(f"paused {i}", to=session.local_jid))
+    async with asyncio.timeout(DEADLINE):
+        got_b = [st.body_of(await accepted.receive()) for _ in range(n)]
+        got_a = [st.body_of(await session.receive()) for _ in range(n)]
+    assert got_b == [f"pause {i}" for i in range(n)]
+    assert got_a == [f"paused {i}" for i in range(n)]
+
+
 @dataclass
 class Device:
     peer: Peer
     signalling: XmppSignalling
 
 
+OpenDevice = Callable[[DeviceIdentity, str], Awaitable["Device"]]
+
+
 @pytest.fixture
-async def open_device(servers: Servers) -> AsyncIterator[object]:
+async def open_device(servers: Servers) -> AsyncIterator[OpenDevice]:
     opened: list[Device] = []
 
     async def make(identity: DeviceIdentity, password: str) -> Device:
@@ -97,7 +113,7 @@ async def open_device(servers: Servers) -> AsyncIterator[object]:
         await device.peer.close()
 
 
-async def test_connect_by_jid_through_the_own_server(servers: Servers, open_device) -> None:
+async def test_connect_by_jid_through_the_own_server(servers: Servers, open_device: OpenDevice) -> None:
     tv_id = generate_identity("alice@example.org/tv")
     remote_id = generate_identity("alice@example.org/remote")
     await publish(servers, "pw-alice", tv_id, remote_id)
@@ -113,14 +129,7 @@ async def test_connect_by_jid_through_the_own_server(servers: Servers, open_devi
     async with asyncio.timeout(DEADLINE):
         accepted = await tv.peer.accept()
     assert session.peer_jid == tv_id.jid.full and accepted.peer_jid == remote_id.jid.full
-    for i in range(20):
-        session.send(st.message(f"pause {i}", to=tv_id.jid.full))
-        accepted.send(st.message(f"paused {i}", to=remote_id.jid.full))
-    async with asyncio.timeout(DEADLINE):
-        got_tv = [st.body_of(await accepted.receive()) for _ in range(20)]
-        got_remote = [st.body_of(await session.receive()) for _ in range(20)]
-    assert got_tv == [f"pause {i}" for i in range(20)]
-    assert got_remote == [f"paused {i}" for i in range(20)]
+    await stanzas_both_ways(session, accepted)
     assert tv.peer.traversal is not None and tv.peer.traversal.server is None  # no rendezvous
 
     # The XMPP connection goes; the dtx session does not.
@@ -133,7 +142,8 @@ async def test_connect_by_jid_through_the_own_server(servers: Servers, open_devi
 
 
 async def test_a_stranger_is_refused_and_learns_no_address(servers: Servers,
-                                                           open_device) -> None:
+                                                           open_device: OpenDevice,
+                                                           ) -> None:
     tv_id = generate_identity("alice@example.org/tv2")
     mallory_id = generate_identity("mallory@example.org/laptop")
     await publish(servers, "pw-alice", tv_id)
