@@ -106,6 +106,9 @@ class XmppSignallingConfig:
     keys: XmppKeySourceConfig = XmppKeySourceConfig()
     use_turn: bool = True
     """Allocate a relay on the first UDP TURN service the server lists."""
+    turn: tp.TurnClientConfig = tp.TurnClientConfig()
+    """The TURN client's tunables (``credential_margin``: how long before
+    the credentials expire they are renewed over XMPP)."""
     allocate_timeout: float = 5.0
     """How long :meth:`XmppSignalling.start` waits for the allocation
     (without one the device goes on with host candidates only)."""
@@ -219,6 +222,8 @@ class XmppSignalling:
         self._tasks: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._allocated = asyncio.Event()
+        self._renewed = asyncio.Event()
+        self.counters: dict[str, int] = {"credentials_renewed": 0, "credentials_failed": 0}
         self._remove_listener: Callable[[], None] | None = None
         self._online = False
         self._closed = False
@@ -288,7 +293,8 @@ class XmppSignalling:
             return
         self._service = service
         self._turn = tp.TurnClient(address, service.username, service.password, service.expires,
-                                   rng=random.Random(self._rng.getrandbits(64)))
+                                   rng=random.Random(self._rng.getrandbits(64)),
+                                   config=self.config.turn)
         self._remove_listener = peer.add_event_listener(self._on_endpoint_event)
         peer.endpoint.use_turn(self._turn, loop.time())
         peer._wake()
@@ -409,6 +415,17 @@ class XmppSignalling:
             if self._synced.get(sid) is synced:
                 del self._synced[sid]
         return await peer.connect(intro.peer_jid, timeout=max(0.0, deadline - loop.time()))
+
+    @property
+    def turn_service(self) -> TurnService | None:
+        """The TURN service in use, with the latest credentials."""
+        return self._service
+
+    async def wait_credentials_renewed(self, timeout: float) -> None:
+        """Wait until the TURN credentials were renewed over XMPP (at least
+        once since the last call); :class:`TimeoutError` past ``timeout``."""
+        await asyncio.wait_for(self._renewed.wait(), timeout)
+        self._renewed.clear()
 
     def statistics(self) -> XmppSignallingStatistics:
         turn = self._turn
@@ -595,9 +612,12 @@ class XmppSignalling:
         try:
             fresh = await refresh_credentials(self._client, service)
         except DtxError as exc:
+            self.counters["credentials_failed"] += 1
             logger.warning("TURN credentials not renewed: %s", exc)
             return
         self._service = fresh
+        self.counters["credentials_renewed"] += 1
+        self._renewed.set()
         turn.update_credentials(fresh.username, fresh.password, fresh.expires,
                                 asyncio.get_running_loop().time())
         if self._peer is not None:

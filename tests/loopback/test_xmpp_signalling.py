@@ -24,6 +24,7 @@ from dtx.aio.session import Session
 from dtx.aio.xmpp import XmppSignalling, XmppSignallingConfig
 from dtx.errors import ConnectError
 from dtx.identity import DeviceIdentity, generate_identity
+from dtx.proto import turn as tp
 from dtx.lab.coturn import CoturnServer, coturn_missing
 from dtx.lab.prosody import ProsodyServer, TurnExternal, prosody_missing
 from dtx.trust import PinStore, Verifier
@@ -90,16 +91,17 @@ class Device:
     signalling: XmppSignalling
 
 
-OpenDevice = Callable[[DeviceIdentity, str], Awaitable["Device"]]
+OpenDevice = Callable[..., Awaitable["Device"]]
 
 
 @pytest.fixture
 async def open_device(servers: Servers) -> AsyncIterator[OpenDevice]:
     opened: list[Device] = []
 
-    async def make(identity: DeviceIdentity, password: str) -> Device:
+    async def make(identity: DeviceIdentity, password: str,
+                   turn: tp.TurnClientConfig = tp.TurnClientConfig()) -> Device:
         signalling = XmppSignalling(identity, password, config=XmppSignallingConfig(
-            xmpp=xmpp_config(servers), connect_timeout=DEADLINE))
+            xmpp=xmpp_config(servers), connect_timeout=DEADLINE, turn=turn))
         peer = Peer(identity, Verifier([signalling.key_source], PinStore(None)))
         await peer.start("127.0.0.1")
         device = Device(peer, signalling)
@@ -113,7 +115,8 @@ async def open_device(servers: Servers) -> AsyncIterator[OpenDevice]:
         await device.peer.close()
 
 
-async def test_connect_by_jid_through_the_own_server(servers: Servers, open_device: OpenDevice) -> None:
+async def test_connect_by_jid_through_the_own_server(servers: Servers,
+                                                     open_device: OpenDevice) -> None:
     tv_id = generate_identity("alice@example.org/tv")
     remote_id = generate_identity("alice@example.org/remote")
     await publish(servers, "pw-alice", tv_id, remote_id)
@@ -162,3 +165,30 @@ async def test_a_stranger_is_refused_and_learns_no_address(servers: Servers,
     # and the TV's own policy refuses to offer mallory anything
     with pytest.raises(ConnectError, match="neither"):
         await tv.signalling.connect(mallory_id.jid.full, timeout=DEADLINE)
+
+
+async def test_turn_credentials_are_renewed_over_xmpp(servers: Servers,
+                                                     open_device: OpenDevice) -> None:
+    """The TURN client asks for new credentials ``credential_margin``
+    before they expire; they come by XEP-0215 and a session on the
+    allocation's device goes on."""
+    tv_id = generate_identity("alice@example.org/tv3")
+    remote_id = generate_identity("alice@example.org/remote3")
+    await publish(servers, "pw-alice", tv_id, remote_id)
+    tv = await open_device(tv_id, "pw-alice")
+    # credentials valid for 600 s (whole seconds), renewed when 598 s are
+    # left: 1-2 s on, when the server mints a different username
+    remote = await open_device(remote_id, "pw-alice", tp.TurnClientConfig(credential_margin=598.0))
+    first = remote.signalling.turn_service
+    assert first is not None and first.expires is not None
+    session = await remote.signalling.connect(tv_id.jid.full, timeout=DEADLINE)
+    async with asyncio.timeout(DEADLINE):
+        accepted = await tv.peer.accept()
+    await remote.signalling.wait_credentials_renewed(timeout=DEADLINE)
+    renewed = remote.signalling.turn_service
+    assert renewed is not None and renewed.expires is not None
+    assert renewed.expires > first.expires and renewed.username != first.username
+    assert remote.signalling.counters["credentials_failed"] == 0
+    await stanzas_both_ways(session, accepted)
+    turn = remote.signalling.turn
+    assert turn is not None and turn.state is tp.AllocationState.ALLOCATED
