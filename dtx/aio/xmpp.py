@@ -32,7 +32,8 @@ rendezvous at all (``docs/xmpp-server.md``):
 The contact policy (who may learn this device's addresses): the account's
 own other devices always; a roster contact only with a presence
 subscription ``from`` (or ``both``): one this account lets see its presence.
-Anyone else gets ``service-unavailable`` and nothing else.
+Anyone else gets ``service-unavailable`` and nothing else. Subscription
+requests are left to the user (slixmpp's automatic approval is off).
 
 :meth:`XmppSignalling.connect` returns a dtx :class:`~dtx.aio.session.Session`
 (this device is the QUIC client); incoming sessions come from
@@ -58,6 +59,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from slixmpp import ClientXMPP
 from slixmpp.xmlstream.tostring import tostring
 
 from ..errors import AuthenticationError, ConnectError, DtxError, LocalProtocolError, XmppError
@@ -156,6 +158,11 @@ class _DeviceClient(XmppClient):
         if cfg.allow_plaintext:
             mechs = xmpp.plugin["feature_mechanisms"]
             mechs.unencrypted_plain = mechs.unencrypted_scram = True
+        # A subscription decides who may learn this device's addresses: it
+        # is the user's to grant, never slixmpp's (which by default
+        # approves every request, and asks back).
+        xmpp.auto_authorize = None
+        xmpp.auto_subscribe = False
         where = "%s:%d" % cfg.server if cfg.server else self.full.domain
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -344,6 +351,13 @@ class XmppSignalling:
     def online(self) -> bool:
         """Logged in (False after the XMPP connection dropped)."""
         return self._online
+
+    @property
+    def xmpp(self) -> ClientXMPP | None:
+        """The slixmpp client of the connection (None when not logged in),
+        for what else the application says over it (presence,
+        subscriptions, messages). Jingle iqs never reach its handlers."""
+        return self._client.xmpp
 
     @property
     def turn(self) -> tp.TurnClient | None:

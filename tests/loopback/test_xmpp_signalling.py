@@ -55,6 +55,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
         prosody.start()
         prosody.register("alice", "pw-alice")
         prosody.register("mallory", "pw-mallory")
+        prosody.register("bob", "pw-bob")
         yield Servers(prosody, coturn)
     finally:
         prosody.stop()
@@ -115,6 +116,19 @@ async def open_device(servers: Servers) -> AsyncIterator[OpenDevice]:
         await device.peer.close()
 
 
+async def two_accounts(servers: Servers, open_device: OpenDevice,
+                       *jids: str) -> tuple[Device, Device]:
+    """A device of each of two accounts (password ``pw-<user>``), each key
+    published in its own account's vCard."""
+    devices = []
+    for jid in jids:
+        identity = generate_identity(jid)
+        password = f"pw-{identity.jid.local}"
+        await publish(servers, password, identity)
+        devices.append(await open_device(identity, password))
+    return devices[0], devices[1]
+
+
 async def test_connect_by_jid_through_the_own_server(servers: Servers,
                                                      open_device: OpenDevice) -> None:
     tv_id = generate_identity("alice@example.org/tv")
@@ -147,12 +161,9 @@ async def test_connect_by_jid_through_the_own_server(servers: Servers,
 async def test_a_stranger_is_refused_and_learns_no_address(servers: Servers,
                                                            open_device: OpenDevice,
                                                            ) -> None:
-    tv_id = generate_identity("alice@example.org/tv2")
-    mallory_id = generate_identity("mallory@example.org/laptop")
-    await publish(servers, "pw-alice", tv_id)
-    await publish(servers, "pw-mallory", mallory_id)
-    tv = await open_device(tv_id, "pw-alice")
-    mallory = await open_device(mallory_id, "pw-mallory")
+    tv, mallory = await two_accounts(servers, open_device, "alice@example.org/tv2",
+                                     "mallory@example.org/laptop")
+    tv_id, mallory_id = tv.peer.identity, mallory.peer.identity
     # mallory's own policy would not even send; make it try.
     mallory.signalling.signalling._may_contact = lambda _jid: True
 
@@ -192,3 +203,52 @@ async def test_turn_credentials_are_renewed_over_xmpp(servers: Servers,
     await stanzas_both_ways(session, accepted)
     turn = remote.signalling.turn
     assert turn is not None and turn.state is tp.AllocationState.ALLOCATED
+
+
+async def subscribe(a: Device, b: Device) -> None:
+    """``a`` asks to see ``b``'s presence and ``b`` grants it, once the
+    request reached it (nothing is approved by itself)."""
+    xa, xb = a.signalling.xmpp, b.signalling.xmpp
+    assert xa is not None and xb is not None
+    asked = asyncio.get_running_loop().create_future()
+    xb.add_event_handler("presence_subscribe",
+                         lambda p: None if asked.done() else asked.set_result(p))
+    xa.send_presence(pto=str(b.peer.identity.jid.bare), ptype="subscribe")
+    async with asyncio.timeout(DEADLINE):
+        request = await asked
+    xb.send_presence(pto=str(request["from"].bare), ptype="subscribed")
+
+
+async def wait_subscription(d: Device, contact: str, state: str) -> None:
+    xmpp = d.signalling.xmpp
+    assert xmpp is not None
+    reached = asyncio.Event()
+
+    def check(_event: object = None) -> None:
+        roster = xmpp.client_roster
+        if roster.has_jid(contact) and roster[contact]["subscription"] == state:
+            reached.set()
+
+    xmpp.add_event_handler("roster_update", check)
+    check()
+    async with asyncio.timeout(DEADLINE):
+        await reached.wait()
+
+
+async def test_a_subscribed_contact_of_another_account_connects(
+        servers: Servers, open_device: OpenDevice) -> None:
+    tv, bob = await two_accounts(servers, open_device, "alice@example.org/tv4",
+                                 "bob@example.org/phone")
+    tv_id, bob_id = tv.peer.identity, bob.peer.identity
+    with pytest.raises(ConnectError, match="neither"):  # no subscription yet
+        await bob.signalling.connect(tv_id.jid.full, timeout=DEADLINE)
+    await subscribe(bob, tv)
+    await subscribe(tv, bob)
+    await wait_subscription(tv, "bob@example.org", "both")
+    await wait_subscription(bob, "alice@example.org", "both")
+
+    session = await bob.signalling.connect(tv_id.jid.full, timeout=DEADLINE)
+    async with asyncio.timeout(DEADLINE):
+        accepted = await tv.peer.accept()
+    assert accepted.peer_jid == bob_id.jid.full
+    await stanzas_both_ways(session, accepted)
