@@ -53,11 +53,11 @@ import dataclasses
 import logging
 import random
 import socket
-from collections import OrderedDict
-from collections.abc import Callable, Coroutine
+from collections import OrderedDict, deque
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from slixmpp import ClientXMPP
 from slixmpp.xmlstream.tostring import tostring
@@ -75,6 +75,7 @@ from ..proto.signalling import (
     PeerIntroduced,
     SessionTerminated,
     SignallingConfig,
+    SignallingEvent,
     SignallingFailed,
     certificate_fingerprint,
 )
@@ -96,6 +97,8 @@ from .session import Session
 __all__ = ["XmppSignalling", "XmppSignallingConfig", "XmppSignallingStatistics"]
 
 logger = logging.getLogger(__name__)
+
+E = TypeVar("E", bound=SignallingEvent)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -231,6 +234,8 @@ class XmppSignalling:
         self._allocated = asyncio.Event()
         self._renewed = asyncio.Event()
         self.counters: dict[str, int] = {"credentials_renewed": 0, "credentials_failed": 0}
+        self._recent: deque[SignallingEvent] = deque(maxlen=_MAX_RECENT)
+        self._event_seen = asyncio.Event()
         self._remove_listener: Callable[[], None] | None = None
         self._online = False
         self._closed = False
@@ -441,6 +446,27 @@ class XmppSignalling:
         await asyncio.wait_for(self._renewed.wait(), timeout)
         self._renewed.clear()
 
+    def add_candidates(self, candidates: Sequence[LocalCandidate]) -> int:
+        """Trickle addresses found later (transport-info) to every Jingle
+        session that has this side's transport; returns how many got some."""
+        _, sig = self._started()
+        sent = sig.add_candidates(candidates, asyncio.get_running_loop().time())
+        self._pump()
+        return sent
+
+    async def wait_event(self, kind: type[E], timeout: float) -> E:
+        """The oldest signalling event of ``kind`` not yet taken (of the
+        last few hundred), waiting up to ``timeout`` for one; for watching
+        sessions end, candidates arrive and the like."""
+        async with asyncio.timeout(timeout):
+            while True:
+                for ev in self._recent:
+                    if isinstance(ev, kind):
+                        self._recent.remove(ev)
+                        return ev
+                self._event_seen.clear()
+                await self._event_seen.wait()
+
     def statistics(self) -> XmppSignallingStatistics:
         turn = self._turn
         sig = self._signalling
@@ -519,9 +545,11 @@ class XmppSignalling:
             self._signalling.handle_timer(asyncio.get_running_loop().time())
             self._pump()
 
-    def _on_event(self, ev: object) -> None:
+    def _on_event(self, ev: SignallingEvent) -> None:
         peer, sig = self._started()
         now = asyncio.get_running_loop().time()
+        self._recent.append(ev)
+        self._event_seen.set()
         if isinstance(ev, KeysWanted):
             self._spawn(self._fetch_keys(ev.bare_jid))
         elif isinstance(ev, PeerIntroduced):
@@ -650,6 +678,7 @@ class XmppSignalling:
 
 
 _MAX_PROBE_IQS = 256
+_MAX_RECENT = 256
 
 
 def _ip_of(addr: Address) -> Address:

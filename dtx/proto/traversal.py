@@ -365,16 +365,19 @@ class Traversal:
                        now: float) -> int:
         """More candidates of an introduced device (trickled by its
         signalling): the new ones are probed at once, host ones only where
-        :meth:`_may_probe_host` allows. Returns how many were added (0 for
+        :meth:`_may_probe_host` allows (with the reflexive addresses known
+        before counted too). Returns how many were added (0 for
         a device with no link)."""
         link = self.links.get(peer_jid)
         if link is None:
             return 0
+        known = [(p.addr, p.kind) for p in link.paths.paths.values()]
+        every = known + list(candidates)
         added = 0
         for addr, kind in candidates:
             if link.paths.knows(addr):
                 continue
-            if kind is PathKind.LAN and not self._may_probe_host(addr, candidates):
+            if kind is PathKind.LAN and not self._may_probe_host(addr, every):
                 self.counters["host_candidates_skipped"] += 1
                 continue
             link.paths.add_candidate(addr, kind)

@@ -25,6 +25,8 @@ from dtx.aio.xmpp import XmppSignalling, XmppSignallingConfig
 from dtx.errors import ConnectError
 from dtx.identity import DeviceIdentity, generate_identity
 from dtx.proto import turn as tp
+from dtx.proto.signalling import CandidatesAdded, LocalCandidate
+from dtx.wire.jingle import CandidateType
 from dtx.lab.coturn import CoturnServer, coturn_missing
 from dtx.lab.prosody import ProsodyServer, TurnExternal, prosody_missing
 from dtx.trust import PinStore, Verifier
@@ -148,6 +150,15 @@ async def test_connect_by_jid_through_the_own_server(servers: Servers,
     assert session.peer_jid == tv_id.jid.full and accepted.peer_jid == remote_id.jid.full
     await stanzas_both_ways(session, accepted)
     assert tv.peer.traversal is not None and tv.peer.traversal.server is None  # no rendezvous
+
+    # A candidate found later is trickled (transport-info) and probed.
+    link = tv.peer.traversal.link_for(remote_id.jid.full)
+    assert link is not None
+    later = ("127.0.0.1", remote.peer.address[1] ^ 1)  # nobody there: only probed
+    assert remote.signalling.add_candidates([LocalCandidate(later, CandidateType.SRFLX)]) == 1
+    added = await tv.signalling.wait_event(CandidatesAdded, timeout=DEADLINE)
+    assert [c.addr for c in added.candidates] == [later]
+    assert link.paths.knows(later)
 
     # The XMPP connection goes; the dtx session does not.
     await remote.signalling.close()
