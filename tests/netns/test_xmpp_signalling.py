@@ -9,7 +9,8 @@ ends on the direct path; the relay-only pair (symmetric and port-restricted
 cone) stays on coturn, whose ``-v`` log shows both allocations, and
 stanzas flow both ways on either.
 
-Both devices' event loops share one thread, in the first home's namespace:
+Standard WAN (20 ms home to core, 40 ms core to server). Both devices'
+event loops share one thread, in the first home's namespace:
 each UDP socket is made in its own home (the paths under test), while the
 TV's XMPP connection leaves from the first home too, which only the XMPP
 server can tell.
@@ -19,13 +20,14 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from dtx.aio.peer import Peer, PeerConfig
 from dtx.aio.xmpp import XmppSignalling, XmppSignallingConfig
 from dtx.identity import DeviceIdentity, generate_identity
-from dtx.lab import Lab, ns
+from dtx.lab import STANDARD_WAN, Lab, ns
 from dtx.lab.coturn import CoturnServer, coturn_missing
 from dtx.lab.prosody import ProsodyServer, TurnExternal, prosody_missing
 from dtx.lab.topology import Host
@@ -55,7 +57,7 @@ async def device(identity: DeviceIdentity, host: Host, xmpp: XmppConfig,
     return peer, signalling
 
 
-async def exchange(a: Host, b: Host, xmpp: XmppConfig, *, expect: str) -> dict[str, object]:
+async def exchange(a: Host, b: Host, xmpp: XmppConfig, *, expect: str) -> dict[str, Any]:
     remote_id = generate_identity("alice@example.org/remote")
     tv_id = generate_identity("alice@example.org/tv")
     async with open_xmpp_client("alice@example.org", PASSWORD, config=xmpp) as client:
@@ -67,7 +69,9 @@ async def exchange(a: Host, b: Host, xmpp: XmppConfig, *, expect: str) -> dict[s
         remote, remote_sig = await device(remote_id, a, xmpp, opened)
         for sig in (tv_sig, remote_sig):
             assert sig.turn is not None and sig.turn.relayed is not None
+        started = asyncio.get_running_loop().time()
         session = await remote_sig.connect(tv_id.jid.full, timeout=DEADLINE)
+        connect_time = asyncio.get_running_loop().time() - started
         async with asyncio.timeout(DEADLINE):
             accepted = await tv.accept()
         if expect == "relay":
@@ -81,7 +85,7 @@ async def exchange(a: Host, b: Host, xmpp: XmppConfig, *, expect: str) -> dict[s
         paths = (str(session.path), str(accepted.path))
         relayed = {tv_sig.turn.relayed, remote_sig.turn.relayed}  # type: ignore[union-attr]
         await session.close()
-        return {"paths": paths, "relayed": relayed}
+        return {"paths": paths, "relayed": relayed, "connect": connect_time}
     finally:
         for peer, sig in reversed(opened):
             await sig.close()
@@ -97,7 +101,7 @@ def test_connect_by_jid_in_the_lab(netns_ready: None, tmp_path: Path, nat_a: str
     for reason in (prosody_missing(), coturn_missing()):
         if reason:
             pytest.skip(reason)
-    with Lab() as lab:
+    with Lab(wan=STANDARD_WAN) as lab:
         server = lab.add_server("xmpp", addresses=1)
         home_a = lab.add_home("a", nat=nat_a)
         home_b = lab.add_home("b", nat=nat_b)
@@ -118,6 +122,8 @@ def test_connect_by_jid_in_the_lab(netns_ready: None, tmp_path: Path, nat_a: str
         finally:
             prosody.stop()
             log = coturn.stop()
+    print(f"\n{nat_a} x {nat_b}: connect by JID {outcome['connect'] * 1000:.0f} ms "
+          f"(Jingle and the QUIC handshake; ends on the {expect} path)")
     assert outcome["paths"] == (expect, expect), outcome
     allocations = [s for s in coturn.sessions(log) if s.event == "new"]
     assert len(allocations) == 2 and {s.realm for s in allocations} == {"example.org"}, log
