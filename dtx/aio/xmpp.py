@@ -268,7 +268,6 @@ class XmppSignalling:
             may_contact=self._may_contact, keys_for=self.key_source.keys_for,
             local_candidates=self.local_candidates, rng=random.Random(self._rng.getrandbits(64)),
             config=self.config.signalling)
-        xmpp.add_filter("in", self._incoming)
         self.key_source.start()
         try:
             await self.key_source.refresh(self.identity.jid.bare.full)
@@ -283,6 +282,9 @@ class XmppSignalling:
         self._hosts = ([(a, bound[1]) for a in peer.config.host_addresses]
                        if peer.config.host_addresses is not None
                        else host_candidates(bound, _ip_of(server)))
+        # Jingle is answered from here on, with every candidate known
+        # (before, slixmpp answers a session-initiate with an error).
+        xmpp.add_filter("in", self._incoming)
         xmpp.send_presence()
         self._pump()
         logger.info("signalling over XMPP as %s: %d candidates", self.identity.jid,
