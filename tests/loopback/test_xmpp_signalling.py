@@ -160,8 +160,19 @@ async def test_connect_by_jid_through_the_own_server(servers: Servers,
     assert [c.addr for c in added.candidates] == [later]
     assert link.paths.knows(later)
 
-    # The XMPP connection goes; the dtx session does not.
-    await remote.signalling.close()
+    # The XMPP connections go (one drops, one is closed); the dtx session
+    # does not, and new ones cannot be signalled.
+    xmpp = remote.signalling.xmpp
+    assert xmpp is not None
+    dropped = asyncio.get_running_loop().create_future()
+    xmpp.add_event_handler("disconnected",
+                           lambda reason: None if dropped.done() else dropped.set_result(reason))
+    xmpp.abort()
+    async with asyncio.timeout(DEADLINE):
+        await dropped
+    assert not remote.signalling.online
+    with pytest.raises(ConnectError, match="not connected"):
+        await remote.signalling.connect(tv_id.jid.full, timeout=DEADLINE)
     await tv.signalling.close()
     session.send(st.message("still here", to=tv_id.jid.full))
     async with asyncio.timeout(DEADLINE):
