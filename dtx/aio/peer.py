@@ -494,7 +494,7 @@ class Peer:
 
     def _dispatch(self) -> None:
         endpoint = self._endpoint
-        if endpoint is None:
+        if endpoint is None or not endpoint.has_events:
             return
         sessions = self._sessions
         per_session = _PER_SESSION

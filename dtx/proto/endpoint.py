@@ -253,6 +253,11 @@ class Connection:
         self.ended: sc.SessionEnded | None = None
         self._unconsumed = 0
         self._timer_at: float | None = None
+        cfg = endpoint.config
+        # the credit policy's thresholds, computed once
+        self._pause_bytes = cfg.receive_buffer_bytes
+        self._pause_waiting = (cfg.session.max_unacknowledged_stanzas + 1) // 2
+        self._pause_waiting_bytes = (cfg.session.max_unacknowledged_bytes + 1) // 2
 
     # -- reading ------------------------------------------------------------------
 
@@ -349,13 +354,16 @@ class Connection:
         stanzas, or while half the unacknowledged bound waits on it (the
         answers it asked for and does not acknowledge); credit again below
         a quarter of both. True when credit was granted again just now."""
-        cfg = self._endpoint.config
         core = self.core
         if not self.quic.receive_paused:
-            if self._unconsumed > cfg.receive_buffer_bytes or not core.has_room(0.5):
+            # (the same thresholds as Connection.has_room, which drain() waits on)
+            if self._unconsumed > self._pause_bytes or core.waiting >= self._pause_waiting \
+                    or core.unacknowledged_bytes >= self._pause_waiting_bytes:
                 self.quic.receive_paused = True
             return False
-        if self._unconsumed <= cfg.receive_buffer_bytes // 4 and core.has_room(0.25):
+        if self._unconsumed <= self._pause_bytes // 4 \
+                and core.waiting < self._pause_waiting // 2 \
+                and core.unacknowledged_bytes < self._pause_waiting_bytes // 2:
             self.quic.receive_paused = False
             self._endpoint._dirty.add(self)
             return True
@@ -691,8 +699,9 @@ class Endpoint:
             self._process(conn)
             if conn.ended is None:
                 conn._timer_at = conn._timer(self.config)
-        self._drain_traversal()
-        out.extend(traversal.datagrams_to_send())
+        if traversal.busy:
+            self._drain_traversal()
+            out.extend(traversal.datagrams_to_send())
         if self.turn is not None:
             out.extend(self.turn.datagrams_to_send())
         if self._out_turn:
@@ -703,13 +712,18 @@ class Endpoint:
     def next_event(self) -> EndpointEvent | None:
         return self._events.popleft() if self._events else None
 
+    @property
+    def has_events(self) -> bool:
+        """Whether :meth:`next_event` has something (cheap)."""
+        return bool(self._events)
+
     # -- the timer ------------------------------------------------------------------
 
     def get_timer(self) -> float | None:
         """When :meth:`handle_timer` wants calling (the earliest of every
         connection's, the traversal's and the half-open expiry); read it
         after :meth:`datagrams_to_send`, as a driver does."""
-        when = self.traversal.get_timer()
+        when = self.traversal.get_timer() if self.traversal.busy else None
         if self.turn is not None:
             t = self.turn.get_timer()
             if t is not None and (when is None or t < when):

@@ -277,6 +277,14 @@ class Traversal:
         return self.client is not None and self.client.registered
 
     @property
+    def busy(self) -> bool:
+        """Whether there is anything here at all: a rendezvous, a link, or
+        something to send or report (a device on fixed addresses has none,
+        and its hot path skips the traversal)."""
+        return (self.client is not None or bool(self.links) or bool(self._out)
+                or bool(self._events))
+
+    @property
     def log_suppressed(self) -> int:
         """Repeated warnings logged at DEBUG instead."""
         return self._log.suppressed
