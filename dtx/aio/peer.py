@@ -190,9 +190,9 @@ class Peer:
         """Bind the UDP socket (or adopt ``sock``); accept sessions if ``listen``."""
         self._loop = asyncio.get_running_loop()
         if sock is not None:
-            self._socket = UdpSocket(sock, self._datagram_received, self._transmit)
+            self._socket = UdpSocket(sock, self._datagram_received, self._batch_done)
         else:
-            self._socket = UdpSocket.bind(host, port, self._datagram_received, self._transmit)
+            self._socket = UdpSocket.bind(host, port, self._datagram_received, self._batch_done)
         cfg = self.config
         server = cfg.rendezvous
         candidates: list[Address] = []
@@ -456,6 +456,14 @@ class Peer:
     def _datagram_received(self, data: bytes, addr: Address) -> None:
         if self._endpoint is not None:
             self._endpoint.receive_datagram(data, addr, self._now())
+
+    def _batch_done(self) -> None:
+        """After a batch of datagrams: hand out their events now (waking the
+        tasks that wait for them) and transmit once those tasks have run, so
+        what they send at once (an answer, an echo) leaves in the same
+        packets as the acknowledgements of the batch."""
+        self._dispatch()
+        self._wake()
 
     def _wake(self) -> None:
         """Transmit once this event-loop iteration is done (coalescing)."""
