@@ -562,9 +562,9 @@ class Peer:
             session.abort()
 
 
-_PER_SESSION = frozenset({ep.StanzaReceived, ep.StanzasAcknowledged, ep.DatagramReceived,
-                          ep.HandshakeConfirmed})
-"""Endpoint events that only the session of their connection needs."""
+_PER_SESSION = frozenset({ep.StanzasAcknowledged, ep.DatagramReceived, ep.HandshakeConfirmed})
+"""Endpoint events that only the session of their connection needs
+(StanzaReceived, the hot one, is tested for first)."""
 
 
 def _normal(jid: str) -> str:

@@ -813,11 +813,8 @@ class Endpoint:
                     self._on_session_event(conn, sev)
 
     def _on_session_event(self, conn: Connection, sev: sc.SessionEvent) -> None:
-        events = self._events
-        if isinstance(sev, sc.StanzaReceived):
-            conn._unconsumed += sev.size
-            events.append(StanzaReceived(conn, sev.stanza, sev.size))
-        elif isinstance(sev, sc.StanzasAcknowledged):
+        events = self._events  # (StanzaReceived is handled inline in _process)
+        if isinstance(sev, sc.StanzasAcknowledged):
             events.append(StanzasAcknowledged(conn, sev.count, sev.total))
         elif isinstance(sev, sc.DatagramReceived):
             events.append(DatagramReceived(conn, sev.stanza))

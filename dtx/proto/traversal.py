@@ -53,7 +53,7 @@ from ..wire.demux import CONTROL_FIRST_BYTE, PROBE_FIRST_BYTE, RELAY_FIRST_BYTE
 from ..wire.relay import decode_relay, encode_relay
 from .paths import PathChanged, PathConfig, PathKind, PathManager, RelayWrap
 from .rdvclient import (
-    IntroductionFailed as _ClientIntroductionFailed,
+    IntroductionFailed,
     IntroductionReceived,
     ReflexiveChanged,
     Registered,
@@ -146,8 +146,8 @@ def introduction_from_control(msg: ControlMessage, server: Address) -> Introduct
                         msg.role is Role.INITIATOR, candidates, wrap, channel)
 
 
-# -- events (the rendezvous client's Registered, RegistrationRefused and
-# RegistrationLost pass through as they are) --------------------------------
+# -- events (the rendezvous client's Registered, RegistrationRefused,
+# RegistrationLost and IntroductionFailed pass through as they are) ----------
 
 
 @dataclass(frozen=True)
@@ -156,13 +156,6 @@ class IntroductionCompleted:
     if any, is usable at once)."""
 
     link: Link
-
-
-@dataclass(frozen=True)
-class IntroductionFailed:
-    target: str
-    code: int
-    reason: str
 
 
 @dataclass(frozen=True)
@@ -609,7 +602,7 @@ class Traversal:
                 self._reintroduce_all(now)
             elif isinstance(ev, IntroductionReceived):
                 self._on_introduction(ev.message, now)
-            elif isinstance(ev, _ClientIntroductionFailed):
+            elif isinstance(ev, IntroductionFailed):
                 self._on_intro_failed(ev, now)
             elif isinstance(ev, RegistrationRefused):
                 logger.warning("rendezvous refused registration: %d %s", ev.code, ev.reason)
@@ -657,7 +650,7 @@ class Traversal:
         if link is not None and not intro.initiator and self.client is not None:
             self.client.accept(intro.intro, now)
 
-    def _on_intro_failed(self, ev: _ClientIntroductionFailed, now: float) -> None:
+    def _on_intro_failed(self, ev: IntroductionFailed, now: float) -> None:
         try:
             key = JID.parse(ev.target).full
         except DtxError:
@@ -668,7 +661,7 @@ class Traversal:
             # The peer may not have registered again yet (a restart): retry.
             link.reintroduce_at = now + backoff[link.reintroduce_attempts]
             link.reintroduce_attempts += 1
-        self._events.append(IntroductionFailed(ev.target, ev.code, ev.reason))
+        self._events.append(ev)
 
     def _reintroduce_all(self, now: float) -> None:
         """After a new registration or a new public address: fresh
