@@ -39,8 +39,7 @@ from typing import Protocol
 from xml.etree.ElementTree import Element
 
 from dtx import stanza
-from dtx.errors import UnknownPeerError, UntrustedKeyError
-from dtx.identity import DeviceIdentity, fingerprint
+from dtx.identity import DeviceIdentity
 from dtx.lab.nat import PROFILES, Filtering, Mapping, NatProfile
 from dtx.proto.endpoint import (
     Connection,
@@ -52,7 +51,7 @@ from dtx.proto.endpoint import (
 from dtx.proto.endpoint import StanzaReceived as EpStanzaReceived
 from dtx.proto.paths import PathChanged, PathKind
 from dtx.proto.traversal import Traversal
-from dtx.trust import StaticKeys
+from dtx.trust import PinStore, StaticKeys, Verifier
 from rendezvous.core import RendezvousConfig, RendezvousCore
 from rendezvous.stun import ServerAddresses
 from dtx.wire.address import Address
@@ -527,19 +526,6 @@ class MemoryServer:
 # -- a device -----------------------------------------------------------------------
 
 
-def static_verify(keys: StaticKeys) -> Callable[[str, bytes], None]:
-    """A key check that trusts exactly the keys ``keys`` lists per account."""
-
-    def verify(jid: str, key: bytes) -> None:
-        listed = keys.keys_for(jid.split("/", 1)[0])
-        if listed is None:
-            raise UnknownPeerError(f"no keys known for {jid}")
-        if key not in listed:
-            raise UntrustedKeyError(jid, fingerprint(key), sorted(fingerprint(k) for k in listed))
-
-    return verify
-
-
 class MemoryPeer:
     """The production :class:`~dtx.proto.endpoint.Endpoint` of one device on
     the memory network, driven as ``dtx/aio/peer.py`` drives it: each
@@ -556,7 +542,8 @@ class MemoryPeer:
         self.identity = identity
         self.jid = str(identity.jid)
         self.addr = addr
-        self.endpoint = Endpoint(identity, static_verify(keys), rng=random.Random(seed),
+        verify = Verifier([keys], PinStore(None)).verify  # exactly the keys listed
+        self.endpoint = Endpoint(identity, verify, rng=random.Random(seed),
                                  config=config, listen=listen, rendezvous=server,
                                  host_candidates=host_candidates or (addr,))
         self.events: list[EndpointEvent] = []
@@ -699,5 +686,4 @@ __all__ = [
     "deliver_as_is",
     "identity_for",
     "make_scene",
-    "static_verify",
 ]

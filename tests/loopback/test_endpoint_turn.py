@@ -36,42 +36,34 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-async def wait_event(peer: Peer, kind: type[object], seen: list[object]) -> object:
-    """The first endpoint event of ``kind`` (events are collected as the
-    peer's driver hands them out)."""
-    async with asyncio.timeout(DEADLINE):
-        while True:
-            for ev in seen:
-                if isinstance(ev, kind):
-                    return ev
-            await asyncio.sleep(0.01)
+class Seen:
+    """Every event the peer's driver hands to its listeners (TURN events
+    among them), with a wake-up for whoever waits for one."""
 
+    def __init__(self, peer: Peer) -> None:
+        self.events: list[object] = []
+        self._changed = asyncio.Event()
+        peer.add_event_listener(self._add)
 
-def collect(peer: Peer) -> list[object]:
-    """Keep every TURN event the peer's driver sees (a test tap on its
-    dispatch; the driver hands other events on as usual)."""
-    seen: list[object] = []
-    dispatch = peer._dispatch  # the driver's one event pump
+    def _add(self, ev: object) -> None:
+        self.events.append(ev)
+        self._changed.set()
 
-    def tap() -> None:
-        endpoint = peer.endpoint
-        pending = []
-        while (ev := endpoint.next_event()) is not None:
-            if isinstance(ev, tp.TurnEvent.__args__):
-                seen.append(ev)
-            pending.append(ev)
-        endpoint._events.extendleft(reversed(pending))
-        dispatch()
-
-    peer._dispatch = tap  # type: ignore[method-assign]
-    return seen
+    async def first(self, kind: type[object]) -> object:
+        async with asyncio.timeout(DEADLINE):
+            while True:
+                for ev in self.events:
+                    if isinstance(ev, kind):
+                        return ev
+                self._changed.clear()
+                await self._changed.wait()
 
 
 async def test_a_session_relayed_through_coturn(coturn: Coturn, tv_id: DeviceIdentity,
                                                 remote_id: DeviceIdentity) -> None:
     async with open_peer(tv_id, trusting(tv_id, remote_id)) as tv, \
             open_peer(remote_id, trusting(tv_id, remote_id), listen=False) as remote:
-        seen = collect(remote)
+        seen = Seen(remote)
         username, password = rest_credentials("remote", int(time.time()) + 3600)
         loop = asyncio.get_running_loop()
         client = tp.TurnClient(coturn.address, username, password, loop.time() + 3600,
@@ -79,12 +71,12 @@ async def test_a_session_relayed_through_coturn(coturn: Coturn, tv_id: DeviceIde
         endpoint = remote.endpoint
         endpoint.use_turn(client, loop.time())
         remote._wake()
-        allocated = await wait_event(remote, tp.Allocated, seen)
+        allocated = await seen.first(tp.Allocated)
         assert isinstance(allocated, tp.Allocated)
         relayed = allocated.relayed
         client.bind_channel(tv.address, loop.time())
         remote._wake()
-        await wait_event(remote, tp.ChannelBound, seen)
+        await seen.first(tp.ChannelBound)
 
         intro, probe_key = b"turntest", b"k" * 32
         endpoint.introduced(Introduction(
