@@ -40,13 +40,14 @@ from dtx.wire.control import (
     encode_hello,
     encode_register,
 )
+from dtx.lab.scene import write_vcards
 from dtx.wire.relay import encode_relay
 from dtx.wire.stun import binding_request, decode_stun
 from rendezvous.core import RendezvousConfig
 from rendezvous.server import serve
 
 from .conftest import trusting
-from .test_rendezvous_server import ROOT, exercise, write_vcards
+from .test_rendezvous_server import ROOT, exercise
 
 ATTACKERS = [f"127.0.0.{i}" for i in range(2, 6)]
 DEADLINE = 10.0

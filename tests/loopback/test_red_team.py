@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -155,17 +156,28 @@ ACK_WINDOW = 3.0
 peer that never acknowledges fits a test."""
 
 
-def start_victim(tmp_path: Path, tv_id: DeviceIdentity, remote_id: DeviceIdentity,
-                 argv: list[str]) -> Victim:
+LISTEN = ["-m", "dtx.cli", "listen", "{key}", "--vcards", "{vcards}", "--no-pins", "--json"]
+"""``dtx listen`` as the TV (it never reads datagrams), trusting the remote."""
+
+
+@contextmanager
+def running_victim(tmp_path: Path, tv_id: DeviceIdentity, remote_id: DeviceIdentity,
+                   argv: list[str], *, log: Path | None = None) -> Iterator[Victim]:
+    """The TV in its own process (``argv`` after the interpreter, with
+    ``{key}`` and ``{vcards}`` filled in), its JSON lines read by a thread,
+    its stderr in ``log`` (or dropped); killed on exit."""
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs /proc to read the victim's resident memory")
     vcards = tmp_path / "vcards"
     write_vcards(vcards, tv_id, remote_id)
     key = tmp_path / "tv.key"
     save_identity(tv_id, key)
-    proc = subprocess.Popen(
-        [sys.executable, *[{"{key}": str(key), "{vcards}": str(vcards)}.get(a, a)
-                           for a in argv]],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True,
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    with open(log, "w") if log is not None else open(os.devnull, "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, *[{"{key}": str(key), "{vcards}": str(vcards)}.get(a, a)
+                               for a in argv]],
+            stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, text=True,
+            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     events: queue.Queue[dict[str, object]] = queue.Queue()
 
     def read() -> None:
@@ -175,29 +187,23 @@ def start_victim(tmp_path: Path, tv_id: DeviceIdentity, remote_id: DeviceIdentit
 
     threading.Thread(target=read, daemon=True).start()
     try:
-        first = events.get(timeout=30)
-    except queue.Empty:
+        try:
+            first = events.get(timeout=30)
+        except queue.Empty:
+            raise AssertionError("the victim did not start") from None
+        assert first["event"] == "listening", first
+        yield Victim(proc, (str(first["host"]), int(str(first["port"]))), events)
+    finally:
         proc.kill()
-        raise AssertionError("the victim did not start") from None
-    assert first["event"] == "listening", first
-    return Victim(proc, (str(first["host"]), int(str(first["port"]))), events)
+        proc.wait(10)
 
 
 @pytest.fixture
 def victim(tmp_path: Path, tv_id: DeviceIdentity,
            remote_id: DeviceIdentity) -> Iterator[Victim]:
-    """``dtx listen`` (which never reads datagrams) as the TV, trusting the
-    remote's key, in its own process."""
-    if not Path("/proc/self/status").exists():
-        pytest.skip("needs /proc to read the victim's resident memory")
-    v = start_victim(tmp_path, tv_id, remote_id,
-                     ["-m", "dtx.cli", "listen", "{key}", "--vcards", "{vcards}", "--no-pins",
-                      "--json"])
-    try:
+    """``dtx listen`` as the TV, in its own process."""
+    with running_victim(tmp_path, tv_id, remote_id, LISTEN) as v:
         yield v
-    finally:
-        v.proc.kill()
-        v.proc.wait(10)
 
 
 @pytest.fixture
@@ -205,15 +211,9 @@ def strict_victim(tmp_path: Path, tv_id: DeviceIdentity,
                   remote_id: DeviceIdentity) -> Iterator[Victim]:
     """A listener like ``dtx listen`` with an ack window of ACK_WINDOW s,
     in its own process; it reports each session's end."""
-    if not Path("/proc/self/status").exists():
-        pytest.skip("needs /proc to read the victim's resident memory")
-    v = start_victim(tmp_path, tv_id, remote_id,
-                     ["-c", VICTIM_SCRIPT, "{key}", "{vcards}", str(ACK_WINDOW)])
-    try:
+    with running_victim(tmp_path, tv_id, remote_id,
+                        ["-c", VICTIM_SCRIPT, "{key}", "{vcards}", str(ACK_WINDOW)]) as v:
         yield v
-    finally:
-        v.proc.kill()
-        v.proc.wait(10)
 
 
 async def connected(remote: Peer, victim: Victim, tv_id: DeviceIdentity) -> Session:
@@ -330,16 +330,8 @@ async def test_queries_never_acknowledged_cost_a_bounded_amount_and_end_the_sess
 def echo_victim(tmp_path: Path, tv_id: DeviceIdentity,
                 remote_id: DeviceIdentity) -> Iterator[Victim]:
     """``dtx listen --echo`` as the TV, in its own process."""
-    if not Path("/proc/self/status").exists():
-        pytest.skip("needs /proc to read the victim's resident memory")
-    v = start_victim(tmp_path, tv_id, remote_id,
-                     ["-m", "dtx.cli", "listen", "{key}", "--vcards", "{vcards}", "--no-pins",
-                      "--echo", "--json"])
-    try:
+    with running_victim(tmp_path, tv_id, remote_id, [*LISTEN, "--echo"]) as v:
         yield v
-    finally:
-        v.proc.kill()
-        v.proc.wait(10)
 
 
 async def test_messages_whose_echoes_are_never_acknowledged_cost_a_bounded_amount(
@@ -390,32 +382,9 @@ async def test_messages_whose_echoes_are_never_acknowledged_cost_a_bounded_amoun
 def logged_victim(tmp_path: Path, tv_id: DeviceIdentity,
                   remote_id: DeviceIdentity) -> Iterator[tuple[Victim, Path]]:
     """``dtx listen`` as the TV with its log (stderr, default level) in a file."""
-    vcards = tmp_path / "vcards"
-    write_vcards(vcards, tv_id, remote_id)
-    key = tmp_path / "tv.key"
-    save_identity(tv_id, key)
     log = tmp_path / "listen.log"
-    with open(log, "w") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "dtx.cli", "listen", str(key), "--vcards", str(vcards),
-             "--no-pins", "--json"],
-            stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, text=True,
-            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    events: queue.Queue[dict[str, object]] = queue.Queue()
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            events.put(json.loads(line))
-
-    threading.Thread(target=read, daemon=True).start()
-    try:
-        first = events.get(timeout=30)
-        assert first["event"] == "listening", first
-        yield Victim(proc, (str(first["host"]), int(str(first["port"]))), events), log
-    finally:
-        proc.kill()
-        proc.wait(10)
+    with running_victim(tmp_path, tv_id, remote_id, LISTEN, log=log) as v:
+        yield v, log
 
 
 async def test_a_flood_of_bad_input_costs_a_few_log_lines(
