@@ -56,13 +56,12 @@ import socket
 from collections import OrderedDict, deque
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 from slixmpp import ClientXMPP
 from slixmpp.xmlstream.tostring import tostring
 
-from ..errors import AuthenticationError, ConnectError, DtxError, LocalProtocolError, XmppError
+from ..errors import ConnectError, DtxError, LocalProtocolError, XmppError
 from ..identity import DeviceIdentity
 from ..jid import JID
 from ..proto import turn as tp
@@ -142,64 +141,28 @@ class _DeviceClient(XmppClient):
     ``XmppClient.connect``; it then reads vCards and asks for services as
     any XmppClient does.
 
-    Its login repeats the shape of ``XmppClient.connect``, which hard-codes
-    the bare JID; once XmppClient takes a resource to bind, this class goes."""
+    It is ``XmppClient``'s login with three things changed: the JID it logs
+    in as, no automatic subscription approval, and the bound JID checked."""
 
     def __init__(self, jid: JID, password: str, config: XmppConfig) -> None:
         super().__init__(jid, password, config=config)
         self.full = jid
         self.xmpp: _Xmpp | None = None
 
-    async def connect(self) -> None:
-        cfg = self._config
-        xmpp = _Xmpp(self.full.full, self._password, allow_plaintext=cfg.allow_plaintext)
-        xmpp.enable_direct_tls = False
-        xmpp.enable_starttls = True
-        xmpp.enable_plaintext = False
-        if cfg.ca_file is not None:
-            xmpp.ca_certs = Path(cfg.ca_file)
-        if cfg.allow_plaintext:
-            mechs = xmpp.plugin["feature_mechanisms"]
-            mechs.unencrypted_plain = mechs.unencrypted_scram = True
+    def _login_jid(self) -> str:
+        return self.full.full
+
+    def _prepare(self, xmpp: _Xmpp) -> None:
         # A subscription decides who may learn this device's addresses: it
         # is the user's to grant, never slixmpp's (which by default
         # approves every request, and asks back).
         xmpp.auto_authorize = None
         xmpp.auto_subscribe = False
-        where = "%s:%d" % cfg.server if cfg.server else self.full.domain
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-        def fail(exc: DtxError) -> Callable[[Any], None]:
-            return lambda _arg: None if done.done() else done.set_exception(exc)
-
-        xmpp.add_event_handler("session_start",
-                               lambda _: None if done.done() else done.set_result(None))
-        xmpp.add_event_handler("failed_all_auth", fail(AuthenticationError(
-            f"{where} refused the login of {self.full}")))
-        xmpp.add_event_handler("dtx_refused", fail(XmppError(f"{where}: no TLS offered")))
-        xmpp.add_event_handler("ssl_invalid_chain", fail(ConnectError(
-            f"{where}: TLS certificate not trusted")))
-        xmpp.add_event_handler("connection_failed", fail(ConnectError(
-            f"{where}: connection failed")))
-        xmpp.add_event_handler("disconnected", fail(ConnectError(
-            f"{where} closed the connection during login")))
-        if cfg.server is not None:
-            xmpp.connect(cfg.server[0], cfg.server[1])
-        else:
-            xmpp.connect()
-        try:
-            await asyncio.wait_for(done, cfg.timeout)
-        except TimeoutError:
-            await self._abort(xmpp)
-            raise ConnectError(f"no XMPP session with {where} within {cfg.timeout} s") from None
-        except BaseException:
-            await self._abort(xmpp)
-            raise
+    def _logged_in(self, xmpp: _Xmpp, where: str) -> None:
         if str(xmpp.boundjid) != self.full.full:
-            await self._abort(xmpp)
             raise XmppError(f"{where} bound {xmpp.boundjid}, not {self.full}")
-        self._xmpp = self.xmpp = xmpp
-        logger.info("logged in to %s as %s", where, xmpp.boundjid)
+        self.xmpp = xmpp
 
     async def close(self) -> None:
         self.xmpp = None

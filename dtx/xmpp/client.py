@@ -216,7 +216,7 @@ class XmppClient:
         if self._xmpp is not None:
             return
         cfg = self._config
-        xmpp = _Xmpp(self._jid.bare.full, self._password, allow_plaintext=cfg.allow_plaintext)
+        xmpp = _Xmpp(self._login_jid(), self._password, allow_plaintext=cfg.allow_plaintext)
         xmpp.enable_direct_tls = False
         xmpp.enable_starttls = True
         xmpp.enable_plaintext = False
@@ -226,6 +226,7 @@ class XmppClient:
             mechs = xmpp.plugin["feature_mechanisms"]
             mechs.unencrypted_plain = True
             mechs.unencrypted_scram = True
+        self._prepare(xmpp)
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
 
@@ -273,8 +274,26 @@ class XmppClient:
         except BaseException:
             await self._abort(xmpp)
             raise
+        try:
+            self._logged_in(xmpp, where)
+        except BaseException:
+            await self._abort(xmpp)
+            raise
         self._xmpp = xmpp
         logger.info("logged in to %s as %s", where, xmpp.boundjid)
+
+    # -- what a subclass logging in otherwise changes --------------------------
+
+    def _login_jid(self) -> str:
+        """The JID to log in as: the bare JID, so the server picks a fresh
+        resource and no live session of the account is displaced."""
+        return self._jid.bare.full
+
+    def _prepare(self, xmpp: _Xmpp) -> None:
+        """Configure the connection before it connects (plugins, filters)."""
+
+    def _logged_in(self, xmpp: _Xmpp, where: str) -> None:
+        """Check the session just opened; raise to refuse it."""
 
     @staticmethod
     async def _reap(xmpp: _Xmpp) -> None:
