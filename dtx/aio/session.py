@@ -12,6 +12,7 @@ peer to transmit once per event-loop iteration.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 from collections import deque
@@ -122,11 +123,8 @@ class Session:
     def statistics(self) -> ep.SessionStatistics:
         """A snapshot of the session's counters."""
         stats = self.connection.statistics()
-        if self.datagrams_dropped:
-            return ep.SessionStatistics(**{
-                **vars(stats),
-                "datagrams_dropped": stats.datagrams_dropped + self.datagrams_dropped})
-        return stats
+        return dataclasses.replace(
+            stats, datagrams_dropped=stats.datagrams_dropped + self.datagrams_dropped)
 
     # -- callbacks ----------------------------------------------------------------
 

@@ -594,8 +594,7 @@ class Endpoint:
                 if mapped is not None:
                     addr = mapped
             self._quic_datagram(data, addr, now)
-        elif kind is PacketKind.DTX and (self.traversal.client is not None
-                                         or self.traversal.links):
+        elif kind is PacketKind.DTX and self.traversal.busy:
             relayed = self.traversal.receive_dtx(data, addr, now)
             if relayed is not None:
                 self._quic_datagram(relayed[0], relayed[1], now)
