@@ -64,6 +64,7 @@ from .logs import LogLimiter
 from .natcheck import add_cli as add_natcheck_cli
 from .proto.xmlstream import DEFAULT_MAX_STANZA_BYTES, encode_stanza
 from .xmpp.cli import add_cli as add_xmpp_cli
+from .xmpp.cli import add_signalling_options, check_signalling_options, read_password_file
 from .trust import PinStore, VCardDirectory, Verifier, add_key, new_vcard
 
 MESSAGE_TYPES = ("chat", "normal", "headline", "groupchat")
@@ -194,8 +195,10 @@ def cmd_pin(args: argparse.Namespace) -> int:
 # -- session commands ---------------------------------------------------------------
 
 
-def make_verifier(args: argparse.Namespace) -> Verifier:
-    sources = []
+def make_verifier(args: argparse.Namespace, sources: list[Any] | None = None) -> Verifier:
+    """The verifier of a session command: ``sources`` (the XMPP account's
+    keys with ``--xmpp``), the ``--vcards`` folder, the pin store."""
+    sources = list(sources or ())
     if args.vcards is not None:
         if not Path(args.vcards).is_dir():
             raise UsageError(f"--vcards {args.vcards}: not a folder")
@@ -217,8 +220,10 @@ def session_command(run: Callable[[argparse.Namespace], Coroutine[Any, Any, int]
     """A session command: its addresses resolved (:func:`resolve_endpoints`)
     before the event loop starts, then ``run``."""
     def go(args: argparse.Namespace) -> int:
+        check_signalling_options(args)
         if local_flag == "--host":
-            local = args.host or ("0.0.0.0" if args.lan or args.rendezvous else "127.0.0.1")
+            local = args.host or ("0.0.0.0" if args.lan or args.rendezvous or args.xmpp
+                                  else "127.0.0.1")
         else:
             local = args.bind
         resolve_endpoints(args, local_flag, local)
@@ -237,25 +242,97 @@ def check_message_fits(args: argparse.Namespace) -> Element:
     return message
 
 
-async def _connect(args: argparse.Namespace) -> tuple[Any, Any, float]:
+class Device:
+    """A session command's started peer and, with ``--xmpp``, its
+    signalling through the account's server."""
+
+    def __init__(self, peer: Any, signalling: Any | None, args: argparse.Namespace) -> None:
+        self.peer = peer
+        self.signalling = signalling
+        self.args = args
+
+    def signalled_by(self, session: Any) -> str | None:
+        """How the session was found: ``lan``, ``xmpp``, ``rendezvous``,
+        or None (an address given, or a peer that came with one)."""
+        if any(kind == "lan" for _, kind in session.path_history()[:1]):
+            return "lan"
+        if self.signalling is not None and self.signalling.introduced(session.peer_jid):
+            return "xmpp"
+        if self.args.rendezvous is not None and getattr(self.args, "addr", None) is None:
+            return "rendezvous"
+        return None
+
+    def relay_of(self, session: Any, path: str | None = None) -> str | None:
+        """On the relay path, whose relay: ``turn`` (the XMPP server's
+        coturn) or ``rendezvous``; None on any other path."""
+        if (path or session.path) != "relay":
+            return None
+        return "turn" if self.signalled_by(session) == "xmpp" else "rendezvous"
+
+    async def close(self) -> None:
+        try:
+            if self.signalling is not None:
+                await self.signalling.close()
+        finally:
+            await self.peer.close()
+
+
+async def open_device(args: argparse.Namespace, host: str, port: int, *,
+                      listen: bool) -> Device:
+    """The key file's peer, started on ``host:port``; with ``--xmpp``
+    logged in to the account as the key file's full JID."""
     from .aio.peer import Peer
 
-    if args.addr is None and args.rendezvous is None and not args.lan:
-        raise UsageError("give --addr HOST:PORT, --rendezvous HOST:PORT or --lan")
     identity = load_identity(args.keyfile)
-    peer = Peer(identity, make_verifier(args), config=peer_config(args))
+    xmpp = check_signalling_options(args)
+    signalling = None
+    if xmpp is not None:
+        from .aio.xmpp import XmppSignalling, XmppSignallingConfig
+
+        signalling = XmppSignalling(identity, read_password_file(args.password_file),
+                                    config=XmppSignallingConfig(
+                                        xmpp=xmpp, connect_timeout=getattr(args, "timeout",
+                                                                           10.0)))
+    sources = [] if signalling is None else [signalling.key_source]
+    device = Device(Peer(identity, make_verifier(args, sources), config=peer_config(args)),
+                    signalling, args)
+    try:
+        await start_peer(device.peer, host, port, listen=listen)
+        if signalling is not None:
+            await signalling.start(device.peer)
+    except BaseException:
+        await device.close()
+        raise
+    return device
+
+
+async def _connect(args: argparse.Namespace) -> tuple[Device, Any, float]:
+    if args.addr is None and args.rendezvous is None and not args.lan and not args.xmpp:
+        raise UsageError("give --addr HOST:PORT, --rendezvous HOST:PORT, --xmpp or --lan")
     loop = asyncio.get_running_loop()
     start = loop.time()
+    device = await open_device(args, args.bind, 0, listen=False)
+    deadline = start + args.timeout
     try:
-        await start_peer(peer, args.bind, 0, listen=False)
-        session = await peer.connect(args.to, args.addr, timeout=args.timeout)
+        if device.signalling is None:
+            session = await device.peer.connect(args.to, args.addr, timeout=args.timeout)
+        else:
+            session = None
+            if args.lan:
+                try:
+                    session = await device.peer.connect(args.to, timeout=args.timeout)
+                except (ConnectError, TrustError) as exc:
+                    logger.info("not on the LAN (%s); signalling through the server", exc)
+            if session is None:
+                session = await device.signalling.connect(
+                    args.to, timeout=max(0.0, deadline - loop.time()))
     except BaseException:
-        await peer.close()
+        await device.close()
         raise
-    return peer, session, start
+    return device, session, start
 
 
-def path_report(session: Any, start: float) -> dict[str, Any]:
+def path_report(device: Device, session: Any, start: float) -> dict[str, Any]:
     """The path keys of the JSON output; times in ms from ``start``."""
     offset = (session.started_at - start) * 1000
     history = [{"at_ms": round(offset + at * 1000, 3), "path": kind}
@@ -263,6 +340,8 @@ def path_report(session: Any, start: float) -> dict[str, Any]:
     direct = session.direct_after()
     return {
         "path": session.path,
+        "signalling": device.signalled_by(session),
+        "relay": device.relay_of(session),
         "direct_after_ms": None if direct is None else round(offset + direct * 1000, 3),
         "paths": history,
     }
@@ -270,7 +349,7 @@ def path_report(session: Any, start: float) -> dict[str, Any]:
 
 async def run_send(args: argparse.Namespace) -> int:
     message = check_message_fits(args)
-    peer, session, start = await _connect(args)
+    device, session, start = await _connect(args)
     loop = asyncio.get_running_loop()
     try:
         handshake_ms = (loop.time() - start) * 1000
@@ -279,7 +358,7 @@ async def run_send(args: argparse.Namespace) -> int:
         connect_ms = (loop.time() - start) * 1000
         if args.linger:
             await asyncio.sleep(args.linger)
-        report = path_report(session, start)
+        report = path_report(device, session, start)
         ended = await session.close()
         result = {
             "to": args.to,
@@ -291,7 +370,7 @@ async def run_send(args: argparse.Namespace) -> int:
             "closed": "graceful" if ended.error is None else str(ended.error),
         }
     finally:
-        await peer.close()
+        await device.close()
     if args.json:
         emit(result)
     else:
@@ -301,7 +380,7 @@ async def run_send(args: argparse.Namespace) -> int:
 
 
 async def run_ping(args: argparse.Namespace) -> int:
-    peer, session, start = await _connect(args)
+    device, session, start = await _connect(args)
     loop = asyncio.get_running_loop()
     rtts: list[float] = []
     connect_ms = 0.0
@@ -320,10 +399,10 @@ async def run_ping(args: argparse.Namespace) -> int:
                 print(f"pong from {session.peer_jid}: seq={i} time={rtt * 1000:.2f} ms")
             if args.interval and i + 1 < args.count:
                 await asyncio.sleep(args.interval)
-        report = path_report(session, start)
+        report = path_report(device, session, start)
         await session.close()
     finally:
-        await peer.close()
+        await device.close()
     if not rtts:
         raise ConnectError(f"no answer to {args.count} pings")
     result = {
@@ -351,10 +430,8 @@ async def run_ping(args: argparse.Namespace) -> int:
 
 
 async def run_listen(args: argparse.Namespace) -> int:
-    from .aio.peer import Peer, Session
+    from .aio.peer import Session
 
-    identity = load_identity(args.keyfile)
-    peer = Peer(identity, make_verifier(args), config=peer_config(args))
     echo_log = LogLimiter(logger)
 
     def echo(session: Session, el: Element, body: str) -> bool:
@@ -384,10 +461,13 @@ async def run_listen(args: argparse.Namespace) -> int:
         return True
 
     async def serve(session: Session) -> None:
-        say(args, {"event": "session", "peer": session.peer_jid, "path": session.path},
+        say(args, {"event": "session", "peer": session.peer_jid, "path": session.path,
+                   "signalling": device.signalled_by(session),
+                   "relay": device.relay_of(session)},
             f"session with {session.peer_jid} over {session.path}")
         session.on_path_change(lambda change: say(
-            args, {"event": "path", "peer": session.peer_jid, "path": change.kind.value},
+            args, {"event": "path", "peer": session.peer_jid, "path": change.kind.value,
+                   "relay": device.relay_of(session, change.kind.value)},
             f"path to {session.peer_jid}: {change.kind.value}"))
         async for el in session:
             body = st.body_of(el)
@@ -430,16 +510,31 @@ async def run_listen(args: argparse.Namespace) -> int:
 
     served = 0
     tasks: set[asyncio.Task[None]] = set()
+    device = await open_device(args, args.host, args.port, listen=True)
+    peer, signalling = device.peer, device.signalling
     try:
-        host = args.host
-        await start_peer(peer, host, args.port, listen=True)
         if args.rendezvous is not None:
             await peer.wait_registered(10.0)
         host, port = peer.address
+        fields: dict[str, Any] = {}
+        if signalling is not None:
+            stats = signalling.statistics()
+            fields = {"signalling": "xmpp", "online": stats.online,
+                      "relayed": None if stats.relayed is None else format_address(*stats.relayed),
+                      "reflexive": None if stats.reflexive is None
+                      else format_address(*stats.reflexive)}
+            signalling.add_online_listener(lambda online: say(
+                args, {"event": "xmpp", "online": online},
+                "logged back in to the XMPP server" if online
+                else "the XMPP connection dropped; logging back in"))
+        elif args.rendezvous is not None:
+            fields = {"signalling": "rendezvous"}
         say(args, {"event": "listening", "jid": peer.jid, "address": format_address(host, port),
-                   "host": host, "port": port, "fingerprint": identity.fingerprint,
-                   **listening_fields(peer)},
-            f"listening as {peer.jid} on {format_address(host, port)} ({identity.fingerprint})")
+                   "host": host, "port": port, "fingerprint": peer.identity.fingerprint,
+                   **fields, **listening_fields(peer)},
+            f"listening as {peer.jid} on {format_address(host, port)} "
+            f"({peer.identity.fingerprint})"
+            + (" signalling through the XMPP server" if signalling is not None else ""))
         link_local = asyncio.create_task(serve_link_local(
             peer, echo=args.echo, report=lambda obj, text: say(args, obj, text)))
         tasks.add(link_local)
@@ -453,7 +548,7 @@ async def run_listen(args: argparse.Namespace) -> int:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
     finally:
-        await peer.close()
+        await device.close()
     return 0
 
 
@@ -551,6 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--presence", action="store_true",
                    help="with --lan: also serve XEP-0174 clients (Pidgin's Bonjour) on a TCP "
                    "port announced as _presence._tcp; unauthenticated and unencrypted")
+    add_signalling_options(p)
     p.add_argument("--echo", action="store_true", help="send every message body back")
     p.add_argument("--sessions", type=parse_sessions, default=0,
                    help="exit after this many sessions ended (0: never)")
@@ -570,6 +666,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="reach the peer by JID through this rendezvous server")
         p.add_argument("--lan", action="store_true",
                        help="look for the peer on the LAN first (mDNS/DNS-SD)")
+        add_signalling_options(p)
         p.add_argument("--bind", default="0.0.0.0", type=parse_bind_host,
                        help="local address or host name (default %(default)s)")
         p.add_argument("--timeout", type=parse_timeout, default=10.0,

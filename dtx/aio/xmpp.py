@@ -38,8 +38,11 @@ requests are left to the user (slixmpp's automatic approval is off).
 :meth:`XmppSignalling.connect` returns a dtx :class:`~dtx.aio.session.Session`
 (this device is the QUIC client); incoming sessions come from
 ``peer.accept()`` as always. When the XMPP connection drops, established
-dtx sessions go on (they never touch the server); new ones cannot be
-signalled until :meth:`XmppSignalling.start` runs again on a new object.
+dtx sessions go on (they never touch the server); it logs back in by
+itself (``XmppSignallingConfig.relogin``: back-off from ``relogin_delay``
+to ``relogin_max_delay``, for up to ``relogin_for``), then answers Jingle
+again, says it is available, reads the roster and renews the TURN
+credentials. A refused password ends the attempts at once.
 
 Without a TURN service there is no reflexive address either (a STUN Binding
 on the peer's socket is not made here: the endpoint takes only its TURN
@@ -61,7 +64,7 @@ from typing import Any, TypeVar
 from slixmpp import ClientXMPP
 from slixmpp.xmlstream.tostring import tostring
 
-from ..errors import ConnectError, DtxError, LocalProtocolError, XmppError
+from ..errors import AuthenticationError, ConnectError, DtxError, LocalProtocolError, XmppError
 from ..identity import DeviceIdentity
 from ..jid import JID
 from ..proto import turn as tp
@@ -123,6 +126,27 @@ class XmppSignallingConfig:
     max_sync_wait: float = 2.0
     """Cap on how long the initiator, once introduced, waits for the
     responder to acknowledge the ``<probe/>`` before opening QUIC anyway."""
+    relogin: bool = True
+    """Log back in by itself after the XMPP connection dropped."""
+    relogin_delay: float = 1.0
+    """The first wait before logging back in; doubled (with jitter) after
+    each failed attempt, up to ``relogin_max_delay``."""
+    relogin_max_delay: float = 60.0
+    relogin_for: float = 86400.0
+    """How long to keep trying after one drop before giving up (then
+    :attr:`XmppSignalling.online` stays False and the log says so)."""
+
+    def __post_init__(self) -> None:
+        for name in ("allocate_timeout", "connect_timeout", "max_sync_wait", "relogin_delay",
+                     "relogin_max_delay", "relogin_for"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 < value < float("inf")):
+                raise ValueError(f"XmppSignallingConfig.{name} must be a finite number > 0, "
+                                 f"not {value!r}")
+        if self.relogin_max_delay < self.relogin_delay:
+            raise ValueError("XmppSignallingConfig.relogin_max_delay is below relogin_delay")
+        if self.max_tasks < 1:
+            raise ValueError("XmppSignallingConfig.max_tasks must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -192,15 +216,21 @@ class XmppSignalling:
         self._probe_iqs: OrderedDict[str, str] = OrderedDict()
         """Ids of the ``<probe/>`` session-infos sent, by sid (bounded)."""
         self._synced: dict[str, asyncio.Event] = {}
+        self._introduced: OrderedDict[str, None] = OrderedDict()
+        """Full JIDs introduced by Jingle, latest last (bounded)."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._allocated = asyncio.Event()
         self._renewed = asyncio.Event()
-        self.counters: dict[str, int] = {"credentials_renewed": 0, "credentials_failed": 0}
+        self.counters: dict[str, int] = {"credentials_renewed": 0, "credentials_failed": 0,
+                                         "relogins": 0, "relogin_attempts": 0}
         self._recent: deque[SignallingEvent] = deque(maxlen=_MAX_RECENT)
         self._event_seen = asyncio.Event()
         self._remove_listener: Callable[[], None] | None = None
         self._online = False
+        self._online_changed = asyncio.Event()
+        self._online_listeners: list[Callable[[bool], None]] = []
+        self._relogin_task: asyncio.Task[None] | None = None
         self._closed = False
 
     # -- lifecycle ----------------------------------------------------------------
@@ -219,13 +249,9 @@ class XmppSignalling:
         await self._client.connect()
         xmpp = self._client.xmpp
         assert xmpp is not None
-        self._online = True
         xmpp.add_event_handler("disconnected", self._on_disconnected)
         loop = asyncio.get_running_loop()
-        try:
-            await asyncio.wait_for(xmpp.get_roster(), self.config.xmpp.timeout)
-        except (TimeoutError, Exception) as exc:  # noqa: BLE001 - no roster: own devices only
-            logger.warning("no roster from the server (%s): only own devices may connect", exc)
+        await self._read_roster(xmpp)
         self._signalling = JingleSignalling(
             self.identity, fingerprint=certificate_fingerprint(endpoint._certificate),
             may_contact=self._may_contact, keys_for=self.key_source.keys_for,
@@ -247,11 +273,33 @@ class XmppSignalling:
                        else host_candidates(bound, _ip_of(server)))
         # Jingle is answered from here on, with every candidate known
         # (before, slixmpp answers a session-initiate with an error).
-        xmpp.add_filter("in", self._incoming)
-        xmpp.send_presence()
+        self._attach(xmpp)
         self._pump()
         logger.info("signalling over XMPP as %s: %d candidates", self.identity.jid,
                     len(self.local_candidates()))
+
+    async def _read_roster(self, xmpp: _Xmpp) -> None:
+        try:
+            await asyncio.wait_for(xmpp.get_roster(), self.config.xmpp.timeout)
+        except (TimeoutError, Exception) as exc:  # noqa: BLE001 - no roster: own devices only
+            logger.warning("no roster from the server (%s): only own devices may connect", exc)
+
+    def _attach(self, xmpp: _Xmpp) -> None:
+        """Take Jingle from the connection, say this device is available."""
+        xmpp.add_filter("in", self._incoming)
+        xmpp.send_presence()
+        self._set_online(True)
+
+    def _set_online(self, online: bool) -> None:
+        if online == self._online:
+            return
+        self._online = online
+        self._online_changed.set()
+        for listener in list(self._online_listeners):
+            try:
+                listener(online)
+            except Exception:  # noqa: BLE001 - a listener's bug is not the connection's
+                logger.exception("online listener failed")
 
     async def _start_turn(self, peer: Peer, loop: asyncio.AbstractEventLoop) -> None:
         try:
@@ -299,10 +347,13 @@ class XmppSignalling:
             if not fut.done():
                 fut.set_exception(ConnectError("signalling closed"))
                 fut.exception()
-        for task in list(self._tasks):
+        tasks = list(self._tasks)
+        if self._relogin_task is not None:
+            tasks.append(self._relogin_task)
+        for task in tasks:
             task.cancel()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=1.0)
+        if tasks:
+            await asyncio.wait(tasks, timeout=1.0)
         if self._timer is not None:
             self._timer.cancel()
         peer = self._peer
@@ -313,14 +364,30 @@ class XmppSignalling:
             self._remove_listener()
         await self.key_source.close()
         await self._client.close()
-        self._online = False
+        self._set_online(False)
 
     # -- user calls -------------------------------------------------------------------
 
     @property
     def online(self) -> bool:
-        """Logged in (False after the XMPP connection dropped)."""
+        """Logged in (False after the XMPP connection dropped, until it is
+        back: ``XmppSignallingConfig.relogin``)."""
         return self._online
+
+    async def wait_online(self, online: bool = True, *, timeout: float) -> None:
+        """Wait until :attr:`online` is ``online``; :class:`TimeoutError`
+        past ``timeout``."""
+        async with asyncio.timeout(timeout):
+            while self._online != online:
+                self._online_changed.clear()
+                await self._online_changed.wait()
+
+    def add_online_listener(self, listener: Callable[[bool], None]) -> Callable[[], None]:
+        """Call ``listener(online)`` whenever the XMPP connection goes or
+        comes back; returns the function that removes it."""
+        self._online_listeners.append(listener)
+        return lambda: self._online_listeners.remove(listener) \
+            if listener in self._online_listeners else None
 
     @property
     def xmpp(self) -> ClientXMPP | None:
@@ -352,20 +419,79 @@ class XmppSignalling:
                 out.append(LocalCandidate(turn.relayed, CandidateType.RELAY, turn.mapped))
         return out
 
+    def introduced(self, full_jid: str) -> bool:
+        """Whether the device ``full_jid`` was introduced to this one by
+        Jingle (of the last few hundred introduced): how a session with
+        it was signalled."""
+        return full_jid in self._introduced
+
+    def devices(self, bare_jid: str) -> list[str]:
+        """The full JIDs of ``bare_jid``'s resources that are available now
+        (by presence), highest priority first; never this device."""
+        xmpp = self._client.xmpp
+        if xmpp is None:
+            return []
+        bare = JID.parse(bare_jid).bare.full
+        resources = xmpp.client_roster[bare].resources
+        ranked = sorted(resources.items(), key=lambda kv: -int(kv[1].get("priority") or 0))
+        out = [f"{bare}/{res}" for res, _ in ranked]
+        return [j for j in out if j != self.identity.jid.full]
+
     async def connect(self, jid: str, *, timeout: float | None = None) -> Session:
-        """A dtx session with the device ``jid`` (a full JID), signalled
-        through the server; ``timeout`` (default ``connect_timeout``) is a
-        deadline for the whole call. Raises :class:`~dtx.errors.ConnectError`
-        (refused, no answer, not a contact, offline), or what
-        :meth:`Peer.connect <dtx.aio.peer.Peer.connect>` raises for the
-        QUIC handshake (:class:`~dtx.errors.TrustError`,
-        :class:`~dtx.errors.AuthenticationError`)."""
-        peer, sig = self._started()
+        """A dtx session with the device ``jid``, signalled through the
+        server. A bare JID means any of the account's available devices
+        (by presence; waited for, within the deadline, when none is known
+        yet), tried highest priority first. ``timeout`` (default
+        ``connect_timeout``) is a deadline for the whole call. Raises
+        :class:`~dtx.errors.ConnectError` (refused, no answer, not a
+        contact, offline), or what :meth:`Peer.connect
+        <dtx.aio.peer.Peer.connect>` raises for the QUIC handshake
+        (:class:`~dtx.errors.TrustError`, :class:`~dtx.errors.AuthenticationError`)."""
+        self._started()
         if not self._online:
             raise ConnectError("not connected to the XMPP server")
         loop = asyncio.get_running_loop()
         budget = self.config.connect_timeout if timeout is None else timeout
         deadline = loop.time() + budget
+        if JID.parse(jid).resource is not None:
+            return await self._connect_device(jid, deadline)
+        targets = await self._wait_devices(jid, deadline)
+        failure: DtxError | None = None
+        for target in targets:
+            try:
+                return await self._connect_device(target, deadline)
+            except ConnectError as exc:
+                logger.info("%s: %s", target, exc)
+                failure = exc
+        raise failure or ConnectError(f"no device of {jid} is available (no presence)")
+
+    async def _wait_devices(self, bare: str, deadline: float) -> list[str]:
+        found = self.devices(bare)
+        xmpp = self._client.xmpp
+        if found or xmpp is None:
+            return found
+        arrived = asyncio.Event()
+
+        def seen(presence: Any) -> None:
+            if str(presence["from"].bare) == JID.parse(bare).bare.full:
+                arrived.set()
+
+        xmpp.add_event_handler("presence_available", seen)
+        try:
+            async with asyncio.timeout_at(deadline):
+                while not (found := self.devices(bare)):
+                    arrived.clear()
+                    await arrived.wait()
+        except TimeoutError:
+            raise ConnectError(f"no device of {bare} is available (no presence)") from None
+        finally:
+            xmpp.del_event_handler("presence_available", seen)
+        return found
+
+    async def _connect_device(self, jid: str, deadline: float) -> Session:
+        peer, sig = self._started()
+        loop = asyncio.get_running_loop()
+        budget = deadline - loop.time()
         sid = sig.connect(jid, self.local_candidates(), loop.time())
         fut = self._waiters.get(sid)
         if fut is None or fut.done():
@@ -521,6 +647,10 @@ class XmppSignalling:
             relay, relay_peer = self._relay_for(ev, now)
             intro = ev.introduction(relay=relay, channel=None)
             intro = dataclasses.replace(intro, relay_peer=relay_peer)
+            self._introduced[ev.peer_jid] = None
+            self._introduced.move_to_end(ev.peer_jid)
+            while len(self._introduced) > _MAX_RECENT:
+                self._introduced.popitem(last=False)
             peer.endpoint.introduced(intro, now)
             peer._wake()
             fut = self._waiters.get(ev.sid)
@@ -633,13 +763,59 @@ class XmppSignalling:
     def _on_disconnected(self, _reason: object) -> None:
         if not self._online:
             return
-        self._online = False
-        if not self._closed:
-            logger.warning("the XMPP connection dropped; established dtx sessions go on")
+        self._set_online(False)
         for fut in self._waiters.values():
             if not fut.done():
                 fut.set_exception(ConnectError("the XMPP connection dropped"))
                 fut.exception()
+        if self._closed:
+            return
+        if self.config.relogin and self._relogin_task is None:
+            logger.warning("the XMPP connection dropped; established dtx sessions go on; "
+                           "logging back in")
+            self._relogin_task = asyncio.ensure_future(self._relogin())
+        else:
+            logger.warning("the XMPP connection dropped; established dtx sessions go on")
+
+    async def _relogin(self) -> None:
+        """Log back in with back-off, within ``relogin_for``; then take
+        Jingle again, say this device is available, read the roster again
+        and renew the TURN credentials (the allocation itself never needed
+        the XMPP connection)."""
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + cfg.relogin_for
+        delay = cfg.relogin_delay
+        try:
+            await self._client.drop()
+            while not self._closed:
+                wait = min(delay * self._rng.uniform(0.5, 1.0), give_up - loop.time())
+                if wait < 0:
+                    break
+                await asyncio.sleep(wait)
+                self.counters["relogin_attempts"] += 1
+                try:
+                    await self._client.connect()
+                except AuthenticationError as exc:
+                    logger.error("logging back in refused, not trying again: %s", exc)
+                    return
+                except (ConnectError, XmppError) as exc:
+                    delay = min(delay * 2, cfg.relogin_max_delay)
+                    logger.info("not logged back in (%s); next try within %.0f s", exc, delay)
+                    continue
+                xmpp = self._client.xmpp
+                assert xmpp is not None
+                xmpp.add_event_handler("disconnected", self._on_disconnected)
+                await self._read_roster(xmpp)
+                self.counters["relogins"] += 1
+                self._attach(xmpp)
+                logger.info("logged back in to the XMPP server as %s", self.identity.jid)
+                if self._turn is not None:
+                    self._spawn(self._refresh_credentials())
+                return
+            logger.error("not logged back in within %.0f s; giving up", cfg.relogin_for)
+        finally:
+            self._relogin_task = None
 
 
 _MAX_PROBE_IQS = 256

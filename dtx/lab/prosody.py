@@ -272,7 +272,8 @@ class ProsodyServer:
             self.folder = tempfile.mkdtemp(prefix="dtx-prosody-")
             self._owns_folder = True
         os.makedirs(os.path.join(self.folder, "data"), mode=0o700, exist_ok=True)
-        self.port = _free_port() if self.host is None else (self.port or 5222)
+        # A restart keeps the port: clients log back in where they were.
+        self.port = self.port or (_free_port() if self.host is None else 5222)
         with open(self.config_path, "w", encoding="utf-8") as f:
             f.write(self._config())
         argv = ["prosody", "--config", self.config_path, "-F"]
@@ -334,7 +335,18 @@ class ProsodyServer:
         except OSError:
             return "(no log)"
 
+    def restart(self) -> None:
+        """Stop the server (its clients' connections drop) and start it
+        again on the same port, with the same accounts and data."""
+        self._terminate()
+        self.start()
+
     def stop(self) -> None:
+        self._terminate()
+        if self._owns_folder and self.folder:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _terminate(self) -> None:
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -343,8 +355,6 @@ class ProsodyServer:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=STOP_TIMEOUT)
-        if self._owns_folder and self.folder:
-            shutil.rmtree(self.folder, ignore_errors=True)
 
     def __enter__(self) -> ProsodyServer:
         self.start()

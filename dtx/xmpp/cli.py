@@ -34,8 +34,11 @@ from dtx.identity import DeviceIdentity, fingerprint, load_identity
 from dtx.xmpp.client import PUBLISH_FORMATS, KeyChange, XmppClient, XmppConfig
 
 __all__ = [
+    "SIGNALLING_FLAGS",
     "PasswordFileError",
     "add_cli",
+    "add_signalling_options",
+    "check_signalling_options",
     "cmd_vcard_fetch",
     "cmd_vcard_publish",
     "configure_fetch_parser",
@@ -81,16 +84,58 @@ def read_password_file(path: str) -> str:
     return password
 
 
-def _login_options(p: argparse.ArgumentParser, password_help: str) -> None:
-    """The options of logging in to the XMPP server, shared by publish and fetch."""
-    p.add_argument("--password-file", required=True, metavar="FILE", type=parse_file,
-                   help=password_help)
+def _server_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", type=parse_hostport, metavar="HOST:PORT", default=None,
                    help="connect here (default: the JID's domain, DNS SRV)")
     p.add_argument("--allow-plaintext", action="store_true",
                    help="log in even if the server offers no TLS (test servers only)")
     p.add_argument("--ca-file", metavar="PEM", default=None, type=parse_file,
                    help="also trust this CA for the server's certificate")
+
+
+SIGNALLING_FLAGS = ("--password-file", "--server", "--allow-plaintext", "--ca-file")
+"""The login options of ``--xmpp``, which mean nothing without it."""
+
+
+def add_signalling_options(p: argparse.ArgumentParser) -> None:
+    """``--xmpp`` and its login options, for ``dtx listen``, ``send`` and
+    ``ping`` (:func:`check_signalling_options` checks them together)."""
+    p.add_argument("--xmpp", action="store_true",
+                   help="log in to the key file's account as its full JID and signal "
+                   "through the XMPP server (Jingle; STUN/TURN by XEP-0215) instead of "
+                   "--rendezvous/--addr; keys come from the account's vCards")
+    p.add_argument("--password-file", metavar="FILE", type=parse_file, default=None,
+                   help="with --xmpp: file whose first line is the account's password "
+                   "(mode 0600)")
+    _server_options(p)
+
+
+def check_signalling_options(args: argparse.Namespace) -> XmppConfig | None:
+    """The :class:`XmppConfig` of ``--xmpp`` (None without it); a login
+    option without ``--xmpp``, ``--xmpp`` without ``--password-file`` or
+    beside ``--rendezvous``/``--addr`` is a :class:`UsageError`. The
+    password file is read (and checked) by :func:`read_password_file`."""
+    if not args.xmpp:
+        given = [flag for flag in SIGNALLING_FLAGS
+                 if getattr(args, flag.lstrip("-").replace("-", "_")) not in (None, False)]
+        if given:
+            raise UsageError(f"{', '.join(given)} only with --xmpp")
+        return None
+    if args.password_file is None:
+        raise UsageError("--xmpp needs --password-file FILE (the account's password)")
+    for flag in ("--rendezvous", "--addr"):
+        if getattr(args, flag.lstrip("-"), None) is not None:
+            raise UsageError(f"--xmpp signals through the XMPP server: give it or {flag}, "
+                             "not both")
+    return XmppConfig(server=args.server, allow_plaintext=bool(args.allow_plaintext),
+                      ca_file=args.ca_file, timeout=float(getattr(args, "timeout", 10.0)))
+
+
+def _login_options(p: argparse.ArgumentParser, password_help: str) -> None:
+    """The options of logging in to the XMPP server, shared by publish and fetch."""
+    p.add_argument("--password-file", required=True, metavar="FILE", type=parse_file,
+                   help=password_help)
+    _server_options(p)
     p.add_argument("--timeout", type=parse_timeout, default=10.0,
                    help="seconds for the login and each request, > 0 (default %(default)s)")
     p.add_argument("--json", action="store_true", help="print JSON on stdout")

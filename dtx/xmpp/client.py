@@ -309,6 +309,14 @@ class XmppClient:
         xmpp.abort()
         await self._reap(xmpp)
 
+    async def drop(self) -> None:
+        """Forget a connection that is gone (the server closed it, the
+        network dropped it) without closing a stream, so that
+        :meth:`connect` logs in again."""
+        xmpp, self._xmpp = self._xmpp, None
+        if xmpp is not None:
+            await self._abort(xmpp)
+
     async def close(self) -> None:
         """Close the stream cleanly (bounded by ``config.timeout``)."""
         xmpp, self._xmpp = self._xmpp, None

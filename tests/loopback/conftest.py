@@ -2,14 +2,50 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from dtx.aio.peer import Peer, PeerConfig, open_peer
 from dtx.identity import DeviceIdentity, generate_identity
+from dtx.lab.coturn import CoturnServer, coturn_missing
+from dtx.lab.prosody import ProsodyServer, TurnExternal, prosody_missing
 from dtx.trust import PinStore, StaticKeys, Verifier
+
+TURN_SECRET = "dtx-loopback-turn-secret"
+
+
+@dataclass(frozen=True)
+class Servers:
+    """An account's own XMPP server (Prosody, ``mod_turn_external``) and
+    the coturn beside it, on loopback; accounts alice, mallory and bob
+    (password ``pw-<user>``)."""
+
+    prosody: ProsodyServer
+    coturn: CoturnServer
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+    for reason in (prosody_missing(), coturn_missing()):
+        if reason:
+            pytest.skip(reason)
+    folder: Path = tmp_path_factory.mktemp("xmpp-signalling")
+    coturn = CoturnServer(TURN_SECRET, realm="example.org", folder=str(folder / "turn"))
+    coturn.start()
+    prosody = ProsodyServer("vcard4", folder=str(folder / "prosody"),
+                            turn=TurnExternal(secret=TURN_SECRET, host=coturn.ip,
+                                              port=coturn.port, ttl=600))
+    try:
+        prosody.start()
+        for user in ("alice", "mallory", "bob"):
+            prosody.register(user, f"pw-{user}")
+        yield Servers(prosody, coturn)
+    finally:
+        prosody.stop()
+        coturn.stop()
 
 
 @dataclass

@@ -12,9 +12,8 @@ A device of another account with no subscription is answered
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
@@ -27,41 +26,12 @@ from dtx.identity import DeviceIdentity, generate_identity
 from dtx.proto import turn as tp
 from dtx.proto.signalling import CandidatesAdded, LocalCandidate
 from dtx.wire.jingle import CandidateType
-from dtx.lab.coturn import CoturnServer, coturn_missing
-from dtx.lab.prosody import ProsodyServer, TurnExternal, prosody_missing
 from dtx.trust import PinStore, Verifier
 from dtx.xmpp.client import XmppConfig, open_xmpp_client
 
-SECRET = "dtx-loopback-turn-secret"
+from .conftest import Servers
+
 DEADLINE = 10.0
-
-
-@dataclass(frozen=True)
-class Servers:
-    prosody: ProsodyServer
-    coturn: CoturnServer
-
-
-@pytest.fixture(scope="module")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
-    for reason in (prosody_missing(), coturn_missing()):
-        if reason:
-            pytest.skip(reason)
-    folder: Path = tmp_path_factory.mktemp("xmpp-signalling")
-    coturn = CoturnServer(SECRET, realm="example.org", folder=str(folder / "turn"))
-    coturn.start()
-    prosody = ProsodyServer("vcard4", folder=str(folder / "prosody"),
-                            turn=TurnExternal(secret=SECRET, host=coturn.ip, port=coturn.port,
-                                              ttl=600))
-    try:
-        prosody.start()
-        prosody.register("alice", "pw-alice")
-        prosody.register("mallory", "pw-mallory")
-        prosody.register("bob", "pw-bob")
-        yield Servers(prosody, coturn)
-    finally:
-        prosody.stop()
-        coturn.stop()
 
 
 def xmpp_config(servers: Servers) -> XmppConfig:
@@ -274,3 +244,33 @@ async def test_a_subscribed_contact_of_another_account_connects(
         accepted = await tv.peer.accept()
     assert accepted.peer_jid == bob_id.jid.full
     await stanzas_both_ways(session, accepted)
+
+
+async def test_the_server_restarting_ends_no_session_and_devices_log_back_in(
+        servers: Servers, open_device: OpenDevice) -> None:
+    """Prosody restarts under an established session: the session goes on
+    (it never touches the server), both devices log back in by themselves,
+    and a new session is signalled through the restarted server."""
+    tv_id = generate_identity("alice@example.org/tv5")
+    remote_id = generate_identity("alice@example.org/remote5")
+    await publish(servers, "pw-alice", tv_id, remote_id)
+    tv = await open_device(tv_id, "pw-alice")
+    remote = await open_device(remote_id, "pw-alice")
+    session = await remote.signalling.connect(tv_id.jid.full, timeout=DEADLINE)
+    async with asyncio.timeout(DEADLINE):
+        accepted = await tv.peer.accept()
+    went: list[bool] = []
+    remote.signalling.add_online_listener(went.append)
+    await asyncio.to_thread(servers.prosody.restart)
+    for device in (tv, remote):
+        await device.signalling.wait_online(True, timeout=3 * DEADLINE)
+        assert device.signalling.counters["relogins"] == 1
+    assert went == [False, True]
+    await stanzas_both_ways(session, accepted)
+    assert session.is_open and accepted.is_open
+    await session.close()
+
+    again = await remote.signalling.connect(tv_id.jid.full, timeout=DEADLINE)
+    async with asyncio.timeout(DEADLINE):
+        accepted_again = await tv.peer.accept()
+    await stanzas_both_ways(again, accepted_again)
