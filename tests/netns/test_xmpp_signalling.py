@@ -4,10 +4,20 @@ Prosody (``mod_turn_external``) and coturn run on the lab's server host;
 no dtx rendezvous runs anywhere. Two devices of one account, each in its
 own home, sign in with :class:`~dtx.aio.xmpp.XmppSignalling`, allocate on
 coturn with the credentials XEP-0215 hands out, and the remote reaches the
-TV by Jingle. A punchable pair (port-restricted cone and restricted cone)
-ends on the direct path; the relay-only pair (symmetric and port-restricted
-cone) stays on coturn, whose ``-v`` log shows both allocations, and
-stanzas flow both ways on either.
+TV by Jingle.
+
+**The NAT matrix.** One pair of NAT profiles for each way the rendezvous
+matrix (``tests/netns/test_traversal.py``) ends, and its
+:func:`~tests.netns.test_traversal.expected_path` is the oracle: the
+session ends where it would with the dtx rendezvous. Direct: a full cone
+that lets a symmetric side in, a restricted cone with a port-restricted
+one (both orders of who calls), two port-restricted cones (a simultaneous
+punch), a symmetric side calling a restricted cone (a peer-reflexive
+path); and no NAT with a symmetric side, which the rendezvous connects but
+XMPP signalling does not yet (marked as expected to fail, with why).
+Relay, over coturn, whose ``-v`` log shows both allocations and the
+channel bound: symmetric with port-restricted cone, and symmetric with
+symmetric. Stanzas flow both ways on every pair.
 
 Standard WAN (20 ms home to core, 40 ms core to server). Both devices'
 event loops share one thread, in the first home's namespace:
@@ -19,15 +29,19 @@ server can tell.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
 from dtx.aio.peer import Peer, PeerConfig
+from dtx.aio.session import Session
 from dtx.aio.xmpp import XmppSignalling, XmppSignallingConfig
 from dtx.identity import DeviceIdentity, generate_identity
-from dtx.lab import STANDARD_WAN, Lab, ns
+from dtx.lab import STANDARD_WAN, Home, Lab, ns
 from dtx.lab.coturn import CoturnServer, coturn_missing
 from dtx.lab.prosody import ProsodyServer, TurnExternal, prosody_missing
 from dtx.lab.topology import Host
@@ -35,14 +49,83 @@ from dtx.trust import PinStore, Verifier
 from dtx.xmpp.client import XmppConfig, open_xmpp_client
 
 from ..loopback.test_xmpp_signalling import stanzas_both_ways
+from .test_traversal import expected_path
 
 pytestmark = pytest.mark.netns
 
 SECRET = "dtx-lab-turn-secret"
 DEADLINE = 10.0
 SETTLE = 4.0
-"""Seconds the relay-only pair is watched: past the quick punch attempts."""
+"""Seconds a pair is watched for the direct path (as in the rendezvous
+matrix): past the quick punch attempts."""
 PASSWORD = "pw-alice"
+
+T = TypeVar("T")
+
+NO_SRFLX_OVER_XMPP = pytest.mark.xfail(
+    raises=TimeoutError, strict=True,
+    reason="a device with no NAT offers no srflx candidate over XMPP (its TURN-mapped "
+           "address is its host address, which XmppSignalling.local_candidates leaves out), "
+           "and the other side never probes a bare public host candidate "
+           "(Traversal._may_probe_host): the symmetric side does not punch, the pair stays "
+           "on the relay")
+
+PAIRS = [
+    pytest.param("none", "symmetric", marks=NO_SRFLX_OVER_XMPP, id="none--symmetric"),
+    *(pytest.param(a, b, id=f"{a}--{b}") for a, b in [
+        ("full-cone", "symmetric"),
+        ("restricted-cone", "port-restricted-cone"),
+        ("port-restricted-cone", "restricted-cone"),
+        ("port-restricted-cone", "port-restricted-cone"),
+        ("symmetric", "restricted-cone"),
+        ("symmetric", "port-restricted-cone"),
+        ("symmetric", "symmetric"),
+    ]),
+]
+
+
+@dataclass(frozen=True)
+class XmppLab:
+    """The lab's server host running coturn and Prosody, and two homes."""
+
+    server: Host
+    coturn: CoturnServer
+    home_a: Home
+    home_b: Home
+    xmpp: XmppConfig
+
+
+@contextmanager
+def xmpp_lab(lab: Lab, tmp_path: Path, nat_a: str, nat_b: str) -> Iterator[XmppLab]:
+    """Bring ``lab`` up with a server host and two homes, start coturn and
+    Prosody there (the account alice@example.org registered), stop both
+    after."""
+    for reason in (prosody_missing(), coturn_missing()):
+        if reason:
+            pytest.skip(reason)
+    server = lab.add_server("xmpp", addresses=1)
+    home_a = lab.add_home("a", nat=nat_a)
+    home_b = lab.add_home("b", nat=nat_b)
+    lab.up()
+    coturn = CoturnServer(SECRET, realm="example.org", host=server, folder=str(tmp_path / "turn"))
+    coturn.start()
+    prosody = ProsodyServer("vcard4", host=server, folder=str(tmp_path / "prosody"),
+                            turn=TurnExternal(secret=SECRET, host=server.ip, port=coturn.port,
+                                              ttl=600))
+    try:
+        prosody.start()
+        prosody.register("alice", PASSWORD)
+        xmpp = XmppConfig(server=prosody.address(), allow_plaintext=True, timeout=DEADLINE)
+        yield XmppLab(server, coturn, home_a, home_b, xmpp)
+    finally:
+        prosody.stop()
+        coturn.stop()
+
+
+def in_first_home(scene: XmppLab, main: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run ``main`` on an event loop in a thread inside the first home's
+    namespace."""
+    return ns.in_netns(scene.home_a.hosts[0].netns, lambda: asyncio.run(main()))
 
 
 async def device(identity: DeviceIdentity, host: Host, xmpp: XmppConfig,
@@ -57,77 +140,81 @@ async def device(identity: DeviceIdentity, host: Host, xmpp: XmppConfig,
     return peer, signalling
 
 
-async def exchange(a: Host, b: Host, xmpp: XmppConfig, *, expect: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Connected:
+    """A session by JID from the remote (in the first home) to the TV."""
+
+    session: Session
+    accepted: Session
+    connect: float
+    """Seconds the connection by JID took (Jingle and the QUIC handshake)."""
+    relayed: set[tuple[str, int]]
+    """Both devices' relayed addresses on coturn."""
+
+
+@asynccontextmanager
+async def connected(scene: XmppLab) -> AsyncIterator[Connected]:
+    """Both devices signed in, their keys published, and the remote
+    connected to the TV by JID; closed after."""
+    a, b = scene.home_a.hosts[0], scene.home_b.hosts[0]
     remote_id = generate_identity("alice@example.org/remote")
     tv_id = generate_identity("alice@example.org/tv")
-    async with open_xmpp_client("alice@example.org", PASSWORD, config=xmpp) as client:
+    async with open_xmpp_client("alice@example.org", PASSWORD, config=scene.xmpp) as client:
         for identity in (remote_id, tv_id):
             await client.publish_key(identity.public_key)
     opened: list[tuple[Peer, XmppSignalling]] = []
     try:
-        tv, tv_sig = await device(tv_id, b, xmpp, opened)
-        remote, remote_sig = await device(remote_id, a, xmpp, opened)
+        tv, tv_sig = await device(tv_id, b, scene.xmpp, opened)
+        _, remote_sig = await device(remote_id, a, scene.xmpp, opened)
+        relayed = set()
         for sig in (tv_sig, remote_sig):
             assert sig.turn is not None and sig.turn.relayed is not None
-        started = asyncio.get_running_loop().time()
+            relayed.add(sig.turn.relayed)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         session = await remote_sig.connect(tv_id.jid.full, timeout=DEADLINE)
-        connect_time = asyncio.get_running_loop().time() - started
+        connect_time = loop.time() - started
         async with asyncio.timeout(DEADLINE):
             accepted = await tv.accept()
-        if expect == "relay":
-            with pytest.raises(TimeoutError):
-                await session.wait_path("direct", timeout=SETTLE)
-        else:
-            await session.wait_path(expect, timeout=DEADLINE)
-            await accepted.wait_path(expect, timeout=DEADLINE)
-        await stanzas_both_ways(session, accepted)
         assert accepted.peer_jid == remote_id.jid.full
-        paths = (str(session.path), str(accepted.path))
-        relayed = {tv_sig.turn.relayed, remote_sig.turn.relayed}  # type: ignore[union-attr]
+        yield Connected(session, accepted, connect_time, relayed)
         await session.close()
-        return {"paths": paths, "relayed": relayed, "connect": connect_time}
     finally:
         for peer, sig in reversed(opened):
             await sig.close()
             await peer.close()
 
 
-@pytest.mark.parametrize(("nat_a", "nat_b", "expect"), [
-    ("port-restricted-cone", "restricted-cone", "direct"),
-    ("symmetric", "port-restricted-cone", "relay"),
-])
-def test_connect_by_jid_in_the_lab(netns_ready: None, tmp_path: Path, nat_a: str, nat_b: str,
-                                   expect: str) -> None:
-    for reason in (prosody_missing(), coturn_missing()):
-        if reason:
-            pytest.skip(reason)
-    with Lab(wan=STANDARD_WAN) as lab:
-        server = lab.add_server("xmpp", addresses=1)
-        home_a = lab.add_home("a", nat=nat_a)
-        home_b = lab.add_home("b", nat=nat_b)
-        lab.up()
-        coturn = CoturnServer(SECRET, realm="example.org", host=server,
-                              folder=str(tmp_path / "turn"))
-        coturn.start()
-        prosody = ProsodyServer("vcard4", host=server, folder=str(tmp_path / "prosody"),
-                                turn=TurnExternal(secret=SECRET, host=server.ip,
-                                                  port=coturn.port, ttl=600))
-        try:
-            prosody.start()
-            prosody.register("alice", PASSWORD)
-            xmpp = XmppConfig(server=prosody.address(), allow_plaintext=True, timeout=DEADLINE)
-            a, b = home_a.hosts[0], home_b.hosts[0]
-            outcome = ns.in_netns(a.netns, lambda: asyncio.run(
-                exchange(a, b, xmpp, expect=expect)))
-        finally:
-            prosody.stop()
-            log = coturn.stop()
-    print(f"\n{nat_a} x {nat_b}: connect by JID {outcome['connect'] * 1000:.0f} ms "
-          f"(Jingle and the QUIC handshake; ends on the {expect} path)")
-    assert outcome["paths"] == (expect, expect), outcome
-    allocations = [s for s in coturn.sessions(log) if s.event == "new"]
+def check_relayed(scene: XmppLab, log: str, relayed: set[tuple[str, int]]) -> None:
+    """coturn's log shows both devices' allocations and a channel bound
+    (the relay path carried the session)."""
+    allocations = [s for s in scene.coturn.sessions(log) if s.event == "new"]
     assert len(allocations) == 2 and {s.realm for s in allocations} == {"example.org"}, log
-    relayed = outcome["relayed"]
-    assert isinstance(relayed, set) and all(r[0] == server.ip for r in relayed)
+    assert all(r[0] == scene.server.ip for r in relayed), relayed
+    assert "CHANNEL_BIND processed, success" in log, log
+
+
+@pytest.mark.parametrize(("nat_a", "nat_b"), PAIRS)
+def test_connect_by_jid_in_the_lab(netns_ready: None, tmp_path: Path, nat_a: str,
+                                   nat_b: str) -> None:
+    expect = expected_path(nat_a, nat_b)
+
+    async def main() -> tuple[tuple[str, str], set[tuple[str, int]], float]:
+        async with connected(scene) as c:
+            if expect == "relay":
+                with pytest.raises(TimeoutError):
+                    await c.session.wait_path("direct", timeout=SETTLE)
+            else:
+                await c.session.wait_path(expect, timeout=SETTLE)
+                await c.accepted.wait_path(expect, timeout=SETTLE)
+            await stanzas_both_ways(c.session, c.accepted)
+            return (str(c.session.path), str(c.accepted.path)), c.relayed, c.connect
+
+    with Lab(wan=STANDARD_WAN) as lab, xmpp_lab(lab, tmp_path, nat_a, nat_b) as scene:
+        paths, relayed, connect_time = in_first_home(scene, main)
+        log = scene.coturn.stop()
+    print(f"\n{nat_a} x {nat_b}: connect by JID {connect_time * 1000:.0f} ms "
+          f"(Jingle and the QUIC handshake; ends on the {expect} path)")
+    assert paths == (expect, expect)
     if expect == "relay":
-        assert "CHANNEL_BIND processed, success" in log, log
+        check_relayed(scene, log, relayed)
