@@ -19,6 +19,14 @@ Relay, over coturn, whose ``-v`` log shows both allocations and the
 channel bound: symmetric with port-restricted cone, and symmetric with
 symmetric. Stanzas flow both ways on every pair.
 
+**Relay, then direct.** Two port-restricted homes that the lab keeps
+apart (UDP between their public addresses dropped in the core) start on
+coturn; once the lab lets them meet, the same session moves to the direct
+path at the path manager's next punch (its ``punch_schedule``: 5 s after
+the introduction, then 15, 30 and 60 s; past the last, a candidate that
+never answered is not probed again), while a stanza goes each way at a
+time, none lost.
+
 Standard WAN (20 ms home to core, 40 ms core to server). Both devices'
 event loops share one thread, in the first home's namespace:
 each UDP socket is made in its own home (the paths under test), while the
@@ -37,6 +45,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from dtx import stanza as st
 from dtx.aio.peer import Peer, PeerConfig
 from dtx.aio.session import Session
 from dtx.aio.xmpp import XmppSignalling, XmppSignallingConfig
@@ -58,6 +67,12 @@ DEADLINE = 10.0
 SETTLE = 4.0
 """Seconds a pair is watched for the direct path (as in the rendezvous
 matrix): past the quick punch attempts."""
+QUICK_PUNCHES = 2.5
+"""Seconds after the connection when the quick punch attempts (up to 2 s
+after the introduction) are over and the next is at 5 s."""
+DIRECT_AFTER_OPEN = 15.0
+"""Bound on the move to direct once the path opens: the next punch at the
+latest (the 15 s one, should the 5 s one be missed)."""
 PASSWORD = "pw-alice"
 
 T = TypeVar("T")
@@ -218,3 +233,54 @@ def test_connect_by_jid_in_the_lab(netns_ready: None, tmp_path: Path, nat_a: str
     assert paths == (expect, expect)
     if expect == "relay":
         check_relayed(scene, log, relayed)
+
+
+async def one_each_way_until(session: Session, accepted: Session, done: Callable[[], bool],
+                             *, first: int, timeout: float) -> int:
+    """One numbered stanza each way at a time, each awaited and checked
+    (in order, none lost), until ``done()``; returns the next number."""
+    i = first
+    async with asyncio.timeout(timeout):
+        while not done():
+            session.send(st.message(f"up {i}", to=accepted.local_jid))
+            accepted.send(st.message(f"down {i}", to=session.local_jid))
+            assert st.body_of(await accepted.receive()) == f"up {i}"
+            assert st.body_of(await session.receive()) == f"down {i}"
+            i += 1
+    return i
+
+
+def test_relay_moves_to_direct_when_the_path_opens(netns_ready: None, tmp_path: Path) -> None:
+    nat = "port-restricted-cone"
+    assert expected_path(nat, nat) == "direct"  # the block alone keeps them on the relay
+
+    async def main() -> tuple[float, float, int, set[tuple[str, int]]]:
+        loop = asyncio.get_running_loop()
+        async with connected(scene) as c:
+            session, accepted = c.session, c.accepted
+            connection = session.connection
+            with pytest.raises(TimeoutError):  # the quick punches go nowhere
+                await session.wait_path("direct", timeout=QUICK_PUNCHES)
+            assert (session.path, accepted.path) == ("relay", "relay")
+            await stanzas_both_ways(session, accepted)  # on coturn
+
+            lab.unblock(scene.home_a, scene.home_b)
+            opened = loop.time()
+            both_direct = lambda: session.path == accepted.path == "direct"  # noqa: E731
+            sent = await one_each_way_until(session, accepted, both_direct, first=0,
+                                            timeout=DIRECT_AFTER_OPEN)
+            moved = loop.time() - opened
+            await stanzas_both_ways(session, accepted)  # on the direct path
+            await session.wait_acknowledged(timeout=DEADLINE)
+            assert session.connection is connection and session.is_open  # the same session
+            assert [k for _, k in session.path_history()] == ["relay", "direct"]
+            return c.connect, moved, sent, c.relayed
+
+    with Lab(wan=STANDARD_WAN) as lab, xmpp_lab(lab, tmp_path, nat, nat) as scene:
+        lab.block(scene.home_a, scene.home_b)
+        connect_time, moved, sent, relayed = in_first_home(scene, main)
+        log = scene.coturn.stop()
+    print(f"\nrelay to direct: connect by JID {connect_time * 1000:.0f} ms; direct "
+          f"{moved * 1000:.0f} ms after the lab opened the path ({sent} stanzas each way "
+          f"meanwhile)")
+    check_relayed(scene, log, relayed)
