@@ -83,7 +83,7 @@ from ..proto.signalling import (
 )
 from ..trust.xmpp import XmppKeySource, XmppKeySourceConfig
 from ..wire.address import Address
-from ..wire.jingle import CandidateType, Reason, jingle_child
+from ..wire.jingle import CandidateType, Reason
 from ..xmpp.client import XmppClient, XmppConfig, _Xmpp
 from ..xmpp.services import (
     ServiceDiscoveryError,
@@ -123,9 +123,6 @@ class XmppSignallingConfig:
     """The default deadline of :meth:`XmppSignalling.connect`, whole call."""
     max_tasks: int = 64
     """Bound on background fetches (keys, credentials) in flight."""
-    max_sync_wait: float = 2.0
-    """Cap on how long the initiator, once introduced, waits for the
-    responder to acknowledge the ``<probe/>`` before opening QUIC anyway."""
     relogin: bool = True
     """Log back in by itself after the XMPP connection dropped."""
     relogin_delay: float = 1.0
@@ -137,7 +134,7 @@ class XmppSignallingConfig:
     :attr:`XmppSignalling.online` stays False and the log says so)."""
 
     def __post_init__(self) -> None:
-        for name in ("allocate_timeout", "connect_timeout", "max_sync_wait", "relogin_delay",
+        for name in ("allocate_timeout", "connect_timeout", "relogin_delay",
                      "relogin_max_delay", "relogin_for"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 < value < float("inf")):
@@ -213,9 +210,6 @@ class XmppSignalling:
         self._service: TurnService | None = None
         self._hosts: list[Address] = []
         self._waiters: dict[str, asyncio.Future[PeerIntroduced]] = {}
-        self._probe_iqs: OrderedDict[str, str] = OrderedDict()
-        """Ids of the ``<probe/>`` session-infos sent, by sid (bounded)."""
-        self._synced: dict[str, asyncio.Event] = {}
         self._introduced: OrderedDict[str, None] = OrderedDict()
         """Full JIDs introduced by Jingle, latest last (bounded)."""
         self._tasks: set[asyncio.Task[None]] = set()
@@ -496,34 +490,20 @@ class XmppSignalling:
         fut = self._waiters.get(sid)
         if fut is None or fut.done():
             fut = self._waiters[sid] = loop.create_future()
-        synced = self._synced.setdefault(sid, asyncio.Event())
         self._pump()
         try:
-            try:
-                async with asyncio.timeout_at(deadline):
-                    intro = await asyncio.shield(fut)
-            except TimeoutError:
-                if sig.terminate(sid, loop.time(), Reason.TIMEOUT):
-                    self._pump()
-                raise ConnectError(f"no Jingle answer from {jid} within {budget:.1f} s") from None
-            finally:
-                if self._waiters.get(sid) is fut and fut.done():
-                    del self._waiters[sid]
-            # The responder takes its introduction when the <probe/> reaches
-            # it, and acknowledges it then. A QUIC Initial sprayed on a
-            # direct path that got there first would be taken as a
-            # connection from an unintroduced address, and stranded once
-            # the link exists: wait for the acknowledgement (bounded; the
-            # relay carries nothing before it either).
-            wait = min(self.config.max_sync_wait, max(0.0, deadline - loop.time()))
-            try:
-                await asyncio.wait_for(synced.wait(), wait)
-            except TimeoutError:
-                logger.info("no acknowledgement of the probe timing from %s; opening anyway",
-                            jid)
+            async with asyncio.timeout_at(deadline):
+                intro = await asyncio.shield(fut)
+        except TimeoutError:
+            if sig.terminate(sid, loop.time(), Reason.TIMEOUT):
+                self._pump()
+            raise ConnectError(f"no Jingle answer from {jid} within {budget:.1f} s") from None
         finally:
-            if self._synced.get(sid) is synced:
-                del self._synced[sid]
+            if self._waiters.get(sid) is fut and fut.done():
+                del self._waiters[sid]
+        # The responder took its introduction as its session-accept left,
+        # half a signalling round trip ago: the QUIC Initial sprayed on the
+        # direct candidates now finds its link (and its NAT open).
         return await peer.connect(intro.peer_jid, timeout=max(0.0, deadline - loop.time()))
 
     @property
@@ -588,14 +568,7 @@ class XmppSignalling:
         sig = self._signalling
         if sig is None or self._closed:
             return stanza
-        xml = stanza.xml
-        if xml.get("type") in ("result", "error"):
-            sid = self._probe_iqs.pop(xml.get("id") or "", None)
-            if sid is not None:
-                synced = self._synced.get(sid)
-                if synced is not None:
-                    synced.set()
-        if sig.receive_iq(xml, asyncio.get_running_loop().time()):
+        if sig.receive_iq(stanza.xml, asyncio.get_running_loop().time()):
             self._pump()
             return None
         return stanza
@@ -605,11 +578,6 @@ class XmppSignalling:
         if sig is None:
             return
         for elem in sig.stanzas_to_send():
-            j = jingle_child(elem)
-            if j is not None and j.get("action") == "session-info" and elem.get("id"):
-                self._probe_iqs[elem.get("id") or ""] = j.get("sid") or ""
-                while len(self._probe_iqs) > _MAX_PROBE_IQS:
-                    self._probe_iqs.popitem(last=False)
             if xmpp is not None and self._online:
                 xmpp.send_raw(tostring(elem, xmlns=xmpp.default_ns, stream=xmpp,
                                        top_level=True))
@@ -818,7 +786,6 @@ class XmppSignalling:
             self._relogin_task = None
 
 
-_MAX_PROBE_IQS = 256
 _MAX_RECENT = 256
 
 

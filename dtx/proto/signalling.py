@@ -5,10 +5,12 @@ section 12): a device offers a session to a peer's full JID with a
 ``session-initiate`` (XEP-0166) carrying its candidates (XEP-0176), the
 fingerprint of its QUIC certificate (XEP-0320) and a signature by its device
 key over that fingerprint, both JIDs and the sid; the peer answers with a
-``session-accept`` carrying its own; the initiator, having measured the
-signalling round trip, says in a ``session-info`` when the responder is to
-start probing, so both sides' first probes cross (the DCUtR idea).
-Candidates found later are trickled in ``transport-info``;
+``session-accept`` carrying its own. Each side starts probing as the
+exchange completes for it: the responder as its ``session-accept`` leaves,
+the initiator as it arrives, half a signalling round trip later, so that
+the initiator's first probe (and the QUIC Initial beside it) finds the
+responder's NAT already open towards it and the responder already
+introduced (``docs/protocol.md`` 12.7). Candidates found later are trickled in ``transport-info``;
 ``session-terminate`` ends a session, with a reason.
 
 Who gets what: candidates go only to JIDs ``may_contact`` approves (the
@@ -72,7 +74,6 @@ from ..wire.jingle import (
     Jingle,
     JingleCondition,
     JingleReason,
-    ProbeTiming,
     Reason,
     Setup,
     StanzaError,
@@ -130,14 +131,10 @@ class SignallingConfig:
     """How long to wait for an account's keys nobody knows yet
     (:class:`KeysWanted`, :meth:`JingleSignalling.keys_changed`); 0: refuse
     at once."""
-    sync_timeout: float = 5.0
-    """A responder that hears no ``<probe/>`` this long after its
-    session-accept starts probing anyway."""
     probe_delay: float = 0.0
-    """Both sides probe this long after the responder gets ``<probe/>``
-    (written as ``in`` milliseconds)."""
-    max_probe_wait: float = 2.0
-    """Cap on the initiator's wait of half the round trip."""
+    """This side probes this long after its exchange completes (the
+    responder: its session-accept sent; the initiator: the peer's
+    session-accept verified)."""
     max_sessions: int = 256
     """Sessions held at once; at the bound the least recently made active
     one is ended (``expired``) for a new one, or the new one is refused."""
@@ -193,8 +190,6 @@ class SessionState(Enum):
     """Initiator: session-initiate sent."""
     VERIFYING = "verifying"
     """The peer's offer or answer is in; waiting for its account's keys."""
-    AWAITING_SYNC = "awaiting-sync"
-    """Responder: session-accept sent, waiting for ``<probe/>``."""
     PROBE_WAIT = "probe-wait"
     """Verified; probing starts at ``probe_at``."""
     ACTIVE = "active"
@@ -210,7 +205,6 @@ _TAKES: dict[tuple[bool, SessionState], frozenset[Action]] = {
     (True, SessionState.PROBE_WAIT): _ONGOING,
     (True, SessionState.ACTIVE): _ONGOING,
     (False, SessionState.VERIFYING): _ONGOING,
-    (False, SessionState.AWAITING_SYNC): _ONGOING,
     (False, SessionState.PROBE_WAIT): _ONGOING,
     (False, SessionState.ACTIVE): _ONGOING,
 }
@@ -418,7 +412,7 @@ class JingleSignalling:
             "refused_unknown": 0, "refused_rate": 0, "refused_full": 0, "refused_bad": 0,
             "refused_security": 0, "unknown_session": 0, "out_of_order": 0,
             "tie_breaks": 0, "candidates_dropped": 0, "answers_unmatched": 0,
-            "errors_ignored": 0, "sync_missed": 0, "evicted": 0,
+            "errors_ignored": 0, "evicted": 0,
         }
 
     # -- user calls -------------------------------------------------------------------
@@ -550,9 +544,6 @@ class JingleSignalling:
                 self._fail(s, Reason.TIMEOUT, now, remote=False)
             elif s.state is SessionState.VERIFYING:
                 self._verify(s, now)
-            elif s.state is SessionState.AWAITING_SYNC:
-                self.counters["sync_missed"] += 1
-                self._introduce(s, now)
             elif s.state is SessionState.PROBE_WAIT:
                 self._introduce(s, now)
 
@@ -629,7 +620,9 @@ class JingleSignalling:
             self._fail(s, Reason.BUSY if err.condition == "resource-constraint"
                        else Reason.GENERAL_ERROR, now, remote=True, condition=err.condition,
                        terminate=False)
-        elif req.action is Action.SESSION_ACCEPT and s.state is not SessionState.ACTIVE:
+        elif req.action is Action.SESSION_ACCEPT:
+            # The initiator never took the answer (the responder is
+            # introduced already: SessionTerminated says it is over).
             self._fail(s, Reason.GENERAL_ERROR, now, remote=True, condition=err.condition,
                        terminate=False)
         else:
@@ -700,13 +693,11 @@ class JingleSignalling:
             logger.info("%s ended Jingle session %s: %s", peer, s.sid, reason.value)
             self._fail(s, reason, now, remote=True, text=text, terminate=False)
         elif j.action is Action.SESSION_INFO:
-            if j.probe is None and j.foreign:
+            if j.foreign:
                 self._error(stanza, StanzaError("modify", "feature-not-implemented",
                                                 JingleCondition.UNSUPPORTED_INFO))
                 return
             self._result(stanza)
-            if j.probe is not None and s.state is SessionState.AWAITING_SYNC:
-                self._schedule(s, now + j.probe.delay_ms / 1000, now)
         elif j.action is Action.SESSION_ACCEPT:
             if j.responder is not None and _full_jid(j.responder) != peer:
                 self.counters["refused_bad"] += 1
@@ -801,22 +792,15 @@ class JingleSignalling:
             return
         s.peer_key = device.key
         s.key_deadline = None
-        if s.initiator:
-            # The sync: the responder probes when it arrives (plus the delay),
-            # this side half a round trip after sending it.
-            delay = self.config.probe_delay
-            self._send(s, Jingle(action=Action.SESSION_INFO, sid=s.sid,
-                                 probe=ProbeTiming(round(delay * 1000))), now)
-            half = min((s.rtt or 0.0) / 2, self.config.max_probe_wait)
-            self._schedule(s, now + half + delay, now)
-        else:
+        if not s.initiator:
             candidates = self._fresh(s, self._local_candidates())
             transport = self._transport(s, candidates, proof=True)
             self._send(s, Jingle(action=Action.SESSION_ACCEPT, sid=s.sid, responder=self.jid,
                                  contents=(self._content(s, transport),)), now)
-            s.state = SessionState.AWAITING_SYNC
-            s.deadline = now + self.config.sync_timeout
             s.sent_at = now
+        # Both probe as the exchange completes for them: the responder now,
+        # as its session-accept leaves; the initiator as it arrives.
+        self._schedule(s, now + self.config.probe_delay, now)
 
     def _schedule(self, s: _Session, probe_at: float, now: float) -> None:
         s.state = SessionState.PROBE_WAIT

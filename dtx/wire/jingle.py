@@ -14,8 +14,6 @@ section 12):
   writes it, and dtx's own ``<device xmlns='urn:xmpp:dtx:0'/>``: the ALPN
   and an Ed25519 signature by the device key binding the fingerprint to the
   device (:func:`device_signing_input`);
-* in a ``session-info``: ``<probe xmlns='urn:xmpp:dtx:0' in='ms'/>``, when
-  the responder is to start probing;
 * in a ``session-terminate``: a ``<reason/>``.
 
 Elements are :mod:`xml.etree.ElementTree` elements in Clark notation, as
@@ -60,7 +58,6 @@ __all__ = [
     "Jingle",
     "JingleCondition",
     "JingleReason",
-    "ProbeTiming",
     "Reason",
     "Setup",
     "StanzaError",
@@ -94,14 +91,12 @@ _TRANSPORT: Final = f"{{{NS_ICE_UDP}}}transport"
 _CANDIDATE: Final = f"{{{NS_ICE_UDP}}}candidate"
 _FINGERPRINT: Final = f"{{{NS_DTLS}}}fingerprint"
 _DEVICE: Final = f"{{{NS_DTX}}}device"
-_PROBE: Final = f"{{{NS_DTX}}}probe"
 
 MAX_CONTENTS: Final = 4
 MAX_CANDIDATES: Final = 32
 """Candidates one ``<transport/>`` may hold; more do not decode."""
 MAX_JID_CHARS: Final = 3071
 MAX_TEXT_CHARS: Final = 1024
-MAX_PROBE_DELAY_MS: Final = 60_000
 MAX_FOREIGN: Final = 8
 """Foreign children of ``<jingle/>`` whose names are kept (the rest are
 ignored all the same)."""
@@ -282,14 +277,6 @@ class JingleReason:
     alternative_sid: str | None = None
 
 
-@dataclass(frozen=True)
-class ProbeTiming:
-    """``<probe xmlns='urn:xmpp:dtx:0' in='N'/>``: start probing ``delay_ms``
-    milliseconds after this arrives."""
-
-    delay_ms: int
-
-
 @dataclass(frozen=True, kw_only=True)
 class Jingle:
     """One ``<jingle/>`` element. ``foreign`` names (Clark notation) the
@@ -302,7 +289,6 @@ class Jingle:
     responder: str | None = None
     contents: tuple[Content, ...] = ()
     reason: JingleReason | None = None
-    probe: ProbeTiming | None = None
     foreign: tuple[str, ...] = ()
 
 
@@ -370,8 +356,6 @@ def encode_jingle(j: Jingle) -> Element:
             SubElement(cond, _SID).text = j.reason.alternative_sid
         if j.reason.text:
             SubElement(reason, _TEXT).text = j.reason.text
-    if j.probe is not None:
-        SubElement(el, _PROBE, {"in": str(j.probe.delay_ms)})
     return el
 
 
@@ -594,7 +578,6 @@ def decode_jingle(el: Element) -> Jingle:
     sid = _text(el, "sid", _SID_RE)
     contents: list[Content] = []
     reason: JingleReason | None = None
-    probe: ProbeTiming | None = None
     foreign: list[str] = []
     for child in el:
         if child.tag == _CONTENT:
@@ -605,10 +588,6 @@ def decode_jingle(el: Element) -> Jingle:
             if reason is not None:
                 raise DecodeError("more than one <reason/>")
             reason = _decode_reason(child)
-        elif child.tag == _PROBE:
-            if probe is not None:
-                raise DecodeError("more than one <probe/>")
-            probe = ProbeTiming(_int(child, "in", 0, MAX_PROBE_DELAY_MS))
         elif len(foreign) < MAX_FOREIGN:
             foreign.append(str(child.tag))
     return Jingle(
@@ -618,7 +597,6 @@ def decode_jingle(el: Element) -> Jingle:
         responder=_opt_text(el, "responder", max_chars=MAX_JID_CHARS),
         contents=tuple(contents),
         reason=reason,
-        probe=probe,
         foreign=tuple(foreign),
     )
 

@@ -33,7 +33,6 @@ from dtx.wire.jingle import (
     Jingle,
     JingleCondition,
     JingleReason,
-    ProbeTiming,
     Reason,
     Setup,
     StanzaError,
@@ -92,7 +91,7 @@ INITIATE = Jingle(action=Action.SESSION_INITIATE, sid=SID, initiator=A.jid.full,
 ACCEPT = Jingle(action=Action.SESSION_ACCEPT, sid=SID, responder=B.jid.full, contents=contents(
     IceUdpTransport(ufrag=UF_B, pwd=PW_B, candidates=(RELAY,), fingerprint=FPR_B,
                     device=proof(B, Creator.RESPONDER, FPR_B, UF_B, PW_B))))
-SYNC = Jingle(action=Action.SESSION_INFO, sid=SID, probe=ProbeTiming(0))
+PING = Jingle(action=Action.SESSION_INFO, sid=SID)
 TRICKLE = Jingle(action=Action.TRANSPORT_INFO, sid=SID, contents=contents(
     IceUdpTransport(ufrag=UF_A, pwd=PW_A, candidates=(HOST6,)), description=False))
 TERMINATE = Jingle(action=Action.SESSION_TERMINATE, sid=SID, reason=JingleReason(
@@ -144,11 +143,10 @@ GOLDEN: dict[str, tuple[Jingle, DeviceIdentity, DeviceIdentity, str, str]] = {
         "ip='198.51.100.9' port='49170' priority='16776959' protocol='udp' "
         "rel-addr='198.51.100.40' rel-port='53112' type='relay'/>"
         "</transport></content></jingle></iq>")),
-    "session-info": (SYNC, A, B, "dtxj-77aa66bb55cc44dd", (
+    "session-info": (PING, A, B, "dtxj-77aa66bb55cc44dd", (
         _HEAD_AB.format(id="dtxj-77aa66bb55cc44dd")
         + "<jingle xmlns='urn:xmpp:jingle:1' action='session-info' "
-        "sid='8f1c2a9e4b7d6035a1e2f3c4d5b6a798'><probe xmlns='urn:xmpp:dtx:0' in='0'/>"
-        "</jingle></iq>")),
+        "sid='8f1c2a9e4b7d6035a1e2f3c4d5b6a798'/></iq>")),
     "transport-info": (TRICKLE, A, B, "dtxj-1029384756abcdef", (
         _HEAD_AB.format(id="dtxj-1029384756abcdef")
         + "<jingle xmlns='urn:xmpp:jingle:1' action='transport-info' "
@@ -189,16 +187,15 @@ def test_golden_xml(name: str) -> None:
 @pytest.mark.parametrize("name", sorted(GOLDEN))
 def test_round_trip_through_the_serialiser(name: str) -> None:
     j = GOLDEN[name][0]
-    again = decode_jingle(jingle_child(parse_stanza(encode_stanza(
-        iq("set", "x", payload=encode_jingle(j))))) or Element("none"))
-    assert again == j
+    child = jingle_child(parse_stanza(encode_stanza(iq("set", "x", payload=encode_jingle(j)))))
+    assert child is not None  # (an empty <jingle/> is a falsy Element: test for None)
+    assert decode_jingle(child) == j
 
 
 ROUND_TRIPS = [
     Jingle(action=Action.SESSION_TERMINATE, sid="a", reason=JingleReason(Reason.SUCCESS)),
     Jingle(action=Action.SESSION_TERMINATE, sid="a.b-c_d:e", reason=JingleReason(
         Reason.ALTERNATIVE_SESSION, None, "b84tkkwlmb48kgfb")),
-    Jingle(action=Action.SESSION_INFO, sid="z", probe=ProbeTiming(60_000)),
     Jingle(action=Action.SESSION_INFO, sid="z"),
     Jingle(action=Action.CONTENT_ADD, sid="z", contents=(Content(
         creator=Creator.RESPONDER, name="other", description="urn:example:app",
@@ -381,14 +378,6 @@ def test_refusals(name: str) -> None:
 def test_reason_refusals(change: Callable[[Element], None]) -> None:
     root = copy.deepcopy(golden_jingle("session-terminate"))
     change(root)
-    with pytest.raises(DecodeError):
-        decode_jingle(root)
-
-
-@pytest.mark.parametrize("value", ["-1", "60001", "", "1.5", " 1"])
-def test_probe_delay_refusals(value: str) -> None:
-    root = copy.deepcopy(golden_jingle("session-info"))
-    _find(root, f"{{{NS_DTX}}}probe").set("in", value)
     with pytest.raises(DecodeError):
         decode_jingle(root)
 
