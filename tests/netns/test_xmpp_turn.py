@@ -17,10 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-import shutil
 import socket
-import struct
-import subprocess
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -31,13 +28,8 @@ import pytest
 from dtx.lab import STANDARD_WAN, Host, Lab, ns
 from dtx.lab.coturn import CoturnServer, coturn_missing
 from dtx.identity import generate_identity
-from dtx.lab.prosody import (
-    Federation,
-    ProsodyServer,
-    TurnExternal,
-    prosody_missing,
-    unbound_missing,
-)
+from dtx.lab.dns import DNS_PORT, TYPE_A, TYPE_SRV, answer_count
+from dtx.lab.prosody import ProsodyServer, TurnExternal, prosody_missing
 from dtx.proto.turn import (
     AllocationClosed,
     AllocationFailed,
@@ -52,6 +44,7 @@ from dtx.xmpp.client import XmppConfig, open_xmpp_client
 from dtx.xmpp.services import ExternalServices, TurnService, discover_services
 
 from ..xmpp.test_services import TurnDriver, check_rest_credentials
+from .xmpp_domains import federated_domains
 
 pytestmark = pytest.mark.netns
 
@@ -208,61 +201,6 @@ async def relay_both_ways(a: Host, sock_b: socket.socket, turn: TurnService,
 
 # -- two domains, federated -----------------------------------------------------
 
-DNS_PORT = 53
-
-
-def dnsmasq_missing() -> str | None:
-    if shutil.which("dnsmasq") is None and not os.path.exists("/usr/sbin/dnsmasq"):
-        return "needs dnsmasq (Debian package dnsmasq-base): run scripts/setup as root"
-    return None
-
-
-def dns_query(name: str, qtype: int, qid: int) -> bytes:
-    """A DNS query (RFC 1035 4.1), recursion desired, class IN."""
-    labels = b"".join(bytes([len(p)]) + p.encode("ascii") for p in name.split("."))
-    return struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0) + labels + b"\0" + struct.pack(
-        "!HH", qtype, 1)
-
-
-def dns_answers(sock: socket.socket, server: tuple[str, int], name: str, qtype: int) -> int:
-    """How many answers the server gives for ``name`` (asked again every
-    0.2 s, bounded); raises AssertionError on an error answer or none."""
-    sock.settimeout(0.2)
-    for qid in range(1, 26):
-        sock.sendto(dns_query(name, qtype, qid), server)
-        try:
-            data, _ = sock.recvfrom(4096)
-        except TimeoutError:
-            continue
-        got_id, flags, _, count, _, _ = struct.unpack("!HHHHHH", data[:12])
-        if got_id != qid:
-            continue
-        assert flags & 0x000F == 0, f"{name}: rcode {flags & 0xF}"
-        return int(count)
-    raise AssertionError(f"no DNS answer from {server} for {name}")
-
-
-def start_dnsmasq(host: Host, zone: dict[str, str], folder: Path) -> Path:
-    """dnsmasq on ``host`` answering for the domains of ``zone`` (domain
-    -> server address) only: A for the domain and ``xmpp.<domain>``, SRV
-    for ``_xmpp-client._tcp`` and ``_xmpp-server._tcp``; everything else
-    in those domains is NXDOMAIN and nothing is forwarded anywhere.
-    Returns its log (``--log-queries``)."""
-    folder.mkdir(parents=True)
-    log = folder / "dnsmasq.log"
-    argv = ["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv",
-            "--no-hosts", "--bind-interfaces", f"--listen-address={host.ip}",
-            f"--port={DNS_PORT}", "--user=root", f"--pid-file={folder / 'dnsmasq.pid'}",
-            f"--log-facility={log}", "--log-queries"]
-    for domain, address in zone.items():
-        argv += [f"--local=/{domain}/", f"--host-record={domain},{address}",
-                 f"--host-record=xmpp.{domain},{address}",
-                 f"--srv-host=_xmpp-client._tcp.{domain},xmpp.{domain},5222,0,5",
-                 f"--srv-host=_xmpp-server._tcp.{domain},xmpp.{domain},5269,0,5"]
-    host.popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-               stderr=subprocess.DEVNULL)
-    return log
-
 
 @dataclass(frozen=True)
 class Seen:
@@ -313,51 +251,34 @@ async def allocate(host: Host, service: TurnService, at: tuple[str, int]) -> obj
 
 
 def test_two_domains_federated(netns_ready: None, tmp_path: Path) -> None:
-    for reason in (prosody_missing(), coturn_missing(), dnsmasq_missing(), unbound_missing()):
-        if reason:
-            pytest.skip(reason)
-    with Lab() as lab:
-        dns = lab.add_server("dns", addresses=1)
-        servers = {"example.org": lab.add_server("org", addresses=1),
-                   "example.net": lab.add_server("net", addresses=1)}
-        home_a, home_b = lab.add_home("a"), lab.add_home("b")
-        lab.up()
-        dns_log = start_dnsmasq(dns, {d: h.ip for d, h in servers.items()}, tmp_path / "dns")
+    with Lab() as lab, federated_domains(lab, tmp_path, {"a": "port-restricted-cone",
+                                                         "b": "port-restricted-cone"},
+                                         ttl=TTL, turn_user=TURN_USER) as scene:
+        dns, domains = scene.dns, scene.domains
+        home_a, home_b = scene.homes["a"], scene.homes["b"]
+        coturns = {domain: d.coturn for domain, d in domains.items()}
+        prosodys = {domain: d.prosody for domain, d in domains.items()}
         # Each server finds the other through the lab's DNS.
         for domain, other in (("example.org", "example.net"), ("example.net", "example.org")):
-            with servers[domain].udp_socket() as sock:
-                assert dns_answers(sock, (dns.ip, DNS_PORT), f"_xmpp-server._tcp.{other}", 33) == 1
-                assert dns_answers(sock, (dns.ip, DNS_PORT), f"xmpp.{other}", 1) == 1
+            with domains[domain].host.udp_socket() as sock:
+                assert answer_count(sock, (dns.ip, DNS_PORT), f"_xmpp-server._tcp.{other}",
+                                    TYPE_SRV) == 1
+                assert answer_count(sock, (dns.ip, DNS_PORT), f"xmpp.{other}", TYPE_A) == 1
 
-        coturns: dict[str, CoturnServer] = {}
-        prosodys: dict[str, ProsodyServer] = {}
-        try:
-            for domain, host in servers.items():
-                secret = f"secret-of-{domain}"
-                coturns[domain] = CoturnServer(secret, realm=domain, host=host,
-                                               folder=str(tmp_path / f"turn-{domain}"))
-                coturns[domain].start()
-                prosodys[domain] = ProsodyServer(
-                    "vcard4", host=host, domain=domain, folder=str(tmp_path / domain),
-                    turn=TurnExternal(secret=secret, host=host.ip, ttl=TTL, user=TURN_USER),
-                    federation=Federation(nameserver=dns.ip))
-                os.makedirs(prosodys[domain].folder)
-                prosodys[domain].start()
-            prosodys["example.org"].register("alice", "pw-alice")
-            prosodys["example.net"].register("bob", "pw-bob")
-            found_a, _ = publish_and_discover(home_a.hosts[0], prosodys["example.org"],
-                                              "alice@example.org", "pw-alice", [])
-            # bob (example.net) reads alice's account on example.org, then
-            # alice reads bob's: an s2s link each way, dialback both times.
-            found_b, seen_by_b = publish_and_discover(
-                home_b.hosts[0], prosodys["example.net"], "bob@example.net", "pw-bob",
-                ["alice@example.org"])
-            _, seen_by_a = publish_and_discover(home_a.hosts[0], prosodys["example.org"],
-                                                "alice@example.org", "pw-alice",
-                                                ["bob@example.net"])
-        finally:
-            for server in prosodys.values():
-                server.stop()
+        prosodys["example.org"].register("alice", "pw-alice")
+        prosodys["example.net"].register("bob", "pw-bob")
+        found_a, _ = publish_and_discover(home_a.hosts[0], prosodys["example.org"],
+                                          "alice@example.org", "pw-alice", [])
+        # bob (example.net) reads alice's account on example.org, then
+        # alice reads bob's: an s2s link each way, dialback both times.
+        found_b, seen_by_b = publish_and_discover(
+            home_b.hosts[0], prosodys["example.net"], "bob@example.net", "pw-bob",
+            ["alice@example.org"])
+        _, seen_by_a = publish_and_discover(home_a.hosts[0], prosodys["example.org"],
+                                            "alice@example.org", "pw-alice",
+                                            ["bob@example.net"])
+        for server in prosodys.values():
+            server.stop()
         for seen, other in ((seen_by_b, "alice@example.org"), (seen_by_a, "bob@example.net")):
             got = seen[other]
             assert got.source == other and got.vcard is not None  # answered for the account
@@ -379,11 +300,11 @@ def test_two_domains_federated(netns_ready: None, tmp_path: Path) -> None:
         assert [type(o) for o in outcomes[:2]] == [Allocated, Allocated], outcomes
         assert isinstance(outcomes[2], AllocationFailed) and outcomes[2].code == 401
         logs = {domain: server.stop() for domain, server in coturns.items()}
-        dns_queries = dns_log.read_text()
+        dns_queries = scene.dns_log.read_text()
     assert [s.username for s in coturns["example.org"].sessions(logs["example.org"])] == [
         turn_a.username]
     assert [s.username for s in coturns["example.net"].sessions(logs["example.net"])] == [
         turn_b.username]
     for domain, other in (("example.org", "example.net"), ("example.net", "example.org")):
-        assert (f"query[SRV] _xmpp-server._tcp.{other} from {servers[domain].ip}"
+        assert (f"query[SRV] _xmpp-server._tcp.{other} from {domains[domain].host.ip}"
                 in dns_queries), dns_queries
