@@ -144,8 +144,12 @@ def in_first_home(scene: XmppLab, main: Callable[[], Coroutine[Any, Any, T]]) ->
 
 
 async def device(identity: DeviceIdentity, host: Host, xmpp: XmppConfig,
-                 opened: list[tuple[Peer, XmppSignalling]]) -> tuple[Peer, XmppSignalling]:
-    signalling = XmppSignalling(identity, PASSWORD, config=XmppSignallingConfig(
+                 opened: list[tuple[Peer, XmppSignalling]], *,
+                 password: str = PASSWORD) -> tuple[Peer, XmppSignalling]:
+    """A peer on a UDP socket in ``host`` and its XMPP signalling, started
+    (and listed in ``opened`` for closing, as soon as there is something
+    to close)."""
+    signalling = XmppSignalling(identity, password, config=XmppSignallingConfig(
         xmpp=xmpp, connect_timeout=DEADLINE))
     peer = Peer(identity, Verifier([signalling.key_source], PinStore(None)),
                 config=PeerConfig(host_addresses=(host.ip,)))
@@ -200,6 +204,13 @@ async def connected(scene: XmppLab) -> AsyncIterator[Connected]:
             await peer.close()
 
 
+def path_address(session: Session) -> tuple[str, int] | None:
+    """Where the session's packets go now (None: the relay)."""
+    link = session.connection.link
+    current = None if link is None else link.paths.current
+    return None if current is None else current.key
+
+
 def check_relayed(scene: XmppLab, log: str, relayed: set[tuple[str, int]]) -> None:
     """coturn's log shows both devices' allocations and a channel bound
     (the relay path carried the session)."""
@@ -214,7 +225,7 @@ def test_connect_by_jid_in_the_lab(netns_ready: None, tmp_path: Path, nat_a: str
                                    nat_b: str) -> None:
     expect = expected_path(nat_a, nat_b)
 
-    async def main() -> tuple[tuple[str, str], set[tuple[str, int]], float]:
+    async def main() -> tuple[tuple[str, str], list[str | None], set[tuple[str, int]], float]:
         async with connected(scene) as c:
             if expect == "relay":
                 with pytest.raises(TimeoutError):
@@ -223,16 +234,20 @@ def test_connect_by_jid_in_the_lab(netns_ready: None, tmp_path: Path, nat_a: str
                 await c.session.wait_path(expect, timeout=SETTLE)
                 await c.accepted.wait_path(expect, timeout=SETTLE)
             await stanzas_both_ways(c.session, c.accepted)
-            return (str(c.session.path), str(c.accepted.path)), c.relayed, c.connect
+            to = [None if a is None else a[0] for a in map(path_address, (c.session, c.accepted))]
+            return (str(c.session.path), str(c.accepted.path)), to, c.relayed, c.connect
 
     with Lab(wan=STANDARD_WAN) as lab, xmpp_lab(lab, tmp_path, nat_a, nat_b) as scene:
-        paths, relayed, connect_time = in_first_home(scene, main)
+        paths, to, relayed, connect_time = in_first_home(scene, main)
         log = scene.coturn.stop()
     print(f"\n{nat_a} x {nat_b}: connect by JID {connect_time * 1000:.0f} ms "
           f"(Jingle and the QUIC handshake; ends on the {expect} path)")
     assert paths == (expect, expect)
     if expect == "relay":
+        assert to == [None, None]
         check_relayed(scene, log, relayed)
+    else:  # home to home, not through anyone's relayed address
+        assert to == [scene.home_b.public_ip, scene.home_a.public_ip]
 
 
 async def one_each_way_until(session: Session, accepted: Session, done: Callable[[], bool],
