@@ -577,10 +577,14 @@ class XmppSignalling:
         sig, xmpp = self._signalling, self._client.xmpp
         if sig is None:
             return
-        for elem in sig.stanzas_to_send():
-            if xmpp is not None and self._online:
-                xmpp.send_raw(tostring(elem, xmlns=xmpp.default_ns, stream=xmpp,
-                                       top_level=True))
+        stanzas = sig.stanzas_to_send()
+        if stanzas and xmpp is not None and self._online:
+            # One write for the batch (an iq result and the session-accept
+            # behind it, say): written one by one, the second can wait a
+            # whole round trip in the server's Nagle buffer on its way on
+            # (Prosody leaves Nagle on by default).
+            xmpp.send_raw("".join(tostring(elem, xmlns=xmpp.default_ns, stream=xmpp,
+                                           top_level=True) for elem in stanzas))
 
     def _pump(self) -> None:
         """Send what the signalling wants sent, act on its events, re-arm its timer."""

@@ -681,8 +681,17 @@ class Endpoint:
     # -- datagrams out --------------------------------------------------------------
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]:
-        """Everything to send now: (payload, destination) pairs."""
+        """Everything to send now: (payload, destination) pairs. TURN's own
+        requests go first: a permission or channel binding asked for in the
+        same batch as the data that needs it reaches the server before it
+        (coturn drops a Send indication to a peer it has no permission for)."""
         out: list[tuple[bytes, Address]] = []
+        turn = self.turn
+        if turn is not None:
+            out.extend(turn.datagrams_to_send())
+        if self._out_turn:
+            out.extend(self._out_turn)
+            self._out_turn.clear()
         traversal = self.traversal
         dirty, self._dirty = self._dirty, set()
         for conn in dirty:
@@ -701,11 +710,8 @@ class Endpoint:
         if traversal.busy:
             self._drain_traversal()
             out.extend(traversal.datagrams_to_send())
-        if self.turn is not None:
-            out.extend(self.turn.datagrams_to_send())
-        if self._out_turn:
-            out.extend(self._out_turn)
-            self._out_turn.clear()
+        if turn is not None:
+            out.extend(turn.datagrams_to_send())
         return out
 
     def next_event(self) -> EndpointEvent | None:
