@@ -715,14 +715,24 @@ class XmppSignalling:
             self._spawn(self._refresh_credentials())
 
     async def _refresh_credentials(self) -> None:
-        service, turn = self._service, self._turn
-        if service is None or turn is None or not self._online:
-            return
-        try:
-            fresh = await refresh_credentials(self._client, service)
-        except DtxError as exc:
-            self.counters["credentials_failed"] += 1
-            logger.warning("TURN credentials not renewed: %s", exc)
+        """New TURN credentials over XMPP; a failed request is tried again
+        after 5, 15 and 45 s while logged in (logging back in asks again)."""
+        fresh: TurnService | None = None
+        for pause in (*_RENEW_RETRIES, None):
+            service, turn = self._service, self._turn
+            if service is None or turn is None or not self._online:
+                return
+            try:
+                fresh = await refresh_credentials(self._client, service)
+                break
+            except (DtxError, TimeoutError) as exc:
+                self.counters["credentials_failed"] += 1
+                logger.warning("TURN credentials not renewed: %s%s", exc,
+                               "" if pause is None else f"; again in {pause:.0f} s")
+                if pause is None:
+                    return
+                await asyncio.sleep(pause)
+        if fresh is None or turn is None:
             return
         self._service = fresh
         self.counters["credentials_renewed"] += 1
@@ -791,6 +801,7 @@ class XmppSignalling:
 
 
 _MAX_RECENT = 256
+_RENEW_RETRIES = (5.0, 15.0, 45.0)
 
 
 def _ip_of(addr: Address) -> Address:

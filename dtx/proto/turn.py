@@ -125,7 +125,7 @@ class TurnClientConfig:
     """RFC 8656 section 12: fixed at ten minutes."""
     credential_margin: float = 300.0
     """:class:`CredentialsExpiring` this long before the credentials'
-    ``expires``."""
+    ``expires`` (at most half their lifetime from when they came)."""
     max_permissions: int = 1024
     """Peer IPs permitted at once; one more is a :class:`LocalProtocolError`."""
     pad_channel_data: bool = False
@@ -343,6 +343,9 @@ class TurnClient:
         self._pinned = False
         """The server refused new credentials on this allocation (441)."""
         self._warned: _Credentials | None = None
+        self._creds_at: float | None = None
+        """When the current credentials came (None: not known yet; the
+        first Allocate sets it)."""
         self._realm: bytes | None = None
         self._nonce: bytes | None = None
         self._algorithm: int = PasswordAlgorithm.MD5
@@ -371,6 +374,8 @@ class TurnClient:
         if self.state is not AllocationState.IDLE:
             raise LocalProtocolError(f"allocate() while {self.state.value}")
         self.state = AllocationState.ALLOCATING
+        if self._creds_at is None:
+            self._creds_at = now
         self._alloc_creds = self._creds
         self._pinned = False
         self._mismatches = 0
@@ -450,6 +455,7 @@ class TurnClient:
         if new == self._creds:
             return
         self._creds = new
+        self._creds_at = now
         if self.state is AllocationState.ALLOCATED and not self._pinned \
                 and new != self._alloc_creds:
             self._request(_Kind.REAUTH, now)
@@ -733,10 +739,24 @@ class TurnClient:
                     times.append(rec.expires_at)
             if expires is not None:
                 times.append(expires)
+        warn_at = self._warn_at()
         if self.state in (AllocationState.ALLOCATING, AllocationState.ALLOCATED) \
-                and expires is not None and self._warned != self._creds:
-            times.append(expires - self.config.credential_margin)
+                and warn_at is not None and self._warned != self._creds:
+            times.append(warn_at)
         return min(times) if times else None
+
+    def _warn_at(self) -> float | None:
+        """When to say the credentials are expiring: ``credential_margin``
+        before they do, but not before half their life has passed (Prosody
+        can be set to mint credentials for a minute: a margin longer than
+        that would ask for new ones as soon as they came, over and over)."""
+        expires = self._creds.expires
+        if expires is None:
+            return None
+        margin = self.config.credential_margin
+        if self._creds_at is not None:
+            margin = min(margin, max(0.0, expires - self._creds_at) / 2)
+        return expires - margin
 
     def handle_timer(self, now: float) -> None:
         for txn in [t for t in self._txns.values() if now >= t.next_at]:
@@ -746,8 +766,9 @@ class TurnClient:
         if self.state not in (AllocationState.ALLOCATING, AllocationState.ALLOCATED):
             return
         expires = self._creds.expires
-        if expires is not None and self._warned != self._creds \
-                and now >= expires - self.config.credential_margin:
+        warn_at = self._warn_at()
+        if expires is not None and warn_at is not None and self._warned != self._creds \
+                and now >= warn_at:
             self._warned = self._creds
             self._events.append(CredentialsExpiring(expires))
         if self._allocate_at is not None and now >= self._allocate_at:

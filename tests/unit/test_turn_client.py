@@ -688,6 +688,25 @@ def test_new_credentials_on_a_server_that_takes_them() -> None:
     assert [t for t, e in h.events if isinstance(e, AllocationLost)] == [START + 7200]
 
 
+def test_short_lived_credentials_are_renewed_at_half_life_not_at_once() -> None:
+    """Credentials minted for a minute (a lab's TTL) with the default
+    five-minute margin: the warning comes at half their life, once per
+    set of credentials, never in a loop."""
+    h = Harness(FakeTurnServer(pin_credentials=False), expires=START + 60)
+    h.allocate()
+    h.run_until(START + 29.9)
+    assert h.of(CredentialsExpiring) == []
+    h.run_until(START + 30.1)
+    assert [t for t, e in h.events if isinstance(e, CredentialsExpiring)] == [START + 30]
+    h.client.update_credentials(USER2, PASSWORD2, h.clock.now + 60, h.clock.now)
+    h.run_until(START + 59.9)
+    assert len(h.of(CredentialsExpiring)) == 1 and h.of(AllocationLost) == []
+    h.run_until(START + 61)
+    assert [t for t, e in h.events if isinstance(e, CredentialsExpiring)] == [
+        START + 30, pytest.approx(START + 60.1)]
+    assert h.of(AllocationLost) == []  # the first ones expired at START + 60: replaced
+
+
 def test_credentials_arriving_while_allocating() -> None:
     h = Harness(FakeTurnServer(pin_credentials=False))
     h.server.silent = True
