@@ -24,8 +24,8 @@ from dtx.aio.xmpp import XmppSignalling, XmppSignallingConfig
 from dtx.errors import ConnectError
 from dtx.identity import DeviceIdentity, generate_identity
 from dtx.proto import turn as tp
-from dtx.proto.signalling import CandidatesAdded, LocalCandidate
-from dtx.wire.jingle import CandidateType
+from dtx.proto.signalling import CandidatesAdded, LocalCandidate, SessionTerminated
+from dtx.wire.jingle import CandidateType, Reason
 from dtx.trust import PinStore, Verifier
 from dtx.xmpp.client import XmppConfig, open_xmpp_client
 
@@ -168,6 +168,42 @@ async def test_a_stranger_is_refused_and_learns_no_address(servers: Servers,
     # and the TV's own policy refuses to offer mallory anything
     with pytest.raises(ConnectError, match="neither"):
         await tv.signalling.connect(mallory_id.jid.full, timeout=DEADLINE)
+
+
+async def test_a_device_whose_key_is_not_published_is_refused_by_the_responder(
+        servers: Servers, open_device: OpenDevice) -> None:
+    """The remote's signed fingerprint names a key alice's vCard does not
+    list: the TV refuses the offer (security-error), introduces nobody and
+    sends no candidate back."""
+    tv_id = generate_identity("alice@example.org/tv6")
+    remote_id = generate_identity("alice@example.org/remote6")
+    await publish(servers, "pw-alice", tv_id)  # the remote's key is not published
+    tv = await open_device(tv_id, "pw-alice")
+    remote = await open_device(remote_id, "pw-alice")
+    with pytest.raises(ConnectError, match="security-error"):
+        await remote.signalling.connect(tv_id.jid.full, timeout=DEADLINE)
+    assert tv.signalling.signalling.counters["refused_security"] == 1
+    assert tv.peer.endpoint.traversal.links == {} == remote.peer.endpoint.traversal.links
+
+
+async def test_a_responder_whose_key_is_not_published_is_refused_by_the_initiator(
+        servers: Servers, open_device: OpenDevice) -> None:
+    """The TV's session-accept is signed by a key alice's vCard does not
+    list: the remote refuses it (security-error) and opens no QUIC
+    connection; the TV, which took its introduction as its answer left,
+    is told the session is over."""
+    tv_id = generate_identity("alice@example.org/tv7")
+    remote_id = generate_identity("alice@example.org/remote7")
+    await publish(servers, "pw-alice", remote_id)  # the TV's key is not published
+    tv = await open_device(tv_id, "pw-alice")
+    remote = await open_device(remote_id, "pw-alice")
+    with pytest.raises(ConnectError, match="security-error"):
+        await remote.signalling.connect(tv_id.jid.full, timeout=DEADLINE)
+    assert remote.signalling.signalling.counters["refused_security"] == 1
+    ended = await tv.signalling.wait_event(SessionTerminated, timeout=DEADLINE)
+    assert ended.reason is Reason.SECURITY_ERROR and ended.remote
+    assert remote.peer.endpoint.traversal.links == {}
+    assert remote.peer.endpoint.statistics().sessions == 0
 
 
 async def test_turn_credentials_are_renewed_over_xmpp(servers: Servers,
