@@ -42,7 +42,7 @@ from ..loopback.test_xmpp_signalling import (
     wait_subscription,
 )
 from .test_traversal import expected_path
-from .test_xmpp_signalling import device, path_address
+from .test_xmpp_signalling import device, path_address, seen_at
 from .xmpp_domains import Federated, federated_domains
 
 pytestmark = pytest.mark.netns
@@ -135,7 +135,7 @@ def test_connect_by_jid_across_domains(netns_ready: None, tmp_path: Path, nat_a:
     assert paths == (expect, expect)
     homes = scene.homes
     assert to == ([None, None] if expect == "relay"
-                  else [homes["b"].public_ip, homes["a"].public_ip])
+                  else [seen_at(homes["b"]), seen_at(homes["a"])])
     for domain, log in logs.items():
         allocations = [s for s in scene.domains[domain].coturn.sessions(log) if s.event == "new"]
         assert [s.realm for s in allocations] == [domain], log  # its own device only
