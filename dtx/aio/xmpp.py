@@ -44,9 +44,11 @@ to ``relogin_max_delay``, for up to ``relogin_for``), then answers Jingle
 again, says it is available, reads the roster and renews the TURN
 credentials. A refused password ends the attempts at once.
 
-Without a TURN service there is no reflexive address either (a STUN Binding
-on the peer's socket is not made here: the endpoint takes only its TURN
-server's STUN), so only host candidates are offered.
+Without a TURN allocation (no service listed, or none made within
+``allocate_timeout``) the reflexive candidate comes from a STUN Binding on
+the peer's socket to the first UDP STUN service listed
+(:meth:`Endpoint.use_stun <dtx.proto.endpoint.Endpoint.use_stun>`); with
+neither, only host candidates are offered.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ from ..errors import AuthenticationError, ConnectError, DtxError, LocalProtocolE
 from ..identity import DeviceIdentity
 from ..jid import JID
 from ..proto import turn as tp
+from ..proto.binding import BindingClient, ReflexiveFailed, ReflexiveFound
 from ..proto.paths import RelayWrap
 from ..proto.signalling import (
     CandidatesAdded,
@@ -86,6 +89,7 @@ from ..wire.address import Address
 from ..wire.jingle import CandidateType, Reason
 from ..xmpp.client import XmppClient, XmppConfig, _Xmpp
 from ..xmpp.services import (
+    ExternalServices,
     ServiceDiscoveryError,
     TurnService,
     discover_services,
@@ -113,6 +117,9 @@ class XmppSignallingConfig:
     keys: XmppKeySourceConfig = XmppKeySourceConfig()
     use_turn: bool = True
     """Allocate a relay on the first UDP TURN service the server lists."""
+    use_stun: bool = True
+    """Without a TURN allocation, ask the first UDP STUN service the server
+    lists for the reflexive candidate (a STUN Binding on the peer's socket)."""
     turn: tp.TurnClientConfig = tp.TurnClientConfig()
     """The TURN client's tunables (``credential_margin``: how long before
     the credentials expire they are renewed over XMPP)."""
@@ -215,6 +222,9 @@ class XmppSignalling:
         self._tasks: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._allocated = asyncio.Event()
+        self._stunned = asyncio.Event()
+        self._reflexive: Address | None = None
+        """The STUN Binding's answer, without a TURN allocation."""
         self._renewed = asyncio.Event()
         self.counters: dict[str, int] = {"credentials_renewed": 0, "credentials_failed": 0,
                                          "relogins": 0, "relogin_attempts": 0}
@@ -257,8 +267,8 @@ class XmppSignalling:
         except (DtxError, TimeoutError) as exc:
             logger.warning("own account's keys not fetched: %s", exc)
         server: Address = self.config.xmpp.server or (self.identity.jid.domain, 5222)
-        if self.config.use_turn:
-            await self._start_turn(peer, loop)
+        if self.config.use_turn or self.config.use_stun:
+            await self._start_services(peer, loop)
         if self._turn is not None and self._turn.relayed is not None:
             server = self._turn.server
         bound = peer.address
@@ -295,12 +305,46 @@ class XmppSignalling:
             except Exception:  # noqa: BLE001 - a listener's bug is not the connection's
                 logger.exception("online listener failed")
 
-    async def _start_turn(self, peer: Peer, loop: asyncio.AbstractEventLoop) -> None:
+    async def _start_services(self, peer: Peer, loop: asyncio.AbstractEventLoop) -> None:
+        """XEP-0215: a TURN allocation (relayed and reflexive candidates);
+        without one, a STUN Binding for the reflexive candidate alone."""
         try:
             found = await discover_services(self._client)
         except ServiceDiscoveryError as exc:
             logger.info("no external services: %s", exc)
             return
+        self._remove_listener = peer.add_event_listener(self._on_endpoint_event)
+        if self.config.use_turn:
+            await self._start_turn(peer, loop, found)
+        if self.config.use_stun and (self._turn is None or self._turn.relayed is None):
+            await self._start_stun(peer, loop, found)
+
+    async def _start_stun(self, peer: Peer, loop: asyncio.AbstractEventLoop,
+                          found: ExternalServices) -> None:
+        service = found.first_stun()
+        if service is None:
+            logger.info("the server lists no UDP STUN service: no reflexive candidate")
+            return
+        try:
+            address = await resolve_address(service, family=socket.AF_INET)
+        except ServiceDiscoveryError as exc:
+            logger.warning("STUN service not usable: %s", exc)
+            return
+        client = BindingClient(address, rng=random.Random(self._rng.getrandbits(64)))
+        peer.endpoint.use_stun(client, loop.time())
+        peer._wake()
+        try:
+            await asyncio.wait_for(self._stunned.wait(), self.config.allocate_timeout)
+        except TimeoutError:
+            pass
+        if client.mapped is None:
+            logger.warning("no answer from STUN at %s:%d: no reflexive candidate", *address)
+        else:
+            self._reflexive = client.mapped
+            peer.endpoint.traversal.reflexive = client.mapped
+
+    async def _start_turn(self, peer: Peer, loop: asyncio.AbstractEventLoop,
+                          found: ExternalServices) -> None:
         service = found.first_turn()
         if service is None:
             logger.info("the server lists no UDP TURN service")
@@ -314,7 +358,6 @@ class XmppSignalling:
         self._turn = tp.TurnClient(address, service.username, service.password, service.expires,
                                    rng=random.Random(self._rng.getrandbits(64)),
                                    config=self.config.turn)
-        self._remove_listener = peer.add_event_listener(self._on_endpoint_event)
         peer.endpoint.use_turn(self._turn, loop.time())
         peer._wake()
         try:
@@ -405,6 +448,10 @@ class XmppSignalling:
         """This device's candidates now: host, reflexive, relayed."""
         out = [LocalCandidate(a) for a in self._hosts]
         turn = self._turn
+        if self._reflexive is not None and self._reflexive not in self._hosts \
+                and (turn is None or turn.state is not tp.AllocationState.ALLOCATED):
+            out.append(LocalCandidate(self._reflexive, CandidateType.SRFLX,
+                                      self._hosts[0] if self._hosts else None))
         if turn is not None and turn.state is tp.AllocationState.ALLOCATED:
             if turn.mapped is not None and turn.mapped not in self._hosts:
                 out.append(LocalCandidate(turn.mapped, CandidateType.SRFLX,
@@ -543,7 +590,8 @@ class XmppSignalling:
         sig = self._signalling
         return XmppSignallingStatistics(
             self._online, None if turn is None else turn.relayed,
-            None if turn is None else turn.mapped, len(self.local_candidates()),
+            self._reflexive if turn is None or turn.mapped is None else turn.mapped,
+            len(self.local_candidates()),
             {} if sig is None else sig.statistics().counters)
 
     # -- the driver -----------------------------------------------------------------
@@ -701,8 +749,12 @@ class XmppSignalling:
             self._pump()
 
     def _on_endpoint_event(self, ev: object) -> None:
-        """TURN events of the peer's endpoint."""
-        if isinstance(ev, tp.Allocated):
+        """TURN and STUN events of the peer's endpoint."""
+        if isinstance(ev, (ReflexiveFound, ReflexiveFailed)):
+            if isinstance(ev, ReflexiveFailed):
+                logger.info("STUN at %s:%d: %s", *ev.server, ev.reason)
+            self._stunned.set()
+        elif isinstance(ev, tp.Allocated):
             self._allocated.set()
             if self._peer is not None:
                 self._peer.endpoint.traversal.reflexive = ev.mapped

@@ -199,6 +199,10 @@ class ProsodyServer:
     """Offer STUN and TURN by XEP-0215 (``mod_turn_external``)."""
     federation: Federation | None = None
     """Talk to other domains' servers (s2s); None: client connections only."""
+    stun: tuple[str, int] | None = None
+    """List this STUN server, and no TURN one, by XEP-0215
+    (``mod_external_services``): the server of a domain that runs STUN
+    but no relay."""
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _owns_folder: bool = field(default=False, repr=False)
 
@@ -219,6 +223,8 @@ class ProsodyServer:
         names = _MODULES[self.kind] + (("tls",) if self.tls else ())
         if self.turn is not None:
             names += ("turn_external",)
+        elif self.stun is not None:
+            names += ("external_services",)
         if self.federation is not None:
             names += ("dialback",)
         modules = "; ".join(_lua(m) for m in names)
@@ -257,6 +263,10 @@ class ProsodyServer:
             ]
         if self.turn is not None:
             lines += self.turn.lines()
+        elif self.stun is not None:
+            host, port = self.stun
+            lines.append("external_services = { { type = \"stun\", transport = \"udp\", "
+                         f"host = {_lua(host)}, port = {int(port)} }} }}")
         if self.federation is None:
             lines += ["s2s_ports = { }", 'modules_disabled = { "s2s" }']
         else:

@@ -57,6 +57,7 @@ from ..identity import DeviceIdentity
 from ..logs import LogLimiter
 from ..wire.demux import PacketKind, classify
 from . import session as sc
+from .binding import BindingClient, BindingEvent
 from .auth import AuthenticatedQuicConnection, make_certificate, quic_configuration
 from .paths import PathChanged, PathKind
 from .session import SessionConfig, XmlSession, trust_check_for
@@ -186,7 +187,7 @@ EndpointEvent = (
     | StanzasAcknowledged | SessionEnded | HandshakeRefused | PathChangedEvent
     | Registered | RegistrationRefused | RegistrationLost
     | IntroductionCompleted | IntroductionFailed
-    | TurnEvent
+    | TurnEvent | BindingEvent
 )
 
 
@@ -472,6 +473,8 @@ class Endpoint:
         """Links to introduced devices (introductions from the rendezvous, if
         there is one, or from :meth:`introduced`)."""
         self.turn: TurnClient | None = None
+        self.stun: BindingClient | None = None
+        """The STUN Binding asking for this socket's reflexive address."""
         """The TURN allocation relaying for this device, if any (:meth:`use_turn`)."""
         self._started = False
         self._closed = False
@@ -539,6 +542,15 @@ class Endpoint:
         self._drain_traversal()
         return link
 
+    def use_stun(self, client: BindingClient, now: float) -> None:
+        """Ask ``client``'s STUN server for this socket's reflexive address:
+        datagrams from that server go to it (a TURN server's go to TURN
+        first), and its :class:`~dtx.proto.binding.ReflexiveFound` or
+        :class:`~dtx.proto.binding.ReflexiveFailed` comes out of
+        :meth:`next_event`. Replaces an earlier one."""
+        self.stun = client
+        client.start(now)
+
     def use_turn(self, client: TurnClient, now: float) -> None:
         """Relay through ``client``'s TURN server (credentials from XEP-0215,
         say): datagrams from that server go to it, what it relays from a
@@ -586,6 +598,11 @@ class Endpoint:
             # server is TURN, not QUIC.
             turn.receive(data, now)
             self._drain_turn(now)
+            return
+        stun = self.stun
+        if stun is not None and addr == stun.server:
+            stun.receive(data, now)
+            self._drain_stun()
             return
         kind = classify(data)
         if kind is PacketKind.QUIC:
@@ -689,6 +706,8 @@ class Endpoint:
         turn = self.turn
         if turn is not None:
             out.extend(turn.datagrams_to_send())
+        if self.stun is not None:
+            out.extend(self.stun.datagrams_to_send())
         if self._out_turn:
             out.extend(self._out_turn)
             self._out_turn.clear()
@@ -729,8 +748,8 @@ class Endpoint:
         connection's, the traversal's and the half-open expiry); read it
         after :meth:`datagrams_to_send`, as a driver does."""
         when = self.traversal.get_timer() if self.traversal.busy else None
-        if self.turn is not None:
-            t = self.turn.get_timer()
+        for client in (self.turn, self.stun):
+            t = None if client is None else client.get_timer()
             if t is not None and (when is None or t < when):
                 when = t
         for conn in self._connections.values():
@@ -746,6 +765,12 @@ class Endpoint:
             if due is not None and now >= due:
                 self.turn.handle_timer(now)
                 self._drain_turn(now)
+        stun = self.stun
+        if stun is not None:
+            due = stun.get_timer()
+            if due is not None and now >= due:
+                stun.handle_timer(now)
+                self._drain_stun()
         due = self.traversal.get_timer()
         if due is not None and now >= due:
             self.traversal.handle_timer(now)
@@ -874,6 +899,11 @@ class Endpoint:
                 self.counters["datagrams_dropped"] += 1
             else:
                 self._events.append(ev)
+
+    def _drain_stun(self) -> None:
+        stun = self.stun
+        while stun is not None and (ev := stun.next_event()) is not None:
+            self._events.append(ev)
 
     def _drain_traversal(self) -> None:
         traversal = self.traversal

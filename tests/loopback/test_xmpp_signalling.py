@@ -26,10 +26,11 @@ from dtx.identity import DeviceIdentity, generate_identity
 from dtx.proto import turn as tp
 from dtx.proto.signalling import CandidatesAdded, LocalCandidate, SessionTerminated
 from dtx.wire.jingle import CandidateType, Reason
+from dtx.lab.prosody import ProsodyServer, TurnExternal
 from dtx.trust import PinStore, Verifier
 from dtx.xmpp.client import XmppConfig, open_xmpp_client
 
-from .conftest import Servers
+from .conftest import TURN_SECRET, Servers
 
 DEADLINE = 10.0
 
@@ -38,10 +39,11 @@ def xmpp_config(servers: Servers) -> XmppConfig:
     return XmppConfig(server=servers.prosody.address(), allow_plaintext=True, timeout=DEADLINE)
 
 
-async def publish(servers: Servers, password: str, *ids: DeviceIdentity) -> None:
+async def publish(servers: Servers, password: str, *ids: DeviceIdentity,
+                  xmpp: XmppConfig | None = None) -> None:
     """Each device's key into its account's vCard (one login per account)."""
     async with open_xmpp_client(str(ids[0].jid.bare), password,
-                                config=xmpp_config(servers)) as client:
+                                config=xmpp or xmpp_config(servers)) as client:
         for identity in ids:
             await client.publish_key(identity.public_key)
 
@@ -72,9 +74,10 @@ async def open_device(servers: Servers) -> AsyncIterator[OpenDevice]:
     opened: list[Device] = []
 
     async def make(identity: DeviceIdentity, password: str,
-                   turn: tp.TurnClientConfig = tp.TurnClientConfig()) -> Device:
+                   turn: tp.TurnClientConfig = tp.TurnClientConfig(),
+                   xmpp: XmppConfig | None = None) -> Device:
         signalling = XmppSignalling(identity, password, config=XmppSignallingConfig(
-            xmpp=xmpp_config(servers), connect_timeout=DEADLINE, turn=turn))
+            xmpp=xmpp or xmpp_config(servers), connect_timeout=DEADLINE, turn=turn))
         peer = Peer(identity, Verifier([signalling.key_source], PinStore(None)))
         await peer.start("127.0.0.1")
         device = Device(peer, signalling)
@@ -208,16 +211,27 @@ async def test_a_responder_whose_key_is_not_published_is_refused_by_the_initiato
 
 async def test_turn_credentials_are_renewed_over_xmpp(servers: Servers,
                                                      open_device: OpenDevice) -> None:
-    """The TURN client asks for new credentials ``credential_margin``
-    before they expire; they come by XEP-0215 and a session on the
-    allocation's device goes on."""
+    """The TURN client asks for new credentials half way through their
+    life (here a server minting them for 4 s); they come by XEP-0215 and a
+    session on the allocation's device goes on."""
+    short = ProsodyServer("vcard4", turn=TurnExternal(
+        secret=TURN_SECRET, host=servers.coturn.ip, port=servers.coturn.port, ttl=4))
+    short.start()
+    try:
+        short.register("alice", "pw-alice")
+        xmpp = XmppConfig(server=short.address(), allow_plaintext=True, timeout=DEADLINE)
+        await credentials_renewed(servers, open_device, xmpp)
+    finally:
+        short.stop()
+
+
+async def credentials_renewed(servers: Servers, open_device: OpenDevice,
+                              xmpp: XmppConfig) -> None:
     tv_id = generate_identity("alice@example.org/tv3")
     remote_id = generate_identity("alice@example.org/remote3")
-    await publish(servers, "pw-alice", tv_id, remote_id)
-    tv = await open_device(tv_id, "pw-alice")
-    # credentials valid for 600 s (whole seconds), renewed when 598 s are
-    # left: 1-2 s on, when the server mints a different username
-    remote = await open_device(remote_id, "pw-alice", tp.TurnClientConfig(credential_margin=598.0))
+    await publish(servers, "pw-alice", tv_id, remote_id, xmpp=xmpp)
+    tv = await open_device(tv_id, "pw-alice", xmpp=xmpp)
+    remote = await open_device(remote_id, "pw-alice", xmpp=xmpp)
     first = remote.signalling.turn_service
     assert first is not None and first.expires is not None
     session = await remote.signalling.connect(tv_id.jid.full, timeout=DEADLINE)
