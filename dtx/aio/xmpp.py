@@ -445,19 +445,21 @@ class XmppSignalling:
         return self._signalling
 
     def local_candidates(self) -> list[LocalCandidate]:
-        """This device's candidates now: host, reflexive, relayed."""
-        out = [LocalCandidate(a) for a in self._hosts]
+        """This device's candidates now: host, reflexive, relayed. A host
+        address that the STUN or TURN server saw as it is (a device with a
+        public address, no NAT) is offered as server-reflexive only: a peer
+        probes a host candidate only when it can be on its own network, and
+        this one is on the internet's."""
         turn = self._turn
-        if self._reflexive is not None and self._reflexive not in self._hosts \
-                and (turn is None or turn.state is not tp.AllocationState.ALLOCATED):
-            out.append(LocalCandidate(self._reflexive, CandidateType.SRFLX,
+        allocated = turn is not None and turn.state is tp.AllocationState.ALLOCATED
+        mapped = turn.mapped if turn is not None and allocated else self._reflexive
+        hosts = [a for a in self._hosts if a != mapped]
+        out = [LocalCandidate(a) for a in hosts]
+        if mapped is not None:
+            out.append(LocalCandidate(mapped, CandidateType.SRFLX,
                                       self._hosts[0] if self._hosts else None))
-        if turn is not None and turn.state is tp.AllocationState.ALLOCATED:
-            if turn.mapped is not None and turn.mapped not in self._hosts:
-                out.append(LocalCandidate(turn.mapped, CandidateType.SRFLX,
-                                          self._hosts[0] if self._hosts else None))
-            if turn.relayed is not None:
-                out.append(LocalCandidate(turn.relayed, CandidateType.RELAY, turn.mapped))
+        if turn is not None and allocated and turn.relayed is not None:
+            out.append(LocalCandidate(turn.relayed, CandidateType.RELAY, turn.mapped))
         return out
 
     def introduced(self, full_jid: str) -> bool:

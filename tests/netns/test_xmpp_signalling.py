@@ -77,17 +77,9 @@ PASSWORD = "pw-alice"
 
 T = TypeVar("T")
 
-NO_SRFLX_OVER_XMPP = pytest.mark.xfail(
-    raises=TimeoutError, strict=True,
-    reason="a device with no NAT offers no srflx candidate over XMPP (its TURN-mapped "
-           "address is its host address, which XmppSignalling.local_candidates leaves out), "
-           "and the other side never probes a bare public host candidate "
-           "(Traversal._may_probe_host): the symmetric side does not punch, the pair stays "
-           "on the relay")
-
 PAIRS = [
-    pytest.param("none", "symmetric", marks=NO_SRFLX_OVER_XMPP, id="none--symmetric"),
     *(pytest.param(a, b, id=f"{a}--{b}") for a, b in [
+        ("none", "symmetric"),
         ("full-cone", "symmetric"),
         ("restricted-cone", "port-restricted-cone"),
         ("port-restricted-cone", "restricted-cone"),
