@@ -58,6 +58,13 @@ class PathConfig:
     """When (seconds after the introduction) to send probes to every
     candidate not yet confirmed: one well-timed attempt at once, a few quick
     retries, then a few upgrade attempts with back-off, then none."""
+    upgrade_interval: float | None = 60.0
+    """After the punch schedule, while no direct path answered, punch
+    again this often (a relayed session moves to direct when a path opens
+    later: a NAT rebooted into a friendlier mode, a firewall rule lifted);
+    None: stop at the end of the schedule."""
+    upgrade_for: float = 3600.0
+    """... for this long after the introduction (a new one starts again)."""
     spray_window: float = 2.0
     """While no direct path is confirmed, QUIC packets also go to every
     candidate during this long after the introduction."""
@@ -372,8 +379,13 @@ class PathManager:
                     self._send_ping(state.addr, now)
             self._punch_step += 1
             schedule = cfg.punch_schedule
-            if self._punch_step < len(schedule) and not self._has_direct():
+            if self._has_direct():
+                self._next_punch = None
+            elif self._punch_step < len(schedule):
                 self._next_punch = self.introduced_at + schedule[self._punch_step]
+            elif cfg.upgrade_interval is not None \
+                    and now + cfg.upgrade_interval <= self.introduced_at + cfg.upgrade_for:
+                self._next_punch = now + cfg.upgrade_interval
             else:
                 self._next_punch = None
         # timed-out pings

@@ -120,15 +120,27 @@ def test_first_pong_moves_the_session_to_the_direct_path() -> None:
     assert pm.route(b"quic", clock.now) == [(b"quic", B)]
 
 
-def test_unanswered_punching_stops_after_the_schedule() -> None:
+def test_unanswered_punching_slows_down_then_stops() -> None:
+    """The schedule, then one punch per ``upgrade_interval`` while on the
+    relay (a path that opens later is found), until ``upgrade_for``."""
     clock = Clock()
     schedule = (0.0, 0.1, 0.5)
-    pm = manager(clock, punch_schedule=schedule)
-    advance(pm, clock, clock.now + 100)
+    start = clock.now
+    pm = manager(clock, punch_schedule=schedule, upgrade_interval=10.0, upgrade_for=35.0)
+    advance(pm, clock, start + 100)
     pings = [p for p in pm.probes_to_send() if p.ping]
-    assert len(pings) == len(schedule)
+    assert len(pings) == len(schedule) + 3  # at 10.5, 20.5 and 30.5 s
     assert pm.kind is RELAY
     assert pm.get_timer() is None  # no probing forever
+
+
+def test_punching_stops_at_the_schedule_without_upgrades() -> None:
+    clock = Clock()
+    schedule = (0.0, 0.1, 0.5)
+    pm = manager(clock, punch_schedule=schedule, upgrade_interval=None)
+    advance(pm, clock, clock.now + 100)
+    assert len([p for p in pm.probes_to_send() if p.ping]) == len(schedule)
+    assert pm.get_timer() is None
 
 
 def test_dead_direct_path_falls_back_to_the_relay_then_heals() -> None:

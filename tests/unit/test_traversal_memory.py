@@ -406,15 +406,42 @@ def test_relay_only_pair_carries_stanzas_through_the_relay() -> None:
     assert scene.remote.sessions[TV].path is PathKind.RELAY
 
 
-def test_relay_only_pair_stops_probing_after_the_schedule() -> None:
+def test_relay_only_pair_probes_once_a_minute_then_stops() -> None:
     scene = introduce("symmetric", "port-restricted-cone")
     scene.net.run(120.0)
     assert scene.remote.path(TV) is PathKind.RELAY
     filtered = scene.net.counters["filtered"]
     scene.net.run(60.0)
-    # keepalives to the server and over the relay go on; probes to the peer have stopped
+    # past the schedule: one round of probes a minute, each side, to each candidate
+    per_minute = scene.net.counters["filtered"] - filtered
+    assert 1 <= per_minute <= 8, per_minute
+    scene.net.run(3600.0)
+    filtered = scene.net.counters["filtered"]
+    scene.net.run(120.0)
+    # an hour after the introduction they stop; keepalives over the relay go on
     assert scene.net.counters["filtered"] == filtered
     assert scene.remote.sessions[TV].is_open, "the session lives on the relay"
+
+
+def test_a_path_that_opens_after_the_schedule_is_found_within_a_minute() -> None:
+    """Home to home is cut for the first three minutes (past the whole
+    punch schedule): the session lives on the relay, then moves to direct
+    at the next once-a-minute punch after the cut ends."""
+    homes = {"198.51.100.1", "198.51.100.2"}  # the first two PublicAddresses
+    cut = [True]
+
+    def route(net: MemoryNetwork, packet: Packet) -> None:
+        if not (cut[0] and {packet.src[0], packet.dst[0]} == homes):
+            net.deliver(packet)
+
+    scene = introduce("port-restricted-cone", "port-restricted-cone", route=route)
+    scene.net.run(180.0)
+    assert scene.remote.path(TV) is PathKind.RELAY
+    cut[0] = False
+    opened = scene.net.clock.now
+    assert scene.net.run_until(lambda: scene.remote.path(TV) is PathKind.DIRECT, 61.0)
+    assert scene.net.clock.now - opened <= 61.0
+    assert scene.remote.sessions[TV].is_open
 
 
 def test_an_introduction_to_a_device_that_is_not_listening_is_refused() -> None:
