@@ -78,6 +78,7 @@ from ..proto.signalling import (
     KeysWanted,
     LocalCandidate,
     PeerIntroduced,
+    RemoteCandidate,
     SessionTerminated,
     SignallingConfig,
     SignallingEvent,
@@ -217,8 +218,9 @@ class XmppSignalling:
         self._service: TurnService | None = None
         self._hosts: list[Address] = []
         self._waiters: dict[str, asyncio.Future[PeerIntroduced]] = {}
-        self._introduced: OrderedDict[str, None] = OrderedDict()
-        """Full JIDs introduced by Jingle, latest last (bounded)."""
+        self._introduced: OrderedDict[str, list[RemoteCandidate]] = OrderedDict()
+        """Full JIDs introduced by Jingle, with their candidates (trickled
+        ones appended), latest last (bounded)."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._allocated = asyncio.Event()
@@ -227,7 +229,8 @@ class XmppSignalling:
         """The STUN Binding's answer, without a TURN allocation."""
         self._renewed = asyncio.Event()
         self.counters: dict[str, int] = {"credentials_renewed": 0, "credentials_failed": 0,
-                                         "relogins": 0, "relogin_attempts": 0}
+                                         "relogins": 0, "relogin_attempts": 0,
+                                         "reallocations": 0}
         self._recent: deque[SignallingEvent] = deque(maxlen=_MAX_RECENT)
         self._event_seen = asyncio.Event()
         self._remove_listener: Callable[[], None] | None = None
@@ -666,10 +669,10 @@ class XmppSignalling:
         if isinstance(ev, KeysWanted):
             self._spawn(self._fetch_keys(ev.bare_jid))
         elif isinstance(ev, PeerIntroduced):
-            relay, relay_peer = self._relay_for(ev, now)
+            relay, relay_peer = self._relay_to(ev.candidates, now)
             intro = ev.introduction(relay=relay, channel=None)
             intro = dataclasses.replace(intro, relay_peer=relay_peer)
-            self._introduced[ev.peer_jid] = None
+            self._introduced[ev.peer_jid] = list(ev.candidates)
             self._introduced.move_to_end(ev.peer_jid)
             while len(self._introduced) > _MAX_RECENT:
                 self._introduced.popitem(last=False)
@@ -680,8 +683,16 @@ class XmppSignalling:
                 fut.set_result(ev)
         elif isinstance(ev, CandidatesAdded):
             self._permit(ev.candidates, now)
-            peer.endpoint.traversal.add_candidates(
-                ev.peer_jid, [(c.addr, c.kind) for c in ev.candidates], now)
+            traversal = peer.endpoint.traversal
+            traversal.add_candidates(ev.peer_jid, [(c.addr, c.kind) for c in ev.candidates], now)
+            known = self._introduced.get(ev.peer_jid)
+            if known is not None:
+                known.extend(ev.candidates)
+                del known[:-_MAX_KNOWN_CANDIDATES]
+                if any(c.type is CandidateType.RELAY for c in ev.candidates):
+                    # The peer allocated again (its TURN server restarted):
+                    # relay to its new address from now on.
+                    traversal.update_relay(ev.peer_jid, *self._relay_to(known, now), now)
             peer._wake()
         elif isinstance(ev, SignallingFailed):
             fut = self._waiters.get(ev.sid)
@@ -695,17 +706,20 @@ class XmppSignalling:
             logger.info("Jingle session %s with %s ended: %s", ev.sid, ev.peer_jid,
                         ev.reason.value)
 
-    def _relay_for(self, ev: PeerIntroduced, now: float) -> tuple[RelayWrap | None,
-                                                                  Address | None]:
+    def _relay_to(self, candidates: Sequence[RemoteCandidate],
+                  now: float) -> tuple[RelayWrap | None, Address | None]:
         """How to reach the peer on the relay path, and where relayed
         datagrams from it come from: through this device's allocation to
         the peer's relayed address (or its reflexive one); without an
-        allocation, straight to the peer's relayed address."""
-        peer_relay = next((c.addr for c in ev.candidates if c.type is CandidateType.RELAY), None)
-        peer_srflx = next((c.addr for c in ev.candidates if c.type is CandidateType.SRFLX), None)
+        allocation, straight to the peer's relayed address. The latest of
+        each kind counts (a trickled one replaces the first)."""
+        peer_relay = next((c.addr for c in reversed(candidates)
+                           if c.type is CandidateType.RELAY), None)
+        peer_srflx = next((c.addr for c in reversed(candidates)
+                           if c.type is CandidateType.SRFLX), None)
         turn = self._turn
         if turn is not None and turn.state is tp.AllocationState.ALLOCATED:
-            self._permit(ev.candidates, now)
+            self._permit(candidates, now)
             target = peer_relay or peer_srflx
             if target is None:
                 return None, None
@@ -764,9 +778,67 @@ class XmppSignalling:
             logger.warning("TURN allocation refused: %d %s", ev.code, ev.reason)
             self._allocated.set()
         elif isinstance(ev, tp.AllocationLost):
-            logger.warning("TURN allocation lost: %s", ev.reason)
+            logger.warning("TURN allocation lost: %s; allocating again", ev.reason)
+            if not self._closed:
+                self._spawn(self._reallocate())
         elif isinstance(ev, tp.CredentialsExpiring):
             self._spawn(self._refresh_credentials())
+
+    async def _reallocate(self) -> None:
+        """The allocation is gone (its TURN server restarted, say): fresh
+        credentials, a new allocation on the same client (tried again
+        after 5, 15, 45 and 120 s), permissions and channels for the
+        introduced peers again, and the new addresses trickled to them
+        (transport-info), which relay to the new one from then on."""
+        loop = asyncio.get_running_loop()
+        turn, peer = self._turn, self._peer
+        if turn is None or peer is None:
+            return
+        for pause in (0.0, *_REALLOCATE_RETRIES):
+            if pause:
+                await asyncio.sleep(pause)
+            if self._closed or peer._endpoint is None \
+                    or _state(turn) is not tp.AllocationState.IDLE:
+                return
+            service = self._service
+            if service is not None and self._online:
+                try:
+                    fresh = await refresh_credentials(self._client, service)
+                except (DtxError, TimeoutError) as exc:
+                    logger.info("no fresh TURN credentials (%s): the last ones it is", exc)
+                else:
+                    self._service = fresh
+                    turn.update_credentials(fresh.username, fresh.password, fresh.expires,
+                                            loop.time())
+            if _state(turn) is not tp.AllocationState.IDLE:
+                return
+            self._allocated.clear()
+            turn.allocate(loop.time(), as_before=True)
+            peer._wake()
+            try:
+                await asyncio.wait_for(self._allocated.wait(), self.config.allocate_timeout)
+            except TimeoutError:
+                pass
+            if _state(turn) is tp.AllocationState.ALLOCATED:
+                break
+            if _state(turn) is tp.AllocationState.ALLOCATING:
+                return  # still going: its own outcome decides
+        else:
+            logger.error("no new TURN allocation at %s:%d; going on without a relay",
+                         *turn.server)
+            return
+        self.counters["reallocations"] += 1
+        now = loop.time()
+        traversal = peer.endpoint.traversal
+        traversal.reflexive = turn.mapped
+        for jid, candidates in self._introduced.items():
+            if traversal.link_for(jid) is not None:
+                traversal.update_relay(jid, *self._relay_to(candidates, now), now)
+        logger.info("TURN allocated again: relayed %s:%d", *(turn.relayed or ("?", 0)))
+        if self._signalling is not None:
+            self._signalling.add_candidates(self.local_candidates(), now)
+            self._pump()
+        peer._wake()
 
     async def _refresh_credentials(self) -> None:
         """New TURN credentials over XMPP; a failed request is tried again
@@ -856,6 +928,13 @@ class XmppSignalling:
 
 _MAX_RECENT = 256
 _RENEW_RETRIES = (5.0, 15.0, 45.0)
+_REALLOCATE_RETRIES = (5.0, 15.0, 45.0, 120.0)
+_MAX_KNOWN_CANDIDATES = 32
+
+
+def _state(turn: tp.TurnClient) -> tp.AllocationState:
+    """The allocation's state now (read afresh after an ``await``)."""
+    return turn.state
 
 
 def _ip_of(addr: Address) -> Address:

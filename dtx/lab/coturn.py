@@ -188,6 +188,13 @@ class CoturnServer:
                 proc.kill()
                 proc.wait(timeout=STOP_TIMEOUT)
 
+    def restart(self) -> None:
+        """Stop the server and start it again on the same port: every
+        allocation it held is gone (its clients find out at their next
+        refresh)."""
+        self._terminate()
+        self.start()
+
     def stop(self) -> str:
         """Stop the server (it flushes its log on the way out) and return
         the whole log. Safe to call twice."""

@@ -362,6 +362,24 @@ class Traversal:
         self._service(now)
         return link
 
+    def update_relay(self, peer_jid: str, relay: RelayWrap | None,
+                     relay_peer: Address | None, now: float) -> bool:
+        """A link's relay changed (its TURN allocation was made again, or the
+        peer's was and it trickled the new address): send relayed datagrams
+        with ``relay``, take relayed ones from ``relay_peer``. False when
+        there is no such link."""
+        link = self.links.get(peer_jid)
+        if link is None:
+            return False
+        if link.relay_peer is not None and self._by_relay_peer.get(link.relay_peer) is link:
+            del self._by_relay_peer[link.relay_peer]
+        link.relay_peer = relay_peer
+        if relay_peer is not None:
+            self._by_relay_peer[relay_peer] = link
+        link.paths.set_relay(relay, now)
+        self._flush_link(link, now)
+        return True
+
     def add_candidates(self, peer_jid: str, candidates: Sequence[tuple[Address, PathKind]],
                        now: float) -> int:
         """More candidates of an introduced device (trickled by its

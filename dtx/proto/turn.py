@@ -368,18 +368,25 @@ class TurnClient:
 
     # -- user calls ---------------------------------------------------------------
 
-    def allocate(self, now: float) -> None:
+    def allocate(self, now: float, *, as_before: bool = False) -> None:
         """Ask for an allocation; :class:`Allocated` or
-        :class:`AllocationFailed` follows."""
+        :class:`AllocationFailed` follows. ``as_before``: with the
+        credentials the last allocation was made with, when they have not
+        expired (after :class:`AllocationLost`: a server that restarted ties
+        this socket to the first username it sees from it, which is the
+        Refresh's that found the allocation gone; coturn answers an
+        Allocate with any other 437)."""
         if self.state is not AllocationState.IDLE:
             raise LocalProtocolError(f"allocate() while {self.state.value}")
         self.state = AllocationState.ALLOCATING
         if self._creds_at is None:
             self._creds_at = now
-        self._alloc_creds = self._creds
+        old = self._alloc_creds
+        if not (as_before and (old.expires is None or now < old.expires)):
+            self._alloc_creds = self._creds
         self._pinned = False
         self._mismatches = 0
-        self._request(_Kind.ALLOCATE, now)
+        self._request(_Kind.ALLOCATE, now, credentials=self._alloc_creds)
 
     def permit(self, peer: Address, now: float) -> None:
         """Install (and keep refreshing) a permission for the peer's IP;
@@ -773,8 +780,7 @@ class TurnClient:
             self._events.append(CredentialsExpiring(expires))
         if self._allocate_at is not None and now >= self._allocate_at:
             self._allocate_at = None
-            self._alloc_creds = self._creds
-            self._request(_Kind.ALLOCATE, now)
+            self._request(_Kind.ALLOCATE, now, credentials=self._alloc_creds)
         if self.state is not AllocationState.ALLOCATED:
             return  # an Allocate in flight: the server judges its credentials
         if expires is not None and now >= expires:

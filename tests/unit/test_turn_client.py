@@ -612,6 +612,27 @@ def test_a_forgotten_allocation_is_lost_on_the_next_refresh() -> None:
     assert h.client.state is AllocationState.IDLE
 
 
+def test_allocating_again_as_before_uses_the_lost_allocations_credentials() -> None:
+    """After a loss, ``allocate(as_before=True)`` signs with the username
+    the lost allocation had (a restarted coturn ties the socket to the
+    username of the Refresh that found nothing), even when newer
+    credentials came; a plain ``allocate`` takes the newest."""
+    h = Harness(FakeTurnServer(pin_credentials=True), expires=START + 3600)
+    h.allocate()
+    h.client.update_credentials(USER2, PASSWORD2, START + 7200, h.clock.now)
+    h.pump()  # 441: this allocation keeps USER
+    h.server.allocation = None
+    h.run_until(START + 600)
+    assert len(h.of(AllocationLost)) == 1
+    h.client.allocate(h.clock.now, as_before=True)
+    h.pump()
+    assert h.server.allocation is not None and h.server.allocation.username == USER
+    h.client.close(h.clock.now)
+    h.pump()
+    h.allocate()
+    assert h.server.allocation is not None and h.server.allocation.username == USER2
+
+
 def test_a_lapsed_permission_is_asked_for_again() -> None:
     h = Harness()
     h.allocate()
