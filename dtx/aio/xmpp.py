@@ -176,7 +176,6 @@ class _DeviceClient(XmppClient):
     def __init__(self, jid: JID, password: str, config: XmppConfig) -> None:
         super().__init__(jid, password, config=config)
         self.full = jid
-        self.xmpp: _Xmpp | None = None
 
     def _login_jid(self) -> str:
         return self.full.full
@@ -191,25 +190,29 @@ class _DeviceClient(XmppClient):
     def _logged_in(self, xmpp: _Xmpp, where: str) -> None:
         if str(xmpp.boundjid) != self.full.full:
             raise XmppError(f"{where} bound {xmpp.boundjid}, not {self.full}")
-        self.xmpp = xmpp
-
-    async def close(self) -> None:
-        self.xmpp = None
-        await super().close()
 
 
 class XmppSignalling:
     """Jingle signalling through the account's own XMPP server for one
     :class:`~dtx.aio.peer.Peer` (module docs). ``password`` is the
-    account's; the JID is the peer identity's full JID."""
+    account's; the JID is the peer identity's full JID.
 
-    def __init__(self, identity: DeviceIdentity, password: str, *,
+    With ``xmpp`` (an application's own slixmpp client, logged in as that
+    full JID: the slixmpp plugin's) it logs in to nothing: it signals over
+    that connection, sends no presence (the application's), does not log
+    back in (the application reconnects; every ``session_start`` brings it
+    back online) and leaves the connection open on :meth:`close`."""
+
+    def __init__(self, identity: DeviceIdentity, password: str = "", *,
                  config: XmppSignallingConfig | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None,
+                 xmpp: ClientXMPP | None = None) -> None:
         self.identity = identity
         self.config = config or XmppSignallingConfig()
         self._rng = rng or random.Random(random.SystemRandom().getrandbits(64))
-        self._client = _DeviceClient(identity.jid, password, self.config.xmpp)
+        self._client: XmppClient = (
+            _DeviceClient(identity.jid, password, self.config.xmpp) if xmpp is None
+            else XmppClient.adopt(xmpp, identity.jid, config=self.config.xmpp))
         self.key_source = XmppKeySource(self._client, config=self.config.keys)
         """The accounts' published keys; give it to the peer's verifier."""
         self._peer: Peer | None = None
@@ -256,6 +259,11 @@ class XmppSignalling:
         await self._client.connect()
         xmpp = self._client.xmpp
         assert xmpp is not None
+        if self._client.adopted:
+            if str(xmpp.boundjid) != self.identity.jid.full:
+                raise DtxError(f"the XMPP client is logged in as {xmpp.boundjid}, not as the "
+                               f"key's {self.identity.jid}")
+            xmpp.add_event_handler("session_start", self._on_session_start)
         xmpp.add_event_handler("disconnected", self._on_disconnected)
         loop = asyncio.get_running_loop()
         await self._read_roster(xmpp)
@@ -285,17 +293,27 @@ class XmppSignalling:
         logger.info("signalling over XMPP as %s: %d candidates", self.identity.jid,
                     len(self.local_candidates()))
 
-    async def _read_roster(self, xmpp: _Xmpp) -> None:
+    async def _read_roster(self, xmpp: ClientXMPP) -> None:
         try:
             await asyncio.wait_for(xmpp.get_roster(), self.config.xmpp.timeout)
         except (TimeoutError, Exception) as exc:  # noqa: BLE001 - no roster: own devices only
             logger.warning("no roster from the server (%s): only own devices may connect", exc)
 
-    def _attach(self, xmpp: _Xmpp) -> None:
-        """Take Jingle from the connection, say this device is available."""
+    def _attach(self, xmpp: ClientXMPP) -> None:
+        """Take Jingle from the connection, say this device is available
+        (an adopted connection's presence is its owner's)."""
         xmpp.add_filter("in", self._incoming)
-        xmpp.send_presence()
+        if not self._client.adopted:
+            xmpp.send_presence()
         self._set_online(True)
+
+    def _on_session_start(self, _event: object) -> None:
+        """An adopted connection logged in again (its owner reconnected)."""
+        if self._closed or self._signalling is None or self._online:
+            return
+        self._set_online(True)
+        if self._turn is not None:
+            self._spawn(self._refresh_credentials())
 
     def _set_online(self, online: bool) -> None:
         if online == self._online:
@@ -402,6 +420,11 @@ class XmppSignalling:
             peer._wake()
         if self._remove_listener is not None:
             self._remove_listener()
+        xmpp = self._client.xmpp
+        if self._client.adopted and xmpp is not None:
+            xmpp.del_filter("in", self._incoming)
+            xmpp.del_event_handler("session_start", self._on_session_start)
+            xmpp.del_event_handler("disconnected", self._on_disconnected)
         await self.key_source.close()
         await self._client.close()
         self._set_online(False)
@@ -878,7 +901,7 @@ class XmppSignalling:
                 fut.exception()
         if self._closed:
             return
-        if self.config.relogin and self._relogin_task is None:
+        if self.config.relogin and self._relogin_task is None and not self._client.adopted:
             logger.warning("the XMPP connection dropped; established dtx sessions go on; "
                            "logging back in")
             self._relogin_task = asyncio.ensure_future(self._relogin())

@@ -329,6 +329,8 @@ class _Session:
     probe_at: float | None = None
     peer_key: bytes | None = None
     key_deadline: float | None = None
+    keys_fresh: bool = False
+    """The keys were fetched for this session (after it asked)."""
 
 
 @dataclass
@@ -481,8 +483,10 @@ class JingleSignalling:
             bare = JID.parse(bare_jid).bare.full
         except DtxError:
             return
+        self._wanted.pop(bare, None)  # answered: the next need may ask again
         for s in [s for s in self._sessions.values()
                   if s.bare == bare and s.state is SessionState.VERIFYING]:
+            s.keys_fresh = s.key_deadline is not None
             self._verify(s, now)
 
     def terminate(self, sid: str, now: float, reason: Reason = Reason.SUCCESS) -> bool:
@@ -769,14 +773,17 @@ class JingleSignalling:
                 or t.pwd is None:
             return
         keys = self._keys(s.bare)
-        if keys is None:
+        device = t.device
+        if (keys is None or device.key not in keys) and not s.keys_fresh:
+            # Unknown keys, or a key they do not list (a device of the
+            # account published it since they were read): read them again,
+            # once, waiting up to key_wait.
             if s.key_deadline is None and self.config.key_wait > 0:
                 s.key_deadline = s.deadline = now + self.config.key_wait
                 self._want_keys(s.bare, now)
                 return
             if s.key_deadline is not None and now < s.key_deadline:
                 return
-        device = t.device
         initiator, responder = (self.jid, s.peer) if s.initiator else (s.peer, self.jid)
         signed = device_signing_input(
             role=Creator.RESPONDER if s.initiator else Creator.INITIATOR, sid=s.sid,
@@ -964,7 +971,8 @@ class JingleSignalling:
             return frozenset()
 
     def _want_keys(self, bare: str, now: float) -> None:
-        """One :class:`KeysWanted` per account per ``key_wait``."""
+        """One :class:`KeysWanted` per account per ``key_wait``, or until
+        :meth:`keys_changed` says it was answered."""
         asked = self._wanted.pop(bare, None)
         if asked is None or now >= asked + self.config.key_wait:
             self._events.append(KeysWanted(bare))

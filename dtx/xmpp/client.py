@@ -195,8 +195,31 @@ class XmppClient:
         self._jid = jid if isinstance(jid, JID) else JID.parse(jid)
         self._password = password
         self._config = config or XmppConfig()
-        self._xmpp: _Xmpp | None = None
+        self._xmpp: ClientXMPP | None = None
         self._vcard4_offered: bool | None = None
+        self._adopted = False
+
+    @classmethod
+    def adopt(cls, xmpp: ClientXMPP, jid: str | JID, *,
+              config: XmppConfig | None = None) -> XmppClient:
+        """An XmppClient over an application's own slixmpp connection,
+        logged in as ``jid`` (the slixmpp plugin's): it reads and writes
+        vCards and asks for services over that connection; :meth:`connect`,
+        :meth:`drop` and :meth:`close` leave the connection to its owner."""
+        client = cls(jid, "", config=config)
+        client._xmpp = xmpp
+        client._adopted = True
+        return client
+
+    @property
+    def adopted(self) -> bool:
+        """Over someone else's connection (:meth:`adopt`)."""
+        return self._adopted
+
+    @property
+    def xmpp(self) -> ClientXMPP | None:
+        """The slixmpp client of the connection (None when not logged in)."""
+        return self._xmpp
 
     @property
     def jid(self) -> JID:
@@ -313,14 +336,17 @@ class XmppClient:
         """Forget a connection that is gone (the server closed it, the
         network dropped it) without closing a stream, so that
         :meth:`connect` logs in again."""
+        if self._adopted:
+            return
         xmpp, self._xmpp = self._xmpp, None
-        if xmpp is not None:
+        if isinstance(xmpp, _Xmpp):
             await self._abort(xmpp)
 
     async def close(self) -> None:
-        """Close the stream cleanly (bounded by ``config.timeout``)."""
+        """Close the stream cleanly (bounded by ``config.timeout``); an
+        adopted connection is only forgotten."""
         xmpp, self._xmpp = self._xmpp, None
-        if xmpp is None:
+        if xmpp is None or self._adopted or not isinstance(xmpp, _Xmpp):
             return
         try:
             await asyncio.wait_for(xmpp.disconnect(wait=self._config.timeout), self._config.timeout)
@@ -331,7 +357,7 @@ class XmppClient:
             xmpp.cancel_connection_attempt()
             await self._reap(xmpp)
 
-    def _session(self) -> _Xmpp:
+    def _session(self) -> ClientXMPP:
         if self._xmpp is None:
             raise XmppError("not connected to the XMPP server")
         return self._xmpp

@@ -446,7 +446,34 @@ def test_an_account_with_no_keys_is_refused() -> None:
     a.sig.connect(JULIET, CANDIDATES[ROMEO], server.now)
     server.run()
     assert [f.reason for f in of(b, SignallingFailed)] == [Reason.SECURITY_ERROR]
-    assert [e for e in b.events if isinstance(e, KeysWanted)] == []  # known: nothing to fetch
+    # known to have none; read once more (a device may have published since)
+    assert [e for e in b.events if isinstance(e, KeysWanted)] == [KeysWanted(bare(ROMEO))]
+
+
+def test_a_key_published_since_the_keys_were_read_is_found_by_reading_again() -> None:
+    """The account's keys were read before this device published its own:
+    the responder reads them again once, finds it, and accepts."""
+    server, a, b = pair()
+    b.keys[bare(ROMEO)] = frozenset({identity(TYBALT).public_key})  # stale
+    a.sig.connect(JULIET, CANDIDATES[ROMEO], server.now)
+    server.run(until=server.now + 0.2)
+    assert of(b, KeysWanted) == [KeysWanted(bare(ROMEO))] and not of(b, PeerIntroduced)
+    b.keys[bare(ROMEO)] = frozenset({identity(TYBALT).public_key, identity(ROMEO).public_key})
+    b.sig.keys_changed(bare(ROMEO), server.now)
+    server.run()
+    assert len(of(a, PeerIntroduced)) == len(of(b, PeerIntroduced)) == 1
+
+
+def test_a_key_still_missing_after_reading_again_is_refused_at_once() -> None:
+    server, a, b = pair()
+    b.keys[bare(ROMEO)] = frozenset({identity(TYBALT).public_key})
+    a.sig.connect(JULIET, CANDIDATES[ROMEO], server.now)
+    server.run(until=server.now + 0.2)
+    asked = server.now
+    b.sig.keys_changed(bare(ROMEO), server.now)  # read again: still not there
+    server.run(until=server.now + 0.01)
+    [f] = of(b, SignallingFailed)
+    assert f.reason is Reason.SECURITY_ERROR and server.now - asked < 0.05
 
 
 def test_unknown_keys_are_asked_for_and_the_session_goes_on() -> None:

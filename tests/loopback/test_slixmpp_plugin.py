@@ -1,0 +1,124 @@
+"""The slixmpp plugin with a real Prosody (and coturn) on loopback.
+
+Two slixmpp clients of one account, ``alice@example.org/tv`` and
+``alice@example.org/remote``, each with ``register_plugin("dtx", ...,
+module="dtx.slixmpp")``. Their code calls only ``send_message``,
+``msg.reply().send()`` and ``add_event_handler``: the messages go through
+the server until the session is up, then over dtx, in order, exactly
+once; when the session ends the unacknowledged ones go through the server
+and nothing arrives twice. A client without the plugin notices nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from slixmpp import ClientXMPP
+
+from dtx.identity import generate_identity, save_identity
+
+from .conftest import Servers
+
+DEADLINE = 10.0
+PASSWORD = "pw-alice"
+
+
+@dataclass
+class App:
+    """An application on slixmpp: its client and what its handler saw."""
+
+    xmpp: ClientXMPP
+    got: list[tuple[str, str]] = field(default_factory=list)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def dtx(self) -> Any:
+        return self.xmpp.plugin["dtx"]
+
+    async def wait_for(self, n: int) -> None:
+        async with asyncio.timeout(DEADLINE):
+            while len(self.got) < n:
+                self.arrived.clear()
+                await self.arrived.wait()
+
+
+MakeApp = Callable[..., Awaitable[App]]
+
+
+@pytest.fixture
+async def make_app(servers: Servers, tmp_path: Path) -> AsyncIterator[MakeApp]:
+    apps: list[App] = []
+
+    async def make(jid: str, *, plugin: bool = True, echo: bool = False,
+                   sm: bool = False) -> App:
+        xmpp = ClientXMPP(jid, PASSWORD)
+        xmpp.register_plugin("xep_0030")
+        xmpp.register_plugin("xep_0199")
+        if sm:
+            xmpp.register_plugin("xep_0198")
+        if plugin:
+            key = tmp_path / f"{jid.replace('/', '_')}.key"
+            save_identity(generate_identity(jid), str(key))
+            xmpp.register_plugin("dtx", {"key_file": str(key)}, module="dtx.slixmpp")
+        # the test server offers no TLS (as XmppClient with allow_plaintext)
+        mechs = xmpp.plugin["feature_mechanisms"]
+        mechs.unencrypted_plain = True
+        xmpp.enable_direct_tls = False
+        xmpp.enable_plaintext = True
+        app = App(xmpp)
+
+        def on_message(msg: Any) -> None:
+            if msg["type"] in ("chat", "normal") and msg["body"]:
+                app.got.append((str(msg["from"]), msg["body"]))
+                app.arrived.set()
+                if echo:
+                    msg.reply(f"echo {msg['body']}").send()
+
+        xmpp.add_event_handler("message", on_message)
+        started = asyncio.get_running_loop().create_future()
+        xmpp.add_event_handler("session_start", lambda _: (
+            xmpp.send_presence(), xmpp.get_roster(),
+            started.done() or started.set_result(None)))
+        if plugin:
+            ready = asyncio.Event()
+            xmpp.add_event_handler("dtx_ready", lambda _=None: ready.set())
+        host, port = servers.prosody.address()
+        xmpp.connect(host, port)
+        apps.append(app)
+        async with asyncio.timeout(DEADLINE):
+            await started
+            if plugin:
+                await ready.wait()
+        return app
+
+    yield make
+    for app in reversed(apps):
+        if "dtx" in app.xmpp.plugin:
+            await app.dtx.close()
+        app.xmpp.disconnect()
+
+
+async def test_messages_go_over_dtx_once_the_session_is_up(make_app: MakeApp) -> None:
+    tv = await make_app("alice@example.org/tv", echo=True)
+    remote = await make_app("alice@example.org/remote")
+    tv_jid, remote_jid = "alice@example.org/tv", "alice@example.org/remote"
+    # before any session: through the server, as always
+    remote.xmpp.send_message(mto=tv_jid, mbody="first", mtype="chat")
+    await tv.wait_for(1)
+    assert remote.dtx.path(tv_jid) is None
+    session = await remote.dtx.connect(tv_jid)
+    assert remote.dtx.path(tv_jid) in ("direct", "relay", "lan")
+    for i in range(50):
+        remote.xmpp.send_message(mto=tv_jid, mbody=f"pause {i}", mtype="chat")
+    await tv.wait_for(51)
+    await remote.wait_for(51)
+    assert [b for _, b in tv.got] == ["first"] + [f"pause {i}" for i in range(50)]
+    assert [b for _, b in remote.got] == ["echo first"] + [f"echo pause {i}" for i in range(50)]
+    assert {f for f, _ in tv.got} == {remote_jid} and {f for f, _ in remote.got} == {tv_jid}
+    stats = session.statistics()
+    assert stats.stanzas_received >= 40, stats  # the echoes came over dtx
