@@ -1,9 +1,12 @@
-"""What the NAT-lab scenarios share: the lab, its servers, the systems.
+"""What the NAT-lab scenarios share: the lab, its servers, the floor, the
+alternatives.
 
 One lab per scenario (``Lab(wan=...)``) holds a server host ``rdv``
-(the rendezvous, Prosody and coturn), two port-restricted-cone homes ``a``
-and ``b`` (a punchable pair) and a symmetric home ``c`` (with ``b``, a
-relay-only pair); the ``lan`` scenario adds a home with two hosts. Devices
+(the rendezvous, Prosody and coturn; in ``wan``, also the account's own
+XMPP server with its TURN server, for dtx signalled through XMPP), two
+port-restricted-cone homes ``a`` and ``b`` (a punchable pair) and a
+symmetric home ``c`` (with ``b``, a relay-only pair); the ``lan`` scenario
+adds a home with two hosts. dtx devices (:mod:`bench.scenarios.lab_dtx`)
 and the raw UDP floor run in this process with sockets inside the lab's
 namespaces, measured one round trip at a time; the XMPP and WebRTC
 alternatives run as worker processes (:mod:`bench.lab_worker`), one per
@@ -13,7 +16,7 @@ end, so neither shares a core with its peer.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import importlib
 import json
 import logging
 import os
@@ -25,24 +28,22 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from dtx import stanza as st
-from dtx.aio.peer import Peer, PeerConfig
-from dtx.identity import DeviceIdentity
-from dtx.lab import Lab
-from dtx.lab.topology import Host
-from dtx.trust import PinStore, VCardDirectory, Verifier
-from dtx.wire.stun import binding_request, decode_stun
 from dtx.errors import DecodeError
+from dtx.identity import DeviceIdentity
+from dtx.lab import Lab, ns
+from dtx.lab.coturn import CoturnServer
+from dtx.lab.prosody import ProsodyServer, TurnExternal
+from dtx.lab.topology import Host
+from dtx.wire.stun import binding_request, decode_stun
+from dtx.xmpp.client import XmppConfig, open_xmpp_client
 
 from .common import Metric, Options, Result
-from .loopback import dtx_datagram_rtt, dtx_ping_rtt, dtx_stanza_rtt, dtx_throughput, \
-    sized_stanza
 
 from dtx.lab.scene import RDV_PORT, write_vcards
 from dtx.lab.scene import start_rendezvous as start_lab_rendezvous
@@ -58,6 +59,12 @@ XMPP_PASSWORD = "bench-xmpp"
 DOMAIN = "example.org"
 TV_JID = "tv@example.org/living-room"
 TV_BARE = "tv@example.org"
+ACCOUNT_PORT = 5223
+"""Prosody for dtx's XMPP signalling (:func:`start_account_server`), beside
+the plain one of the ``xmpp`` systems on :data:`PROSODY_PORT`."""
+ACCOUNT_TURN_PORT = 3491
+"""The coturn that Prosody on :data:`ACCOUNT_PORT` hands out by XEP-0215."""
+ACCOUNT_TURN_SECRET = "bench-turn-secret"
 READY_TIMEOUT = 20.0
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -69,7 +76,7 @@ def alternatives_missing() -> str | None:
         if shutil.which(tool) is None:
             return f"needs the {tool} command (Debian package {package}; run scripts/setup)"
     try:
-        import aiortc  # noqa: F401
+        importlib.import_module("aiortc")
     except ImportError:
         return "needs aiortc (the bench extra: pip install -e '.[bench]')"
     return None
@@ -154,6 +161,15 @@ def wire_bytes(*hosts: Host) -> int:
             cols = rest.split()
             total += int(cols[8])  # transmit bytes
     return total
+
+
+@contextmanager
+def counting(*hosts: Host) -> Iterator[Callable[[], int]]:
+    """Bytes the hosts sent on the wire inside the block."""
+    before = wire_bytes(*hosts)
+    box = [0]
+    yield lambda: box[0]
+    box[0] = wire_bytes(*hosts) - before
 
 
 # -- the servers ------------------------------------------------------------------
@@ -242,7 +258,42 @@ def start_turn(server: Host, folder: Path) -> tuple[str, int]:
     raise RuntimeError("coturn did not answer STUN")
 
 
-# -- dtx devices -------------------------------------------------------------------
+def start_account_server(server: Host, folder: Path,
+                         devices: Sequence[DeviceIdentity]) -> tuple[str, int]:
+    """The account's own XMPP server as dtx's signalling needs it, with
+    the lab helpers: Prosody as Debian ships it (PEP, vCard4) handing out
+    STUN and TURN by XEP-0215 (``mod_turn_external``) on
+    :data:`ACCOUNT_PORT`, and a coturn beside it on
+    :data:`ACCOUNT_TURN_PORT` that checks the credentials Prosody mints
+    with the secret both share. The account of ``devices`` (one account)
+    is registered with :data:`XMPP_PASSWORD` and their keys published in
+    its vCard. Returns Prosody's address."""
+    accounts = {d.jid.bare for d in devices}
+    if len(accounts) != 1:
+        raise ValueError(f"the devices of one account, not {sorted(map(str, accounts))}")
+    account = accounts.pop()
+    coturn = CoturnServer(ACCOUNT_TURN_SECRET, realm=DOMAIN, host=server, port=ACCOUNT_TURN_PORT,
+                          folder=str(folder / "turn"),
+                          extra_args=("--min-port", "51000", "--max-port", "51999"))
+    coturn.start()
+    prosody = ProsodyServer("vcard4", host=server, folder=str(folder / "prosody"),
+                            port=ACCOUNT_PORT,
+                            turn=TurnExternal(secret=ACCOUNT_TURN_SECRET, host=server.ip,
+                                              port=coturn.port))
+    prosody.start()
+    prosody.register(str(account.local), XMPP_PASSWORD)
+    config = XmppConfig(server=prosody.address(), allow_plaintext=True, timeout=READY_TIMEOUT)
+
+    async def publish() -> None:
+        async with open_xmpp_client(account.full, XMPP_PASSWORD, config=config) as client:
+            for device in devices:
+                await client.publish_key(device.public_key)
+
+    ns.in_netns(server.netns, lambda: asyncio.run(publish()))
+    return prosody.address()
+
+
+# -- the lab with its servers ---------------------------------------------------
 
 
 @dataclass
@@ -257,19 +308,9 @@ class LabWorld:
     identities: dict[str, DeviceIdentity] = field(default_factory=dict)
     prosody: tuple[str, int] | None = None
     turn: tuple[str, int] | None = None
-
-
-@asynccontextmanager
-async def open_lab_peer(world: LabWorld, identity: DeviceIdentity, host: Host, *,
-                        listen: bool) -> AsyncIterator[Peer]:
-    """A started :class:`Peer` whose socket lives in ``host``'s namespace."""
-    cfg = PeerConfig(rendezvous=world.rendezvous, host_addresses=(host.ip,))
-    peer = Peer(identity, Verifier([VCardDirectory(world.vcards)], PinStore(None)), config=cfg)
-    await peer.start(sock=host.udp_socket(), listen=listen)
-    try:
-        yield peer
-    finally:
-        await peer.close()
+    account_server: tuple[str, int] | None = None
+    """The account's own XMPP server (:func:`start_account_server`), for
+    dtx signalled through it."""
 
 
 # -- raw UDP: the floor -------------------------------------------------------------
@@ -392,136 +433,6 @@ async def udp_rtt(world: LabWorld, a: Host, b: Host, *, relay: bool, count: int,
     finally:
         for t in closers:
             t.close()
-
-
-# -- dtx ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DtxFigures:
-    """What one connect sample of dtx yields (seconds)."""
-
-    connect: float
-    """``connect()`` by JID on a registered device to the first stanza delivered."""
-    cold: float
-    """``Peer.start()`` (fresh socket, unregistered) to the first stanza delivered."""
-    direct_after: float | None
-    path: str
-
-
-async def dtx_connect_once(world: LabWorld, tv: Peer, identity: DeviceIdentity,
-                           host: Host, index: int, timeout: float,
-                           settle: float, final: str) -> DtxFigures:
-    """One fresh device: start, register, connect by JID, first stanza;
-    then wait up to ``settle`` seconds for the ``final`` path."""
-    t0 = time.perf_counter()
-    async with open_lab_peer(world, identity, host, listen=False) as rc:
-        await rc.wait_registered(timeout)
-        t1 = time.perf_counter()
-        session = await rc.connect(TV_BARE, timeout=timeout)
-        session.send(sized_stanza(200, to=TV_JID, index=index))
-        async with asyncio.timeout(timeout):
-            srv = await tv.accept()
-            await srv.receive()
-        t2 = time.perf_counter()
-        try:
-            await session.wait_path(final, timeout=settle)
-        except TimeoutError:
-            pass
-        figures = DtxFigures(connect=t2 - t1, cold=t2 - t0,
-                             direct_after=session.direct_after(), path=session.path)
-        await session.close(timeout=timeout)
-    return figures
-
-
-@contextmanager
-def counting(*hosts: Host) -> Iterator[Callable[[], int]]:
-    """Bytes the hosts sent on the wire inside the block."""
-    before = wire_bytes(*hosts)
-    box = [0]
-    yield lambda: box[0]
-    box[0] = wire_bytes(*hosts) - before
-
-
-async def measure_dtx(world: LabWorld, opts: Options, run: int, scenario: str, system: str,
-                      a: Host, b: Host, remote_id: DeviceIdentity,
-                      cold_id: DeviceIdentity, expect: str,
-                      results: list[Result]) -> list[Result]:
-    """Every dtx figure for one pair of hosts (``a`` connects to ``b``),
-    appended to ``results`` as each is measured (so a later failure keeps
-    the figures already taken)."""
-    n = opts.lab_rtt_samples
-    step = opts.progress.step
-    tag = f"{scenario} run {run + 1}/{opts.runs}"
-
-    def add(name: str, metric: Metric, samples: list[float], lost: int = 0,
-            note: str = "") -> None:
-        results.append(Result(scenario=scenario, system=name, metric=metric, run=run,
-                              samples=tuple(samples), lost=lost, note=note))
-
-    tv_id = world.identities["tv"]
-    async with open_lab_peer(world, tv_id, b, listen=True) as tv, \
-            open_lab_peer(world, remote_id, a, listen=False) as rc:
-        await tv.wait_registered(opts.timeout)
-        await rc.wait_registered(opts.timeout)
-        client = await rc.connect(TV_BARE, timeout=opts.timeout)
-        client.send(st.message("hello", to=TV_JID))
-        async with asyncio.timeout(opts.timeout):
-            srv = await tv.accept()
-            await srv.receive()
-        if expect != "relay":
-            await client.wait_path(expect, timeout=opts.timeout)
-        path = f"path {client.path}"
-        step(f"{tag}: {system} stanza rtt x{n}")
-        ropts = _with_samples(opts, n)
-        add(system, Metric.RTT, await dtx_stanza_rtt(ropts, client, srv), note=path)
-        step(f"{tag}: {system} ping rtt x{n}")
-        add(f"{system}-ping", Metric.RTT, await dtx_ping_rtt(ropts, client), note=path)
-        step(f"{tag}: {system} datagram rtt x{n}")
-        samples, lost = await dtx_datagram_rtt(ropts, client, srv)
-        add(f"{system}-datagram", Metric.RTT, samples, lost=lost, note=path)
-        step(f"{tag}: {system} one-way x{opts.lab_stanzas}")
-        topts = _with_stanzas(opts, opts.lab_stanzas)
-        # A lossy relay path needs far more than one phase's usual bound.
-        topts = dataclasses.replace(topts, timeout=max(opts.timeout, opts.lab_stanzas / 20))
-        with counting(a, b) as sent:
-            rate, cpu = await dtx_throughput(topts, client, srv)
-            await client.wait_acknowledged(timeout=opts.timeout)
-        note = f"{path}; both ends in one process"
-        add(system, Metric.THROUGHPUT, [rate], note=note)
-        add(system, Metric.CPU, [cpu], note=note)
-        add(system, Metric.BYTES, [sent() / opts.lab_stanzas], note=note)
-        if client.path != path.split()[-1]:
-            logger.warning("%s moved from %s to %s during the run", system, path, client.path)
-        await client.close(timeout=opts.timeout)
-        step(f"{tag}: {system} connect x{opts.lab_connects}")
-        connects, colds, takeovers, paths = [], [], [], set()
-        for i in range(opts.lab_connects):
-            # A relay-only pair is watched past the quick punch attempts.
-            f = await dtx_connect_once(world, tv, cold_id, a, i, opts.timeout,
-                                       settle=4.0 if expect == "relay" else opts.timeout,
-                                       final="direct" if expect == "relay" else expect)
-            connects.append(f.connect)
-            colds.append(f.cold)
-            paths.add(f.path)
-            if f.direct_after is not None and f.path != "relay":
-                takeovers.append(f.direct_after)
-        pnote = "first stanza on the relay; path at the end: " + "/".join(sorted(paths))
-        add(system, Metric.CONNECT, connects, note=pnote)
-        add(f"{system}-cold", Metric.CONNECT, colds, note=pnote)
-        if takeovers:
-            add(system, Metric.TAKEOVER, takeovers, note="session start to direct path")
-    return results
-
-
-def _with_samples(opts: Options, n: int) -> Options:
-    import dataclasses
-    return dataclasses.replace(opts, rtt_samples=n)
-
-
-def _with_stanzas(opts: Options, n: int) -> Options:
-    import dataclasses
-    return dataclasses.replace(opts, stanzas=n)
 
 
 # -- the alternatives (worker processes) -----------------------------------------------
@@ -680,8 +591,10 @@ class Pair:
 
 
 def start_world(lab: Lab, server: Host, folder: Path, identities: dict[str, DeviceIdentity],
-                *, alternatives: bool) -> LabWorld:
-    """Start the rendezvous (and Prosody and coturn with ``alternatives``)."""
+                *, alternatives: bool, account: Sequence[DeviceIdentity] = ()) -> LabWorld:
+    """Start the rendezvous (and Prosody and coturn with ``alternatives``;
+    and, for the devices of one ``account``, that account's own XMPP
+    server with its TURN server: :func:`start_account_server`)."""
     vcards = folder / "vcards"
     write_vcards(vcards, *identities.values())
     start_rendezvous(server, vcards)
@@ -694,6 +607,12 @@ def start_world(lab: Lab, server: Host, folder: Path, identities: dict[str, Devi
         tdir = folder / "turn"
         tdir.mkdir()
         world.turn = start_turn(server, tdir)
+    if alternatives and account:
+        try:
+            world.account_server = start_account_server(server, folder / "account", account)
+        except Exception as exc:  # noqa: BLE001 - its systems are left out, the rest runs
+            logger.warning("no XMPP server for dtx's signalling (its systems are left "
+                           "out): %r", exc, exc_info=True)
     return world
 
 

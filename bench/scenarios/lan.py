@@ -25,8 +25,9 @@ from dtx.lab.topology import Host
 
 from .common import Metric, Options, Result
 from .lab_common import (ROOT, TV_BARE, TV_JID, Pair, alternatives_missing, guarded,
-                         guarded_async, measure_dtx, measure_webrtc, measure_xmpp,
-                         scratch, start_world, udp_rtt)
+                         guarded_async, measure_webrtc, measure_xmpp, scratch, start_world,
+                         udp_rtt)
+from .lab_dtx import measure_dtx
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +76,6 @@ def run(opts: Options) -> list[Result]:
         ids = {
             "tv": generate_identity(TV_JID),
             "phone": generate_identity("remote@example.org/phone"),
-            "phone-cold": generate_identity("remote@example.org/phone-cold"),
         }
         world = start_world(lab, server, Path(tmp), ids, alternatives=missing is None)
         pair = Pair("dtx-lan", a, b, "lan")
@@ -91,7 +91,7 @@ def run(opts: Options) -> list[Result]:
                               samples=tuple(samples), lost=lost, note="path lan")]
                 await guarded_async(opts, f"{tag}: {pair.system}", measure_dtx(
                     world, opts, run, NAME, pair.system, pair.a, pair.b, ids["phone"],
-                    ids["phone-cold"], pair.expect, out))
+                    pair.expect, out))
                 return out
 
             results += asyncio.run(measure())

@@ -4,12 +4,16 @@ home↔server 120 ms).
 
 Homes ``a`` and ``b`` sit behind port-restricted-cone NATs (a punchable
 pair: dtx ends on the direct path); home ``c`` behind a symmetric NAT (with
-``b``, relay-only). Beside dtx on each path: the raw UDP floor on the same
+``b``, relay-only). dtx reaches the TV through the dtx rendezvous
+(``dtx-direct``, ``dtx-relay``) and, on the same two pairs, through the
+account's own XMPP server with no rendezvous (``dtx-xmpp-direct``,
+``dtx-xmpp-relay``: Jingle, STUN and TURN from the server by XEP-0215, the
+relay is coturn). Beside dtx on each path: the raw UDP floor on the same
 path, two slixmpp clients through Prosody on the server host (the path a
 stanza takes today), and aiortc data channels (ICE with the rendezvous's
 STUN, coturn's TURN where punching fails). Needs root; the XMPP and WebRTC
-systems also need Prosody, coturn and aiortc (they are left out, with a
-warning, when missing).
+systems, dtx over XMPP among them, also need Prosody, coturn and aiortc
+(they are left out, with a warning, when missing).
 """
 
 from __future__ import annotations
@@ -19,12 +23,12 @@ import logging
 from pathlib import Path
 
 from dtx.identity import generate_identity
-from dtx.lab import STANDARD_WAN, Lab, LinkSpec, WanProfile, lab_missing
+from dtx.lab import STANDARD_WAN, Lab, LinkSpec, WanProfile, lab_missing, ns
 
 from .common import Metric, Options, Result
-from .lab_common import (Pair, alternatives_missing, guarded, guarded_async,
-                         measure_dtx, measure_webrtc, measure_xmpp, scratch, start_world,
-                         udp_rtt)
+from .lab_common import (TV_BARE, TV_JID, Pair, alternatives_missing, guarded, guarded_async,
+                         measure_webrtc, measure_xmpp, scratch, start_world, udp_rtt)
+from .lab_dtx import measure_dtx, measure_dtx_xmpp
 
 logger = logging.getLogger(__name__)
 
@@ -57,14 +61,18 @@ def run_wan(opts: Options, name: str, wan: WanProfile) -> list[Result]:
         c = lab.add_home("c", nat="symmetric").hosts[0]
         lab.up()
         ids = {
-            "tv": generate_identity("tv@example.org/living-room"),
+            "tv": generate_identity(TV_JID),
             "phone": generate_identity("remote@example.org/phone"),
             "tablet": generate_identity("remote@example.org/tablet"),
-            "phone-cold": generate_identity("remote@example.org/phone-cold"),
-            "tablet-cold": generate_identity("remote@example.org/tablet-cold"),
         }
-        world = start_world(lab, server, Path(tmp), ids, alternatives=missing is None)
         pairs = [Pair("dtx-direct", a, b, "direct"), Pair("dtx-relay", c, b, "relay")]
+        # The TV's other devices on its own account, one per connection.
+        xmpp_pairs = [Pair("dtx-xmpp-direct", a, b, "direct"),
+                      Pair("dtx-xmpp-relay", c, b, "relay")]
+        callers = {p.system: [generate_identity(f"{TV_BARE}/{p.system}-{i}")
+                              for i in range(opts.lab_connects)] for p in xmpp_pairs}
+        world = start_world(lab, server, Path(tmp), ids, alternatives=missing is None,
+                            account=[ids["tv"], *(d for ds in callers.values() for d in ds)])
         for run in range(opts.runs):
             tag = f"{name} run {run + 1}/{opts.runs}"
 
@@ -82,10 +90,17 @@ def run_wan(opts: Options, name: str, wan: WanProfile) -> list[Result]:
                 for pair, key in zip(pairs, ("phone", "tablet")):
                     await guarded_async(opts, f"{tag}: {pair.system}", measure_dtx(
                         world, opts, run, name, pair.system, pair.a, pair.b, ids[key],
-                        ids[f"{key}-cold"], pair.expect, out))
+                        pair.expect, out))
                 return out
 
             results += asyncio.run(measure())
+            if world.account_server is not None:
+                # One event loop in the caller's home: see measure_dtx_xmpp.
+                out: list[Result] = []
+                guarded(opts, f"{tag}: dtx over XMPP", lambda: ns.in_netns(
+                    a.netns, lambda: asyncio.run(measure_dtx_xmpp(
+                        world, opts, run, name, xmpp_pairs, callers, out))))
+                results += out
             if missing is None:
                 results += guarded(opts, f"{tag}: xmpp", lambda: measure_xmpp(
                     world, opts, run, name, "xmpp", a, b))
@@ -103,8 +118,9 @@ def run(opts: Options) -> list[Result]:
 
 SYSTEMS: tuple[str, ...] = (
     "udp-direct", "dtx-direct", "dtx-direct-ping", "dtx-direct-datagram", "dtx-direct-cold",
-    "webrtc-direct", "udp-relay", "dtx-relay", "dtx-relay-ping", "dtx-relay-datagram",
-    "dtx-relay-cold", "webrtc-relay", "xmpp", "xmpp-ping", "xmpp-login",
+    "dtx-xmpp-direct", "webrtc-direct", "udp-relay", "dtx-relay", "dtx-relay-ping",
+    "dtx-relay-datagram", "dtx-relay-cold", "dtx-xmpp-relay", "webrtc-relay", "xmpp",
+    "xmpp-ping", "xmpp-login",
 )
 
 DESCRIPTIONS: dict[str, str] = {
@@ -118,6 +134,11 @@ DESCRIPTIONS: dict[str, str] = {
     "dtx-relay-ping": "dtx session, XEP-0199 ping, relay path",
     "dtx-relay-datagram": "dtx DATAGRAM channel, stanza echo, relay path",
     "dtx-relay-cold": "dtx, fresh device: start, register, connect, first stanza (relay-only pair)",
+    "dtx-xmpp-direct": "dtx session signalled through the account's own XMPP server (Jingle; "
+                       "STUN and TURN by XEP-0215; no rendezvous), devices logged in, "
+                       "`<message/>` echo, punchable pair",
+    "dtx-xmpp-relay": "dtx session signalled through the account's own XMPP server, devices "
+                      "logged in, `<message/>` echo, relay-only pair (coturn's TURN relay)",
     "webrtc-direct": "aiortc data channel, punchable pair (ICE, rendezvous STUN)",
     "webrtc-relay": "aiortc data channel, relay-only pair (coturn TURN)",
     "xmpp": "two slixmpp clients through Prosody on the server host, `<message/>` echo",
