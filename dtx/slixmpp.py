@@ -43,8 +43,9 @@ drops a server stanza whose id it already delivered from that peer over
 dtx (a window of ``dedupe_window`` ids per peer).
 
 Events (data: the peer's full JID; ``dtx_path_changed``: a dict with
-``jid`` and ``path``): ``dtx_session_start``, ``dtx_path_changed``,
-``dtx_session_end``; ``dtx_ready`` once the peer and signalling run.
+``jid`` and ``path``): ``dtx_session_start`` (from now on stanzas to the
+peer go over the session), ``dtx_path_changed``, ``dtx_session_end`` (back
+to the server); ``dtx_ready`` once the peer and signalling run.
 """
 
 from __future__ import annotations
@@ -101,6 +102,10 @@ class _Link:
     """Ids of stanzas delivered from this peer over dtx (recent ones)."""
     release_timer: asyncio.TimerHandle | None = None
     connecting: asyncio.Task[Any] | None = None
+    fallback: dict[int, StanzaBase] = field(default_factory=dict)
+    """The ended session's unacknowledged stanzas, queued for the server and
+    not yet past the out filter (by object id): everything else to this
+    peer waits behind them."""
 
 
 class DtxPlugin(BasePlugin):
@@ -268,7 +273,6 @@ class DtxPlugin(BasePlugin):
         session.on_path_change(lambda change: self._path_changed(link, change))
         self._spawn(self._watch(link, session))
         self._spawn(self._switch(link, session))
-        self.xmpp.event("dtx_session_start", full)
         return session
 
     async def _switch(self, link: _Link, session: Any) -> None:
@@ -293,15 +297,27 @@ class DtxPlugin(BasePlugin):
             self._release(link)
 
     async def _watch(self, link: _Link, session: Any) -> None:
-        ended = await session.wait_closed()
-        if link.session is session:
-            link.session, link.sending = None, False
-        back = list(ended.unacknowledged)
+        await session.wait_closed()
+        self._fall_back(link, session)
+
+    def _fall_back(self, link: _Link, session: Any) -> None:
+        """The session ended: its unacknowledged stanzas go into slixmpp's
+        send queue, for the server, and the peer goes back to the server
+        path. Called by the out filter as soon as it meets the ended
+        session (before any later stanza to the peer passes) or when the
+        session's end is seen, whichever comes first; once."""
+        if link.session is not session:
+            return
+        link.session, link.sending = None, False
+        ended = session.ended
+        back = [] if ended is None else list(ended.unacknowledged)
         if back:
             logger.info("dtx session with %s ended; %d unacknowledged stanzas go through "
                         "the server", link.jid, len(back))
         for el in back:
-            self.xmpp.send(self.xmpp._build_stanza(el))
+            stanza = self.xmpp._build_stanza(el)
+            link.fallback[id(stanza)] = stanza
+            self.xmpp.send(stanza)
         self.xmpp.event("dtx_session_end", link.jid)
 
     def _path_changed(self, link: _Link, change: PathChanged) -> None:
@@ -373,17 +389,32 @@ class DtxPlugin(BasePlugin):
         if not to or not to.resource:
             return stanza
         link = self._links.get(str(to))
-        if link is None or link.session is None:
+        if link is None:
+            return stanza
+        if link.fallback:
+            if link.fallback.pop(id(stanza), None) is not None:
+                return stanza  # a resent one, in its turn
+            # A later stanza: behind the resent ones (queued after them).
+            self.xmpp.send(stanza)
+            return None
+        if link.session is None:
+            return stanza
+        if not link.session.is_open:
+            # Ended, not yet seen by the watcher: fall back now, and queue
+            # this one behind what comes back.
+            self._fall_back(link, link.session)
+            if link.fallback:
+                self.xmpp.send(stanza)
+                return None
             return stanza
         if not link.sending:
             switch = stanza.xml.find(_SWITCH)
             if isinstance(stanza, Iq) and switch is not None \
                     and switch.get("stream") == (link.switch_id or ""):
                 link.sending = True  # everything before went to the server
+                self.xmpp.event("dtx_session_start", link.jid)
             return stanza
         if stanza.xml.find(_SWITCH) is not None:
-            return stanza
-        if not link.session.is_open:
             return stanza
         try:
             link.session.send(stanza.xml)

@@ -88,6 +88,12 @@ class Session:
         return self.connection.stream_id
 
     @property
+    def ended(self) -> SessionEnded | None:
+        """How the session ended (with its unacknowledged stanzas), or
+        None while it is not over."""
+        return self._closed.result() if self._closed.done() else None
+
+    @property
     def path(self) -> PathKind:
         """The path now carrying the session (a :class:`PathKind`, whose
         string value is ``lan``, ``direct`` or ``relay``). A session opened

@@ -50,7 +50,8 @@ START_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
 
 _MODULES: dict[ServerKind, tuple[str, ...]] = {
-    "vcard4": ("roster", "saslauth", "disco", "pep", "vcard4", "vcard_legacy", "ping"),
+    "vcard4": ("roster", "saslauth", "disco", "pep", "vcard4", "vcard_legacy", "ping",
+               "smacks"),
     "vcard-temp": ("roster", "saslauth", "disco", "vcard", "ping"),
 }
 

@@ -122,3 +122,80 @@ async def test_messages_go_over_dtx_once_the_session_is_up(make_app: MakeApp) ->
     assert {f for f, _ in tv.got} == {remote_jid} and {f for f, _ in remote.got} == {tv_jid}
     stats = session.statistics()
     assert stats.stanzas_received >= 40, stats  # the echoes came over dtx
+
+
+async def test_a_session_that_ends_mid_stream_loses_nothing_and_repeats_nothing(
+        make_app: MakeApp) -> None:
+    """The TV drops the session while the remote's messages stream over it:
+    the ones it had not acknowledged come again through the server, the
+    ones the TV had delivered already are dropped there, the later ones go
+    through the server: all 300 arrive once, in order."""
+    tv = await make_app("alice@example.org/tv")
+    remote = await make_app("alice@example.org/remote")
+    tv_jid = "alice@example.org/tv"
+    await remote.dtx.connect(tv_jid)
+    ended = asyncio.Event()
+    remote.xmpp.add_event_handler("dtx_session_end", lambda _jid: ended.set())
+
+    def cut(msg: Any) -> None:
+        if msg["body"] == "pause 100":
+            for session in tv.dtx.sessions().values():
+                session.abort()
+
+    tv.xmpp.add_event_handler("message", cut)
+    for i in range(200):
+        remote.xmpp.send_message(mto=tv_jid, mbody=f"pause {i}", mtype="chat")
+    async with asyncio.timeout(DEADLINE):
+        await ended.wait()
+    assert remote.dtx.path(tv_jid) is None
+    for i in range(200, 300):
+        remote.xmpp.send_message(mto=tv_jid, mbody=f"pause {i}", mtype="chat")
+    await tv.wait_for(300)
+    assert [b for _, b in tv.got] == [f"pause {i}" for i in range(300)]
+
+
+async def test_a_client_without_the_plugin_notices_nothing(make_app: MakeApp) -> None:
+    tv = await make_app("alice@example.org/tv", echo=True)
+    phone = await make_app("alice@example.org/phone", plugin=False)
+    for i in range(5):
+        phone.xmpp.send_message(mto="alice@example.org/tv", mbody=f"hi {i}", mtype="chat")
+    await phone.wait_for(5)
+    assert [b for _, b in phone.got] == [f"echo hi {i}" for i in range(5)]
+    assert tv.dtx.sessions() == {}  # it offers no dtx: nothing was tried on it
+
+
+async def test_stream_management_counts_only_what_the_server_sent(make_app: MakeApp) -> None:
+    """XEP-0198 on both connections: the stanzas that came over dtx are
+    handled as the application's, but ``h`` counts only the server's (the
+    server asks for it, and would end the stream on a count above its own)."""
+    tv = await make_app("alice@example.org/tv", echo=True, sm=True)
+    remote = await make_app("alice@example.org/remote", sm=True)
+    from_server = 0
+    parsed = tv.xmpp._spawn_event  # what the stream parser hands on: the server's stanzas
+
+    def count(xml: Any) -> None:
+        nonlocal from_server
+        if not tv.dtx._injecting and xml.tag.rpartition("}")[2] in ("message", "presence", "iq"):
+            from_server += 1
+        parsed(xml)
+
+    tv.xmpp._spawn_event = count  # type: ignore[method-assign]
+    sm = tv.xmpp.plugin["xep_0198"]
+    assert sm.enabled_in
+    start = sm.handled
+    switched = asyncio.Event()
+    remote.xmpp.add_event_handler("dtx_session_start", lambda _jid: switched.set())
+    await remote.dtx.connect("alice@example.org/tv")
+    async with asyncio.timeout(DEADLINE):
+        await switched.wait()
+    for i in range(30):
+        remote.xmpp.send_message(mto="alice@example.org/tv", mbody=f"pause {i}", mtype="chat")
+    await remote.wait_for(30)
+    # and some through the server (to the bare JID), which asks for acks
+    for i in range(5):
+        remote.xmpp.send_message(mto="alice@example.org", mbody=f"bare {i}", mtype="chat")
+    await tv.wait_for(35)
+    assert (sm.handled - start) % 2**32 == from_server, (sm.handled, start, from_server)
+    assert 5 <= from_server < 30  # the 30 over dtx are not in it
+    assert tv.xmpp.is_connected()
+    assert [b for _, b in remote.got][:30] == [f"echo pause {i}" for i in range(30)]
