@@ -53,6 +53,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -106,6 +107,14 @@ class _Link:
     """The ended session's unacknowledged stanzas, queued for the server and
     not yet past the out filter (by object id): everything else to this
     peer waits behind them."""
+    behind: deque[StanzaBase] = field(default_factory=deque)
+    """Later stanzas to this peer that met the filter before the resent
+    ones were through, in order: queued again once they are."""
+    requeued: set[int] = field(default_factory=set)
+    """Those of ``behind`` in slixmpp's queue again (by object id)."""
+    ending: list[Any] = field(default_factory=list)
+    """Sessions ended here (aborted) or closing whose end, and so whose
+    unacknowledged stanzas, are still to come: later stanzas wait."""
 
 
 class DtxPlugin(BasePlugin):
@@ -125,6 +134,7 @@ class DtxPlugin(BasePlugin):
         "publish_key": True,
         "connect_timeout": 15.0,
         "switch_timeout": 5.0,
+        "liveness_timeout": 2.0,
         "max_held": 4096,
         "dedupe_window": 4096,
         "signalling": None,
@@ -142,17 +152,26 @@ class DtxPlugin(BasePlugin):
         self._injecting = False
         self._filters = False
         self._ids = random.Random(random.SystemRandom().getrandbits(64))
+        self._fallen: weakref.WeakSet[Any] = weakref.WeakSet()
+        """Sessions whose stanzas went back to the server already."""
         self._early: OrderedDict[tuple[str, str], None] = OrderedDict()
         """``<switch/>``s that came before their session (bounded)."""
         self.xmpp.add_event_handler("session_start", self._on_session_start)
         self.xmpp.add_event_handler("presence_available", self._on_available)
+        self.xmpp.add_event_handler("presence_unavailable", self._on_unavailable)
+        # While the server connection is down, slixmpp holds every stanza
+        # until it logs back in; one to a peer with a session need not wait.
+        self._server_send = self.xmpp.send
+        self.xmpp.send = self._send  # type: ignore[method-assign]
         self.xmpp.register_handler(Callback(
             "dtx switch", MatchXPath(f"{{{self.xmpp.default_ns}}}iq/{_SWITCH}"),
             self._on_switch))
 
     def plugin_end(self) -> None:
+        self.xmpp.send = self._server_send  # type: ignore[method-assign]
         self.xmpp.del_event_handler("session_start", self._on_session_start)
         self.xmpp.del_event_handler("presence_available", self._on_available)
+        self.xmpp.del_event_handler("presence_unavailable", self._on_unavailable)
         self.xmpp.remove_handler("dtx switch")
         if self._filters:
             self.xmpp.del_filter("out", self._outgoing)
@@ -179,9 +198,12 @@ class DtxPlugin(BasePlugin):
         return self._adopt(session)
 
     def path(self, jid: str) -> str | None:
-        """``"lan"``, ``"direct"``, ``"relay"``, or None without a session."""
+        """How a stanza to ``jid`` goes now: ``"lan"``, ``"direct"`` or
+        ``"relay"`` over its session, None through the server (no session,
+        or one whose switch has not passed yet)."""
         link = self._links.get(JID.parse(jid).full)
-        if link is None or link.session is None or not link.session.is_open:
+        if link is None or link.session is None or not link.session.is_open \
+                or not link.sending:
             return None
         return str(link.session.path)
 
@@ -245,6 +267,12 @@ class DtxPlugin(BasePlugin):
         self._spawn(self._accept())
         self._ready.set()
         self.xmpp.event("dtx_ready")
+        # Devices that were online before this one was ready.
+        roster = self.xmpp.client_roster
+        for bare in list(roster.keys()) + [self.identity.jid.bare.full]:
+            for resource in list(roster[bare].resources):
+                presence = self.xmpp.make_presence(pfrom=f"{bare}/{resource}")
+                self._on_available(presence)
 
     @property
     def signalling_config(self) -> Any:
@@ -260,10 +288,12 @@ class DtxPlugin(BasePlugin):
     def _adopt(self, session: Any) -> Any:
         full = session.peer_jid
         link = self._links.setdefault(full, _Link(full))
-        if link.session is not None and link.session is not session and link.session.is_open:
-            logger.info("a second dtx session with %s: keeping the first", full)
-            session.abort()
-            return link.session
+        old = link.session
+        if old is not None and old is not session and old.is_open:
+            # The peer made a new one: the old one is most likely dead (it
+            # restarted, or lost its network); its stanzas come back.
+            logger.info("a new dtx session with %s replaces the old one", full)
+            self._end_session(link, old)
         link.session, link.sending, link.released = session, False, False
         if link.release_timer is not None:
             link.release_timer.cancel()
@@ -300,24 +330,42 @@ class DtxPlugin(BasePlugin):
         await session.wait_closed()
         self._fall_back(link, session)
 
+    def _end_session(self, link: _Link, session: Any) -> None:
+        """End ``session`` here; later stanzas to the peer wait for its
+        unacknowledged ones (its watcher falls back once it is over)."""
+        if session not in link.ending:
+            link.ending.append(session)
+        if link.session is session:
+            link.session, link.sending = None, False
+        session.abort()
+
     def _fall_back(self, link: _Link, session: Any) -> None:
-        """The session ended: its unacknowledged stanzas go into slixmpp's
+        """The session is over: its unacknowledged stanzas go into slixmpp's
         send queue, for the server, and the peer goes back to the server
         path. Called by the out filter as soon as it meets the ended
         session (before any later stanza to the peer passes) or when the
         session's end is seen, whichever comes first; once."""
-        if link.session is not session:
-            return
-        link.session, link.sending = None, False
         ended = session.ended
-        back = [] if ended is None else list(ended.unacknowledged)
+        if ended is None or session in self._fallen:
+            return
+        self._fallen.add(session)
+        if session in link.ending:
+            link.ending.remove(session)
+        if link.session is session:
+            link.session, link.sending = None, False
+        # The application's stanzas (addressed to the peer); not the
+        # session's own (a dtx ping has no 'to': it means nothing elsewhere).
+        back = [] if ended is None else [el for el in ended.unacknowledged
+                                          if el.get("to") == link.jid]
         if back:
             logger.info("dtx session with %s ended; %d unacknowledged stanzas go through "
                         "the server", link.jid, len(back))
         for el in back:
             stanza = self.xmpp._build_stanza(el)
             link.fallback[id(stanza)] = stanza
-            self.xmpp.send(stanza)
+            self._server_send(stanza)
+        if not link.fallback and not link.ending:
+            self._requeue(link)
         self.xmpp.event("dtx_session_end", link.jid)
 
     def _path_changed(self, link: _Link, change: PathChanged) -> None:
@@ -382,6 +430,23 @@ class DtxPlugin(BasePlugin):
                 self._early.popitem(last=False)
         iq.reply().send()
 
+    def _send(self, data: Any, use_filters: bool = True) -> None:
+        """slixmpp's ``send``, but while the server connection is down a
+        stanza to a peer whose session carries its stanzas goes over it
+        (up, everything goes through slixmpp's queue and the out filter,
+        which keeps the order)."""
+        if not getattr(self.xmpp, "_session_started", True) and isinstance(data, _KINDS):
+            to = data["to"]
+            link = self._links.get(str(to)) if to and to.resource else None
+            if link is not None and link.sending and not link.fallback \
+                    and link.session is not None and link.session.is_open:
+                try:
+                    link.session.send(data.xml)
+                    return
+                except DtxError as exc:
+                    logger.info("not sent over dtx (%s): held for the server", exc)
+        self._server_send(data, use_filters)
+
     def _outgoing(self, stanza: StanzaBase) -> StanzaBase | None:
         if not isinstance(stanza, _KINDS):
             return stanza
@@ -391,21 +456,21 @@ class DtxPlugin(BasePlugin):
         link = self._links.get(str(to))
         if link is None:
             return stanza
-        if link.fallback:
-            if link.fallback.pop(id(stanza), None) is not None:
-                return stanza  # a resent one, in its turn
-            # A later stanza: behind the resent ones (queued after them).
-            self.xmpp.send(stanza)
-            return None
+        if link.fallback or link.behind or link.ending:
+            return self._in_turn(link, stanza)
         if link.session is None:
             return stanza
         if not link.session.is_open:
-            # Ended, not yet seen by the watcher: fall back now, and queue
-            # this one behind what comes back.
-            self._fall_back(link, link.session)
-            if link.fallback:
-                self.xmpp.send(stanza)
-                return None
+            # Over (or closing), not yet seen by the watcher: fall back
+            # now, or wait for its end; this one goes behind what comes back.
+            session = link.session
+            if session.ended is None:
+                link.ending.append(session)
+                link.session, link.sending = None, False
+            else:
+                self._fall_back(link, session)
+            if link.fallback or link.ending:
+                return self._in_turn(link, stanza)
             return stanza
         if not link.sending:
             switch = stanza.xml.find(_SWITCH)
@@ -423,6 +488,29 @@ class DtxPlugin(BasePlugin):
             return stanza
         return None
 
+    def _in_turn(self, link: _Link, stanza: StanzaBase) -> StanzaBase | None:
+        """Falling back: the resent stanzas go first, then the ones that
+        met the filter meanwhile, in the order they met it (each queued
+        again once, never round and round)."""
+        if link.fallback.pop(id(stanza), None) is not None:
+            if not link.fallback and not link.ending:
+                self._requeue(link)
+            return stanza  # a resent one, in its turn
+        if link.behind and link.behind[0] is stanza and id(stanza) in link.requeued:
+            link.behind.popleft()
+            link.requeued.discard(id(stanza))
+            return stanza  # queued again behind the resent ones: its turn
+        link.behind.append(stanza)
+        if not link.fallback and not link.ending:
+            self._requeue(link)
+        return None
+
+    def _requeue(self, link: _Link) -> None:
+        for stanza in link.behind:
+            if id(stanza) not in link.requeued:
+                link.requeued.add(id(stanza))
+                self._server_send(stanza)
+
     def _incoming(self, stanza: StanzaBase) -> StanzaBase | None:
         if self._injecting or not isinstance(stanza, _KINDS):
             return stanza
@@ -435,6 +523,25 @@ class DtxPlugin(BasePlugin):
         return stanza
 
     # -- dropping down by itself --------------------------------------------------------
+
+    def _on_unavailable(self, presence: Presence) -> None:
+        """The peer's XMPP session ended: the device may be gone (killed,
+        off the network), or only its server connection (a server restart
+        sends this too). Ask the session: no answer within
+        ``liveness_timeout`` ends it now rather than at the idle timeout,
+        and its stanzas go through the server."""
+        link = self._links.get(str(presence["from"]))
+        if link is not None and link.session is not None and link.session.is_open:
+            self._spawn(self._check_alive(link, link.session))
+
+    async def _check_alive(self, link: _Link, session: Any) -> None:
+        try:
+            await session.ping(timeout=self.liveness_timeout)
+        except (TimeoutError, DtxError):
+            if link.session is session:
+                logger.info("%s went offline and its dtx session does not answer: ended",
+                            link.jid)
+                self._end_session(link, session)
 
     def _on_available(self, presence: Presence) -> None:
         if not self.drop_down or not self._ready.is_set():

@@ -426,6 +426,13 @@ class XmlSession:
             self.state = SessionState.CLOSED
             return
         self._r_wanted = True
+        # Confirm everything received before the footer: the peer would
+        # otherwise hand those stanzas back as unacknowledged (and an
+        # application that resends them elsewhere deliver them twice).
+        self._a_wanted = False
+        if self._handled_in != self._h_answered:
+            self._out.append(_a(self._handled_in))
+            self._h_answered = self._handled_in
         self.flush()
         self._quic.send_stream_data(
             self._stream, xs.encode_stream_footer(), end_stream=self._peer_closed

@@ -21,8 +21,9 @@ import pytest
 from slixmpp import ClientXMPP
 
 from dtx.identity import generate_identity, save_identity
+from dtx.lab.prosody import ProsodyServer, TurnExternal
 
-from .conftest import Servers
+from .conftest import TURN_SECRET, Servers
 
 DEADLINE = 10.0
 PASSWORD = "pw-alice"
@@ -55,7 +56,7 @@ async def make_app(servers: Servers, tmp_path: Path) -> AsyncIterator[MakeApp]:
     apps: list[App] = []
 
     async def make(jid: str, *, plugin: bool = True, echo: bool = False,
-                   sm: bool = False) -> App:
+                   sm: bool = False, server: ProsodyServer | None = None) -> App:
         xmpp = ClientXMPP(jid, PASSWORD)
         xmpp.register_plugin("xep_0030")
         xmpp.register_plugin("xep_0199")
@@ -87,7 +88,7 @@ async def make_app(servers: Servers, tmp_path: Path) -> AsyncIterator[MakeApp]:
         if plugin:
             ready = asyncio.Event()
             xmpp.add_event_handler("dtx_ready", lambda _=None: ready.set())
-        host, port = servers.prosody.address()
+        host, port = (server or servers.prosody).address()
         xmpp.connect(host, port)
         apps.append(app)
         async with asyncio.timeout(DEADLINE):
@@ -111,7 +112,11 @@ async def test_messages_go_over_dtx_once_the_session_is_up(make_app: MakeApp) ->
     remote.xmpp.send_message(mto=tv_jid, mbody="first", mtype="chat")
     await tv.wait_for(1)
     assert remote.dtx.path(tv_jid) is None
+    switched = asyncio.Event()
+    remote.xmpp.add_event_handler("dtx_session_start", lambda _jid: switched.set())
     session = await remote.dtx.connect(tv_jid)
+    async with asyncio.timeout(DEADLINE):
+        await switched.wait()  # its <switch/> went: stanzas to the TV go over dtx
     assert remote.dtx.path(tv_jid) in ("direct", "relay", "lan")
     for i in range(50):
         remote.xmpp.send_message(mto=tv_jid, mbody=f"pause {i}", mtype="chat")
@@ -199,3 +204,63 @@ async def test_stream_management_counts_only_what_the_server_sent(make_app: Make
     assert 5 <= from_server < 30  # the 30 over dtx are not in it
     assert tv.xmpp.is_connected()
     assert [b for _, b in remote.got][:30] == [f"echo pause {i}" for i in range(30)]
+
+
+async def test_messages_flow_over_dtx_with_the_server_stopped(make_app: MakeApp,
+                                                             servers: Servers) -> None:
+    """Prosody stops after the session is up: the two go on over dtx. Then
+    the session goes too: a send is held by slixmpp (``stanza_not_sent``)
+    rather than lost, and once the server is back everything arrives
+    once."""
+    own = ProsodyServer("vcard4", turn=TurnExternal(
+        secret=TURN_SECRET, host=servers.coturn.ip, port=servers.coturn.port, ttl=600))
+    own.start()
+    try:
+        own.register("alice", PASSWORD)
+        tv = await make_app("alice@example.org/tv", server=own)
+        remote = await make_app("alice@example.org/remote", server=own)
+        tv_jid = "alice@example.org/tv"
+        switched = asyncio.Event()
+        remote.xmpp.add_event_handler("dtx_session_start", lambda _jid: switched.set())
+        await remote.dtx.connect(tv_jid)
+        async with asyncio.timeout(DEADLINE):
+            await switched.wait()
+        down = asyncio.Event()
+        remote.xmpp.add_event_handler("disconnected", lambda _e: down.set())
+        await asyncio.to_thread(own._terminate)  # stopped, data kept
+        async with asyncio.timeout(DEADLINE):
+            await down.wait()
+        for i in range(10):
+            remote.xmpp.send_message(mto=tv_jid, mbody=f"pause {i}", mtype="chat")
+        await tv.wait_for(10)
+        assert [b for _, b in tv.got] == [f"pause {i}" for i in range(10)]
+        rtt = await remote.dtx.sessions()[tv_jid].ping(timeout=DEADLINE)
+        assert rtt < 1.0
+
+        held = asyncio.Event()
+        remote.xmpp.add_event_handler("stanza_not_sent", lambda _s: held.set())
+        gone = asyncio.Event()
+        remote.xmpp.add_event_handler("dtx_session_end", lambda _jid: gone.set())
+        for session in remote.dtx.sessions().values():
+            session.abort()
+        async with asyncio.timeout(DEADLINE):
+            await gone.wait()
+        assert remote.dtx.path(tv_jid) is None
+        remote.xmpp.send_message(mto=tv_jid, mbody="after", mtype="chat")
+        assert held.is_set()  # not lost: slixmpp sends it once logged in again
+        await asyncio.to_thread(own.start)
+        # The TV first: what the remote held for it (resent as the session
+        # ended, and "after") reaches it; sent to a full JID that is not
+        # online, the server would hand them to another of the account's.
+        for app in (tv, remote):
+            back = asyncio.get_running_loop().create_future()
+            app.xmpp.add_event_handler(
+                "session_start", lambda _e, f=back: f.done() or f.set_result(None))
+            app.xmpp.connect(*own.address())
+            async with asyncio.timeout(DEADLINE):
+                await back
+        await tv.wait_for(11)
+        # the ten it had over dtx came again through the server: dropped
+        assert [b for _, b in tv.got] == [f"pause {i}" for i in range(10)] + ["after"]
+    finally:
+        own.stop()

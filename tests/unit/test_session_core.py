@@ -186,6 +186,23 @@ def test_a_spoofed_from_ends_the_stream() -> None:
     assert client_ended.error.condition == "invalid-from"
 
 
+def test_the_closing_side_confirms_what_it_received() -> None:
+    """The server's stanzas reached the client, which closes before any
+    acknowledgement went back: its close confirms them, and the server
+    hands none back as unacknowledged."""
+    pair = make_pair()
+    pair.roundtrip()
+    for i in range(5):
+        pair.server.core.send(st.message(f"to the client {i}"))
+    pair.roundtrip()
+    assert len(pair.client.of(StanzaReceived)) == 5
+    pair.client.core.close()
+    pair.roundtrip()
+    pair.expire()
+    (s,) = pair.server.of(SessionEnded)
+    assert s.error is None and s.unacknowledged == ()
+
+
 def test_graceful_close_ends_without_error() -> None:
     pair = make_pair()
     pair.roundtrip()
