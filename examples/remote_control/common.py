@@ -118,8 +118,7 @@ async def log_in(xmpp: ClientXMPP, args: argparse.Namespace) -> None:
 
     def on_session_start(_: Any) -> None:
         xmpp.get_roster()
-        if "dtx" not in xmpp.plugin:
-            xmpp.send_presence()
+        xmpp.send_presence()
         if not started.done():
             started.set_result(None)
 
@@ -146,15 +145,11 @@ async def log_in(xmpp: ClientXMPP, args: argparse.Namespace) -> None:
         if not started.done() or started.exception() is not None:
             xmpp.disconnect(wait=0)
     if "dtx" in xmpp.plugin:
-        # Presence only once the plugin is ready: it opens a session on the
-        # available presences that come *after* it is ready, and the other
-        # devices' presences come right after ours.
         try:
             await asyncio.wait_for(ready.wait(), args.timeout)
         except TimeoutError:
             print(f"dtx did not start within {args.timeout} s: everything goes "
                   "through the server", file=sys.stderr, flush=True)
-        xmpp.send_presence()
 
 
 def path_of(xmpp: ClientXMPP, jid: str) -> str:
