@@ -138,6 +138,8 @@ class DtxPlugin(BasePlugin):
         "max_held": 4096,
         "dedupe_window": 4096,
         "signalling": None,
+        "peer_config": None,
+        "sock": None,
     }
 
     def plugin_init(self) -> None:
@@ -249,9 +251,13 @@ class DtxPlugin(BasePlugin):
             raise DtxError("the dtx plugin needs a ClientXMPP")
         signalling = XmppSignalling(self.identity, config=config, xmpp=self.xmpp)
         peer = Peer(self.identity, Verifier([signalling.key_source], PinStore(self.pins)),
-                    config=PeerConfig(lan=bool(self.lan)))
+                    config=self.config.get("peer_config") or PeerConfig(lan=bool(self.lan)))
         try:
-            await peer.start(self.bind, self.port, listen=True)
+            sock = self.config.get("sock")
+            if sock is not None:
+                await peer.start(sock=sock, listen=True)
+            else:
+                await peer.start(self.bind, self.port, listen=True)
             await signalling.start(peer)
         except Exception as exc:  # noqa: BLE001 - the application goes on over the server
             logger.error("dtx not started (stanzas go through the server): %s", exc)
