@@ -83,6 +83,7 @@ NS_DTX = "urn:xmpp:dtx:0"
 _SWITCH = f"{{{NS_DTX}}}switch"
 _KINDS = (Message, Presence, Iq)
 _MAX_EARLY = 256
+_AGAIN = (2.0, 10.0, 30.0)
 
 
 @dataclass
@@ -152,6 +153,7 @@ class DtxPlugin(BasePlugin):
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ready = asyncio.Event()
         self._injecting = False
+        self._closing = False
         self._filters = False
         self._ids = random.Random(random.SystemRandom().getrandbits(64))
         self._fallen: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -217,6 +219,7 @@ class DtxPlugin(BasePlugin):
     async def close(self) -> None:
         """End every session (their unacknowledged stanzas go through the
         server), the signalling and the peer."""
+        self._closing = True
         for task in list(self._tasks):
             if task is not asyncio.current_task():
                 task.cancel()
@@ -373,6 +376,25 @@ class DtxPlugin(BasePlugin):
         if not link.fallback and not link.ending:
             self._requeue(link)
         self.xmpp.event("dtx_session_end", link.jid)
+        if self.drop_down and not self._closing:
+            self._spawn(self._again(link))
+
+    async def _again(self, link: _Link) -> None:
+        """After a session ended, make a new one while the peer is online
+        (the one with the smaller full JID asks): after 2, 10 and 30 s,
+        then not again until its next presence or :meth:`connect`."""
+        own, roster = str(self.xmpp.boundjid), self.xmpp.client_roster
+        for pause in _AGAIN:
+            await asyncio.sleep(pause)
+            peer = SlixJID(link.jid)
+            if self._closing or link.session is not None or link.connecting is not None \
+                    or link.jid <= own or peer.resource not in roster[peer.bare].resources:
+                return
+            try:
+                await self.connect(link.jid)
+                return
+            except (ConnectError, DtxError, TimeoutError) as exc:
+                logger.info("no new dtx session with %s yet: %s", link.jid, exc)
 
     def _path_changed(self, link: _Link, change: PathChanged) -> None:
         self.xmpp.event("dtx_path_changed", {"jid": link.jid, "path": change.kind.value})

@@ -157,6 +157,12 @@ async def test_a_session_that_ends_mid_stream_loses_nothing_and_repeats_nothing(
         remote.xmpp.send_message(mto=tv_jid, mbody=f"pause {i}", mtype="chat")
     await tv.wait_for(300)
     assert [b for _, b in tv.got] == [f"pause {i}" for i in range(300)]
+    # and a new session is made by itself (the remote, the smaller JID, asks)
+    again = asyncio.Event()
+    remote.xmpp.add_event_handler("dtx_session_start", lambda _jid: again.set())
+    async with asyncio.timeout(DEADLINE):
+        await again.wait()
+    assert remote.dtx.path(tv_jid) in ("direct", "relay", "lan")
 
 
 async def test_a_client_without_the_plugin_notices_nothing(make_app: MakeApp) -> None:
