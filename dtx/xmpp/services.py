@@ -379,7 +379,13 @@ def decode_credentials(answer: ET.Element, service: TurnService, *, now: float,
 
 
 def _clocks() -> tuple[float, float]:
-    return asyncio.get_running_loop().time(), time.time()
+    """The loop's clock and the wall clock at one instant: the wall clock
+    read between two readings of the loop's, paired with their midpoint
+    (a busy machine may run something else between two readings)."""
+    loop = asyncio.get_running_loop()
+    t1 = loop.time()
+    wall = time.time()
+    return (t1 + loop.time()) / 2, wall
 
 
 async def _ask(client: XmppClient, payload: ET.Element, domain: str, what: str) -> ET.Element:
