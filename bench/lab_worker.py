@@ -11,7 +11,9 @@ driver's start to the echo side's first arrival).
 
 * XMPP: two slixmpp clients logged in to a real Prosody at the server's
   place in the lab; stanzas go client → server → client, as a "pause"
-  travels today.
+  travels today. With ``--dtx-key`` the same clients register the dtx
+  slixmpp plugin (:mod:`dtx.slixmpp`): their messages go over a dtx
+  session once it is up, through the server before.
 * WebRTC: aiortc data channels, ICE with the rendezvous's STUN and a coturn
   TURN relay; the offering side drives, the answering side echoes.
 """
@@ -24,13 +26,21 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
 PHASE_TIMEOUT = 60.0
 """Upper bound on any one phase of a worker."""
+PATH_SETTLE = 5.0
+"""Seconds a plugin client waits, once its dtx session is up, for the path
+it expects (a session starts on the relay; the direct or LAN path takes
+over when its probe is answered); past it, it measures on the path it has."""
+PLUGIN_WARMUP = 3
+"""Unrecorded round trips before a plugin client's series: the first ones
+over the session may wait at the peer for this side's ``<switch/>``,
+which comes through the server."""
 STOP_TIMEOUT = 3600.0
 """How long an echo side waits for the harness to stop it: the whole
 measurement of its peer, which is long on a lossy relay path."""
@@ -69,11 +79,20 @@ def body_text(size: int, index: int) -> str:
 # -- XMPP (slixmpp through Prosody) ---------------------------------------------
 
 
-def _xmpp_client(jid: str, password: str) -> Any:
+def _xmpp_client(jid: str, password: str, args: argparse.Namespace) -> Any:
     import slixmpp
 
     client = slixmpp.ClientXMPP(jid, password)
     client.register_plugin("xep_0199")
+    if args.dtx_key:
+        from dtx.aio.peer import PeerConfig
+
+        # As an application registers it, with the host's address as its
+        # only host candidate (the lab's hosts have one).
+        client.register_plugin("xep_0030")
+        client.register_plugin("dtx", {
+            "key_file": args.dtx_key,
+            "peer_config": PeerConfig(host_addresses=(args.host_ip,))}, module="dtx.slixmpp")
     client.whitespace_keepalive = False
     # Prosody in the lab serves plain TCP (no TLS): as a LAN client would.
     client.enable_starttls = False
@@ -83,14 +102,43 @@ def _xmpp_client(jid: str, password: str) -> Any:
     return client
 
 
-async def xmpp_echo(args: argparse.Namespace) -> int:
-    """Echo ``chat`` messages; count ``normal`` ones (the one-way batch)."""
-    client = _xmpp_client(args.jid, args.password)
+def _dtx_events(client: Any, args: argparse.Namespace) -> asyncio.Event:
+    """With the plugin: presence and the roster at login, as an
+    application of the plugin sends them (the plugin finds its peers by
+    presence); the event returned is set once dtx is ready."""
     ready = asyncio.Event()
+    if args.dtx_key:
+        client.add_event_handler("session_start", lambda _: (
+            client.get_roster(), client.send_presence()))
+        client.add_event_handler("dtx_ready", lambda _=None: ready.set())
+    else:
+        ready.set()
+    return ready
+
+
+async def _close(client: Any, args: argparse.Namespace) -> None:
+    if args.dtx_key:
+        await client.plugin["dtx"].close()
+    client.disconnect()
+
+
+async def xmpp_echo(args: argparse.Namespace) -> int:
+    """Echo ``chat`` messages; count ``normal`` ones (the one-way batch).
+    With the plugin, a ``session`` event for each peer whose stanzas now
+    come over dtx (its ``dtx_session_start``)."""
+    client = _xmpp_client(args.jid, args.password, args)
+    ready = asyncio.Event()
+    dtx_ready = _dtx_events(client, args)
     sink = {"count": 0, "cpu0": 0.0, "t0": 0.0}
+    sessions: set[str] = set()
 
     def on_start(_: Any) -> None:
         ready.set()
+
+    def on_session(jid: Any) -> None:
+        if str(jid) not in sessions:
+            sessions.add(str(jid))
+            emit(event="session", jid=str(jid), t=time.monotonic())
 
     def on_message(msg: Any) -> None:
         now = time.monotonic()
@@ -112,22 +160,35 @@ async def xmpp_echo(args: argparse.Namespace) -> int:
 
     client.add_event_handler("session_start", on_start)
     client.add_event_handler("message", on_message)
+    client.add_event_handler("dtx_session_start", on_session)
     host, port = args.server.rsplit(":", 1)
     client.connect(host, int(port))
     async with asyncio.timeout(PHASE_TIMEOUT):
         await ready.wait()
+        await dtx_ready.wait()
     emit(event="ready")
     reader = await stdin_reader()
     await read_command(reader, STOP_TIMEOUT)  # "stop"
-    client.disconnect()
+    await _close(client, args)
     return 0
 
 
 async def xmpp_drive(args: argparse.Namespace) -> int:
-    """Log in, send the first stanza, then round trips, pings, a batch."""
+    """Log in, send the first stanza, then round trips, pings, a batch.
+
+    With the plugin, the first stanza goes once dtx is ready, right behind
+    the plugin's first stanza to the peer (the disco#info query with which
+    it begins a session by itself): logged in, no session yet, one being
+    made, as an application's first messages meet it. Then,
+    on the harness's ``session`` command (the peer's stanzas come over
+    dtx), it waits for its own side of the session and the expected path,
+    and the round trips and the batch go over the session. No pings: an iq
+    takes the same way as a message."""
     t0 = time.monotonic()
-    client = _xmpp_client(args.jid, args.password)
+    client = _xmpp_client(args.jid, args.password, args)
     started = asyncio.Event()
+    dtx_ready = _dtx_events(client, args)
+    moved = asyncio.Event()
     waiting: dict[str, asyncio.Future[float]] = {}
 
     def on_message(msg: Any) -> None:
@@ -135,14 +196,47 @@ async def xmpp_drive(args: argparse.Namespace) -> int:
         if fut is not None and not fut.done():
             fut.set_result(time.monotonic())
 
+    begun = asyncio.Event()
+    """Set when the plugin's first stanza to the peer (an iq) goes out."""
+
+    def watch(stanza: Any) -> Any:
+        if stanza.name == "iq" and str(stanza["to"]) == args.peer:
+            begun.set()
+        return stanza
+
     client.add_event_handler("session_start", lambda _: started.set())
     client.add_event_handler("message", on_message)
+    for name in ("dtx_session_start", "dtx_path_changed", "dtx_session_end"):
+        client.add_event_handler(name, lambda _: moved.set())
+    client.add_filter("out", watch)
+    reader = await stdin_reader()
     host, port = args.server.rsplit(":", 1)
     client.connect(host, int(port))
     async with asyncio.timeout(PHASE_TIMEOUT):
         await started.wait()
     t_login = time.monotonic()
+    async with asyncio.timeout(PHASE_TIMEOUT):
+        await dtx_ready.wait()
+    if args.dtx_key:
+        try:
+            async with asyncio.timeout(PATH_SETTLE):
+                await begun.wait()
+        except TimeoutError:
+            logger.warning("the plugin began no session with %s", args.peer)
     loop = asyncio.get_running_loop()
+
+    def path() -> str:
+        return str(client.plugin["dtx"].path(args.peer) or "server") if args.dtx_key \
+            else "server"
+
+    async def wait_path(done: Callable[[str], bool], timeout: float) -> None:
+        try:
+            async with asyncio.timeout(timeout):
+                while not done(path()):
+                    moved.clear()
+                    await moved.wait()
+        except TimeoutError:
+            pass
 
     async def roundtrip(i: int) -> float:
         mid = f"r{i}"
@@ -155,18 +249,26 @@ async def xmpp_drive(args: argparse.Namespace) -> int:
         async with asyncio.timeout(PHASE_TIMEOUT):
             return await fut - start
 
-    await roundtrip(-1)
-    emit(event="login", t0=t0, login=t_login - t0)
+    first = await roundtrip(-1)
+    emit(event="login", t0=t0, login=t_login - t0, first=first, path=path())
+    if args.dtx_key:
+        if (await read_command(reader)).get("command") != "session":
+            await _close(client, args)
+            return 0
+        await wait_path(lambda p: p != "server", PHASE_TIMEOUT)  # dtx_session_start
+        await wait_path(lambda p: p == args.expect_path, PATH_SETTLE)
+        for i in range(PLUGIN_WARMUP):
+            await roundtrip(-2 - i)
+    on = path()
     rtts = [await roundtrip(i) for i in range(args.samples)]
     pings: list[float] = []
-    for _ in range(args.samples):
+    for _ in range(0 if args.dtx_key else args.samples):
         start = time.monotonic()
         await client.plugin["xep_0199"].send_ping(args.peer, timeout=PHASE_TIMEOUT)
         pings.append(time.monotonic() - start)
-    emit(event="rtt", rtt=rtts, ping=pings)
-    reader = await stdin_reader()
+    emit(event="rtt", rtt=rtts, ping=pings, path=on, path_after=path())
     if (await read_command(reader, STOP_TIMEOUT)).get("command") != "go":
-        client.disconnect()
+        await _close(client, args)
         return 0
     cpu0 = time.process_time()
     start = time.monotonic()
@@ -177,9 +279,9 @@ async def xmpp_drive(args: argparse.Namespace) -> int:
         if i % 64 == 63:
             await asyncio.sleep(0)
     await roundtrip(10**8)
-    emit(event="batch", t_start=start, cpu=time.process_time() - cpu0)
+    emit(event="batch", t_start=start, cpu=time.process_time() - cpu0, path=path())
     await read_command(reader)  # "stop"
-    client.disconnect()
+    await _close(client, args)
     return 0
 
 
@@ -325,6 +427,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         s.add_argument("--samples", type=int, default=10)
         s.add_argument("--stanzas", type=int, default=100)
         s.add_argument("--size", type=int, default=200)
+        s.add_argument("--dtx-key", help="register the dtx plugin with this key file")
+        s.add_argument("--host-ip", help="the host's address (the plugin's host candidate)")
+        s.add_argument("--expect-path", default="direct",
+                       help="the path the plugin's session should settle on")
     for name in ("webrtc-echo", "webrtc-drive"):
         s = sub.add_parser(name)
         s.add_argument("--stun", required=True, help="IP:PORT")

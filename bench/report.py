@@ -96,30 +96,23 @@ def _scenario_tables(doc: dict[str, Any], scenario: str, heading: str) -> list[s
                 row += (cell(w["stats"]["median"], 1.0, w["runs"]) if w else "–") + " | "
             lines.append(row + f"{s['note']} |")
 
-    connects = _summaries(doc, "connect", scenario)
-    if connects:
-        lines += [
-            "",
-            f"{heading} Connect time (ms): connect call to first message delivered",
-            "",
-            "| System | Median | Samples | Note |",
-            "|---|---:|---:|---|",
-        ]
-        for s in connects:
-            lines.append(f"| {s['system']} | {cell(s['stats']['median'], 1e3, s['runs'])} "
-                         f"| {s['samples']} | {s['note']} |")
-
-    for metric, title in (("direct_after", "Direct path takeover (ms): session start to "
-                           "the direct (or LAN) path carrying it"),
-                          ("discovery", "LAN discovery (ms): fresh mDNS browser to the "
-                           "device resolved")):
+    for metric, title, noted in (
+            ("connect", "Connect time (ms): connect call to first message delivered", True),
+            ("first_message", "First message (ms): an application's first message after "
+             "login to its echo", True),
+            ("direct_after", "Direct path takeover (ms): session start to the direct (or "
+             "LAN) path carrying it", False),
+            ("discovery", "LAN discovery (ms): fresh mDNS browser to the device resolved",
+             False)):
         rows = _summaries(doc, metric, scenario)
         if rows:
-            lines += ["", f"{heading} {title}", "", "| System | Median | Samples |",
-                      "|---|---:|---:|"]
+            lines += ["", f"{heading} {title}", "",
+                      "| System | Median | Samples |" + (" Note |" if noted else ""),
+                      "|---|---:|---:|" + ("---|" if noted else "")]
             for s in rows:
-                lines.append(f"| {s['system']} | {cell(s['stats']['median'], 1e3, s['runs'])} "
-                             f"| {s['samples']} |")
+                row = f"| {s['system']} | {cell(s['stats']['median'], 1e3, s['runs'])} " \
+                      f"| {s['samples']} |"
+                lines.append(row + (f" {s['note']} |" if noted else ""))
     return lines
 
 

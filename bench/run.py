@@ -36,7 +36,9 @@ logger = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 DEFAULT_OUT = Path(__file__).resolve().parent / "out"
 DEFAULT_SCENARIOS: tuple[str, ...] = ("loopback",)
-_NOT_SCENARIOS = frozenset({"common", "lab_common"})
+_NOT_SCENARIOS = frozenset({"common", "lab_common", "lab_dtx"})
+SKIPPABLE: tuple[str, ...] = ("xmpp+dtx",)
+"""What ``--skip`` can leave out."""
 
 
 class ScenarioError(Exception):
@@ -209,6 +211,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help="one-way messages per batch in the NAT lab (default 5000; 1000 with --quick)")
     p.add_argument("--lab-connects", type=int, metavar="N",
                    help="connections timed per system in the NAT lab (default 5; 2 with --quick)")
+    p.add_argument("--skip", action="append", choices=SKIPPABLE, metavar="SYSTEM",
+                   help="leave out a family of systems (repeatable): "
+                   + ", ".join(SKIPPABLE) + " (the slixmpp plugin's, NAT lab only)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress display")
     p.add_argument("--list", action="store_true", help="list scenarios and exit")
@@ -230,6 +235,8 @@ def make_options(args: argparse.Namespace, progress: Progress) -> Options:
         value = getattr(args, arg)
         if value is not None:
             overrides[field_name] = value
+    if args.skip:
+        overrides["skip"] = tuple(dict.fromkeys(args.skip))
     if args.quick:
         return Options.quick(**overrides)
     return Options(**overrides)

@@ -177,6 +177,13 @@ signalling round trip through the server, 240 ms; one handshake round
 trip, 80 ms; one way, 40 ms)."""
 CONNECT_XMPP_RELAY_ONLY_MS = 650.0
 """The same on a relay-only pair (handshake and first stanza through coturn)."""
+PLUGIN_RTT_OVER_FLOOR_MS = 2.0
+"""The slixmpp plugin's direct-path (and LAN-path) RTT p50 at most this many
+ms above raw UDP on the same path: dtx's own 1 ms, and 1 ms for slixmpp
+building, serialising and parsing the stanza at both ends."""
+PLUGIN_FIRST_VS_XMPP = 1.10
+"""The plugin's first message (through the server, while the session is
+made) at most this many times plain slixmpp's first message."""
 
 TIME_TARGETS: tuple[tuple[str, Metric, str, float], ...] = (
     ("dtx-direct", Metric.CONNECT, "dtx first stanza, registered device, punchable pair",
@@ -220,11 +227,19 @@ def lab_targets(summaries: Sequence[Summary]) -> list[Target]:
     scenarios = list(dict.fromkeys(s.scenario for s in summaries))
     for scn in scenarios:
         for path in ("direct", "relay", "lan"):
-            dtx_rtt = value(scn, f"dtx-{path}", Metric.RTT, "p50")
             floor = value(scn, f"udp-{path}", Metric.RTT, "p50")
-            if path != "relay" and dtx_rtt is not None and floor is not None:
-                add(f"{scn}: dtx {path}-path RTT p50 minus raw UDP p50 (ms)",
-                    (dtx_rtt - floor) * 1e3, DIRECT_RTT_OVER_FLOOR_MS, False)
+            # dtx alone, and the slixmpp plugin's xmpp+dtx-<path>.
+            for who, over in (("dtx", DIRECT_RTT_OVER_FLOOR_MS),
+                              ("xmpp+dtx", PLUGIN_RTT_OVER_FLOOR_MS)):
+                rtt = value(scn, f"{who}-{path}", Metric.RTT, "p50")
+                if path != "relay" and rtt is not None and floor is not None:
+                    add(f"{scn}: {who} {path}-path RTT p50 minus raw UDP p50 (ms)",
+                        (rtt - floor) * 1e3, over, False)
+            first = value(scn, f"xmpp+dtx-{path}", Metric.FIRST_MESSAGE)
+            plain = value(scn, "xmpp-lan" if path == "lan" else "xmpp", Metric.FIRST_MESSAGE)
+            if first is not None and plain is not None:
+                add(f"{scn}: xmpp+dtx first message / xmpp's first message, {path} pair (×)",
+                    first / plain, PLUGIN_FIRST_VS_XMPP, False)
             if path == "lan":
                 continue
             dtx_conn = value(scn, f"dtx-{path}", Metric.CONNECT)
@@ -246,3 +261,4 @@ def lab_targets(summaries: Sequence[Summary]) -> list[Target]:
             add(f"{scn}: XMPP-via-server RTT p50 / dtx LAN RTT p50 (×)", xmpp / lan,
                 LAN_VS_XMPP_RTT_RATIO, True)
     return out
+

@@ -32,6 +32,9 @@ class Metric(enum.StrEnum):
     """From the session's start until a direct (or LAN) path carried it, seconds."""
     DISCOVERY = "discovery"
     """From a browser's start until it resolved the peer on the LAN, seconds."""
+    FIRST_MESSAGE = "first_message"
+    """From an application's first message to the peer until its echo, both
+    logged in, seconds."""
 
 
 UNITS: dict[Metric, str] = {
@@ -42,6 +45,7 @@ UNITS: dict[Metric, str] = {
     Metric.BYTES: "bytes",
     Metric.TAKEOVER: "s",
     Metric.DISCOVERY: "s",
+    Metric.FIRST_MESSAGE: "s",
 }
 
 
@@ -123,6 +127,8 @@ class Options:
     """Messages per one-way batch in the NAT-lab scenarios."""
     lab_connects: int = 5
     """Connections timed per system in the NAT-lab scenarios."""
+    skip: tuple[str, ...] = ()
+    """Families of systems left out (``--skip``): ``xmpp+dtx``."""
     progress: Progress = field(default_factory=lambda: Progress(enabled=False))
 
     @classmethod

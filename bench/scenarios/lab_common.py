@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from dtx.errors import DecodeError
-from dtx.identity import DeviceIdentity
+from dtx.identity import DeviceIdentity, generate_identity, save_identity
 from dtx.lab import Lab, ns
 from dtx.lab.coturn import CoturnServer
 from dtx.lab.prosody import ProsodyServer, TurnExternal
@@ -66,6 +66,9 @@ ACCOUNT_TURN_PORT = 3491
 """The coturn that Prosody on :data:`ACCOUNT_PORT` hands out by XEP-0215."""
 ACCOUNT_TURN_SECRET = "bench-turn-secret"
 READY_TIMEOUT = 20.0
+PLUGIN = "xmpp+dtx"
+"""The systems of the slixmpp plugin (:class:`PluginDevices`): ``xmpp+dtx-<path>``;
+``--skip`` leaves them out."""
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -447,66 +450,143 @@ def _adder(results: list[Result], scenario: str, run: int) -> Callable[..., None
     return add
 
 
+@dataclass(frozen=True)
+class PluginDevices:
+    """The devices of one ``xmpp+dtx`` system: the two slixmpp clients of
+    ``xmpp`` with the dtx plugin registered, both of the account
+    :data:`TV_BARE` (the plugin drops down to its own account's devices by
+    itself), its key in the account's vCard beforehand
+    (:func:`start_account_server`): the echo, and a fresh driver per
+    connection."""
+
+    echo: DeviceIdentity
+    drivers: tuple[DeviceIdentity, ...]
+    expect: str
+    """The path the session should settle on: ``direct``, ``relay`` or ``lan``."""
+
+    @classmethod
+    def make(cls, expect: str, connects: int) -> PluginDevices:
+        # The driver's full JID sorts first: it is the one that asks.
+        return cls(echo=generate_identity(f"{TV_BARE}/{expect}-echo"),
+                   drivers=tuple(generate_identity(f"{TV_BARE}/{expect}-drive{i}")
+                                 for i in range(connects)),
+                   expect=expect)
+
+    @property
+    def identities(self) -> tuple[DeviceIdentity, ...]:
+        return (self.echo, *self.drivers)
+
+
+def _key_file(world: LabWorld, identity: DeviceIdentity) -> str:
+    folder = world.folder / "plugin-keys"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    path = folder / f"{identity.jid.resource}.key"
+    if not path.exists():
+        save_identity(identity, str(path))
+    return str(path)
+
+
 def measure_xmpp(world: LabWorld, opts: Options, run: int, scenario: str, system: str,
-                 a: Host, b: Host) -> list[Result]:
+                 a: Host, b: Host, *, plugin: PluginDevices | None = None) -> list[Result]:
     """:func:`_measure_xmpp`; a failure keeps the figures already taken."""
     results: list[Result] = []
     guarded(opts, f"{scenario} run {run + 1}/{opts.runs}: {system}",
-            lambda: _measure_xmpp(world, opts, run, scenario, system, a, b, results))
+            lambda: _measure_xmpp(world, opts, run, scenario, system, a, b, plugin, results))
     return results
 
 
 def _measure_xmpp(world: LabWorld, opts: Options, run: int, scenario: str, system: str,
-                  a: Host, b: Host, results: list[Result]) -> list[Result]:
+                  a: Host, b: Host, plugin: PluginDevices | None,
+                  results: list[Result]) -> list[Result]:
     """Two slixmpp clients through Prosody on the server host: ``a`` drives,
-    ``b`` echoes. Connect time is login plus the first stanza delivered."""
-    if world.prosody is None:
+    ``b`` echoes. Connect time is login plus the first stanza delivered;
+    the first message, the first stanza to its echo.
+
+    With ``plugin`` the same clients register the dtx plugin and log in to
+    the account's own server (its Prosody hands out coturn by XEP-0215):
+    the first message is sent once the driver's plugin is ready, right
+    behind its first stanza to the peer (through the server: no session
+    yet, one being made), the round trips and the batch once both sides
+    have seen ``dtx_session_start``. Its connect and login
+    times are not reported (the plugin's start is not the figure here),
+    nor pings."""
+    server_address = world.prosody if plugin is None else world.account_server
+    if server_address is None:
         return results
     add = _adder(results, scenario, run)
-    server = f"{world.prosody[0]}:{world.prosody[1]}"
+    server = f"{server_address[0]}:{server_address[1]}"
     common = ["--password", XMPP_PASSWORD, "--server", server,
               "--size", str(opts.message_bytes)]
     tag = f"{scenario} run {run + 1}/{opts.runs}"
-    echo = Worker(b, ["xmpp-echo", "--jid", "tv@example.org/echo", *common],
+    echo_jid = "tv@example.org/echo" if plugin is None else plugin.echo.jid.full
+    echo_args = [] if plugin is None else ["--dtx-key", _key_file(world, plugin.echo),
+                                           "--host-ip", b.ip]
+    echo = Worker(b, ["xmpp-echo", "--jid", echo_jid, *echo_args, *common],
                   opts.timeout + opts.lab_stanzas / 20)
     try:
         echo.expect("ready")
         connects: list[float] = []
         logins: list[float] = []
+        firsts: list[float] = []
         for i in range(opts.lab_connects):
             measure = i == 0
             n = opts.lab_rtt_samples if measure else 0
             if measure:
-                opts.progress.step(f"{tag}: {system} login, rtt and ping x{n}")
-            drive = Worker(a, ["xmpp-drive", "--jid", f"remote@example.org/drive{i}",
-                               "--peer", "tv@example.org/echo", "--samples", str(n),
-                               "--stanzas", str(opts.lab_stanzas), *common],
-                           opts.timeout + 2 * n)
+                opts.progress.step(f"{tag}: {system} login, first message, "
+                                   + ("rtt" if plugin else "rtt and ping") + f" x{n}")
+            if plugin is None:
+                jid, extra = f"remote@example.org/drive{i}", []
+            else:
+                jid = plugin.drivers[i].jid.full
+                extra = ["--dtx-key", _key_file(world, plugin.drivers[i]), "--host-ip", a.ip,
+                         "--expect-path", plugin.expect]
+            drive = Worker(a, ["xmpp-drive", "--jid", jid, "--peer", echo_jid,
+                               "--samples", str(n), "--stanzas", str(opts.lab_stanzas),
+                               *extra, *common], opts.timeout + 2 * n)
             try:
                 login = drive.expect("login")
                 first = echo.expect("first")
                 connects.append(first["t"] - login["t0"])
                 logins.append(login["login"])
+                firsts.append(login["first"])
+                if plugin is not None:
+                    if login["path"] != "server":
+                        logger.warning("%s: the first message went over %s, not the server",
+                                       system, login["path"])
+                    started = echo.expect("session")
+                    if started["jid"] != jid:
+                        raise RuntimeError(f"a dtx session with {started['jid']}, not {jid}")
+                    drive.send(command="session")
                 rtt = drive.expect("rtt")
                 if not measure:
                     continue
-                add(system, Metric.RTT, rtt["rtt"], note="path via the XMPP server")
-                add(f"{system}-ping", Metric.RTT, rtt["ping"], note="path via the XMPP server")
+                path = "via the XMPP server" if plugin is None else rtt["path"]
+                if rtt["path_after"] != rtt["path"]:
+                    logger.warning("%s moved from %s to %s during its round trips", system,
+                                   rtt["path"], rtt["path_after"])
+                add(system, Metric.RTT, rtt["rtt"], note=f"path {path}")
+                add(f"{system}-ping", Metric.RTT, rtt["ping"], note=f"path {path}")
                 opts.progress.step(f"{tag}: {system} one-way x{opts.lab_stanzas}")
                 with counting(a, b) as sent:
                     drive.send(command="go")
                     sunk = echo.expect("sunk")
                     batch = drive.expect("batch")
-                note = "path via the XMPP server; each client in its own process"
+                if plugin is not None:
+                    path = batch["path"]
+                note = f"path {path}; each client in its own process"
                 add(system, Metric.THROUGHPUT, [sunk["count"] / (sunk["t"] - batch["t_start"])],
                     note=note)
                 add(system, Metric.CPU, [(batch["cpu"] + sunk["cpu"]) / sunk["count"]],
-                    note=note + " (clients only, not Prosody)")
+                    note=note + (" (clients only, not Prosody)" if plugin is None else ""))
                 add(system, Metric.BYTES, [sent() / opts.lab_stanzas], note=note)
             finally:
                 drive.stop()
-        add(system, Metric.CONNECT, connects, note="login plus first stanza")
-        add(f"{system}-login", Metric.CONNECT, logins, note="TCP connect, SASL, bind")
+        add(system, Metric.FIRST_MESSAGE, firsts,
+            note="through the server" if plugin is None else
+            "through the server while the plugin makes the session")
+        if plugin is None:
+            add(system, Metric.CONNECT, connects, note="login plus first stanza")
+            add(f"{system}-login", Metric.CONNECT, logins, note="TCP connect, SASL, bind")
     finally:
         echo.stop()
     return results

@@ -4,7 +4,9 @@ beyond the core as in the standard WAN (home↔server RTT 120 ms).
 dtx finds the LAN path (host candidates from the rendezvous's
 introduction) and carries stanzas host to host; beside it the raw UDP
 floor on the LAN, aiortc on the LAN, and today's path: two slixmpp clients
-through Prosody on the server host. LAN discovery time is the time a fresh
+through Prosody on the server host, and the same two clients with the dtx
+plugin registered (``xmpp+dtx-lan``, logged in to the account's own
+server, started here for them). LAN discovery time is the time a fresh
 mDNS browser (``python -m dtx.aio.mdns resolve``, in its own process, as
 zeroconf needs) takes to resolve a device that is already announced.
 """
@@ -24,9 +26,9 @@ from dtx.lab.scene import wait_line
 from dtx.lab.topology import Host
 
 from .common import Metric, Options, Result
-from .lab_common import (ROOT, TV_BARE, TV_JID, Pair, alternatives_missing, guarded,
-                         guarded_async, measure_webrtc, measure_xmpp, scratch, start_world,
-                         udp_rtt)
+from .lab_common import (PLUGIN, ROOT, TV_BARE, TV_JID, Pair, PluginDevices,
+                         alternatives_missing, guarded, guarded_async, measure_webrtc,
+                         measure_xmpp, scratch, start_world, udp_rtt)
 from .lab_dtx import measure_dtx
 
 logger = logging.getLogger(__name__)
@@ -77,7 +79,9 @@ def run(opts: Options) -> list[Result]:
             "tv": generate_identity(TV_JID),
             "phone": generate_identity("remote@example.org/phone"),
         }
-        world = start_world(lab, server, Path(tmp), ids, alternatives=missing is None)
+        plugin = None if PLUGIN in opts.skip else PluginDevices.make("lan", opts.lab_connects)
+        world = start_world(lab, server, Path(tmp), ids, alternatives=missing is None,
+                            account=plugin.identities if plugin else ())
         pair = Pair("dtx-lan", a, b, "lan")
         for run in range(opts.runs):
             tag = f"{NAME} run {run + 1}/{opts.runs}"
@@ -104,6 +108,9 @@ def run(opts: Options) -> list[Result]:
             if missing is None:
                 results += guarded(opts, f"{tag}: xmpp-lan", lambda: measure_xmpp(
                     world, opts, run, NAME, "xmpp-lan", a, b))
+                if plugin is not None and world.account_server is not None:
+                    results += measure_xmpp(world, opts, run, NAME, f"{PLUGIN}-lan", a, b,
+                                            plugin=plugin)
                 results += guarded(opts, f"{tag}: webrtc-lan", lambda: measure_webrtc(
                     world, opts, run, NAME, "webrtc-lan", a, b))
     return results
@@ -111,7 +118,7 @@ def run(opts: Options) -> list[Result]:
 
 SYSTEMS: tuple[str, ...] = (
     "udp-lan", "dtx-lan", "dtx-lan-ping", "dtx-lan-datagram", "dtx-lan-cold", "webrtc-lan",
-    "xmpp-lan", "xmpp-lan-ping", "xmpp-lan-login", "mdns",
+    "xmpp-lan", "xmpp-lan-ping", "xmpp-lan-login", "xmpp+dtx-lan", "mdns",
 )
 
 DESCRIPTIONS: dict[str, str] = {
@@ -124,5 +131,7 @@ DESCRIPTIONS: dict[str, str] = {
     "xmpp-lan": "two slixmpp clients in one home through Prosody 40 ms beyond the core",
     "xmpp-lan-ping": "slixmpp XEP-0199 ping to the other client, through Prosody",
     "xmpp-lan-login": "slixmpp login alone (TCP, SASL PLAIN, bind)",
+    "xmpp+dtx-lan": "the same two slixmpp clients with the dtx plugin registered, "
+                    "`<message/>` echo over its session, two devices in one home",
     "mdns": "LAN discovery: a fresh mDNS browser resolves the announced device",
 }

@@ -11,9 +11,12 @@ account's own XMPP server with no rendezvous (``dtx-xmpp-direct``,
 relay is coturn). Beside dtx on each path: the raw UDP floor on the same
 path, two slixmpp clients through Prosody on the server host (the path a
 stanza takes today), and aiortc data channels (ICE with the rendezvous's
-STUN, coturn's TURN where punching fails). Needs root; the XMPP and WebRTC
-systems, dtx over XMPP among them, also need Prosody, coturn and aiortc
-(they are left out, with a warning, when missing).
+STUN, coturn's TURN where punching fails). The two slixmpp clients again
+with the dtx plugin registered (``xmpp+dtx-direct``, ``xmpp+dtx-relay``,
+logged in to the account's own server): the first message through the
+server while the plugin makes the session, the rest over it. Needs root;
+the XMPP and WebRTC systems, dtx over XMPP among them, also need Prosody,
+coturn and aiortc (they are left out, with a warning, when missing).
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ from dtx.identity import generate_identity
 from dtx.lab import STANDARD_WAN, Lab, LinkSpec, WanProfile, lab_missing, ns
 
 from .common import Metric, Options, Result
-from .lab_common import (TV_BARE, TV_JID, Pair, alternatives_missing, guarded, guarded_async,
-                         measure_webrtc, measure_xmpp, scratch, start_world, udp_rtt)
+from .lab_common import (PLUGIN, TV_BARE, TV_JID, Pair, PluginDevices, alternatives_missing,
+                         guarded, guarded_async, measure_webrtc, measure_xmpp, scratch,
+                         start_world, udp_rtt)
 from .lab_dtx import measure_dtx, measure_dtx_xmpp
 
 logger = logging.getLogger(__name__)
@@ -71,8 +75,13 @@ def run_wan(opts: Options, name: str, wan: WanProfile) -> list[Result]:
                       Pair("dtx-xmpp-relay", c, b, "relay")]
         callers = {p.system: [generate_identity(f"{TV_BARE}/{p.system}-{i}")
                               for i in range(opts.lab_connects)] for p in xmpp_pairs}
+        # The slixmpp clients with the plugin, on the same two pairs.
+        plugins = [] if PLUGIN in opts.skip else [
+            (f"{PLUGIN}-{p.expect}", p.a, p.b, PluginDevices.make(p.expect, opts.lab_connects))
+            for p in pairs]
         world = start_world(lab, server, Path(tmp), ids, alternatives=missing is None,
-                            account=[ids["tv"], *(d for ds in callers.values() for d in ds)])
+                            account=[ids["tv"], *(d for ds in callers.values() for d in ds),
+                                     *(d for *_, devs in plugins for d in devs.identities)])
         for run in range(opts.runs):
             tag = f"{name} run {run + 1}/{opts.runs}"
 
@@ -104,6 +113,9 @@ def run_wan(opts: Options, name: str, wan: WanProfile) -> list[Result]:
             if missing is None:
                 results += guarded(opts, f"{tag}: xmpp", lambda: measure_xmpp(
                     world, opts, run, name, "xmpp", a, b))
+                for system, x, y, devices in plugins if world.account_server else ():
+                    results += measure_xmpp(world, opts, run, name, system, x, y,
+                                            plugin=devices)
                 results += guarded(opts, f"{tag}: webrtc-direct", lambda: measure_webrtc(
                     world, opts, run, name, "webrtc-direct", a, b))
                 results += guarded(opts, f"{tag}: webrtc-relay", lambda: measure_webrtc(
@@ -120,7 +132,7 @@ SYSTEMS: tuple[str, ...] = (
     "udp-direct", "dtx-direct", "dtx-direct-ping", "dtx-direct-datagram", "dtx-direct-cold",
     "dtx-xmpp-direct", "webrtc-direct", "udp-relay", "dtx-relay", "dtx-relay-ping",
     "dtx-relay-datagram", "dtx-relay-cold", "dtx-xmpp-relay", "webrtc-relay", "xmpp",
-    "xmpp-ping", "xmpp-login",
+    "xmpp-ping", "xmpp-login", "xmpp+dtx-direct", "xmpp+dtx-relay",
 )
 
 DESCRIPTIONS: dict[str, str] = {
@@ -144,4 +156,8 @@ DESCRIPTIONS: dict[str, str] = {
     "xmpp": "two slixmpp clients through Prosody on the server host, `<message/>` echo",
     "xmpp-ping": "slixmpp XEP-0199 ping to the other client, through Prosody",
     "xmpp-login": "slixmpp login alone (TCP, SASL PLAIN, bind)",
+    "xmpp+dtx-direct": "the same two slixmpp clients with the dtx plugin registered, "
+                       "`<message/>` echo over its session, punchable pair",
+    "xmpp+dtx-relay": "the same two slixmpp clients with the dtx plugin registered, "
+                      "`<message/>` echo over its session, relay-only pair (coturn's relay)",
 }
