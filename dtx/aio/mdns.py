@@ -535,12 +535,17 @@ class LanAdvertiser:
                 self.presence = presence
                 return
             info = self._presence_info(presence)
-            for previous in self._infos:
-                if previous.type == PRESENCE_TYPE:
-                    out = DNSOutgoing(_FLAGS_QR_RESPONSE | _FLAGS_AA)
-                    out.add_answer_at_time(previous.dns_text(override_ttl=0), 0)
-                    zc.zeroconf.async_send(out)
-            await asyncio.sleep(GOODBYE_SECONDS)
+            # The goodbye twice, a quarter of the wait apart: one lost
+            # multicast packet would leave browsers with the old record
+            # (they report a changed TXT only once the old one is gone).
+            for _ in range(2):
+                for previous in self._infos:
+                    if previous.type == PRESENCE_TYPE:
+                        out = DNSOutgoing(_FLAGS_QR_RESPONSE | _FLAGS_AA)
+                        out.add_answer_at_time(previous.dns_text(override_ttl=0), 0)
+                        zc.zeroconf.async_send(out)
+                await asyncio.sleep(GOODBYE_SECONDS / 4)
+            await asyncio.sleep(GOODBYE_SECONDS * 3 / 4)
             await zc.async_update_service(info)
             self._infos = [i for i in self._infos if i.type != PRESENCE_TYPE] + [info]
             self.presence, self.presence_txt = presence, txt
