@@ -581,12 +581,14 @@ class XmlSession:
                 self._log.warning("stream error from %s: %s", self.peer_jid, exc)
                 self._stream_error(exc.condition, exc.text)
                 break
-        stanzas = [e for e in out if isinstance(e, StanzaReceived)]
+        stanzas = [e for e in out if type(e) is StanzaReceived]
         if stanzas:
             share = self._unattributed // len(stanzas)
             self._unattributed = 0
-            out = [StanzaReceived(e.stanza, share) if isinstance(e, StanzaReceived) else e
-                   for e in out]
+            for e in stanzas:
+                # The event is new and still ours: its size filled in here
+                # rather than a second object made for each stanza.
+                object.__setattr__(e, "size", share)
         if event.end_stream and not self._peer_closed and self.state is not SessionState.CLOSED:
             self._stream_error("not-well-formed", "stream ended without closing tag")
         return out
