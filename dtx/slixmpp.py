@@ -138,6 +138,7 @@ class DtxPlugin(BasePlugin):
         "liveness_timeout": 2.0,
         "max_held": 4096,
         "dedupe_window": 4096,
+        "max_links": 1024,
         "signalling": None,
         "peer_config": None,
         "sock": None,
@@ -296,7 +297,7 @@ class DtxPlugin(BasePlugin):
 
     def _adopt(self, session: Any) -> Any:
         full = session.peer_jid
-        link = self._links.setdefault(full, _Link(full))
+        link = self._link(full)
         old = link.session
         if old is not None and old is not session and old.is_open:
             # The peer made a new one: the old one is most likely dead (it
@@ -584,7 +585,7 @@ class DtxPlugin(BasePlugin):
         link = self._links.get(full)
         if link is not None and (link.connecting is not None or link.session is not None):
             return
-        link = self._links.setdefault(full, _Link(full))
+        link = self._link(full)
         link.connecting = self._spawn(self._drop_down(link))
 
     async def _drop_down(self, link: _Link) -> None:
@@ -601,11 +602,30 @@ class DtxPlugin(BasePlugin):
         finally:
             link.connecting = None
 
+    def _link(self, full: str) -> _Link:
+        """The peer's entry, made if new. Entries with nothing going on (no
+        session, nothing held or waiting) are dropped, oldest first, past
+        ``max_links``: devices come and go with new resources for ever."""
+        link = self._links.get(full)
+        if link is None:
+            link = self._links[full] = _Link(full)
+            if len(self._links) > self.max_links:
+                for jid in [j for j, k in self._links.items() if _idle(k)]:
+                    if len(self._links) <= self.max_links:
+                        break
+                    del self._links[jid]
+        return link
+
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+
+def _idle(link: _Link) -> bool:
+    return (link.session is None and link.connecting is None and not link.fallback
+            and not link.behind and not link.ending and not link.held)
 
 
 dtx = DtxPlugin

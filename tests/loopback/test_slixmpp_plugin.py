@@ -270,3 +270,17 @@ async def test_messages_flow_over_dtx_with_the_server_stopped(make_app: MakeApp,
         assert [b for _, b in tv.got] == [f"pause {i}" for i in range(10)] + ["after"]
     finally:
         own.stop()
+
+
+async def test_the_table_of_peers_is_bounded(make_app: MakeApp) -> None:
+    """Devices come and go with new resources: entries with nothing going
+    on are dropped past ``max_links``, the live session's never."""
+    await make_app("alice@example.org/tv")
+    remote = await make_app("alice@example.org/remote")
+    await remote.dtx.connect("alice@example.org/tv")
+    remote.dtx.max_links = 3
+    for i in range(20):
+        remote.dtx._link(f"alice@example.org/gone{i}")
+    assert len(remote.dtx._links) <= 3
+    assert "alice@example.org/tv" in remote.dtx._links  # its session is live
+    assert list(remote.dtx.sessions()) == ["alice@example.org/tv"]
