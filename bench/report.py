@@ -56,6 +56,33 @@ def _what(doc: dict[str, Any], s: dict[str, Any]) -> str:
     return what
 
 
+_FLOORS = {"direct": "udp-direct", "relay": "udp-relay", "lan": "udp-lan",
+           "through the server": "udp-relay"}
+"""The raw-UDP system measuring the floor of each path (a stanza through
+the XMPP server crosses the server host as a relayed datagram does)."""
+
+
+def _floor_of(rows: dict[str, dict[str, Any]], s: dict[str, Any]) -> dict[str, Any] | None:
+    """The floor row for the row ``s`` of one scenario's RTT table: the
+    raw UDP echo on the same path, or the scenario's one ``udp`` floor."""
+    if "udp" in rows:
+        return rows["udp"]
+    note = s.get("note") or ""
+    path = note.split(";")[0].removeprefix("path ").split(" (")[0].strip()
+    floor = _FLOORS.get(path)
+    return rows.get(floor) if floor is not None else None
+
+
+def _ratio(s: dict[str, Any], floor: dict[str, Any] | None) -> str:
+    """The row's p50 as a multiple of its floor's, measured in the same run."""
+    if floor is None:
+        return "–"
+    base = floor["stats"]["p50"]["median"]
+    if base <= 0:
+        return "–"
+    return f"×{s['stats']['p50']['median'] / base:.2f}"
+
+
 def _scenario_tables(doc: dict[str, Any], scenario: str, heading: str) -> list[str]:
     """The tables of one scenario; RTT in ms when its round trips are."""
     lines: list[str] = []
@@ -68,13 +95,15 @@ def _scenario_tables(doc: dict[str, Any], scenario: str, heading: str) -> list[s
         "",
         f"{heading} Round-trip time ({unit})",
         "",
-        "| System | What | " + " | ".join(RTT_COLUMNS) + " | Samples | Lost |",
-        "|---|---|" + "---:|" * len(RTT_COLUMNS) + "---:|---:|",
+        "| System | What | " + " | ".join(RTT_COLUMNS) + " | p50 / floor | Samples | Lost |",
+        "|---|---|" + "---:|" * len(RTT_COLUMNS) + "---:|---:|---:|",
     ]
+    by_system = {s["system"]: s for s in rtts}
     for s in rtts:
         cells = [cell(s["stats"][k], scale, s["runs"]) for k in RTT_COLUMNS]
-        lines.append(f"| {s['system']} | {_what(doc, s)} | "
-                     + " | ".join(cells) + f" | {s['samples']} | {s['lost']} |")
+        lines.append(f"| {s['system']} | {_what(doc, s)} | " + " | ".join(cells)
+                     + f" | {_ratio(s, _floor_of(by_system, s))} | {s['samples']} "
+                     f"| {s['lost']} |")
 
     rates = {s["system"]: s for s in _summaries(doc, "throughput", scenario)}
     cpus = {s["system"]: s for s in _summaries(doc, "cpu_per_message", scenario)}

@@ -96,7 +96,14 @@ def test_json_summaries_are_ordered_ranges(quick_run: tuple[Path, str]) -> None:
 
 def test_markdown_tables(quick_run: tuple[Path, str]) -> None:
     md = (quick_run[0] / "results.md").read_text(encoding="utf-8")
-    assert "| System | What | p50 | p90 | p99 | max | Samples | Lost |" in md
+    assert "| System | What | p50 | p90 | p99 | max | p50 / floor | Samples | Lost |" in md
+    # each system's p50 as a multiple of the raw UDP floor of the same run
+    assert "\n| udp | raw asyncio UDP echo (the floor) |" in md
+    udp_row = next(line for line in md.splitlines() if line.startswith("| udp |"))
+    assert "| ×1.00 |" in udp_row
+    dtx_row = next(line for line in md.splitlines() if line.startswith("| dtx |"))
+    ratio = float(dtx_row.split("| ×")[1].split(" |")[0])
+    assert ratio > 1.0, dtx_row
     assert "| System | Messages/s | CPU µs per message | How it sends |" in md
     assert "## Connect time" in md
     assert "## Targets" in md
