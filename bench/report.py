@@ -57,7 +57,7 @@ def _what(doc: dict[str, Any], s: dict[str, Any]) -> str:
 
 
 _FLOORS = {"direct": "udp-direct", "relay": "udp-relay", "lan": "udp-lan",
-           "through the server": "udp-relay"}
+           "via the XMPP server": "udp-relay", "through the server": "udp-relay"}
 """The raw-UDP system measuring the floor of each path (a stanza through
 the XMPP server crosses the server host as a relayed datagram does)."""
 
