@@ -92,6 +92,7 @@ from ..xmpp.client import XmppClient, XmppConfig, _Xmpp
 from ..xmpp.services import (
     ExternalServices,
     ServiceDiscoveryError,
+    StunService,
     TurnService,
     discover_services,
     refresh_credentials,
@@ -342,22 +343,13 @@ class XmppSignalling:
 
     async def _start_stun(self, peer: Peer, loop: asyncio.AbstractEventLoop,
                           found: ExternalServices) -> None:
-        service = found.first_stun()
-        if service is None:
-            logger.info("the server lists no UDP STUN service: no reflexive candidate")
-            return
-        try:
-            address = await resolve_address(service, family=socket.AF_INET)
-        except ServiceDiscoveryError as exc:
-            logger.warning("STUN service not usable: %s", exc)
+        address = await _usable(found.first_stun(), "STUN")
+        if address is None:
             return
         client = BindingClient(address, rng=random.Random(self._rng.getrandbits(64)))
         peer.endpoint.use_stun(client, loop.time())
         peer._wake()
-        try:
-            await asyncio.wait_for(self._stunned.wait(), self.config.allocate_timeout)
-        except TimeoutError:
-            pass
+        await self._bounded_wait(self._stunned)
         if client.mapped is None:
             logger.warning("no answer from STUN at %s:%d: no reflexive candidate", *address)
         else:
@@ -367,13 +359,8 @@ class XmppSignalling:
     async def _start_turn(self, peer: Peer, loop: asyncio.AbstractEventLoop,
                           found: ExternalServices) -> None:
         service = found.first_turn()
-        if service is None:
-            logger.info("the server lists no UDP TURN service")
-            return
-        try:
-            address = await resolve_address(service, family=socket.AF_INET)
-        except ServiceDiscoveryError as exc:
-            logger.warning("TURN service not usable: %s", exc)
+        address = await _usable(service, "TURN")
+        if service is None or address is None:
             return
         self._service = service
         self._turn = tp.TurnClient(address, service.username, service.password, service.expires,
@@ -381,14 +368,16 @@ class XmppSignalling:
                                    config=self.config.turn)
         peer.endpoint.use_turn(self._turn, loop.time())
         peer._wake()
-        try:
-            await asyncio.wait_for(self._allocated.wait(), self.config.allocate_timeout)
-        except TimeoutError:
-            pass
+        await self._bounded_wait(self._allocated)  # Allocated sets the reflexive address
         if self._turn.relayed is None:
             logger.warning("no TURN allocation at %s:%d; going on without a relay", *address)
-        else:
-            peer.endpoint.traversal.reflexive = self._turn.mapped
+
+    async def _bounded_wait(self, event: asyncio.Event) -> None:
+        """Wait for ``event``, ``allocate_timeout`` at most."""
+        try:
+            await asyncio.wait_for(event.wait(), self.config.allocate_timeout)
+        except TimeoutError:
+            pass
 
     async def close(self) -> None:
         """End the Jingle sessions (``gone``), release the relay, log out.
@@ -838,10 +827,7 @@ class XmppSignalling:
             self._allocated.clear()
             turn.allocate(loop.time(), as_before=True)
             peer._wake()
-            try:
-                await asyncio.wait_for(self._allocated.wait(), self.config.allocate_timeout)
-            except TimeoutError:
-                pass
+            await self._bounded_wait(self._allocated)
             if _state(turn) is tp.AllocationState.ALLOCATED:
                 break
             if _state(turn) is tp.AllocationState.ALLOCATING:
@@ -953,6 +939,20 @@ _MAX_RECENT = 256
 _RENEW_RETRIES = (5.0, 15.0, 45.0)
 _REALLOCATE_RETRIES = (5.0, 15.0, 45.0, 120.0)
 _MAX_KNOWN_CANDIDATES = 32
+
+
+async def _usable(service: StunService | TurnService | None, what: str) -> Address | None:
+    """Where to send to ``service`` (the first UDP one of its kind the
+    server lists), or None, logged, when there is none or it does not
+    resolve."""
+    if service is None:
+        logger.info("the server lists no UDP %s service", what)
+        return None
+    try:
+        return await resolve_address(service, family=socket.AF_INET)
+    except ServiceDiscoveryError as exc:
+        logger.warning("%s service not usable: %s", what, exc)
+        return None
 
 
 def _state(turn: tp.TurnClient) -> tp.AllocationState:
