@@ -19,18 +19,13 @@ from pathlib import Path
 import pytest
 
 from dtx import stanza as st
-from dtx.aio.peer import Peer
 from dtx.aio.xmpp import XmppSignalling
-from dtx.identity import generate_identity
-from dtx.lab import STANDARD_WAN, Lab, ns
-from dtx.lab.coturn import CoturnServer, coturn_missing
-from dtx.lab.prosody import ProsodyServer, TurnExternal, prosody_missing
-from dtx.lab.topology import Host
+from dtx.lab import STANDARD_WAN, Lab
 from dtx.proto import turn as tp
-from dtx.xmpp.client import XmppConfig, open_xmpp_client
+from dtx.wire.address import Address
 
 from ..loopback.test_xmpp_signalling import stanzas_both_ways
-from .test_xmpp_signalling import PASSWORD, SECRET, device
+from .test_xmpp_signalling import Connected, connected, in_first_home, xmpp_lab
 
 pytestmark = pytest.mark.netns
 
@@ -43,75 +38,50 @@ WATCH = 3 * TTL
 """Seconds of traffic: three credential lifetimes, two allocation refreshes."""
 
 
-async def relay_through_expiry(a: Host, b: Host, xmpp: XmppConfig) -> dict[str, object]:
-    remote_id = generate_identity("alice@example.org/remote")
-    tv_id = generate_identity("alice@example.org/tv")
-    async with open_xmpp_client("alice@example.org", PASSWORD, config=xmpp) as client:
-        for identity in (remote_id, tv_id):
-            await client.publish_key(identity.public_key)
-    opened: list[tuple[Peer, XmppSignalling]] = []
-    loop = asyncio.get_running_loop()
-    try:
-        tv, tv_sig = await device(tv_id, b, xmpp, opened)
-        remote, remote_sig = await device(remote_id, a, xmpp, opened)
-        turns = [sig.turn for sig in (remote_sig, tv_sig)]
-        relayed = [t.relayed for t in turns if t is not None]
-        first = remote_sig.turn_service
-        assert first is not None and first.expires is not None and len(relayed) == 2
-        session = await remote_sig.connect(tv_id.jid.full, timeout=DEADLINE)
-        async with asyncio.timeout(DEADLINE):
-            accepted = await tv.accept()
-        sent = 0
-        end = loop.time() + WATCH
-        while loop.time() < end:
-            session.send(st.message(f"pause {sent}", to=accepted.local_jid))
-            accepted.send(st.message(f"paused {sent}", to=session.local_jid))
-            async with asyncio.timeout(DEADLINE):
-                assert st.body_of(await accepted.receive()) == f"pause {sent}"
-                assert st.body_of(await session.receive()) == f"paused {sent}"
-            sent += 1
-        outcome = {
-            "sent": sent, "paths": (str(session.path), str(accepted.path)),
-            "past_first_expiry": loop.time() - first.expires,
-            "renewed": [s.counters["credentials_renewed"] for s in (remote_sig, tv_sig)],
-            "failed": [s.counters["credentials_failed"] for s in (remote_sig, tv_sig)],
-            "states": [None if t is None else t.state for t in turns],
-            "relayed_now": [None if t is None else t.relayed for t in turns],
-            "relayed": relayed,
-        }
-        await session.close()
-        return outcome
-    finally:
-        for peer, sig in reversed(opened):
-            await sig.close()
-            await peer.close()
+async def one_each_way(c: Connected, i: int, timeout: float = DEADLINE) -> None:
+    """Stanza ``i`` from the remote and its answer from the TV, both
+    received in order before the next."""
+    c.session.send(st.message(f"pause {i}", to=c.accepted.local_jid))
+    c.accepted.send(st.message(f"paused {i}", to=c.session.local_jid))
+    async with asyncio.timeout(timeout):
+        assert st.body_of(await c.accepted.receive()) == f"pause {i}"
+        assert st.body_of(await c.session.receive()) == f"paused {i}"
+
+
+def relayed_of(sigs: tuple[XmppSignalling, XmppSignalling]) -> list[Address | None]:
+    return [None if s.turn is None else s.turn.relayed for s in sigs]
 
 
 def test_credentials_expire_and_are_renewed_under_a_relayed_session(
         netns_ready: None, tmp_path: Path) -> None:
-    for reason in (prosody_missing(), coturn_missing()):
-        if reason:
-            pytest.skip(reason)
-    with Lab(wan=STANDARD_WAN) as lab:
-        server = lab.add_server("xmpp", addresses=1)
-        home_a = lab.add_home("a", nat="symmetric")
-        home_b = lab.add_home("b", nat="port-restricted-cone")
-        lab.up()
-        coturn = CoturnServer(SECRET, realm="example.org", host=server,
-                              folder=str(tmp_path / "turn"), max_allocate_lifetime=LIFETIME)
-        coturn.start()
-        prosody = ProsodyServer("vcard4", host=server, folder=str(tmp_path / "prosody"),
-                                turn=TurnExternal(secret=SECRET, host=server.ip,
-                                                  port=coturn.port, ttl=TTL))
-        try:
-            prosody.start()
-            prosody.register("alice", PASSWORD)
-            xmpp = XmppConfig(server=prosody.address(), allow_plaintext=True, timeout=DEADLINE)
-            a, b = home_a.hosts[0], home_b.hosts[0]
-            outcome = ns.in_netns(a.netns, lambda: asyncio.run(relay_through_expiry(a, b, xmpp)))
-        finally:
-            prosody.stop()
-            log = coturn.stop()
+    async def main() -> dict[str, object]:
+        loop = asyncio.get_running_loop()
+        async with connected(scene) as c:
+            sigs = c.signalling
+            turns = [sig.turn for sig in sigs]
+            relayed = relayed_of(sigs)
+            first = sigs[0].turn_service
+            assert first is not None and first.expires is not None
+            sent = 0
+            end = loop.time() + WATCH
+            while loop.time() < end:
+                await one_each_way(c, sent)
+                sent += 1
+            return {
+                "sent": sent, "paths": (str(c.session.path), str(c.accepted.path)),
+                "past_first_expiry": loop.time() - first.expires,
+                "renewed": [s.counters["credentials_renewed"] for s in sigs],
+                "failed": [s.counters["credentials_failed"] for s in sigs],
+                "states": [None if t is None else t.state for t in turns],
+                "relayed_now": relayed_of(sigs),
+                "relayed": relayed,
+            }
+
+    with Lab(wan=STANDARD_WAN) as lab, xmpp_lab(
+            lab, tmp_path, "symmetric", "port-restricted-cone", ttl=TTL,
+            max_allocate_lifetime=LIFETIME) as scene:
+        outcome = in_first_home(scene, main)
+        log = scene.coturn.stop()
     print(f"\n{outcome['sent']} stanzas each way over coturn in {WATCH} s; credentials "
           f"renewed {outcome['renewed']} times; {outcome['past_first_expiry']:.1f} s past "
           "the first ones' expiry")
@@ -123,54 +93,8 @@ def test_credentials_expire_and_are_renewed_under_a_relayed_session(
     assert isinstance(past, float) and past > TTL, outcome
     assert outcome["states"] == [tp.AllocationState.ALLOCATED] * 2, outcome
     assert outcome["relayed_now"] == outcome["relayed"], outcome  # the allocations of the start
-    refreshed = [s for s in coturn.sessions(log) if s.event == "refreshed"]
+    refreshed = [s for s in scene.coturn.sessions(log) if s.event == "refreshed"]
     assert len(refreshed) >= 2, log  # refreshed after the first credentials expired
-
-
-async def relay_through_restart(a: Host, b: Host, xmpp: XmppConfig,
-                                coturn: CoturnServer) -> dict[str, object]:
-    remote_id = generate_identity("alice@example.org/remote")
-    tv_id = generate_identity("alice@example.org/tv")
-    async with open_xmpp_client("alice@example.org", PASSWORD, config=xmpp) as client:
-        for identity in (remote_id, tv_id):
-            await client.publish_key(identity.public_key)
-    opened: list[tuple[Peer, XmppSignalling]] = []
-    loop = asyncio.get_running_loop()
-    try:
-        tv, tv_sig = await device(tv_id, b, xmpp, opened)
-        remote, remote_sig = await device(remote_id, a, xmpp, opened)
-        sigs = (remote_sig, tv_sig)
-        before = [s.turn.relayed if s.turn is not None else None for s in sigs]
-        session = await remote_sig.connect(tv_id.jid.full, timeout=DEADLINE)
-        async with asyncio.timeout(DEADLINE):
-            accepted = await tv.accept()
-        await stanzas_both_ways(session, accepted, n=5)
-        await asyncio.to_thread(coturn.restart)
-        restarted = loop.time()
-        sent = 0
-        # a stanza each way at a time, until both allocated again (and then some)
-        while any(s.counters["reallocations"] == 0 for s in sigs) or sent < 10:
-            session.send(st.message(f"pause {sent}", to=accepted.local_jid))
-            accepted.send(st.message(f"paused {sent}", to=session.local_jid))
-            async with asyncio.timeout(3 * DEADLINE):
-                assert st.body_of(await accepted.receive()) == f"pause {sent}"
-                assert st.body_of(await session.receive()) == f"paused {sent}"
-            sent += 1
-            assert loop.time() < restarted + 6 * DEADLINE, "bounded"
-        outcome = {
-            "sent": sent, "took": loop.time() - restarted,
-            "reallocations": [s.counters["reallocations"] for s in sigs],
-            "before": before,
-            "after": [s.turn.relayed if s.turn is not None else None for s in sigs],
-            "paths": (str(session.path), str(accepted.path)),
-            "candidates": [sorted(c.type.value for c in s.local_candidates()) for s in sigs],
-        }
-        await session.close()
-        return outcome
-    finally:
-        for peer, sig in reversed(opened):
-            await sig.close()
-            await peer.close()
 
 
 def test_a_turn_server_restart_under_a_relayed_session(netns_ready: None,
@@ -179,30 +103,31 @@ def test_a_turn_server_restart_under_a_relayed_session(netns_ready: None,
     its next refresh (437), allocates again, trickles its new relayed
     address, and the session goes on over the new allocations; the
     stanzas sent meanwhile arrive, in order."""
-    for reason in (prosody_missing(), coturn_missing()):
-        if reason:
-            pytest.skip(reason)
-    with Lab(wan=STANDARD_WAN) as lab:
-        server = lab.add_server("xmpp", addresses=1)
-        home_a = lab.add_home("a", nat="symmetric")
-        home_b = lab.add_home("b", nat="symmetric")
-        lab.up()
-        coturn = CoturnServer(SECRET, realm="example.org", host=server,
-                              folder=str(tmp_path / "turn"), max_allocate_lifetime=LIFETIME)
-        coturn.start()
-        prosody = ProsodyServer("vcard4", host=server, folder=str(tmp_path / "prosody"),
-                                turn=TurnExternal(secret=SECRET, host=server.ip,
-                                                  port=coturn.port, ttl=600))
-        try:
-            prosody.start()
-            prosody.register("alice", PASSWORD)
-            xmpp = XmppConfig(server=prosody.address(), allow_plaintext=True, timeout=DEADLINE)
-            a, b = home_a.hosts[0], home_b.hosts[0]
-            outcome = ns.in_netns(a.netns, lambda: asyncio.run(
-                relay_through_restart(a, b, xmpp, coturn)))
-        finally:
-            prosody.stop()
-            coturn.stop()
+    async def main() -> dict[str, object]:
+        loop = asyncio.get_running_loop()
+        async with connected(scene) as c:
+            sigs = c.signalling
+            before = relayed_of(sigs)
+            await stanzas_both_ways(c.session, c.accepted, n=5)
+            await asyncio.to_thread(scene.coturn.restart)
+            restarted = loop.time()
+            sent = 0
+            # a stanza each way at a time, until both allocated again (and then some)
+            while any(s.counters["reallocations"] == 0 for s in sigs) or sent < 10:
+                await one_each_way(c, sent, 3 * DEADLINE)
+                sent += 1
+                assert loop.time() < restarted + 6 * DEADLINE, "bounded"
+            return {
+                "sent": sent, "took": loop.time() - restarted,
+                "reallocations": [s.counters["reallocations"] for s in sigs],
+                "before": before, "after": relayed_of(sigs),
+                "paths": (str(c.session.path), str(c.accepted.path)),
+                "candidates": [sorted(k.type.value for k in s.local_candidates()) for s in sigs],
+            }
+
+    with Lab(wan=STANDARD_WAN) as lab, xmpp_lab(
+            lab, tmp_path, "symmetric", "symmetric", max_allocate_lifetime=LIFETIME) as scene:
+        outcome = in_first_home(scene, main)
     print(f"\ncoturn restarted: {outcome['sent']} stanzas each way, both allocated again and "
           f"the session back in {outcome['took']:.1f} s")
     assert outcome["reallocations"] == [1, 1], outcome

@@ -100,13 +100,18 @@ class XmppLab:
     home_a: Home
     home_b: Home
     xmpp: XmppConfig
+    prosody: ProsodyServer
 
 
 @contextmanager
-def xmpp_lab(lab: Lab, tmp_path: Path, nat_a: str, nat_b: str) -> Iterator[XmppLab]:
+def xmpp_lab(lab: Lab, tmp_path: Path, nat_a: str, nat_b: str, *, ttl: int = 600,
+             max_allocate_lifetime: int | None = None,
+             stun_only: bool = False) -> Iterator[XmppLab]:
     """Bring ``lab`` up with a server host and two homes, start coturn and
     Prosody there (the account alice@example.org registered), stop both
-    after."""
+    after. ``ttl``: of the TURN credentials Prosody mints;
+    ``max_allocate_lifetime``: coturn's; ``stun_only``: Prosody lists
+    coturn as a STUN server and no TURN one."""
     for reason in (prosody_missing(), coturn_missing()):
         if reason:
             pytest.skip(reason)
@@ -114,16 +119,18 @@ def xmpp_lab(lab: Lab, tmp_path: Path, nat_a: str, nat_b: str) -> Iterator[XmppL
     home_a = lab.add_home("a", nat=nat_a)
     home_b = lab.add_home("b", nat=nat_b)
     lab.up()
-    coturn = CoturnServer(SECRET, realm="example.org", host=server, folder=str(tmp_path / "turn"))
+    coturn = CoturnServer(SECRET, realm="example.org", host=server, folder=str(tmp_path / "turn"),
+                          max_allocate_lifetime=max_allocate_lifetime)
     coturn.start()
+    turn = TurnExternal(secret=SECRET, host=server.ip, port=coturn.port, ttl=ttl)
     prosody = ProsodyServer("vcard4", host=server, folder=str(tmp_path / "prosody"),
-                            turn=TurnExternal(secret=SECRET, host=server.ip, port=coturn.port,
-                                              ttl=600))
+                            turn=None if stun_only else turn,
+                            stun=coturn.address if stun_only else None)
     try:
         prosody.start()
         prosody.register("alice", PASSWORD)
         xmpp = XmppConfig(server=prosody.address(), allow_plaintext=True, timeout=DEADLINE)
-        yield XmppLab(server, coturn, home_a, home_b, xmpp)
+        yield XmppLab(server, coturn, home_a, home_b, xmpp, prosody)
     finally:
         prosody.stop()
         coturn.stop()
@@ -161,12 +168,15 @@ class Connected:
     """Seconds the connection by JID took (Jingle and the QUIC handshake)."""
     relayed: set[tuple[str, int]]
     """Both devices' relayed addresses on coturn."""
+    signalling: tuple[XmppSignalling, XmppSignalling]
+    """The remote's and the TV's."""
 
 
 @asynccontextmanager
-async def connected(scene: XmppLab) -> AsyncIterator[Connected]:
-    """Both devices signed in, their keys published, and the remote
-    connected to the TV by JID; closed after."""
+async def connected(scene: XmppLab, *, turn: bool = True) -> AsyncIterator[Connected]:
+    """Both devices signed in, their keys published (each with a TURN
+    allocation unless ``turn`` is False), and the remote connected to the
+    TV by JID; closed after."""
     a, b = scene.home_a.hosts[0], scene.home_b.hosts[0]
     remote_id = generate_identity("alice@example.org/remote")
     tv_id = generate_identity("alice@example.org/tv")
@@ -178,7 +188,7 @@ async def connected(scene: XmppLab) -> AsyncIterator[Connected]:
         tv, tv_sig = await device(tv_id, b, scene.xmpp, opened)
         _, remote_sig = await device(remote_id, a, scene.xmpp, opened)
         relayed = set()
-        for sig in (tv_sig, remote_sig):
+        for sig in (tv_sig, remote_sig) if turn else ():
             assert sig.turn is not None and sig.turn.relayed is not None
             relayed.add(sig.turn.relayed)
         loop = asyncio.get_running_loop()
@@ -188,7 +198,7 @@ async def connected(scene: XmppLab) -> AsyncIterator[Connected]:
         async with asyncio.timeout(DEADLINE):
             accepted = await tv.accept()
         assert accepted.peer_jid == remote_id.jid.full
-        yield Connected(session, accepted, connect_time, relayed)
+        yield Connected(session, accepted, connect_time, relayed, (remote_sig, tv_sig))
         await session.close()
     finally:
         for peer, sig in reversed(opened):
