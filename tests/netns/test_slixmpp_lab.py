@@ -22,15 +22,13 @@ from slixmpp import ClientXMPP
 
 from dtx.aio.peer import PeerConfig
 from dtx.identity import generate_identity, save_identity
-from dtx.lab import STANDARD_WAN, Lab, ns
-from dtx.lab.coturn import CoturnServer, coturn_missing
-from dtx.lab.prosody import ProsodyServer, TurnExternal, prosody_missing
+from dtx.lab import STANDARD_WAN, Lab
 from dtx.lab.topology import Home, Host
+
+from .test_xmpp_signalling import PASSWORD, in_first_home, xmpp_lab
 
 pytestmark = pytest.mark.netns
 
-SECRET = "dtx-lab-turn-secret"
-PASSWORD = "pw-alice"
 DEADLINE = 20.0
 TOTAL = 10_000
 WINDOW = 400
@@ -130,28 +128,10 @@ async def stream(lab: Lab, homes: tuple[Home, Home], server: Host, folder: Path,
 
 def test_ten_thousand_messages_across_every_switch_arrive_once_in_order(
         netns_ready: None, tmp_path: Path) -> None:
-    for reason in (prosody_missing(), coturn_missing()):
-        if reason:
-            pytest.skip(reason)
-    with Lab(wan=STANDARD_WAN) as lab:
-        server = lab.add_server("xmpp", addresses=1)
-        homes = (lab.add_home("a", nat="port-restricted-cone"),
-                 lab.add_home("b", nat="port-restricted-cone"))
-        lab.up()
-        coturn = CoturnServer(SECRET, realm="example.org", host=server,
-                              folder=str(tmp_path / "turn"))
-        coturn.start()
-        prosody = ProsodyServer("vcard4", host=server, folder=str(tmp_path / "prosody"),
-                                turn=TurnExternal(secret=SECRET, host=server.ip,
-                                                  port=coturn.port, ttl=600))
-        try:
-            prosody.start()
-            prosody.register("alice", PASSWORD)
-            outcome = ns.in_netns(homes[0].hosts[0].netns, lambda: asyncio.run(
-                stream(lab, homes, server, tmp_path, prosody.address())))
-        finally:
-            prosody.stop()
-            coturn.stop()
+    with Lab(wan=STANDARD_WAN) as lab, xmpp_lab(
+            lab, tmp_path, "port-restricted-cone", "port-restricted-cone") as scene:
+        outcome = in_first_home(scene, lambda: stream(
+            lab, (scene.home_a, scene.home_b), scene.server, tmp_path, scene.prosody.address()))
     print(f"\npaths seen by the remote: {outcome['paths']}; cut after {outcome['cut_at']}, "
           f"restored after {outcome['restored_at']} messages")
     assert outcome["got"] == list(range(TOTAL)), "once each, in order"
