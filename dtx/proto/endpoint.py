@@ -132,7 +132,7 @@ class SessionOpened:
     connection: Connection
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # made per stanza: not frozen (see xmlstream.StanzaReceived)
 class StanzaReceived:
     connection: Connection
     stanza: Element

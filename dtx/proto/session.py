@@ -169,7 +169,7 @@ class SessionOpened:
     stream_id: str | None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # made per stanza: not frozen (see xmlstream.StanzaReceived)
 class StanzaReceived:
     stanza: Element
     size: int = 0
@@ -586,9 +586,7 @@ class XmlSession:
             share = self._unattributed // len(stanzas)
             self._unattributed = 0
             for e in stanzas:
-                # The event is new and still ours: its size filled in here
-                # rather than a second object made for each stanza.
-                object.__setattr__(e, "size", share)
+                e.size = share  # (the event is new and still ours)
         if event.end_stream and not self._peer_closed and self.state is not SessionState.CLOSED:
             self._stream_error("not-well-formed", "stream ended without closing tag")
         return out

@@ -95,9 +95,13 @@ class StreamOpened:
     attrs: dict[str, str]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class StanzaReceived:
-    """One complete top-level stanza: ``{jabber:client}message|presence|iq``."""
+    """One complete top-level stanza: ``{jabber:client}message|presence|iq``.
+
+    Not frozen, as aioquic's events are not: one is made for every stanza
+    and a frozen dataclass costs three times as much to make. Treat it as
+    read-only."""
 
     element: Element
 

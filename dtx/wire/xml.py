@@ -120,6 +120,10 @@ _ATTR_SPECIAL: Final = re.compile("[&<>'\n\r\t]")
 _split_cache: dict[str, tuple[str | None, str]] = {}
 
 
+# Attribute name without a namespace (or in xml:) -> " local='", once validated.
+_attr_heads: dict[str, str] = {}
+
+
 def _split(name: str) -> tuple[str | None, str]:
     """Split and validate a Clark-notation name (``{ns}local``)."""
     if not isinstance(name, str):
@@ -167,14 +171,30 @@ def _escape_attr(value: str) -> str:
 
 
 def _attributes(attrib: dict[str, str]) -> str:
+    heads = _attr_heads
+    out = ""
+    for key, value in attrib.items():
+        head = heads.get(key)
+        if head is None:
+            return _qualified_attributes(attrib)
+        if _ATTR_SPECIAL.search(value) is not None:
+            value = _escape_attr(value)
+        out += head + value + "'"
+    return out
+
+
+def _qualified_attributes(attrib: dict[str, str]) -> str:
+    """:func:`_attributes` when an attribute is namespaced or not yet seen."""
     parts = []
     prefixes: dict[str, str] | None = None
     for key, value in attrib.items():
         ns, local = _split_cache.get(key) or _split(key)
-        if ns is None:
-            parts.append(" " + local + "='" + _escape_attr(value) + "'")
-        elif ns == NS_XML:
-            parts.append(" xml:" + local + "='" + _escape_attr(value) + "'")
+        if ns is None or ns == NS_XML:
+            head = (" " if ns is None else " xml:") + local + "='"
+            if len(_attr_heads) >= _NAME_CACHE_MAX:
+                _attr_heads.clear()
+            _attr_heads[key] = head
+            parts.append(head + _escape_attr(value) + "'")
         else:
             if prefixes is None:
                 prefixes = {}
