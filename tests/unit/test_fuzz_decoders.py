@@ -13,6 +13,7 @@ the number of examples per test.
 
 from __future__ import annotations
 
+import ipaddress
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +44,34 @@ from dtx.wire.control import (
     encode_register,
 )
 from dtx.wire.demux import PacketKind, classify
+from dtx.wire.natpmp import (
+    ExternalAddressRequest,
+    ExternalAddressResponse,
+    MapRequest,
+    MapResponse,
+    NatPmpError,
+    NatPmpOpcode,
+    UnsupportedVersionResponse,
+    decode_natpmp_request,
+    decode_natpmp_response,
+    encode_natpmp,
+)
+from dtx.wire.pcp import (
+    AnswerKind,
+    PcpError,
+    PcpMap,
+    PcpOpcode,
+    PcpOption,
+    PcpRequest,
+    PcpResponse,
+    announce_request,
+    classify_answer,
+    decode_pcp_request,
+    decode_pcp_response,
+    encode_pcp,
+    prefer_failure_option,
+    third_party_option,
+)
 from dtx.wire.relay import decode_relay, encode_relay
 from dtx.wire.stun import binding_request, decode_stun
 from rendezvous.core import RendezvousConfig, RendezvousCore
@@ -156,6 +185,33 @@ STUN_SEEDS = [
     *(p.read_bytes() for p in sorted((DATA / "stun").glob("*.bin"))),
 ]
 RELAY_SEEDS = [encode_relay(7, b"\xc0" + bytes(40)), encode_relay(0xFFFFFFFF, b"")]
+_NATPMP_EXTERNAL = ipaddress.IPv4Address("203.0.113.7")
+NATPMP_REQUEST_SEEDS = [
+    encode_natpmp(ExternalAddressRequest()),
+    encode_natpmp(MapRequest(NatPmpOpcode.MAP_UDP, 40000, 40000, 7200)),
+    encode_natpmp(MapRequest(NatPmpOpcode.MAP_TCP, 22, 0, 0)),
+]
+NATPMP_RESPONSE_SEEDS = [
+    encode_natpmp(ExternalAddressResponse(0, 7200, _NATPMP_EXTERNAL)),
+    encode_natpmp(MapResponse(NatPmpOpcode.MAP_UDP, 0, 3600, 40000, 50000, 7200)),
+    encode_natpmp(MapResponse(NatPmpOpcode.MAP_TCP, 2, 3600, 22, 0, 0)),
+    encode_natpmp(UnsupportedVersionResponse(42)),
+]
+_PCP_CLIENT = ipaddress.IPv4Address("192.168.1.10")
+_PCP_MAP = PcpMap(bytes(range(12)), 17, 40000, 50000, _NATPMP_EXTERNAL)
+PCP_REQUEST_SEEDS = [
+    encode_pcp(announce_request(_PCP_CLIENT)),
+    encode_pcp(PcpRequest(PcpOpcode.MAP, 7200, _PCP_CLIENT, _PCP_MAP)),
+    encode_pcp(PcpRequest(PcpOpcode.MAP, 7200, ipaddress.IPv6Address("2001:db8::2"), _PCP_MAP,
+                          (prefer_failure_option(), PcpOption(0x80, b"abc"),
+                           third_party_option(_PCP_CLIENT)))),
+]
+PCP_RESPONSE_SEEDS = [
+    encode_pcp(PcpResponse(PcpOpcode.ANNOUNCE, 0, 0, 1234)),
+    encode_pcp(PcpResponse(PcpOpcode.MAP, 0, 7200, 100, _PCP_MAP)),
+    encode_pcp(PcpResponse(PcpOpcode.MAP, 1, 0, 100)),
+    encode_pcp(PcpResponse(PcpOpcode.MAP, 8, 30, 100, _PCP_MAP, (PcpOption(0x7F, b"xyz"),))),
+]
 HEADER = encode_stream_header(from_="alice@example.org/phone", to="tv@example.org/living-room")
 XML_SEEDS = [
     HEADER,
@@ -214,6 +270,21 @@ def test_probe(data: bytes, known: bool) -> None:
 @given(mutants(RELAY_SEEDS))
 def test_relay(data: bytes) -> None:
     _only(DecodeError, decode_relay, data)
+
+
+@FUZZ
+@given(mutants(NATPMP_REQUEST_SEEDS + NATPMP_RESPONSE_SEEDS))
+def test_natpmp(data: bytes) -> None:
+    _only(NatPmpError, decode_natpmp_request, data)
+    _only(NatPmpError, decode_natpmp_response, data)
+
+
+@FUZZ
+@given(mutants(PCP_REQUEST_SEEDS + PCP_RESPONSE_SEEDS + NATPMP_RESPONSE_SEEDS))
+def test_pcp(data: bytes) -> None:
+    _only(PcpError, decode_pcp_request, data)
+    _only(PcpError, decode_pcp_response, data)
+    assert isinstance(classify_answer(data), AnswerKind)
 
 
 @FUZZ
