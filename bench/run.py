@@ -214,6 +214,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--skip", action="append", choices=SKIPPABLE, metavar="SYSTEM",
                    help="leave out a family of systems (repeatable): "
                    + ", ".join(SKIPPABLE) + " (the slixmpp plugin's, NAT lab only)")
+    p.add_argument("--prosody-nagle", action="store_true",
+                   help="run the NAT lab's Prosody with Nagle's algorithm on, as Prosody ships "
+                   "(default: off, as docs/xmpp-server.md recommends)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress display")
     p.add_argument("--list", action="store_true", help="list scenarios and exit")
@@ -235,6 +238,8 @@ def make_options(args: argparse.Namespace, progress: Progress) -> Options:
         value = getattr(args, arg)
         if value is not None:
             overrides[field_name] = value
+    if args.prosody_nagle:
+        overrides["prosody_nagle"] = True
     if args.skip:
         overrides["skip"] = tuple(dict.fromkeys(args.skip))
     if args.quick:

@@ -127,6 +127,10 @@ class Options:
     """Messages per one-way batch in the NAT-lab scenarios."""
     lab_connects: int = 5
     """Connections timed per system in the NAT-lab scenarios."""
+    prosody_nagle: bool = False
+    """Run the NAT lab's Prosody servers with Nagle's algorithm on, as
+    Prosody ships (``--prosody-nagle``); off by default, as
+    docs/xmpp-server.md recommends."""
     skip: tuple[str, ...] = ()
     """Families of systems left out (``--skip``): ``xmpp+dtx``."""
     progress: Progress = field(default_factory=lambda: Progress(enabled=False))

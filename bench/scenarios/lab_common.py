@@ -38,7 +38,7 @@ from dtx.errors import DecodeError
 from dtx.identity import DeviceIdentity, generate_identity, save_identity
 from dtx.lab import Lab, ns
 from dtx.lab.coturn import CoturnServer
-from dtx.lab.prosody import ProsodyServer, TurnExternal
+from dtx.lab.prosody import NO_NAGLE, ProsodyServer, TurnExternal
 from dtx.lab.topology import Host
 from dtx.wire.stun import binding_request, decode_stun
 from dtx.xmpp.client import XmppConfig, open_xmpp_client
@@ -186,9 +186,11 @@ def _lua(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def start_prosody(server: Host, folder: Path, users: list[str]) -> tuple[str, int]:
+def start_prosody(server: Host, folder: Path, users: list[str], *,
+                  nagle: bool) -> tuple[str, int]:
     """Prosody (client connections only, no TLS) on the server host;
-    returns its address. Accounts ``users`` get :data:`XMPP_PASSWORD`."""
+    returns its address. Accounts ``users`` get :data:`XMPP_PASSWORD`;
+    ``nagle`` as :attr:`ProsodyServer.nagle`."""
     data = folder / "data"
     data.mkdir(parents=True, exist_ok=True, mode=0o700)
     cfg = folder / "prosody.cfg.lua"
@@ -207,6 +209,7 @@ def start_prosody(server: Host, folder: Path, users: list[str]) -> tuple[str, in
         "allow_registration = false", "use_libevent = false",
         f"certificates = {_lua(str(folder))}",
         "c2s_require_encryption = false", "allow_unencrypted_plain_auth = true",
+        *(() if nagle else (NO_NAGLE,)),
         f"VirtualHost {_lua(DOMAIN)}", "",
     ]), encoding="utf-8")
     for user in users:
@@ -261,8 +264,8 @@ def start_turn(server: Host, folder: Path) -> tuple[str, int]:
     raise RuntimeError("coturn did not answer STUN")
 
 
-def start_account_server(server: Host, folder: Path,
-                         devices: Sequence[DeviceIdentity]) -> tuple[str, int]:
+def start_account_server(server: Host, folder: Path, devices: Sequence[DeviceIdentity], *,
+                         nagle: bool) -> tuple[str, int]:
     """The account's own XMPP server as dtx's signalling needs it, with
     the lab helpers: Prosody as Debian ships it (PEP, vCard4) handing out
     STUN and TURN by XEP-0215 (``mod_turn_external``) on
@@ -270,7 +273,8 @@ def start_account_server(server: Host, folder: Path,
     :data:`ACCOUNT_TURN_PORT` that checks the credentials Prosody mints
     with the secret both share. The account of ``devices`` (one account)
     is registered with :data:`XMPP_PASSWORD` and their keys published in
-    its vCard. Returns Prosody's address."""
+    its vCard; ``nagle`` as :attr:`ProsodyServer.nagle`. Returns
+    Prosody's address."""
     accounts = {d.jid.bare for d in devices}
     if len(accounts) != 1:
         raise ValueError(f"the devices of one account, not {sorted(map(str, accounts))}")
@@ -280,7 +284,7 @@ def start_account_server(server: Host, folder: Path,
                           extra_args=("--min-port", "51000", "--max-port", "51999"))
     coturn.start()
     prosody = ProsodyServer("vcard4", host=server, folder=str(folder / "prosody"),
-                            port=ACCOUNT_PORT,
+                            port=ACCOUNT_PORT, nagle=nagle,
                             turn=TurnExternal(secret=ACCOUNT_TURN_SECRET, host=server.ip,
                                               port=coturn.port))
     prosody.start()
@@ -671,10 +675,13 @@ class Pair:
 
 
 def start_world(lab: Lab, server: Host, folder: Path, identities: dict[str, DeviceIdentity],
-                *, alternatives: bool, account: Sequence[DeviceIdentity] = ()) -> LabWorld:
+                *, alternatives: bool, account: Sequence[DeviceIdentity] = (),
+                nagle: bool = False) -> LabWorld:
     """Start the rendezvous (and Prosody and coturn with ``alternatives``;
     and, for the devices of one ``account``, that account's own XMPP
-    server with its TURN server: :func:`start_account_server`)."""
+    server with its TURN server: :func:`start_account_server`). Both
+    Prosodys run with Nagle's algorithm off, as docs/xmpp-server.md
+    recommends, unless ``nagle`` (Options.prosody_nagle)."""
     vcards = folder / "vcards"
     write_vcards(vcards, *identities.values())
     start_rendezvous(server, vcards)
@@ -683,13 +690,14 @@ def start_world(lab: Lab, server: Host, folder: Path, identities: dict[str, Devi
     if alternatives:
         pdir = folder / "prosody"
         pdir.mkdir()
-        world.prosody = start_prosody(server, pdir, ["tv", "remote"])
+        world.prosody = start_prosody(server, pdir, ["tv", "remote"], nagle=nagle)
         tdir = folder / "turn"
         tdir.mkdir()
         world.turn = start_turn(server, tdir)
     if alternatives and account:
         try:
-            world.account_server = start_account_server(server, folder / "account", account)
+            world.account_server = start_account_server(server, folder / "account", account,
+                                                        nagle=nagle)
         except Exception as exc:  # noqa: BLE001 - its systems are left out, the rest runs
             logger.warning("no XMPP server for dtx's signalling (its systems are left "
                            "out): %r", exc, exc_info=True)

@@ -81,6 +81,7 @@ def run(opts: Options) -> list[Result]:
         }
         plugin = None if PLUGIN in opts.skip else PluginDevices.make("lan", opts.lab_connects)
         world = start_world(lab, server, Path(tmp), ids, alternatives=missing is None,
+                            nagle=opts.prosody_nagle,
                             account=plugin.identities if plugin else ())
         pair = Pair("dtx-lan", a, b, "lan")
         for run in range(opts.runs):

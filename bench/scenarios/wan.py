@@ -80,6 +80,7 @@ def run_wan(opts: Options, name: str, wan: WanProfile) -> list[Result]:
             (f"{PLUGIN}-{p.expect}", p.a, p.b, PluginDevices.make(p.expect, opts.lab_connects))
             for p in pairs]
         world = start_world(lab, server, Path(tmp), ids, alternatives=missing is None,
+                            nagle=opts.prosody_nagle,
                             account=[ids["tv"], *(d for ds in callers.values() for d in ds),
                                      *(d for *_, devs in plugins for d in devs.identities)])
         for run in range(opts.runs):

@@ -38,7 +38,7 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 if TYPE_CHECKING:
     from dtx.lab.topology import Host
@@ -184,6 +184,10 @@ def make_self_signed(folder: str, domain: str) -> tuple[str, str]:
     return cert_path, key_path
 
 
+NO_NAGLE: Final = "network_settings = { nagle = false }"
+"""The line that turns Nagle's algorithm off on Prosody's connections."""
+
+
 @dataclass
 class ProsodyServer:
     """One running Prosody; ``start()`` then ``stop()`` (or a ``with`` block)."""
@@ -204,6 +208,11 @@ class ProsodyServer:
     """List this STUN server, and no TURN one, by XEP-0215
     (``mod_external_services``): the server of a domain that runs STUN
     but no relay."""
+    nagle: bool = True
+    """Nagle's algorithm on the client connections, as Prosody ships it;
+    False writes ``network_settings = { nagle = false }``, which
+    docs/xmpp-server.md recommends (a small stanza is not held behind
+    another one the client has not acknowledged yet)."""
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _owns_folder: bool = field(default=False, repr=False)
 
@@ -250,6 +259,8 @@ class ProsodyServer:
             "use_libevent = false",
             f"certificates = {_lua(self.folder)}",
         ]
+        if not self.nagle:
+            lines.append(NO_NAGLE)
         if self.tls:
             cert, key = make_self_signed(self.folder, self.domain)
             self.ca_file = cert

@@ -51,6 +51,7 @@ def test_json_has_conditions_and_options(quick_run: tuple[Path, str]) -> None:
     assert c["command"].startswith("python -m bench --quick")
     assert doc["options"]["runs"] == 2
     assert doc["options"]["rtt_samples"] == 40
+    assert doc["options"]["prosody_nagle"] is False  # the lab's servers as docs/xmpp-server.md
     assert doc["scenarios"] == ["loopback"]
     assert [s["name"] for s in doc["systems"]] == list(SYSTEMS)
 
