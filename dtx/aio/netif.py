@@ -5,6 +5,7 @@ which zeroconf uses too)."""
 from __future__ import annotations
 
 import ipaddress
+import sys
 
 import ifaddr
 
@@ -38,3 +39,39 @@ def host_candidates(bound: tuple[str, int], server: tuple[str, int]) -> list[tup
         return [(host, port)]
     loopback = ipaddress.ip_address(server[0]).is_loopback
     return [(a, port) for a in local_ipv4_addresses(include_loopback=loopback)]
+
+
+ROUTE_TABLE = "/proc/net/route"
+"""Linux's IPv4 routing table, one route a line (``ip route`` reads it too)."""
+
+
+def default_gateway(table: str | None = None) -> str | None:
+    """The IPv4 gateway of this network namespace's default route (the
+    home router a port-mapping request goes to), or None when there is no
+    default route through a gateway, or no Linux routing table to read.
+    ``table``: the text of :data:`ROUTE_TABLE` (read when None). Of
+    several default routes, the one of lowest metric."""
+    if table is None:
+        try:
+            with open(ROUTE_TABLE, encoding="ascii") as f:
+                table = f.read()
+        except OSError:
+            return None
+    best: tuple[int, str] | None = None
+    for line in table.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 7:
+            continue
+        try:
+            destination, gateway = int(fields[1], 16), int(fields[2], 16)
+            flags, metric = int(fields[3], 16), int(fields[6])
+        except ValueError:
+            continue
+        up_via_gateway = flags & 0x1 and flags & 0x2  # RTF_UP, RTF_GATEWAY
+        if destination != 0 or not up_via_gateway or gateway == 0:
+            continue
+        # The kernel writes each address as its 32-bit word in host order.
+        ip = str(ipaddress.IPv4Address(gateway.to_bytes(4, sys.byteorder)))
+        if best is None or metric < best[0]:
+            best = (metric, ip)
+    return None if best is None else best[1]
