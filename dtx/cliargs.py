@@ -153,6 +153,14 @@ def parse_ip(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not an IP address") from None
 
 
+def parse_ipv4(text: str) -> str:
+    """An IPv4 address (no name): what PCP and NAT-PMP gateways have."""
+    try:
+        return str(ipaddress.IPv4Address(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IPv4 address") from None
+
+
 def parse_port(text: str) -> int:
     """A local UDP port, 0 (any free port) to 65535."""
     if not _ascii_digits(text, 5) or int(text) > 65535:

@@ -48,12 +48,15 @@ from .cliargs import (
     format_address,
     parse_bind_host,
     parse_hostport,
+    parse_ipv4,
     parse_port,
     parse_timeout,
     resolve_endpoints,
     run_command,
 )
 from .errors import DecodeError, LocalProtocolError
+from .aio.netif import source_ip_towards
+from .aio.portmap import PortMappingReport, ProtocolAnswer, port_mapping_check
 from .aio.socket import UdpSocket
 from .wire.stun import Address, StunClass, StunMessage, binding_request, decode_stun, is_stun
 
@@ -146,6 +149,9 @@ class NatReport:
     rfc5780: bool
     server: Address
     other: Address | None = None
+    port_mapping: PortMappingReport | None = None
+    """What the gateway said to PCP and NAT-PMP (``--port-mapping``), or
+    None when not asked."""
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (addresses as [ip, port])."""
@@ -164,6 +170,7 @@ class NatReport:
             "rfc5780": self.rfc5780,
             "server": addr(self.server),
             "other": addr(self.other),
+            "port_mapping": None if self.port_mapping is None else self.port_mapping.to_json(),
         }
 
 
@@ -524,16 +531,6 @@ async def _resolve(host: str, port: int, family: int) -> Address:
     return (str(sockaddr[0]), int(sockaddr[1]))
 
 
-def _source_ip_towards(dest: Address, family: int) -> str | None:
-    """The local IP the routing table picks for ``dest`` (no packet is sent)."""
-    with socket.socket(family, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.connect(dest)
-        except OSError:
-            return None
-        return str(probe.getsockname()[0])
-
-
 async def _drive(machine: NatCheck, sock: socket.socket, second: socket.socket | None) -> None:
     """Run ``machine`` on ``sock`` (and ``second``, for sending from another
     port) until it is done; both sockets are borrowed and left open."""
@@ -628,7 +625,7 @@ async def nat_check(
         here = sock.getsockname()
         local_addr: Address = (str(here[0]), int(here[1]))
         if _unspecified(local_addr[0]):
-            routed = _source_ip_towards(server, family)
+            routed = source_ip_towards(server, family)
             if routed is not None:
                 local_addr = (routed, local_addr[1])
         config = config or NatCheckConfig()
@@ -699,6 +696,15 @@ def format_report(report: NatReport) -> str:
         + (f" (other address {addr(report.other)})" if report.other else ""),
         f"classic (3489)   {report.classic or '-'}",
     ]
+    pm = report.port_mapping
+    if pm is not None:
+        def answer(name: str, a: ProtocolAnswer) -> str:
+            if a.external is not None:
+                return f"{name} {addr(a.external)} for {a.lifetime} s"
+            return f"{name} {'refused' if a.answered else 'no answer'} ({a.reason})"
+        lines.append(f"port mapping     gateway {pm.gateway or '-'}: "
+                     + "; ".join((answer("PCP", pm.pcp), answer("NAT-PMP", pm.nat_pmp),
+                                  "UPnP not probed")))
     return "\n".join(lines)
 
 
@@ -722,10 +728,18 @@ def cmd_nat_check(args: argparse.Namespace) -> int:
     answered. ``--bind`` and ``--stun`` are resolved (to the bind address's
     family) and the socket bound before the event loop starts."""
     resolve_endpoints(args, "--bind", args.bind, ("--stun",))
+    mapping = args.port_mapping or args.gateway is not None
+
+    async def run(sock: socket.socket) -> NatReport:
+        report = await nat_check(args.stun, sock=sock, classic=not args.no_classic,
+                                 timeout=args.timeout)
+        if mapping:
+            found = await port_mapping_check(gateway=args.gateway, timeout=args.timeout)
+            report = dataclasses.replace(report, port_mapping=found)
+        return report
+
     with _bind(args.bind, args.port) as sock:
-        report = asyncio.run(
-            nat_check(args.stun, sock=sock, classic=not args.no_classic, timeout=args.timeout)
-        )
+        report = asyncio.run(run(sock))
     if args.json:
         print(json.dumps(report.to_json()), flush=True)
     else:
@@ -749,6 +763,12 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="skip the RFC 3489 classification (pystun3)")
     p.add_argument("--timeout", type=parse_timeout, default=10.0,
                    help="seconds for the RFC 5780 tests, > 0 (default %(default)s)")
+    p.add_argument("--port-mapping", action="store_true",
+                   help="also ask the gateway for a UDP port mapping by PCP and NAT-PMP "
+                   "(then delete it): which it answers, and the public address")
+    p.add_argument("--gateway", type=parse_ipv4, metavar="IP",
+                   help="the gateway to ask (implies --port-mapping; default: the "
+                   "default route's)")
     p.add_argument("--json", action="store_true", help="print JSON on stdout")
     p.set_defaults(func=cmd_nat_check)
 

@@ -5,6 +5,7 @@ which zeroconf uses too)."""
 from __future__ import annotations
 
 import ipaddress
+import socket
 import sys
 
 import ifaddr
@@ -75,3 +76,14 @@ def default_gateway(table: str | None = None) -> str | None:
         if best is None or metric < best[0]:
             best = (metric, ip)
     return None if best is None else best[1]
+
+
+def source_ip_towards(dest: tuple[str, int], family: int = socket.AF_INET) -> str | None:
+    """The local IP the routing table picks for ``dest`` (no packet is
+    sent: a UDP socket is connected, which only routes), or None."""
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(dest)
+        except OSError:
+            return None
+        return str(probe.getsockname()[0])

@@ -292,6 +292,12 @@ class PortMapStatistics:
     transmissions: int = 0
     """Datagrams sent, retransmissions included."""
     retransmissions: int = 0
+    pcp_answers: int = 0
+    """PCP datagrams from the gateway that decoded, whatever they said (a
+    refusal is an answer: the gateway speaks PCP)."""
+    natpmp_answers: int = 0
+    """The same of NAT-PMP (its "Unsupported Version" to a PCP request
+    included: a NAT-PMP-only gateway)."""
     foreign: int = 0
     """Datagrams from an address other than the gateway's port."""
     malformed: int = 0
@@ -485,6 +491,7 @@ class PortMapClient:
             except PcpError as exc:
                 self._malformed("PCP", exc)
                 return
+            self._stats.pcp_answers += 1
             logger.debug("port mapping: PCP %s response, result %s", pcp.opcode.name,
                          _result_name(pcp.result, PcpResult))
             self._on_pcp(pcp, now)
@@ -494,6 +501,7 @@ class PortMapClient:
             except NatPmpError as exc:
                 self._malformed("NAT-PMP", exc)
                 return
+            self._stats.natpmp_answers += 1
             logger.debug("port mapping: NAT-PMP %s, result %s", type(natpmp).__name__,
                          _result_name(natpmp.result, NatPmpResult))
             if natpmp.result == NatPmpResult.UNSUPPORTED_VERSION:
