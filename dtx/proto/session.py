@@ -727,8 +727,15 @@ class XmlSession:
                 "undefined-condition",
                 f"peer acknowledged {count} stanzas, only {len(self._unacked)} unacknowledged",
             )
-        for _ in range(count):
-            self._unacked_bytes -= self._unacked.popleft()[1]
+        unacked = self._unacked
+        if count == len(unacked):
+            unacked.clear()
+            self._unacked_bytes = 0
+        else:
+            popleft, freed = unacked.popleft, 0
+            for _ in range(count):
+                freed += popleft()[1]
+            self._unacked_bytes -= freed
         if count:
             self._progress_at = None  # progress: the window starts again
         self._acked_at_request = 0
