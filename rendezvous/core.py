@@ -494,6 +494,14 @@ class RendezvousCore:
         if other is not None:
             self._remove_registration(other, "replaced by another JID on its address")
         hosts = [c for c in msg.candidates if c.kind == CandidateKind.HOST]
+        # A port-mapped candidate is the device's router's public address,
+        # so it has the source's IP: another IP would make peers probe a
+        # third party (reflection), and is left out.
+        mapped = [c for c in msg.candidates if c.kind == CandidateKind.MAPPED]
+        kept = [c for c in mapped if c.addr[0] == src[0]][:1]
+        if len(kept) < len(mapped):
+            self._count("mapped_candidates_refused")
+        hosts = kept + hosts
         reg = Registration(
             id=self._regs.new_id(self._rng),
             jid=jid,

@@ -117,7 +117,12 @@ class MemoryNat:
         self._bindings: dict[tuple[object, ...], Binding] = {}
         self._by_port: dict[int, Binding] = {}
         self._hosts = 0
-        self.counters: dict[str, int] = {"filtered": 0, "no_binding": 0, "expired": 0}
+        self._forwards: dict[int, Address] = {}
+        """Port mappings (PCP, NAT-PMP, UPnP): public port -> inside endpoint."""
+        self._forwarded_from: dict[Address, tuple[int, set[Address]]] = {}
+        """Inside endpoint -> its mapped port and who came in through it."""
+        self.counters: dict[str, int] = {"filtered": 0, "no_binding": 0, "expired": 0,
+                                         "forwarded": 0}
 
     @staticmethod
     def named(name: str) -> NatProfile:
@@ -145,8 +150,27 @@ class MemoryNat:
     def bindings(self) -> list[Binding]:
         return list(self._by_port.values())
 
+    def add_port_mapping(self, inside: Address) -> Address:
+        """Forward a public port to ``inside`` from anywhere until
+        :meth:`remove_port_mapping`, as a router does on a PCP, NAT-PMP or
+        UPnP request; its public address. As with conntrack behind a
+        port forward, what ``inside`` sends back to a source that came in
+        through it leaves from that port; anything else is translated as
+        the profile says."""
+        port = self._allocate(inside[1])
+        self._forwards[port] = inside
+        self._forwarded_from[inside] = (port, set())
+        return (self.public_ip, port)
+
+    def remove_port_mapping(self, inside: Address) -> None:
+        port, _ = self._forwarded_from.pop(inside)
+        del self._forwards[port]
+
     def outbound(self, src: Address, dst: Address, now: float) -> Address:
         """The public source address of a packet from ``src`` to ``dst``."""
+        forward = self._forwarded_from.get(src)
+        if forward is not None and dst in forward[1]:
+            return (self.public_ip, forward[0])  # a reply through the port forward
         key = self.key(src, dst)
         binding = self._bindings.get(key)
         if binding is not None and now - binding.last_out > self.profile.udp_timeout:
@@ -163,6 +187,11 @@ class MemoryNat:
     def inbound(self, src: Address, public_port: int, now: float) -> Address | None:
         """The inside destination of a packet from ``src`` to the public
         ``public_port``, or None when no binding admits it."""
+        inside = self._forwards.get(public_port)
+        if inside is not None:
+            self.counters["forwarded"] += 1
+            self._forwarded_from[inside][1].add(src)
+            return inside
         binding = self._by_port.get(public_port)
         if binding is not None and now - binding.last_out > self.profile.udp_timeout:
             self._forget(next(k for k, b in self._bindings.items() if b is binding), binding)
@@ -183,9 +212,11 @@ class MemoryNat:
         return binding.inside
 
     def flush(self) -> None:
-        """Forget every binding (a NAT reboot)."""
+        """Forget every binding and port forward (a NAT reboot)."""
         self._bindings.clear()
         self._by_port.clear()
+        self._forwards.clear()
+        self._forwarded_from.clear()
 
     def _forget(self, key: tuple[object, ...], binding: Binding) -> None:
         self.counters["expired"] += 1
@@ -194,11 +225,11 @@ class MemoryNat:
 
     def _allocate(self, wanted: int) -> int:
         if (self.profile.port_preservation and self.profile.mapping is Mapping.ENDPOINT_INDEPENDENT
-                and wanted not in self._by_port):
+                and wanted not in self._by_port and wanted not in self._forwards):
             return wanted
         for _ in range(RANDOM_PORT_COUNT):
             port = RANDOM_PORT_BASE + self._rng.randrange(RANDOM_PORT_COUNT)
-            if port not in self._by_port:
+            if port not in self._by_port and port not in self._forwards:
                 return port
         raise RuntimeError(f"NAT {self.name}: no free public port")
 

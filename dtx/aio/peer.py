@@ -33,9 +33,11 @@ from ..jid import JID, jid_matches
 from ..proto import endpoint as ep
 from ..proto.linklocal import LinkLocalConfig
 from ..proto.paths import PathConfig, PathKind
+from ..proto.portmap import MappingCreated, MappingLost, MappingRenewed, PortMapEvent
 from ..proto.session import SessionConfig, SessionEnded
 from ..proto.traversal import Link, Traversal, TraversalConfig
 from .netif import host_candidates
+from .portmap import PortMapper
 from .session import Session
 from .socket import UdpSocket
 from ..wire.address import Address
@@ -44,6 +46,10 @@ if TYPE_CHECKING:
     from .linklocal import LinkLocal
 
 logger = logging.getLogger(__name__)
+
+PORT_MAPPING_CLOSE_TIMEOUT = 1.0
+"""How long closing a device waits for its router to confirm that the port
+mapping is deleted (it expires by itself otherwise)."""
 
 
 
@@ -113,6 +119,15 @@ class PeerConfig:
     handshake_timeout: float = 10.0
     """A handshake from a remote device still in progress after this long is
     dropped (on a timer)."""
+    port_mapping: bool = False
+    """Ask the home router to forward a public port to this device's socket
+    (PCP, NAT-PMP; :mod:`dtx.aio.portmap`) and offer it as a candidate to
+    the rendezvous and in Jingle: with a mapping on either side, any pair
+    of NATs goes direct (docs/nat-traversal.md). Renewed at half its
+    lifetime, deleted on close."""
+    gateway: str | None = None
+    """The router to ask for the port mapping (default: the default
+    route's gateway)."""
 
     def endpoint_config(self) -> ep.EndpointConfig:
         """The sans-IO endpoint's share of these options."""
@@ -166,6 +181,7 @@ class Peer:
         self._timer_at: float | None = None
         self._transmit_scheduled = False
         self._advertiser: Any = None
+        self._port_mapper: PortMapper | None = None
         self._browser: Any = None
         self.link_local: LinkLocal | None = None
         """The XEP-0174 listener (``PeerConfig.link_local``), once started."""
@@ -205,10 +221,40 @@ class Peer:
             self.identity, self.verifier.verify, rng=random.Random(self._rng.getrandbits(64)),
             config=cfg.endpoint_config(), listen=listen, rendezvous=server,
             host_candidates=candidates)
+        if cfg.port_mapping:
+            self._start_port_mapping()
         self._endpoint.start(self._now())
         self._transmit()
         if cfg.lan:
             await self._start_lan(listen)
+
+    def _start_port_mapping(self) -> None:
+        assert self._socket is not None
+        mapper = PortMapper(self._socket.address[1], gateway=self.config.gateway,
+                            on_event=self._on_port_map)
+        try:
+            mapper.start()
+        except (DtxError, OSError) as exc:
+            logger.warning("no port mapping: %s", exc)
+            return
+        self._port_mapper = mapper
+
+    def _on_port_map(self, event: PortMapEvent) -> None:
+        if self._endpoint is None:
+            return
+        if isinstance(event, (MappingCreated, MappingRenewed)):
+            self._endpoint.set_port_mapped(event.external, self._now())
+        elif isinstance(event, MappingLost):
+            self._endpoint.set_port_mapped(None, self._now())
+        else:
+            return
+        self._wake()
+
+    @property
+    def port_mapped(self) -> Address | None:
+        """The public address the router forwards to this device's socket
+        (``PeerConfig.port_mapping``), while it does."""
+        return None if self._endpoint is None else self._endpoint.traversal.port_mapped
 
     async def _start_lan(self, listen: bool) -> None:
         from .mdns import LanAdvertiser, LanBrowser
@@ -304,6 +350,9 @@ class Peer:
         link_local, self.link_local = self.link_local, None
         if link_local is not None:  # after the goodbye of its record
             await link_local.close()
+        mapper, self._port_mapper = self._port_mapper, None
+        if mapper is not None:
+            await mapper.close(timeout=PORT_MAPPING_CLOSE_TIMEOUT)
         if self._endpoint is not None:
             self._endpoint.close()
             self._transmit()

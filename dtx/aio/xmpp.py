@@ -460,7 +460,8 @@ class XmppSignalling:
         return self._signalling
 
     def local_candidates(self) -> list[LocalCandidate]:
-        """This device's candidates now: host, reflexive, relayed. A host
+        """This device's candidates now: host, reflexive (and port-mapped),
+        relayed. A host
         address that the STUN or TURN server saw as it is (a device with a
         public address, no NAT) is offered as server-reflexive only: a peer
         probes a host candidate only when it can be on its own network, and
@@ -472,6 +473,12 @@ class XmppSignalling:
         out = [LocalCandidate(a) for a in hosts]
         if mapped is not None:
             out.append(LocalCandidate(mapped, CandidateType.SRFLX,
+                                      self._hosts[0] if self._hosts else None))
+        # A port mapping on the router (PeerConfig.port_mapping) is a public
+        # address too; Jingle has no type of its own for it (XEP-0176).
+        port_mapped = self._peer.port_mapped if self._peer is not None else None
+        if port_mapped is not None and port_mapped != mapped:
+            out.append(LocalCandidate(port_mapped, CandidateType.SRFLX,
                                       self._hosts[0] if self._hosts else None))
         if turn is not None and allocated and turn.relayed is not None:
             out.append(LocalCandidate(turn.relayed, CandidateType.RELAY, turn.mapped))

@@ -542,6 +542,14 @@ class Endpoint:
         self._drain_traversal()
         return link
 
+    def set_port_mapped(self, port_mapped: Address | None, now: float) -> None:
+        """This socket's port mapping on the router (PCP, NAT-PMP: a driver's
+        :class:`~dtx.aio.portmap.PortMapper` finds it), or None when it is
+        gone: offered to the rendezvous as a candidate (see
+        :meth:`Traversal.set_port_mapped`)."""
+        self.traversal.set_port_mapped(port_mapped, now)
+        self._drain_traversal()
+
     def use_stun(self, client: BindingClient, now: float) -> None:
         """Ask ``client``'s STUN server for this socket's reflexive address:
         datagrams from that server go to it (a TURN server's go to TURN

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from ..wire.control import (
+    MAX_CANDIDATES,
     Candidate,
     CandidateKind,
     ControlMessage,
@@ -127,6 +128,9 @@ class RendezvousClient:
     rng: random.Random
     config: RendezvousClientConfig = field(default_factory=RendezvousClientConfig)
     host_candidates: Sequence[Address] = ()
+    port_mapped: Address | None = None
+    """A port mapping on this device's router (its public address): a
+    candidate of kind MAPPED in the registration; :meth:`set_port_mapped`."""
     state: RegistrationState = RegistrationState.IDLE
     registration: bytes | None = None
     reflexive: Address | None = None
@@ -175,6 +179,22 @@ class RendezvousClient:
             ),
             now,
         )
+
+    def set_port_mapped(self, port_mapped: Address | None, now: float) -> None:
+        """The router's port mapping changed (made, moved, lost): register
+        again with it, so that introductions from now on carry it."""
+        if port_mapped == self.port_mapped:
+            return
+        self.port_mapped = port_mapped
+        # Before the REGISTER is written (HELLO sent) it takes the new one.
+        if self.state in (RegistrationState.REGISTER_SENT, RegistrationState.REGISTERED):
+            self.start(now)
+
+    def _candidates(self) -> list[Candidate]:
+        out = [] if self.port_mapped is None \
+            else [Candidate(CandidateKind.MAPPED, self.port_mapped)]
+        hosts = list(self.host_candidates)[: MAX_CANDIDATES - len(out)]
+        return out + [Candidate(CandidateKind.HOST, a) for a in hosts]
 
     def unregister(self) -> bytes | None:
         """A final UNREGISTER to send (best effort) before shutting down."""
@@ -237,7 +257,7 @@ class RendezvousClient:
                     jid=self.jid,
                     key=self.key,
                     challenge=challenge,
-                    candidates=[Candidate(CandidateKind.HOST, a) for a in self.host_candidates],
+                    candidates=self._candidates(),
                     sign=self.sign,
                 ),
                 now,

@@ -248,6 +248,7 @@ class Traversal:
                                          "host_candidates_skipped": 0}
         self._log = LogLimiter(logger)
         self._closed = False
+        self._port_mapped: Address | None = None
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -283,6 +284,21 @@ class Traversal:
         return self._log.suppressed
 
     # -- user calls -----------------------------------------------------------------
+
+    @property
+    def port_mapped(self) -> Address | None:
+        """This device's port mapping on its router (its public address)."""
+        return self._port_mapped
+
+    def set_port_mapped(self, port_mapped: Address | None, now: float) -> None:
+        """The router forwards ``port_mapped`` to this device's socket now
+        (None: no longer): a candidate for the rendezvous to hand out; the
+        device registers again when it changes. (Not the QUIC-side
+        "mapped" addresses of links.)"""
+        self._port_mapped = port_mapped
+        if self.client is not None:
+            self.client.set_port_mapped(port_mapped, now)
+            self._service(now)
 
     def introduce(self, target: str, now: float) -> None:
         """Ask the rendezvous to introduce this device and ``target``; an

@@ -115,6 +115,9 @@ class CandidateKind(IntEnum):
     HOST = 1
     SERVER_REFLEXIVE = 2
     PEER_REFLEXIVE = 3
+    MAPPED = 4
+    """A public port the device's router forwards to it on request (PCP,
+    NAT-PMP, UPnP IGD): reachable whatever the NAT's filtering."""
 
 
 class Role(IntEnum):

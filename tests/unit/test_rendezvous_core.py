@@ -382,6 +382,29 @@ def test_introduction_reaches_both_at_once() -> None:
     assert a.channel is not None and b.channel is not None
 
 
+def test_a_port_mapped_candidate_on_the_source_ip_is_handed_on() -> None:
+    h = make()
+    mapped = Candidate(CandidateKind.MAPPED, (HOME_B[0], 61000))
+    h.register("alice", HOME_A, (HOST_A,))
+    h.register("bob", HOME_B, (mapped, HOST_B))
+    out = h.introduce("alice", HOME_A, "bob@example.org/tv")
+    to_a = next(decode_control(d) for d, to, _ in out if to == HOME_A)
+    assert to_a.candidates == (mapped, HOST_B, Candidate(CandidateKind.SERVER_REFLEXIVE, HOME_B))
+    assert h.core.statistics().get("mapped_candidates_refused", 0) == 0
+
+
+def test_a_port_mapped_candidate_on_another_ip_is_left_out() -> None:
+    """Another IP would have peers probe a third party (reflection)."""
+    h = make()
+    elsewhere = Candidate(CandidateKind.MAPPED, ("198.51.100.77", 61000))
+    h.register("alice", HOME_A, (HOST_A,))
+    h.register("bob", HOME_B, (elsewhere, HOST_B))
+    out = h.introduce("alice", HOME_A, "bob@example.org/tv")
+    to_a = next(decode_control(d) for d, to, _ in out if to == HOME_A)
+    assert to_a.candidates == (HOST_B, Candidate(CandidateKind.SERVER_REFLEXIVE, HOME_B))
+    assert h.core.statistics()["mapped_candidates_refused"] == 1
+
+
 def test_bare_target_picks_most_recently_refreshed_device() -> None:
     h = make()
     h.register("bob", HOME_B)

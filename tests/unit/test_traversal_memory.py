@@ -298,11 +298,14 @@ class Scene:
 
 def introduce(nat_a: str, nat_b: str, *, seed: int = 0, route: RouteHook = deliver_as_is,
               same_nat: bool = False, double: bool = False,
-              register_within: float = 10.0, session_within: float | None = 5.0) -> Scene:
+              register_within: float = 10.0, session_within: float | None = 5.0,
+              port_mapped: tuple[bool, bool] = (False, False)) -> Scene:
     """Two devices (the remote behind ``nat_a`` and the TV behind ``nat_b``),
     registered; the remote asks for the TV, opens a session over the
     introduction at once and sends its first stanza as soon as the TV's key
-    is trusted (on the relay). ``session_within=None``: introduce only."""
+    is trusted (on the relay). ``session_within=None``: introduce only.
+    ``port_mapped``: whose router forwards a port to it (remote, TV), as
+    the driver's PortMapper tells the endpoint once the router answered."""
     ids = [identity_for(REMOTE, 1), identity_for(TV, 2)]
     net, server = make_scene(ids, seed=seed, route_packet=route)
     public = PublicAddresses()
@@ -319,6 +322,9 @@ def introduce(nat_a: str, nat_b: str, *, seed: int = 0, route: RouteHook = deliv
         home_b = net.add_nat("b", nat_b, public.take(), lan_prefix="10.2.0")
     remote = add_device(net, home_a, ids[0], server, seed=seed * 7 + 1, listen=False)
     tv = add_device(net, home_b, ids[1], server, seed=seed * 7 + 2)
+    for device, home, mapped in ((remote, home_a, port_mapped[0]), (tv, home_b, port_mapped[1])):
+        if mapped:
+            device.endpoint.set_port_mapped(home.add_port_mapping(device.addr), net.clock.now)
     tv.start()
     remote.start()
     assert net.run_until(lambda: remote.endpoint.registered and tv.endpoint.registered,
@@ -380,6 +386,40 @@ def test_connect_through_nat_pair(nat_a: str, nat_b: str) -> None:
         assert current.key != sym.registered_as
     exchange(scene, expect)
     assert scene.server.core.statistics().get("internal_errors", 0) == 0
+
+
+MAPPED_PAIRS = [("symmetric", "symmetric"), ("symmetric", "port-restricted-cone"),
+                ("port-restricted-cone", "symmetric")]
+
+
+@pytest.mark.parametrize("nat_a, nat_b", MAPPED_PAIRS, ids=[f"{a}--{b}" for a, b in MAPPED_PAIRS])
+@pytest.mark.parametrize("side", ["remote", "tv"])
+def test_a_port_mapping_on_either_side_makes_a_hard_pair_direct(nat_a: str, nat_b: str,
+                                                               side: str) -> None:
+    assert expected_path(nat_a, nat_b) is PathKind.RELAY  # without the mapping
+    scene = introduce(nat_a, nat_b, port_mapped=(side == "remote", side == "tv"))
+    scene.net.run(SETTLE)
+    remote, tv = scene.remote, scene.tv
+    assert (remote.path(TV), tv.path(REMOTE)) == (PathKind.DIRECT, PathKind.DIRECT)
+    home = scene.net.nats["a" if side == "remote" else "b"]
+    assert home.counters["forwarded"] > 0, "the peer came in through the port forward"
+    exchange(scene, PathKind.DIRECT)
+
+
+def test_a_mapping_made_after_registering_is_registered_again() -> None:
+    scene = introduce("symmetric", "symmetric", session_within=None)
+    remote, tv, net = scene.remote, scene.tv, scene.net
+    before = scene.server.core.statistics().get("registrations_total", 0)
+    tv.endpoint.set_port_mapped(net.nats["b"].add_port_mapping(tv.addr), net.clock.now)
+    tv.flush()
+    assert net.run_until(lambda: scene.server.core.statistics().get("registrations_total", 0)
+                         > before and tv.endpoint.registered, 5.0), "registered again"
+    remote.introduce(TV)
+    net.run(1.0)
+    remote.connect(TV)
+    net.run(SETTLE)
+    assert (remote.path(TV), tv.path(REMOTE)) == (PathKind.DIRECT, PathKind.DIRECT)
+    exchange(scene, PathKind.DIRECT)
 
 
 def test_two_devices_behind_the_same_nat_use_the_lan() -> None:
