@@ -24,6 +24,7 @@ import os
 import re
 import secrets
 import select
+import shutil
 import socket
 import subprocess
 import sys
@@ -39,6 +40,7 @@ from typing import Any, Callable
 from dtx.errors import LabError
 from dtx.lab import nat, ns
 from dtx.lab import nat as nat_mod
+from dtx.lab.miniupnpd import MiniUpnpd
 from dtx.lab.nat import NatProfile
 from dtx.lab.netem import LinkSpec
 
@@ -49,6 +51,11 @@ CORE_GATEWAY = "192.0.2.1"
 PUBLIC_HOST_BASE = ipaddress.IPv4Address("192.0.2.10")
 NO_NAT_LAN_BASE = ipaddress.IPv4Address("192.0.2.128")   # /28 blocks up to .255
 ROUTER_BASE = ipaddress.IPv4Address("198.51.100.10")
+#: WAN addresses of routers with port mapping (miniupnpd refuses every
+#: documentation, private or reserved address as its external address; see
+#: docs/nat-lab.md). Outside the lab this /24 is someone's, but no lab
+#: packet can reach the real one: it is only a label inside the lab.
+MAPPING_ROUTER_BASE = ipaddress.IPv4Address("1.2.3.10")
 SERVER_BASE = ipaddress.IPv4Address("203.0.113.10")
 PREFIX_RE = re.compile(r"^dtx[0-9a-f]{6}$")
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,23}$")
@@ -159,6 +166,10 @@ class Home:
     upstream: Home | None
     link: _Link
     children: list[Home] = field(default_factory=list)
+    port_mapping: bool = False
+    """Whether the router runs miniupnpd (UPnP IGD, NAT-PMP, PCP)."""
+    miniupnpd: MiniUpnpd | None = None
+    """The router's miniupnpd once the lab is up (``port_mapping`` only)."""
 
     @property
     def wan_ip(self) -> str:
@@ -215,6 +226,7 @@ class Lab:
         self._links: list[_Link] = []
         self._names: set[str] = set()
         self._next_router = 0
+        self._next_mapping_router = 0
         self._next_public = 0
         self._next_server = 0
         self._next_lan = 1
@@ -276,20 +288,26 @@ class Lab:
 
     def add_home(self, name: str, *, nat: str | NatProfile = "port-restricted-cone",
                  link: LinkSpec | None = None, hosts: int = 1,
-                 upstream: Home | None = None) -> Home:
+                 upstream: Home | None = None, port_mapping: bool = False) -> Home:
         """A NAT router and ``hosts`` LAN hosts on its bridge. With
         ``upstream`` (a home made by :meth:`add_cgn`) the router sits
-        behind that carrier-grade NAT: double NAT."""
+        behind that carrier-grade NAT: double NAT. With ``port_mapping``
+        the router runs miniupnpd (UPnP IGD, NAT-PMP and PCP on the LAN
+        address, port 5351 for the last two) and, on the core, has its
+        WAN address from :data:`MAPPING_ROUTER_BASE`."""
         profile = nat_mod.resolve(nat)
         self._claim(name)
         if upstream is not None and not profile.translate:
             raise LabError("a home without NAT cannot sit behind a CGN")
         if not 0 <= hosts <= 12:
             raise LabError("a home has 0 to 12 hosts")
+        if port_mapping and (not profile.translate or hosts == 0):
+            raise LabError("port mapping needs a NAT router with LAN hosts "
+                           "(not the none profile, not a CGN)")
         router = Host(self, f"{name}-router", self._netns(f"{name}-router"), [])
         spec = link or (self.wan.home if upstream is None else None)
         if upstream is None:
-            router.addresses.append(self._alloc_router_ip())
+            router.addresses.append(self._alloc_router_ip(port_mapping))
             uplink = self._core_link(router.netns, spec)
             uplink.lower_if = "wan"
         else:
@@ -312,7 +330,8 @@ class Lab:
             net = ipaddress.IPv4Network(f"{NO_NAT_LAN_BASE + 16 * self._next_open_lan}/28")
             self._next_open_lan += 1
         gateway = str(net.network_address + 1)
-        home = Home(self, name, profile, router, [], str(net), gateway, upstream, uplink)
+        home = Home(self, name, profile, router, [], str(net), gateway, upstream, uplink,
+                    port_mapping=port_mapping)
         router.addresses.append(gateway)
         for i in range(hosts):
             addr = str(net.network_address + (10 if profile.translate else 2) + i)
@@ -329,20 +348,28 @@ class Lab:
 
     def add_double_nat_home(self, name: str, *, nat: str | NatProfile = "port-restricted-cone",
                             cgn_nat: str | NatProfile = "symmetric",
-                            link: LinkSpec | None = None, hosts: int = 1) -> Home:
-        """A home behind its own carrier-grade NAT (named ``<name>-cgn``)."""
+                            link: LinkSpec | None = None, hosts: int = 1,
+                            port_mapping: bool = False) -> Home:
+        """A home behind its own carrier-grade NAT (named ``<name>-cgn``).
+        With ``port_mapping`` the home's router (not the CGN) runs
+        miniupnpd, which refuses to map: its WAN address is private."""
         cgn = self.add_cgn(f"{name}-cgn", nat=cgn_nat, link=link)
-        return self.add_home(name, nat=nat, hosts=hosts, upstream=cgn)
+        return self.add_home(name, nat=nat, hosts=hosts, upstream=cgn,
+                             port_mapping=port_mapping)
 
     def add_lan(self, name: str, *, hosts: int = 3, nat: str | NatProfile = "port-restricted-cone",
-                link: LinkSpec | None = None) -> Home:
+                link: LinkSpec | None = None, port_mapping: bool = False) -> Home:
         """Several hosts on one bridge (multicast floods: mDNS works), with a
         router to the internet."""
-        return self.add_home(name, nat=nat, link=link, hosts=hosts)
+        return self.add_home(name, nat=nat, link=link, hosts=hosts, port_mapping=port_mapping)
 
-    def _alloc_router_ip(self) -> str:
-        addr = ROUTER_BASE + self._next_router
-        self._next_router += 1
+    def _alloc_router_ip(self, port_mapping: bool = False) -> str:
+        if port_mapping:
+            addr = MAPPING_ROUTER_BASE + self._next_mapping_router
+            self._next_mapping_router += 1
+        else:
+            addr = ROUTER_BASE + self._next_router
+            self._next_router += 1
         if int(addr) & 0xFF > 250:
             raise LabError("out of router addresses")
         return str(addr)
@@ -380,6 +407,12 @@ class Lab:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+    @property
+    def folder(self) -> str:
+        """Where the lab's daemons keep configuration and logs
+        (``<state dir>/<prefix>/``); removed at teardown."""
+        return os.path.join(state_dir(), self.prefix)
 
     def _require_up(self) -> None:
         if not self._is_up:
@@ -491,6 +524,11 @@ class Lab:
             lambda: ns.nft_load(self.core.netns, nat.render_core_ruleset())]
         jobs += [home.load_rules for home in self.homes]
         self._parallel(jobs)
+        # 4. daemons: miniupnpd in the routers with port mapping.
+        for home in self.homes:
+            if home.port_mapping:
+                home.miniupnpd = MiniUpnpd(home, os.path.join(self.folder, home.name))
+        self._parallel([home.miniupnpd.start for home in self.homes if home.miniupnpd])
 
     @staticmethod
     def _parallel(jobs: Sequence[Callable[[], object]]) -> None:
@@ -530,6 +568,9 @@ class Lab:
         self._closed = True
         for sock in self._sockets:
             sock.close()
+        for home in self.homes:
+            if home.miniupnpd is not None:
+                home.miniupnpd.stop()
         live = [p for p in self._processes if p.poll() is None]
         ns.kill_pids([p.pid for p in live])
         for p in self._processes:
@@ -550,6 +591,7 @@ class Lab:
                 fwd.stdout.close()
         if self._is_up:
             ns.delete_netns([h.netns for h in self.hosts])
+        shutil.rmtree(self.folder, ignore_errors=True)
         try:
             os.unlink(os.path.join(state_dir(), f"{self.prefix}.json"))
         except FileNotFoundError:
@@ -558,8 +600,9 @@ class Lab:
 
     @staticmethod
     def cleanup_stale() -> list[str]:
-        """Remove what crashed labs left: namespaces, forwarders and state
-        files of labs (``dtx`` + 6 hex) whose owner process is dead.
+        """Remove what crashed labs left: namespaces, forwarders, daemons
+        (miniupnpd), state files and folders of labs (``dtx`` + 6 hex)
+        whose owner process is dead.
         Returns the prefixes removed."""
         prefixes: dict[str, list[str]] = {}
         for name in ns.list_netns():
@@ -588,6 +631,7 @@ class Lab:
                     os.unlink(os.path.join(state_dir(), prefix + suffix))
                 except FileNotFoundError:
                     pass
+            shutil.rmtree(os.path.join(state_dir(), prefix), ignore_errors=True)
             removed.append(prefix)
             logger.info("removed stale lab %s (%d namespaces)", prefix, len(names))
         return removed
@@ -648,7 +692,7 @@ class Lab:
         self._require_up()
         old = home.wan_ip
         if home.upstream is None:
-            new = self._alloc_router_ip()
+            new = self._alloc_router_ip(home.port_mapping)
             plen = 32
             link = home.link
             core = [f"route add {new}/32 dev {link.upper_if}", f"route del {old}/32"]
