@@ -33,11 +33,10 @@ from ..jid import JID, jid_matches
 from ..proto import endpoint as ep
 from ..proto.linklocal import LinkLocalConfig
 from ..proto.paths import PathConfig, PathKind
-from ..proto.portmap import MappingCreated, MappingLost, MappingRenewed, PortMapEvent
+from ..proto.portmap import PortMapClient, PortMapConfig, PortMapState
 from ..proto.session import SessionConfig, SessionEnded
 from ..proto.traversal import Link, Traversal, TraversalConfig
-from .netif import host_candidates
-from .portmap import PortMapper
+from .netif import default_gateway, host_candidates, source_ip_towards
 from .session import Session
 from .socket import UdpSocket
 from ..wire.address import Address
@@ -50,6 +49,14 @@ logger = logging.getLogger(__name__)
 PORT_MAPPING_CLOSE_TIMEOUT = 1.0
 """How long closing a device waits for its router to confirm that the port
 mapping is deleted (it expires by itself otherwise)."""
+
+
+_GAVE_UP = frozenset({PortMapState.IDLE, PortMapState.CLOSING, PortMapState.CLOSED})
+"""Port-mapping states with no mapping to wait for (IDLE: it failed)."""
+
+
+def _closed(portmap: PortMapClient) -> bool:
+    return portmap.state is PortMapState.CLOSED
 
 
 
@@ -121,13 +128,15 @@ class PeerConfig:
     dropped (on a timer)."""
     port_mapping: bool = False
     """Ask the home router to forward a public port to this device's socket
-    (PCP, NAT-PMP; :mod:`dtx.aio.portmap`) and offer it as a candidate to
-    the rendezvous and in Jingle: with a mapping on either side, any pair
-    of NATs goes direct (docs/nat-traversal.md). Renewed at half its
-    lifetime, deleted on close."""
+    (PCP, NAT-PMP: :mod:`dtx.proto.portmap`, from the socket itself) and
+    offer it as a candidate to the rendezvous and in Jingle: with a mapping
+    on either side, any pair of NATs goes direct (docs/nat-traversal.md).
+    Renewed at half its lifetime, deleted on close."""
     gateway: str | None = None
     """The router to ask for the port mapping (default: the default
     route's gateway)."""
+    port_mapping_config: PortMapConfig = PortMapConfig()
+    """The port-mapping client's tunables (lifetime, retransmissions)."""
 
     def endpoint_config(self) -> ep.EndpointConfig:
         """The sans-IO endpoint's share of these options."""
@@ -181,7 +190,6 @@ class Peer:
         self._timer_at: float | None = None
         self._transmit_scheduled = False
         self._advertiser: Any = None
-        self._port_mapper: PortMapper | None = None
         self._browser: Any = None
         self.link_local: LinkLocal | None = None
         """The XEP-0174 listener (``PeerConfig.link_local``), once started."""
@@ -221,34 +229,68 @@ class Peer:
             self.identity, self.verifier.verify, rng=random.Random(self._rng.getrandbits(64)),
             config=cfg.endpoint_config(), listen=listen, rendezvous=server,
             host_candidates=candidates)
+        self._endpoint.start(self._now())
         if cfg.port_mapping:
             self._start_port_mapping()
-        self._endpoint.start(self._now())
         self._transmit()
         if cfg.lan:
             await self._start_lan(listen)
 
     def _start_port_mapping(self) -> None:
-        assert self._socket is not None
-        mapper = PortMapper(self._socket.address[1], gateway=self.config.gateway,
-                            on_event=self._on_port_map)
+        """Ask the router (``PeerConfig.gateway``, or the default route's)
+        for a mapping of this socket, from this socket (the endpoint's)."""
+        assert self._socket is not None and self._endpoint is not None
+        cfg = self.config
+        gateway = cfg.gateway or default_gateway()
+        if gateway is None:
+            logger.warning("no port mapping: no default gateway to ask")
+            return
+        bound = self._socket.address
+        client_ip = bound[0] if bound[0] not in ("0.0.0.0", "::", "") else (
+            cfg.host_addresses[0] if cfg.host_addresses
+            else source_ip_towards((gateway, cfg.port_mapping_config.gateway_port)))
+        if client_ip is None:
+            logger.warning("no port mapping: no route to the gateway %s", gateway)
+            return
         try:
-            mapper.start()
-        except (DtxError, OSError) as exc:
+            client = PortMapClient(gateway, client_ip=client_ip, internal_port=bound[1],
+                                   rng=random.Random(self._rng.getrandbits(64)),
+                                   config=cfg.port_mapping_config)
+        except (DtxError, ValueError) as exc:
             logger.warning("no port mapping: %s", exc)
             return
-        self._port_mapper = mapper
+        self._endpoint.use_port_mapping(client, self._now())
 
-    def _on_port_map(self, event: PortMapEvent) -> None:
-        if self._endpoint is None:
+    async def _port_mapping_deleted(self) -> None:
+        """Wait (bounded) for the router to confirm the delete of the port
+        mapping, if there is one."""
+        endpoint = self._endpoint
+        portmap = None if endpoint is None else endpoint.portmap
+        if portmap is None or _closed(portmap):
             return
-        if isinstance(event, (MappingCreated, MappingRenewed)):
-            self._endpoint.set_port_mapped(event.external, self._now())
-        elif isinstance(event, MappingLost):
-            self._endpoint.set_port_mapped(None, self._now())
-        else:
-            return
-        self._wake()
+        try:
+            async with asyncio.timeout(PORT_MAPPING_CLOSE_TIMEOUT):
+                while not _closed(portmap):
+                    self._state_changed.clear()
+                    await self._state_changed.wait()
+        except TimeoutError:
+            logger.info("port mapping: no answer to the delete from %s", portmap.gateway[0])
+
+    async def wait_port_mapped(self, timeout: float) -> Address | None:
+        """The port mapping once the router granted it (``port_mapping``),
+        or None: none asked for, refused, or not within ``timeout``."""
+        endpoint = self._started()
+        try:
+            async with asyncio.timeout(timeout):
+                while self.port_mapped is None:
+                    portmap = endpoint.portmap
+                    if portmap is None or portmap.state in _GAVE_UP:
+                        return None
+                    self._state_changed.clear()
+                    await self._state_changed.wait()
+        except TimeoutError:
+            return None
+        return self.port_mapped
 
     @property
     def port_mapped(self) -> Address | None:
@@ -350,12 +392,10 @@ class Peer:
         link_local, self.link_local = self.link_local, None
         if link_local is not None:  # after the goodbye of its record
             await link_local.close()
-        mapper, self._port_mapper = self._port_mapper, None
-        if mapper is not None:
-            await mapper.close(timeout=PORT_MAPPING_CLOSE_TIMEOUT)
         if self._endpoint is not None:
-            self._endpoint.close()
+            self._endpoint.close(self._now())
             self._transmit()
+            await self._port_mapping_deleted()
             for fut in self._introductions.values():
                 if not fut.done():
                     fut.set_exception(ConnectError("peer closed"))

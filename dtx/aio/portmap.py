@@ -1,11 +1,15 @@
-"""A port mapping on the home router, on the event loop.
+"""A port mapping on the home router, on the event loop, from a socket of
+its own.
 
 :class:`PortMapper` runs one sans-IO :class:`~dtx.proto.portmap.PortMapClient`
 (PCP, NAT-PMP) from a UDP socket of its own toward the gateway's port
-5351. The mapping is for another socket's port (the device's): NAT-PMP
-names the internal port in the request and PCP the internal address and
-port, so the requests need not leave from the mapped socket, and the
-device's socket never sees the gateway's answers.
+5351, for another socket's port: NAT-PMP names the internal port in the
+request and PCP the internal address and port, so the requests need not
+leave from the mapped socket. ``dtx nat-check --port-mapping`` uses it
+(:func:`port_mapping_check`). A device asks from its own socket instead,
+through its endpoint (``PeerConfig.port_mapping``,
+:meth:`~dtx.proto.endpoint.Endpoint.use_port_mapping`), so that the
+mapping it registers is the one its QUIC traffic uses.
 
 ::
 

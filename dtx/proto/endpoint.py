@@ -60,6 +60,7 @@ from . import session as sc
 from .binding import BindingClient, BindingEvent
 from .auth import AuthenticatedQuicConnection, make_certificate, quic_configuration
 from .paths import PathChanged, PathKind
+from .portmap import MappingCreated, MappingLost, MappingRenewed, PortMapClient, PortMapEvent
 from .session import SessionConfig, XmlSession, trust_check_for
 from .turn import AllocationState as TurnState
 from .turn import DataReceived as TurnDataReceived
@@ -76,7 +77,7 @@ from .traversal import (
     Traversal,
     TraversalConfig,
 )
-from ..wire.address import Address
+from ..wire.address import Address, format_address
 
 logger = logging.getLogger(__name__)
 
@@ -187,7 +188,7 @@ EndpointEvent = (
     | StanzasAcknowledged | SessionEnded | HandshakeRefused | PathChangedEvent
     | Registered | RegistrationRefused | RegistrationLost
     | IntroductionCompleted | IntroductionFailed
-    | TurnEvent | BindingEvent
+    | TurnEvent | BindingEvent | PortMapEvent
 )
 
 
@@ -474,6 +475,8 @@ class Endpoint:
         there is one, or from :meth:`introduced`)."""
         self.turn: TurnClient | None = None
         self.stun: BindingClient | None = None
+        self.portmap: PortMapClient | None = None
+        """The port mapping on the router (:meth:`use_port_mapping`)."""
         """The STUN Binding asking for this socket's reflexive address."""
         """The TURN allocation relaying for this device, if any (:meth:`use_turn`)."""
         self._started = False
@@ -488,14 +491,18 @@ class Endpoint:
             self.traversal.start(now)
             self._drain_traversal()
 
-    def close(self) -> None:
-        """Stop: abort every connection still open and unregister (the
-        last datagrams go out with the next :meth:`datagrams_to_send`)."""
+    def close(self, now: float | None = None) -> None:
+        """Stop: abort every connection still open, unregister and (given
+        ``now``) delete the port mapping (the last datagrams go out with
+        the next :meth:`datagrams_to_send`; the router's answer, while the
+        driver still reads, ends in a MappingClosed event)."""
         if self._closed:
             return
         for conn in list(self._connections.values()):
             conn.abort("device shut down")
         self.traversal.close()
+        if self.portmap is not None and now is not None:
+            self.portmap.close(now)
         self._closed = True
 
     # -- user calls ---------------------------------------------------------------
@@ -543,12 +550,22 @@ class Endpoint:
         return link
 
     def set_port_mapped(self, port_mapped: Address | None, now: float) -> None:
-        """This socket's port mapping on the router (PCP, NAT-PMP: a driver's
-        :class:`~dtx.aio.portmap.PortMapper` finds it), or None when it is
+        """This socket's port mapping on the router, or None when it is
         gone: offered to the rendezvous as a candidate (see
-        :meth:`Traversal.set_port_mapped`)."""
+        :meth:`Traversal.set_port_mapped`). :meth:`use_port_mapping` calls
+        it as the router answers; a driver with a mapping of its own may."""
         self.traversal.set_port_mapped(port_mapped, now)
         self._drain_traversal()
+
+    def use_port_mapping(self, client: PortMapClient, now: float) -> None:
+        """Ask the router for a port mapping of this socket through
+        ``client`` (PCP, NAT-PMP), from this socket: datagrams from the
+        gateway's port go to it, the mapping it gets becomes this device's
+        port-mapped candidate (renewed, moved, lost with it), and its events
+        come out of :meth:`next_event`. :meth:`close` deletes the mapping."""
+        self.portmap = client
+        client.start(now)
+        self._drain_portmap(now)
 
     def use_stun(self, client: BindingClient, now: float) -> None:
         """Ask ``client``'s STUN server for this socket's reflexive address:
@@ -611,6 +628,11 @@ class Endpoint:
         if stun is not None and addr == stun.server:
             stun.receive(data, now)
             self._drain_stun()
+            return
+        portmap = self.portmap
+        if portmap is not None and addr == portmap.gateway:
+            portmap.receive_datagram(data, addr, now)
+            self._drain_portmap(now)
             return
         kind = classify(data)
         if kind is PacketKind.QUIC:
@@ -716,6 +738,8 @@ class Endpoint:
             out.extend(turn.datagrams_to_send())
         if self.stun is not None:
             out.extend(self.stun.datagrams_to_send())
+        if self.portmap is not None:
+            out.extend(self.portmap.datagrams_to_send(now))
         if self._out_turn:
             out.extend(self._out_turn)
             self._out_turn.clear()
@@ -756,7 +780,7 @@ class Endpoint:
         connection's, the traversal's and the half-open expiry); read it
         after :meth:`datagrams_to_send`, as a driver does."""
         when = self.traversal.get_timer() if self.traversal.busy else None
-        for client in (self.turn, self.stun):
+        for client in (self.turn, self.stun, self.portmap):
             t = None if client is None else client.get_timer()
             if t is not None and (when is None or t < when):
                 when = t
@@ -779,6 +803,12 @@ class Endpoint:
             if due is not None and now >= due:
                 stun.handle_timer(now)
                 self._drain_stun()
+        portmap = self.portmap
+        if portmap is not None:
+            due = portmap.get_timer()
+            if due is not None and now >= due:
+                portmap.handle_timer(now)
+                self._drain_portmap(now)
         due = self.traversal.get_timer()
         if due is not None and now >= due:
             self.traversal.handle_timer(now)
@@ -907,6 +937,17 @@ class Endpoint:
                 self.counters["datagrams_dropped"] += 1
             else:
                 self._events.append(ev)
+
+    def _drain_portmap(self, now: float) -> None:
+        portmap = self.portmap
+        while portmap is not None and (ev := portmap.next_event()) is not None:
+            if isinstance(ev, (MappingCreated, MappingRenewed)):
+                logger.info("port mapping by %s: %s for %d s", ev.protocol.value,
+                            format_address(*ev.external), ev.lifetime)
+                self.set_port_mapped(ev.external, now)
+            elif isinstance(ev, MappingLost):
+                self.set_port_mapped(None, now)
+            self._events.append(ev)
 
     def _drain_stun(self) -> None:
         stun = self.stun
