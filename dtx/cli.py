@@ -50,6 +50,7 @@ from .cliargs import (
     parse_delay,
     parse_directory,
     parse_hostport,
+    parse_ipv4,
     parse_jid,
     parse_port,
     parse_sessions,
@@ -207,12 +208,29 @@ def make_verifier(args: argparse.Namespace, sources: list[Any] | None = None) ->
     return Verifier(sources, pins, trust_on_first_use=args.tofu)
 
 
+PORT_MAPPING_WAIT = 2.0
+"""How long a command waits for the router's port mapping before it goes on
+without (the router answers on the LAN in milliseconds)."""
+
+
+def add_port_mapping_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--port-mapping", action="store_true",
+                   help="ask the home router to forward a public port to this device "
+                   "(PCP, NAT-PMP) and offer it to peers: hard NATs go direct")
+    p.add_argument("--gateway", type=parse_ipv4, metavar="IP",
+                   help="the router to ask (implies --port-mapping; default: the default "
+                   "route's gateway)")
+
+
 def peer_config(args: argparse.Namespace) -> Any:
     from .aio.peer import PeerConfig
 
+    gateway = getattr(args, "gateway", None)
     return PeerConfig(connect_timeout=getattr(args, "timeout", 10.0),
                       rendezvous=getattr(args, "rendezvous", None),
-                      lan=getattr(args, "lan", False), link_local=link_local_config(args))
+                      lan=getattr(args, "lan", False), link_local=link_local_config(args),
+                      port_mapping=getattr(args, "port_mapping", False) or gateway is not None,
+                      gateway=gateway)
 
 
 def session_command(run: Callable[[argparse.Namespace], Coroutine[Any, Any, int]],
@@ -298,6 +316,11 @@ async def open_device(args: argparse.Namespace, host: str, port: int, *,
                     signalling, args)
     try:
         await start_peer(device.peer, host, port, listen=listen)
+        if device.peer.config.port_mapping:
+            # Before the candidates go out (Jingle; a REGISTER written once
+            # the router answered takes it, or registers again).
+            await device.peer.wait_port_mapped(min(PORT_MAPPING_WAIT,
+                                                   getattr(args, "timeout", PORT_MAPPING_WAIT)))
         if signalling is not None:
             await signalling.start(device.peer)
     except BaseException:
@@ -338,7 +361,9 @@ def path_report(device: Device, session: Any, start: float) -> dict[str, Any]:
     history = [{"at_ms": round(offset + at * 1000, 3), "path": kind}
                for at, kind in session.path_history()]
     direct = session.direct_after()
+    mapped = device.peer.port_mapped
     return {
+        "port_mapped": None if mapped is None else format_address(*mapped),
         "path": session.path,
         "signalling": device.signalled_by(session),
         "relay": device.relay_of(session),
@@ -529,6 +554,9 @@ async def run_listen(args: argparse.Namespace) -> int:
                 else "the XMPP connection dropped; logging back in"))
         elif args.rendezvous is not None:
             fields = {"signalling": "rendezvous"}
+        mapped = peer.port_mapped
+        if peer.config.port_mapping:
+            fields["port_mapped"] = None if mapped is None else format_address(*mapped)
         say(args, {"event": "listening", "jid": peer.jid, "address": format_address(host, port),
                    "host": host, "port": port, "fingerprint": peer.identity.fingerprint,
                    **fields, **listening_fields(peer)},
@@ -647,6 +675,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --lan: also serve XEP-0174 clients (Pidgin's Bonjour) on a TCP "
                    "port announced as _presence._tcp; unauthenticated and unencrypted")
     add_signalling_options(p)
+    add_port_mapping_options(p)
     p.add_argument("--echo", action="store_true", help="send every message body back")
     p.add_argument("--sessions", type=parse_sessions, default=0,
                    help="exit after this many sessions ended (0: never)")
@@ -667,6 +696,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--lan", action="store_true",
                        help="look for the peer on the LAN first (mDNS/DNS-SD)")
         add_signalling_options(p)
+        add_port_mapping_options(p)
         p.add_argument("--bind", default="0.0.0.0", type=parse_bind_host,
                        help="local address or host name (default %(default)s)")
         p.add_argument("--timeout", type=parse_timeout, default=10.0,

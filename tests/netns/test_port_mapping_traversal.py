@@ -15,15 +15,20 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from dtx.aio.peer import PeerConfig
+from dtx.identity import generate_identity, save_identity
 from dtx.lab import STANDARD_WAN, Lab
 from dtx.lab.miniupnpd import miniupnpd_missing
 from dtx.lab.topology import Home
 
+from .test_lan import JsonLines
 from .test_traversal import PROFILES, exchange, expected_path
 from .traversal_helpers import (
     device_peer,
@@ -39,8 +44,14 @@ pytestmark = [
                        reason=f"port mapping needs miniupnpd: {miniupnpd_missing()}"),
 ]
 
+TV = "tv@example.org/living-room"
+REMOTE = "remote@example.org/phone"
 MAPPING_WITHIN = 5.0
 """Seconds for the router's answer (on the LAN: a few ms)."""
+
+
+def dtx(*args: str) -> list[str]:
+    return [sys.executable, "-m", "dtx.cli", *args]
 
 
 def _mapping_side(nat_a: str, nat_b: str) -> str | None:
@@ -117,3 +128,41 @@ def test_double_nat_with_a_mapping_on_the_inner_router_only(netns_ready: None,
                           double=True)
     assert result["port_mapped"] is None
     assert result["path"] == "relay"
+
+
+def test_the_cli_goes_direct_between_two_symmetric_homes_with_port_mapping(
+        netns_ready: None, tmp_path: Path) -> None:
+    """``dtx listen --port-mapping`` and ``dtx send --port-mapping`` as
+    people run them, each in its own symmetric home whose router maps:
+    both report the mapping, and the message goes direct."""
+    tv, remote = generate_identity(TV), generate_identity(REMOTE)
+    vcards = tmp_path / "vcards"
+    write_vcards(vcards, tv, remote)
+    keys = {}
+    for name, ident in (("tv", tv), ("remote", remote)):
+        keys[name] = tmp_path / f"{name}.key"
+        save_identity(ident, keys[name])
+    with Lab(wan=STANDARD_WAN) as lab:
+        server = lab.add_server("rdv")
+        home_a = lab.add_home("a", nat="symmetric", port_mapping=True)
+        home_b = lab.add_home("b", nat="symmetric", port_mapping=True)
+        lab.up()
+        start_rendezvous(server, vcards)
+        rdv = "%s:%d" % server_address(server)
+        trust = ["--vcards", str(vcards), "--no-pins", "--json"]
+        listener = JsonLines(home_b.hosts[0].popen(
+            dtx("listen", str(keys["tv"]), "--rendezvous", rdv, "--port-mapping", *trust),
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True))
+        try:
+            listening = listener.wait("listening", 20)
+            assert str(listening["port_mapped"]).startswith(home_b.public_ip + ":")
+            sent = home_a.hosts[0].run(
+                dtx("send", str(keys["remote"]), "--to", "tv@example.org", "--rendezvous", rdv,
+                    "--port-mapping", "--body", "pause", "--linger", "3", *trust),
+                timeout=30)
+            assert sent.returncode == 0, sent.stderr
+            report = json.loads(sent.stdout.strip().splitlines()[-1])
+            assert report["delivered"] and report["path"] == "direct"
+            assert report["port_mapped"].startswith(home_a.public_ip + ":")
+        finally:
+            listener.kill()
