@@ -52,6 +52,7 @@ from dtx.aio.xmpp import XmppSignalling, XmppSignallingConfig
 from dtx.identity import DeviceIdentity, generate_identity
 from dtx.lab import STANDARD_WAN, Home, Lab, ns
 from dtx.lab.coturn import CoturnServer, coturn_missing
+from dtx.lab.miniupnpd import miniupnpd_missing
 from dtx.lab.prosody import ProsodyServer, TurnExternal, prosody_missing
 from dtx.lab.topology import Host
 from dtx.trust import PinStore, Verifier
@@ -106,18 +107,19 @@ class XmppLab:
 @contextmanager
 def xmpp_lab(lab: Lab, tmp_path: Path, nat_a: str, nat_b: str, *, ttl: int = 600,
              max_allocate_lifetime: int | None = None,
-             stun_only: bool = False) -> Iterator[XmppLab]:
+             stun_only: bool = False, port_mapping: str = "") -> Iterator[XmppLab]:
     """Bring ``lab`` up with a server host and two homes, start coturn and
     Prosody there (the account alice@example.org registered), stop both
     after. ``ttl``: of the TURN credentials Prosody mints;
     ``max_allocate_lifetime``: coturn's; ``stun_only``: Prosody lists
-    coturn as a STUN server and no TURN one."""
+    coturn as a STUN server and no TURN one; ``port_mapping``: the homes
+    (``"a"``, ``"b"``, ``"ab"``) whose routers run miniupnpd."""
     for reason in (prosody_missing(), coturn_missing()):
         if reason:
             pytest.skip(reason)
     server = lab.add_server("xmpp", addresses=1)
-    home_a = lab.add_home("a", nat=nat_a)
-    home_b = lab.add_home("b", nat=nat_b)
+    home_a = lab.add_home("a", nat=nat_a, port_mapping="a" in port_mapping)
+    home_b = lab.add_home("b", nat=nat_b, port_mapping="b" in port_mapping)
     lab.up()
     coturn = CoturnServer(SECRET, realm="example.org", host=server, folder=str(tmp_path / "turn"),
                           max_allocate_lifetime=max_allocate_lifetime)
@@ -144,16 +146,20 @@ def in_first_home(scene: XmppLab, main: Callable[[], Coroutine[Any, Any, T]]) ->
 
 async def device(identity: DeviceIdentity, host: Host, xmpp: XmppConfig,
                  opened: list[tuple[Peer, XmppSignalling]], *,
-                 password: str = PASSWORD) -> tuple[Peer, XmppSignalling]:
+                 password: str = PASSWORD,
+                 gateway: str | None = None) -> tuple[Peer, XmppSignalling]:
     """A peer on a UDP socket in ``host`` and its XMPP signalling, started
     (and listed in ``opened`` for closing, as soon as there is something
-    to close)."""
+    to close); with ``gateway``, port-mapped by that router first."""
     signalling = XmppSignalling(identity, password, config=XmppSignallingConfig(
         xmpp=xmpp, connect_timeout=DEADLINE))
     peer = Peer(identity, Verifier([signalling.key_source], PinStore(None)),
-                config=PeerConfig(host_addresses=(host.ip,)))
+                config=PeerConfig(host_addresses=(host.ip,), port_mapping=gateway is not None,
+                                  gateway=gateway))
     await peer.start(sock=host.udp_socket())
     opened.append((peer, signalling))
+    if gateway is not None:
+        assert await peer.wait_port_mapped(DEADLINE) is not None, "the router mapped a port"
     await signalling.start(peer)
     return peer, signalling
 
@@ -185,8 +191,12 @@ async def connected(scene: XmppLab, *, turn: bool = True) -> AsyncIterator[Conne
             await client.publish_key(identity.public_key)
     opened: list[tuple[Peer, XmppSignalling]] = []
     try:
-        tv, tv_sig = await device(tv_id, b, scene.xmpp, opened)
-        _, remote_sig = await device(remote_id, a, scene.xmpp, opened)
+        def gateway(home: Home) -> str | None:
+            return home.lan_gateway if home.port_mapping else None
+
+        tv, tv_sig = await device(tv_id, b, scene.xmpp, opened, gateway=gateway(scene.home_b))
+        _, remote_sig = await device(remote_id, a, scene.xmpp, opened,
+                                     gateway=gateway(scene.home_a))
         relayed = set()
         for sig in (tv_sig, remote_sig) if turn else ():
             assert sig.turn is not None and sig.turn.relayed is not None
@@ -256,6 +266,32 @@ def test_connect_by_jid_in_the_lab(netns_ready: None, tmp_path: Path, nat_a: str
         check_relayed(scene, log, relayed)
     else:  # home to home, not through anyone's relayed address
         assert to == [seen_at(scene.home_b), seen_at(scene.home_a)]
+
+
+@pytest.mark.parametrize("mapping", ["a", "b"])
+def test_a_port_mapping_takes_symmetric_to_symmetric_direct_over_xmpp(
+        netns_ready: None, tmp_path: Path, mapping: str) -> None:
+    """The relay-only pair of the table, with miniupnpd on one router: the
+    mapped device offers its mapping as an srflx Jingle candidate and the
+    session goes home to home, not through coturn."""
+    if miniupnpd_missing() is not None:
+        pytest.skip(f"port mapping needs miniupnpd: {miniupnpd_missing()}")
+    assert expected_path("symmetric", "symmetric") == "relay"  # without the mapping
+
+    async def main() -> tuple[tuple[str, str], tuple[str, int] | None]:
+        async with connected(scene) as c:
+            await c.session.wait_path("direct", timeout=SETTLE)
+            await c.accepted.wait_path("direct", timeout=SETTLE)
+            await stanzas_both_ways(c.session, c.accepted)
+            mapped_side = c.session if mapping == "b" else c.accepted
+            return (str(c.session.path), str(c.accepted.path)), path_address(mapped_side)
+
+    with Lab(wan=STANDARD_WAN) as lab, xmpp_lab(lab, tmp_path, "symmetric", "symmetric",
+                                                 port_mapping=mapping) as scene:
+        paths, to = in_first_home(scene, main)
+    assert paths == ("direct", "direct")
+    mapped_home = scene.home_b if mapping == "b" else scene.home_a
+    assert to is not None and to[0] == mapped_home.public_ip  # the peer talks to the mapping
 
 
 async def one_each_way_until(session: Session, accepted: Session, done: Callable[[], bool],
