@@ -45,7 +45,7 @@ from typing import Any
 from xml.etree.ElementTree import Element
 
 from aioquic.buffer import Buffer  # type: ignore[attr-defined]
-from aioquic.quic.packet import QuicPacketType, pull_quic_header
+from aioquic.quic.packet import QuicPacketType, encode_quic_retry, pull_quic_header
 
 from ..errors import (
     AuthenticationError,
@@ -60,6 +60,7 @@ from . import session as sc
 from .binding import BindingClient, BindingEvent
 from .auth import AuthenticatedQuicConnection, make_certificate, quic_configuration
 from .paths import PathChanged, PathKind
+from .retry import RetryTokens
 from .portmap import MappingCreated, MappingLost, MappingRenewed, PortMapClient, PortMapEvent
 from .session import SessionConfig, XmlSession, trust_check_for
 from .turn import AllocationState as TurnState
@@ -113,6 +114,13 @@ class EndpointConfig:
     handshake_timeout: float = 10.0
     """A handshake from a remote device still in progress after this long
     is dropped (on a timer)."""
+    retry_half_open: int = 64
+    """Under load: with this many handshakes in progress, an Initial with
+    no token is answered with a QUIC Retry (stateless address validation,
+    RFC 9000 section 8.1) and keeps no state; below it, no extra round trip.
+    0: always Retry."""
+    retry_token_lifetime: float = 10.0
+    """How long a Retry token is good for (the client returns it at once)."""
     traversal: TraversalConfig = TraversalConfig()
 
 
@@ -460,6 +468,9 @@ class Endpoint:
             "half_open_refused_per_ip": 0,
             "half_open_evicted": 0,
             "half_open_expired": 0,
+            "retry_sent": 0,
+            "retry_validated": 0,
+            "retry_token_invalid": 0,
         }
         self.traversal = Traversal(
             jid=self.jid,
@@ -475,6 +486,10 @@ class Endpoint:
         there is one, or from :meth:`introduced`)."""
         self.turn: TurnClient | None = None
         self.stun: BindingClient | None = None
+        self._retry = RetryTokens(self._rng.getrandbits(256).to_bytes(32, "big"),
+                                  lifetime=self.config.retry_token_lifetime)
+        self._out_stateless: list[tuple[bytes, Address]] = []
+        """Retry packets: answers that keep no connection."""
         self.portmap: PortMapClient | None = None
         """The port mapping on the router (:meth:`use_port_mapping`)."""
         """The STUN Binding asking for this socket's reflexive address."""
@@ -689,6 +704,21 @@ class Endpoint:
             return None
         cfg = self.config
         half_open = [c for c in self._connections.values() if self._half_open(c)]
+        original_dcid, retry_scid = header.destination_cid, None
+        if header.token:
+            odcid = self._retry.validate(addr, header.token, header.destination_cid, now)
+            if odcid is None:
+                # Forged, stale, or another source's: RFC 9000 section 8.1.3
+                # allows a new Retry, but a spoofer would only get more.
+                counters["retry_token_invalid"] += 1
+                self._log.warning("retry_token_invalid", addr[0],
+                                  "an Initial from %s with a bad Retry token: dropped", addr[0])
+                return None
+            original_dcid, retry_scid = odcid, header.destination_cid
+            counters["retry_validated"] += 1
+        elif len(half_open) >= cfg.retry_half_open:
+            self._send_retry(header, addr, now)
+            return None
         same_ip = [c for c in half_open if c.address[0] == addr[0]]
         if len(same_ip) >= cfg.max_half_open_per_ip:
             # The oldest handshake from that IP makes room: every device of
@@ -715,8 +745,18 @@ class Endpoint:
             return None
         link = self.traversal.link_for_mapped(addr)
         return self._new_connection(addr, initiator=False, expected=None, now=now,
-                                    original_dcid=header.destination_cid, link=link,
-                                    fixed_path=PathKind.DIRECT)
+                                    original_dcid=original_dcid, retry_scid=retry_scid,
+                                    link=link, fixed_path=PathKind.DIRECT)
+
+    def _send_retry(self, header: Any, addr: Address, now: float) -> None:
+        """Answer an Initial with a Retry: the client comes back with the
+        token from the address it claims, or (spoofed) never does."""
+        scid = self._rng.getrandbits(64).to_bytes(8, "big")
+        token = self._retry.issue(addr, header.destination_cid, scid, now)
+        self._out_stateless.append((encode_quic_retry(
+            header.version, source_cid=scid, destination_cid=header.source_cid,
+            original_destination_cid=header.destination_cid, retry_token=token), addr))
+        self.counters["retry_sent"] += 1
 
     def _drop(self, conn: Connection, counter: str) -> None:
         """Forget a half-open connection without a word to its source."""
@@ -744,6 +784,13 @@ class Endpoint:
             out.extend(self._out_turn)
             self._out_turn.clear()
         traversal = self.traversal
+        if self._out_stateless:
+            for data, addr in self._out_stateless:
+                if traversal.link_for_mapped(addr) is not None:
+                    out.extend(traversal.route(data, addr, now))  # through the relay
+                else:
+                    out.append((data, addr))
+            self._out_stateless.clear()
         dirty, self._dirty = self._dirty, set()
         for conn in dirty:
             conn._credit()
@@ -834,7 +881,8 @@ class Endpoint:
 
     def _new_connection(self, address: Address, *, initiator: bool, expected: str | None,
                         now: float, link: Link | None, fixed_path: PathKind,
-                        original_dcid: bytes | None = None) -> Connection:
+                        original_dcid: bytes | None = None,
+                        retry_scid: bytes | None = None) -> Connection:
         cfg = self.config
         qconf = quic_configuration(
             is_client=initiator,
@@ -849,6 +897,7 @@ class Endpoint:
             configuration=qconf,
             check=trust_check_for(self._verify, expected),
             original_destination_connection_id=original_dcid,
+            retry_source_connection_id=retry_scid,
         )
         sid = f"{self._sid_next:x}"
         self._sid_next += 1
