@@ -150,8 +150,8 @@ class NatReport:
     server: Address
     other: Address | None = None
     port_mapping: PortMappingReport | None = None
-    """What the gateway said to PCP and NAT-PMP (``--port-mapping``), or
-    None when not asked."""
+    """What the gateway said to PCP, NAT-PMP and UPnP IGD
+    (``--port-mapping``), or None when not asked."""
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (addresses as [ip, port])."""
@@ -698,13 +698,18 @@ def format_report(report: NatReport) -> str:
     ]
     pm = report.port_mapping
     if pm is not None:
-        def answer(name: str, a: ProtocolAnswer) -> str:
+        from .aio.upnp import UPNP_MISSING
+
+        def answer(name: str, a: ProtocolAnswer | None) -> str:
+            if a is None or a.reason == UPNP_MISSING:
+                return f"{name} not probed" + (f" ({a.reason})" if a is not None else "")
             if a.external is not None:
-                return f"{name} {addr(a.external)} for {a.lifetime} s"
+                return f"{name} {addr(a.external)} " + (
+                    f"for {a.lifetime} s" if a.lifetime else "with no expiry")
             return f"{name} {'refused' if a.answered else 'no answer'} ({a.reason})"
         lines.append(f"port mapping     gateway {pm.gateway or '-'}: "
                      + "; ".join((answer("PCP", pm.pcp), answer("NAT-PMP", pm.nat_pmp),
-                                  "UPnP not probed")))
+                                  answer("UPnP", pm.upnp))))
     return "\n".join(lines)
 
 
@@ -764,8 +769,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=parse_timeout, default=10.0,
                    help="seconds for the RFC 5780 tests, > 0 (default %(default)s)")
     p.add_argument("--port-mapping", action="store_true",
-                   help="also ask the gateway for a UDP port mapping by PCP and NAT-PMP "
-                   "(then delete it): which it answers, and the public address")
+                   help="also ask the gateway for a UDP port mapping by PCP, NAT-PMP and "
+                   "UPnP IGD (then delete it): which it answers, and the public address")
     p.add_argument("--gateway", type=parse_ipv4, metavar="IP",
                    help="the gateway to ask (implies --port-mapping; default: the "
                    "default route's)")

@@ -33,12 +33,14 @@ from ..jid import JID, jid_matches
 from ..proto import endpoint as ep
 from ..proto.linklocal import LinkLocalConfig
 from ..proto.paths import PathConfig, PathKind
-from ..proto.portmap import PortMapClient, PortMapConfig, PortMapState
+from ..proto.portmap import (MappingCreated, MappingLost, MappingRenewed, PortMapClient,
+                             PortMapConfig, PortMapEvent, PortMapState, ProbeFailed)
 from ..proto.session import SessionConfig, SessionEnded
 from ..proto.traversal import Link, Traversal, TraversalConfig
 from .netif import default_gateway, host_candidates, source_ip_towards
 from .session import Session
 from .socket import UdpSocket
+from .upnp import UpnpConfig, UpnpMapper, in_this_network_namespace
 from ..wire.address import Address
 
 if TYPE_CHECKING:
@@ -128,15 +130,18 @@ class PeerConfig:
     dropped (on a timer)."""
     port_mapping: bool = False
     """Ask the home router to forward a public port to this device's socket
-    (PCP, NAT-PMP: :mod:`dtx.proto.portmap`, from the socket itself) and
-    offer it as a candidate to the rendezvous and in Jingle: with a mapping
-    on either side, any pair of NATs goes direct (docs/nat-traversal.md).
-    Renewed at half its lifetime, deleted on close."""
+    (PCP, NAT-PMP: :mod:`dtx.proto.portmap`, from the socket itself; when
+    they give up, UPnP IGD: :mod:`dtx.aio.upnp`, with async-upnp-client)
+    and offer it as a candidate to the rendezvous and in Jingle: with a
+    mapping on either side, any pair of NATs goes direct
+    (docs/nat-traversal.md). Renewed at half its lifetime, deleted on close."""
     gateway: str | None = None
     """The router to ask for the port mapping (default: the default
     route's gateway)."""
     port_mapping_config: PortMapConfig = PortMapConfig()
     """The port-mapping client's tunables (lifetime, retransmissions)."""
+    upnp_config: UpnpConfig = UpnpConfig()
+    """UPnP IGD's tunables (lease, discovery time), when it is tried."""
 
     def endpoint_config(self) -> ep.EndpointConfig:
         """The sans-IO endpoint's share of these options."""
@@ -200,6 +205,9 @@ class Peer:
         self.refusals: deque[tuple[Address, DtxError]] = deque(maxlen=64)
         """The latest handshakes this peer refused or was refused in, newest last."""
         self._listeners: list[Callable[[object], None]] = []
+        self._upnp: UpnpMapper | None = None
+        """UPnP IGD's mapping, when PCP and NAT-PMP gave up (``port_mapping``)."""
+        self._upnp_here = True
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -232,6 +240,7 @@ class Peer:
         self._endpoint.start(self._now())
         if cfg.port_mapping:
             self._start_port_mapping()
+            self._upnp_fallback(sock)
         self._transmit()
         if cfg.lan:
             await self._start_lan(listen)
@@ -284,13 +293,69 @@ class Peer:
             async with asyncio.timeout(timeout):
                 while self.port_mapped is None:
                     portmap = endpoint.portmap
-                    if portmap is None or portmap.state in _GAVE_UP:
+                    if (portmap is None or portmap.state in _GAVE_UP) and not self._upnp_trying():
                         return None
                     self._state_changed.clear()
                     await self._state_changed.wait()
         except TimeoutError:
             return None
         return self.port_mapped
+
+    # -- UPnP IGD, when PCP and NAT-PMP gave up -------------------------------------
+
+    def _upnp_fallback(self, sock: socket.socket | None) -> None:
+        """Try UPnP when PCP and NAT-PMP give up (their ProbeFailed), or at
+        once when there is no PCP/NAT-PMP client. Not for a socket made in
+        another network namespace than this thread's, where UPnP's own
+        sockets (SSDP, HTTP) would search another LAN."""
+        self._upnp_here = sock is None or in_this_network_namespace(sock) is not False
+        if not self._upnp_here:
+            logger.info("no UPnP port mapping: the socket is in another network namespace")
+            return
+        self._listeners.append(self._on_port_map_event)
+        if self._started().portmap is None:
+            self._start_upnp()
+
+    def _on_port_map_event(self, event: object) -> None:
+        if isinstance(event, ProbeFailed):
+            logger.info("PCP and NAT-PMP gave up (%s); trying UPnP IGD", event.reason)
+            self._start_upnp()
+
+    def _start_upnp(self) -> None:
+        if self._upnp is not None or self._socket is None or not self._upnp_here:
+            return
+        cfg = self.config
+        bound = self._socket.address
+        client_ip = bound[0] if bound[0] not in ("0.0.0.0", "::", "") else (
+            cfg.host_addresses[0] if cfg.host_addresses else None)
+        mapper = UpnpMapper(bound[1], gateway=cfg.gateway, client_ip=client_ip,
+                            config=cfg.upnp_config, rng=random.Random(self._rng.getrandbits(64)),
+                            on_event=self._on_upnp_event)
+        try:
+            mapper.start()
+        except DtxError as exc:
+            logger.warning("no UPnP port mapping: %s", exc)
+            return
+        self._upnp = mapper
+
+    def _on_upnp_event(self, event: PortMapEvent) -> None:
+        endpoint = self._endpoint
+        if endpoint is not None and isinstance(event, (MappingCreated, MappingRenewed)):
+            endpoint.set_port_mapped(event.external, self._now())
+        elif endpoint is not None and isinstance(event, MappingLost):
+            endpoint.set_port_mapped(None, self._now())
+        self._state_changed.set()
+        self._wake()
+
+    def _upnp_trying(self) -> bool:
+        """A UPnP probe is under way (no mapping yet, no failure yet)."""
+        return self._upnp is not None and not self._upnp.done
+
+    async def _upnp_deleted(self) -> None:
+        """Delete UPnP's mapping, if there is one (bounded)."""
+        mapper, self._upnp = self._upnp, None
+        if mapper is not None:
+            await mapper.close(PORT_MAPPING_CLOSE_TIMEOUT)
 
     @property
     def port_mapped(self) -> Address | None:
@@ -393,6 +458,7 @@ class Peer:
         if link_local is not None:  # after the goodbye of its record
             await link_local.close()
         if self._endpoint is not None:
+            await self._upnp_deleted()
             self._endpoint.close(self._now())
             self._transmit()
             await self._port_mapping_deleted()

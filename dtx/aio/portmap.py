@@ -6,7 +6,8 @@ its own.
 5351, for another socket's port: NAT-PMP names the internal port in the
 request and PCP the internal address and port, so the requests need not
 leave from the mapped socket. ``dtx nat-check --port-mapping`` uses it
-(:func:`port_mapping_check`). A device asks from its own socket instead,
+(:func:`port_mapping_check`), with UPnP IGD's mapper
+(:class:`~dtx.aio.upnp.UpnpMapper`) beside it. A device asks from its own socket instead,
 through its endpoint (``PeerConfig.port_mapping``,
 :meth:`~dtx.proto.endpoint.Endpoint.use_port_mapping`), so that the
 mapping it registers is the one its QUIC traffic uses.
@@ -46,6 +47,7 @@ from ..proto.portmap import (
 from ..wire.address import Address
 from .netif import default_gateway, source_ip_towards
 from .socket import UdpSocket
+from .upnp import UPNP_MISSING, UpnpConfig, UpnpMapper, UpnpUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -212,7 +214,8 @@ class ProtocolAnswer:
 @dataclass(frozen=True)
 class PortMappingReport:
     """Which port-mapping protocols the gateway answers (``dtx nat-check
-    --port-mapping``). ``upnp`` is None: not probed (PCP and NAT-PMP only)."""
+    --port-mapping``). ``upnp`` None: not probed; without async-upnp-client
+    it is not answered, with the reason :data:`~dtx.aio.upnp.UPNP_MISSING`."""
 
     gateway: str | None
     pcp: ProtocolAnswer
@@ -222,8 +225,8 @@ class PortMappingReport:
     @property
     def external(self) -> Address | None:
         """The mapped address of the best protocol that answered."""
-        for answer in (self.pcp, self.nat_pmp):
-            if answer.external is not None:
+        for answer in (self.pcp, self.nat_pmp, self.upnp):
+            if answer is not None and answer.external is not None:
                 return answer.external
         return None
 
@@ -235,15 +238,18 @@ class PortMappingReport:
 
 
 async def port_mapping_check(*, gateway: str | None = None, timeout: float = 5.0,
-                             config: PortMapConfig | None = None) -> PortMappingReport:
+                             config: PortMapConfig | None = None,
+                             upnp: UpnpConfig | None = None) -> PortMappingReport:
     """Ask ``gateway`` (default: the default route's) for a UDP mapping by
-    PCP and by NAT-PMP at once, each for a socket of its own, then delete
-    both: which protocols it answers, and the public address each gives.
-    Bounded by ``timeout`` (and the deletes by :data:`CLOSE_TIMEOUT`)."""
+    PCP, by NAT-PMP and by UPnP IGD at once, each for a socket of its own,
+    then delete them: which protocols it answers, and the public address
+    each gives. Bounded by ``timeout`` (and the deletes by
+    :data:`CLOSE_TIMEOUT`). UPnP's answer is "not answered" with the
+    reason :data:`~dtx.aio.upnp.UPNP_MISSING` without async-upnp-client."""
     gateway = gateway or default_gateway()
     if gateway is None:
         missing = ProtocolAnswer(False, reason="no default gateway")
-        return PortMappingReport(None, missing, missing)
+        return PortMappingReport(None, missing, missing, missing)
     base = config or PortMapConfig()
 
     async def one(protocol: MappingProtocol) -> ProtocolAnswer:
@@ -266,6 +272,26 @@ async def port_mapping_check(*, gateway: str | None = None, timeout: float = 5.0
                 stats.pcp_answers if protocol is MappingProtocol.PCP else stats.natpmp_answers)
             return ProtocolAnswer(answers > 0, reason=outcome.reason)
 
-    pcp, nat_pmp = await asyncio.gather(one(MappingProtocol.PCP), one(MappingProtocol.NATPMP))
-    return PortMappingReport(gateway, pcp, nat_pmp)
+    async def by_upnp() -> ProtocolAnswer:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as mapped:
+            mapped.bind(("0.0.0.0", 0))
+            mapper = UpnpMapper(mapped.getsockname()[1], gateway=gateway, config=upnp)
+            try:
+                mapper.start()
+            except UpnpUnavailable:
+                logger.info("port mapping: UPnP IGD not probed: %s", UPNP_MISSING)
+                return ProtocolAnswer(False, reason=UPNP_MISSING)
+            except DtxError as exc:
+                return ProtocolAnswer(False, reason=str(exc))
+            try:
+                outcome = await mapper.wait(timeout)
+            finally:
+                await mapper.close()
+            if isinstance(outcome, MappingCreated):
+                return ProtocolAnswer(True, outcome.external, outcome.lifetime)
+            return ProtocolAnswer(mapper.location is not None, reason=outcome.reason)
+
+    pcp, nat_pmp, by_igd = await asyncio.gather(one(MappingProtocol.PCP),
+                                                one(MappingProtocol.NATPMP), by_upnp())
+    return PortMappingReport(gateway, pcp, nat_pmp, by_igd)
 

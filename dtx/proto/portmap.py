@@ -59,12 +59,12 @@ Out: :meth:`~PortMapClient.datagrams_to_send`, :meth:`~PortMapClient.get_timer`,
 randomness is ``rng``.
 
 UPnP IGD is not here. Its discovery and requests (SSDP, then SOAP over
-HTTP) are a driver's I/O, not datagrams to port 5351, so the seam is at the
-decision, not the wire: a ``MappingProtocol.UPNP`` would get its place in
-``PortMapConfig.preference``, its probe outcome would be recorded through
-:meth:`~PortMapClient._settle_probe` (where the two probes here land) and
-:func:`choose_protocol` would weigh it with the others; its requests would
-be a third branch of :meth:`~PortMapClient._request`.
+HTTP) are I/O through a library, not datagrams to port 5351: they live in
+:mod:`dtx.aio.upnp`, whose mapper reports with this module's events
+(:class:`MappingCreated`, :class:`MappingRenewed`, :class:`MappingLost`,
+:class:`ProbeFailed`, :class:`MappingClosed`) and ``MappingProtocol.UPNP``.
+``PortMapConfig.preference`` names PCP and NAT-PMP only; a device tries
+UPnP when this client gave up (:class:`~dtx.aio.peer.Peer`).
 
 One machine with its config, events, policy and statistics, past the style
 guide's ~800 lines (much of it these docs): the two protocols share every
@@ -140,6 +140,8 @@ _UDP = 17
 class MappingProtocol(Enum):
     PCP = "pcp"
     NATPMP = "nat-pmp"
+    UPNP = "upnp"
+    """UPnP IGD: :mod:`dtx.aio.upnp`, never :class:`PortMapClient`'s."""
 
 
 class ProbeOutcome(Enum):
@@ -194,6 +196,8 @@ class PortMapConfig:
             raise ValueError("PortMapConfig: lifetime must be 1..2**32-1 seconds")
         if not self.preference or len(set(self.preference)) != len(self.preference):
             raise ValueError("PortMapConfig: preference must name each protocol at most once")
+        if MappingProtocol.UPNP in self.preference:
+            raise ValueError("PortMapConfig: UPnP IGD is not in preference (dtx.aio.upnp)")
         if not 0 < self.natpmp_initial_rto < 60 or not 0 < self.pcp_initial_rto <= self.pcp_max_rto:
             raise ValueError("PortMapConfig: retransmission timeouts must be positive")
         if not 0 <= self.pcp_rto_jitter < 1:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from dtx.aio.portmap import PortMapper, port_mapping_check
+from dtx.aio.upnp import UpnpConfig
 from dtx.proto.portmap import MappingCreated, MappingProtocol, PortMapConfig, ProbeFailed
 from dtx.wire.natpmp import (
     ExternalAddressRequest,
@@ -111,12 +112,15 @@ async def test_a_silent_gateway_gives_probe_failed_in_bounded_time() -> None:
 
 
 async def test_nat_check_reports_which_protocol_answers(gateway: NatPmpGateway) -> None:
-    report = await port_mapping_check(gateway="127.0.0.1", timeout=5,
-                                      config=_config(gateway.port))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as no_igd:
+        no_igd.bind(("127.0.0.1", 0))  # UPnP's search goes there, unanswered
+        upnp = UpnpConfig(ssdp_target=no_igd.getsockname(), discovery_timeout=0.3)
+        report = await port_mapping_check(gateway="127.0.0.1", timeout=5,
+                                          config=_config(gateway.port), upnp=upnp)
     assert report.gateway == "127.0.0.1"
     assert report.nat_pmp.answered and report.nat_pmp.external == (str(PUBLIC), EXTERNAL_PORT)
     assert not report.pcp.answered and report.pcp.external is None  # a NAT-PMP-only router
     assert report.external == (str(PUBLIC), EXTERNAL_PORT)
     doc = report.to_json()
     assert doc["nat_pmp"]["external"] == [str(PUBLIC), EXTERNAL_PORT]
-    assert doc["upnp"] is None
+    assert doc["upnp"]["answered"] is False and doc["upnp"]["external"] is None
