@@ -38,7 +38,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .cliargs import (
     EXIT_CONNECT,
@@ -56,9 +56,11 @@ from .cliargs import (
 )
 from .errors import DecodeError, LocalProtocolError
 from .aio.netif import source_ip_towards
-from .aio.portmap import PortMappingReport, ProtocolAnswer, port_mapping_check
 from .aio.socket import UdpSocket
 from .wire.stun import Address, StunClass, StunMessage, binding_request, decode_stun, is_stun
+
+if TYPE_CHECKING:
+    from .aio.portmap import PortMappingReport, ProtocolAnswer
 
 __all__ = [
     "Behaviour",
@@ -739,6 +741,8 @@ def cmd_nat_check(args: argparse.Namespace) -> int:
         report = await nat_check(args.stun, sock=sock, classic=not args.no_classic,
                                  timeout=args.timeout)
         if mapping:
+            from .aio.portmap import port_mapping_check
+
             found = await port_mapping_check(gateway=args.gateway, timeout=args.timeout)
             report = dataclasses.replace(report, port_mapping=found)
         return report

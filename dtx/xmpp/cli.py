@@ -19,7 +19,7 @@ import asyncio
 import json
 import os
 import stat
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dtx.cliargs import (
     UsageError,
@@ -31,7 +31,10 @@ from dtx.cliargs import (
 )
 from dtx.errors import XmppError
 from dtx.identity import DeviceIdentity, fingerprint, load_identity
-from dtx.xmpp.client import PUBLISH_FORMATS, KeyChange, XmppClient, XmppConfig
+from dtx.xmpp.config import PUBLISH_FORMATS, XmppConfig
+
+if TYPE_CHECKING:
+    from dtx.xmpp.client import KeyChange, XmppClient
 
 __all__ = [
     "SIGNALLING_FLAGS",
@@ -184,6 +187,8 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
 def _client(args: argparse.Namespace, identity: DeviceIdentity) -> XmppClient:
     """A client for the key file's account, with the login options of
     ``args``; the password file is read (and checked) here, before connecting."""
+    from dtx.xmpp.client import XmppClient
+
     password = read_password_file(args.password_file)
     config = XmppConfig(
         server=args.server,

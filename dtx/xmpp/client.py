@@ -50,6 +50,7 @@ from slixmpp.stanza import Iq
 from dtx.errors import AuthenticationError, ConnectError, VCardError, XmppError
 from dtx.errors import IqError as StanzaError
 from dtx.jid import JID
+from dtx.xmpp.config import PUBLISH_FORMATS, PublishFormat, XmppConfig
 from dtx.trust.vcard import (
     VCARD4_NS,
     VCARD_TEMP_NS,
@@ -76,8 +77,6 @@ logger = logging.getLogger(__name__)
 VCARD4_NODE = "urn:xmpp:vcard4"
 """PEP node holding the account's vCard4 (XEP-0292), item id ``current``."""
 
-PublishFormat = Literal["auto", "vcard-temp", "vcard4"]
-PUBLISH_FORMATS: tuple[PublishFormat, ...] = ("auto", "vcard-temp", "vcard4")
 
 _PUBSUB_NS = "http://jabber.org/protocol/pubsub"
 _PUBSUB_OWNER_NS = "http://jabber.org/protocol/pubsub#owner"
@@ -85,22 +84,6 @@ _DATA_NS = "jabber:x:data"
 _DISCO_INFO_NS = "http://jabber.org/protocol/disco#info"
 _STANZAS_NS = "urn:ietf:params:xml:ns:xmpp-stanzas"
 _ABSENT = frozenset({"item-not-found", "service-unavailable", "feature-not-implemented"})
-
-
-@dataclass(frozen=True, kw_only=True)
-class XmppConfig:
-    """How to reach and talk to the XMPP server.
-
-    ``server`` is (host, port) to connect to directly; None resolves the
-    JID's domain (DNS SRV, then the domain on port 5222). ``ca_file`` adds
-    a CA (PEM) to trust for the server's certificate. ``timeout`` bounds
-    the login and each request, in seconds.
-    """
-
-    server: tuple[str, int] | None = None
-    allow_plaintext: bool = False
-    ca_file: str | None = None
-    timeout: float = 10.0
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,20 @@ def test_the_public_api_still_loads_the_driver_on_use() -> None:
     assert done.returncode == 0, done.stderr
 
 
+def test_the_command_line_loads_no_xmpp_client_until_a_command_needs_it() -> None:
+    """``dtx send`` without ``--xmpp`` pays nothing for slixmpp (a one-shot
+    command's start-up is part of its latency), and ``dtx.xmpp``'s names
+    still load it on use."""
+    code = ("import sys, dtx.cli, dtx.xmpp\n"
+            "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('slixmpp', 'aiodns')"
+            " or m in ('dtx.xmpp.client', 'dtx.aio.portmap', 'dtx.aio.upnp'))\n"
+            "assert not loaded, loaded\n"
+            "assert dtx.xmpp.XmppClient.__module__ == 'dtx.xmpp.client'\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
 def test_no_import_cycle_among_the_drivers() -> None:
     aio = ROOT / "dtx" / "aio"
     names = {p.stem for p in aio.glob("*.py") if p.stem != "__init__"}
