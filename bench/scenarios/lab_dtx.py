@@ -23,19 +23,25 @@ connection.
 from __future__ import annotations
 
 import asyncio
+import compileall
 import dataclasses
 import logging
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
+import dtx
 from dtx.aio.peer import Peer, PeerConfig
 from dtx.aio.session import Session
 from dtx.aio.xmpp import XmppSignalling, XmppSignallingConfig
-from dtx.identity import DeviceIdentity
+from dtx.identity import DeviceIdentity, save_identity
 from dtx.lab.topology import Host
 from dtx.trust import PinStore, VCardDirectory, Verifier
+from dtx.wire.address import format_address
 from dtx.xmpp.client import XmppConfig
 
 from .common import Metric, Options, Result
@@ -268,6 +274,52 @@ async def measure_dtx(world: LabWorld, opts: Options, run: int, scenario: str, s
 
         return await measure_system(opts, run, scenario, DtxSystem(
             name=system, a=a, b=b, expect=expect, tv=tv, caller=caller), results)
+
+
+async def measure_dtx_send(world: LabWorld, opts: Options, run: int, scenario: str,
+                           system: str, a: Host, b: Host, identity: DeviceIdentity,
+                           results: list[Result]) -> list[Result]:
+    """A home-automation script's "pause": ``python -m dtx.cli send`` started
+    in ``a`` (a new process: Python's start-up and dtx's imports count),
+    registering with the rendezvous and connecting by JID to the TV in
+    ``b``, registered beforehand; from the process start to the stanza at
+    the TV, ``opts.lab_connects`` times. dtx's bytecode is compiled first,
+    as a pip install leaves it (an editable checkout run with
+    ``PYTHONDONTWRITEBYTECODE`` would otherwise compile every module of
+    dtx at each start, ~100 ms here)."""
+    tag = f"{scenario} run {run + 1}/{opts.runs}"
+    compileall.compile_dir(str(Path(dtx.__file__).parent), quiet=1)
+    key = world.folder / f"{system}.key"
+    save_identity(identity, key)
+    argv = [sys.executable, "-m", "dtx.cli", "send", str(key), "--to", TV_BARE,
+            "--rendezvous", format_address(*world.rendezvous), "--vcards", str(world.vcards),
+            "--no-pins", "--body", "pause", "--timeout", str(opts.timeout)]
+    samples: list[float] = []
+    loop = asyncio.get_running_loop()
+    opts.progress.step(f"{tag}: {system} x{opts.lab_connects}")
+    async with open_lab_peer(world, world.identities["tv"], b, listen=True) as tv:
+        await tv.wait_registered(opts.timeout)
+        for _ in range(opts.lab_connects):
+            started = time.perf_counter()
+            proc = a.popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+            try:
+                async with asyncio.timeout(opts.timeout):
+                    srv = await tv.accept()
+                    await srv.receive()
+                samples.append(time.perf_counter() - started)
+                _, err = await loop.run_in_executor(None, proc.communicate, None,
+                                                    opts.timeout)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"dtx send exited {proc.returncode}: {err[-500:]}")
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(5)
+    results.append(Result(scenario=scenario, system=system, metric=Metric.CONNECT, run=run,
+                          samples=tuple(samples),
+                          note="process start to the first stanza at the TV"))
+    return results
 
 
 async def measure_dtx_xmpp(world: LabWorld, opts: Options, run: int, scenario: str,

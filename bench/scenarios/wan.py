@@ -32,7 +32,7 @@ from .common import Metric, Options, Result
 from .lab_common import (PLUGIN, TV_BARE, TV_JID, Pair, PluginDevices, alternatives_missing,
                          guarded, guarded_async, measure_webrtc, measure_xmpp, scratch,
                          start_world, udp_rtt)
-from .lab_dtx import measure_dtx, measure_dtx_xmpp
+from .lab_dtx import measure_dtx, measure_dtx_send, measure_dtx_xmpp
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +101,8 @@ def run_wan(opts: Options, name: str, wan: WanProfile) -> list[Result]:
                     await guarded_async(opts, f"{tag}: {pair.system}", measure_dtx(
                         world, opts, run, name, pair.system, pair.a, pair.b, ids[key],
                         pair.expect, out))
+                await guarded_async(opts, f"{tag}: dtx-send-cold", measure_dtx_send(
+                    world, opts, run, name, "dtx-send-cold", a, b, ids["phone"], out))
                 return out
 
             results += asyncio.run(measure())
@@ -131,6 +133,7 @@ def run(opts: Options) -> list[Result]:
 
 SYSTEMS: tuple[str, ...] = (
     "udp-direct", "dtx-direct", "dtx-direct-ping", "dtx-direct-datagram", "dtx-direct-cold",
+    "dtx-send-cold",
     "dtx-xmpp-direct", "webrtc-direct", "udp-relay", "dtx-relay", "dtx-relay-ping",
     "dtx-relay-datagram", "dtx-relay-cold", "dtx-xmpp-relay", "webrtc-relay", "xmpp",
     "xmpp-ping", "xmpp-login", "xmpp+dtx-direct", "xmpp+dtx-relay",
@@ -143,6 +146,8 @@ DESCRIPTIONS: dict[str, str] = {
     "dtx-direct-ping": "dtx session, XEP-0199 ping, direct path",
     "dtx-direct-datagram": "dtx DATAGRAM channel, stanza echo, direct path",
     "dtx-direct-cold": "dtx, fresh device: start, register, connect, first stanza (punchable pair)",
+    "dtx-send-cold": "`dtx send` as a script runs it: process start (Python, imports), register, "
+                     "connect by JID, first stanza at the TV (punchable pair)",
     "dtx-relay": "dtx session, `<message/>` echo, relay-only pair (symmetric NAT)",
     "dtx-relay-ping": "dtx session, XEP-0199 ping, relay path",
     "dtx-relay-datagram": "dtx DATAGRAM channel, stanza echo, relay path",
