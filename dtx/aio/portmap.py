@@ -261,16 +261,14 @@ async def port_mapping_check(*, gateway: str | None = None, timeout: float = 5.0
                 mapper.start()
             except (DtxError, OSError) as exc:
                 return ProtocolAnswer(False, reason=str(exc))
-            try:
-                outcome = await mapper.wait(timeout)
-            finally:
-                await mapper.close()
-            if isinstance(outcome, MappingCreated):
-                return ProtocolAnswer(True, outcome.external, outcome.lifetime)
-            stats = mapper.client.statistics() if mapper.client is not None else None
-            answers = 0 if stats is None else (
-                stats.pcp_answers if protocol is MappingProtocol.PCP else stats.natpmp_answers)
-            return ProtocolAnswer(answers > 0, reason=outcome.reason)
+
+            def answered() -> bool:
+                stats = mapper.client.statistics() if mapper.client is not None else None
+                return stats is not None and 0 < (
+                    stats.pcp_answers if protocol is MappingProtocol.PCP
+                    else stats.natpmp_answers)
+
+            return await _outcome(mapper, timeout, answered)
 
     async def by_upnp() -> ProtocolAnswer:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as mapped:
@@ -283,15 +281,21 @@ async def port_mapping_check(*, gateway: str | None = None, timeout: float = 5.0
                 return ProtocolAnswer(False, reason=UPNP_MISSING)
             except DtxError as exc:
                 return ProtocolAnswer(False, reason=str(exc))
-            try:
-                outcome = await mapper.wait(timeout)
-            finally:
-                await mapper.close()
-            if isinstance(outcome, MappingCreated):
-                return ProtocolAnswer(True, outcome.external, outcome.lifetime)
-            return ProtocolAnswer(mapper.location is not None, reason=outcome.reason)
+            return await _outcome(mapper, timeout, lambda: mapper.location is not None)
 
     pcp, nat_pmp, by_igd = await asyncio.gather(one(MappingProtocol.PCP),
                                                 one(MappingProtocol.NATPMP), by_upnp())
     return PortMappingReport(gateway, pcp, nat_pmp, by_igd)
 
+
+async def _outcome(mapper: PortMapper | UpnpMapper, timeout: float,
+                   answered: Callable[[], bool]) -> ProtocolAnswer:
+    """What one started mapper got within ``timeout``, its mapping deleted
+    after; ``answered``: whether the gateway spoke its protocol at all."""
+    try:
+        outcome = await mapper.wait(timeout)
+    finally:
+        await mapper.close()
+    if isinstance(outcome, MappingCreated):
+        return ProtocolAnswer(True, outcome.external, outcome.lifetime)
+    return ProtocolAnswer(answered(), reason=outcome.reason)
