@@ -206,6 +206,7 @@ class Peer:
         """The latest handshakes this peer refused or was refused in, newest last."""
         self._listeners: list[Callable[[object], None]] = []
         self._upnp: UpnpMapper | None = None
+        self._upnp_timer: asyncio.TimerHandle | None = None
         """UPnP IGD's mapping, when PCP and NAT-PMP gave up (``port_mapping``)."""
         self._upnp_here = True
 
@@ -313,8 +314,19 @@ class Peer:
             logger.info("no UPnP port mapping: the socket is in another network namespace")
             return
         self._listeners.append(self._on_port_map_event)
-        if self._started().portmap is None:
+        portmap = self._started().portmap
+        if portmap is None:
             self._start_upnp()
+            return
+
+        def if_silent() -> None:
+            stats = portmap.statistics()
+            if stats.pcp_answers + stats.natpmp_answers == 0 and self.port_mapped is None:
+                logger.info("the gateway answers neither PCP nor NAT-PMP; trying UPnP IGD too")
+                self._start_upnp()
+
+        self._upnp_timer = self._loop_().call_later(self.config.upnp_config.silent_after,
+                                                    if_silent)
 
     def _on_port_map_event(self, event: object) -> None:
         if isinstance(event, ProbeFailed):
@@ -340,7 +352,11 @@ class Peer:
 
     def _on_upnp_event(self, event: PortMapEvent) -> None:
         endpoint = self._endpoint
-        if endpoint is not None and isinstance(event, (MappingCreated, MappingRenewed)):
+        portmap = None if endpoint is None else endpoint.portmap
+        if portmap is not None and portmap.state in (PortMapState.MAPPED,
+                                                     PortMapState.RENEWING):
+            pass  # PCP or NAT-PMP answered after all: theirs is the candidate
+        elif endpoint is not None and isinstance(event, (MappingCreated, MappingRenewed)):
             endpoint.set_port_mapped(event.external, self._now())
         elif endpoint is not None and isinstance(event, MappingLost):
             endpoint.set_port_mapped(None, self._now())
@@ -353,6 +369,9 @@ class Peer:
 
     async def _upnp_deleted(self) -> None:
         """Delete UPnP's mapping, if there is one (bounded)."""
+        if self._upnp_timer is not None:
+            self._upnp_timer.cancel()
+            self._upnp_timer = None
         mapper, self._upnp = self._upnp, None
         if mapper is not None:
             await mapper.close(PORT_MAPPING_CLOSE_TIMEOUT)

@@ -189,6 +189,11 @@ class UpnpConfig:
     lease_duration: int = 3600
     """Lease asked for; 0 asks for a permanent mapping (which some IGDs
     require, and WANIPConnection:2 turns into a week)."""
+    silent_after: float = 2.0
+    """A device (``PeerConfig.port_mapping``) also tries UPnP when its
+    gateway has answered neither PCP nor NAT-PMP within this long (on a
+    LAN they answer in milliseconds; NAT-PMP alone would retry for two
+    minutes before giving up)."""
     discovery_timeout: float = 2.5
     """How long SSDP answers are awaited, in all."""
     search_transmissions: int = 3

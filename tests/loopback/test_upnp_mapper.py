@@ -8,6 +8,7 @@ Without async-upnp-client: what is reported instead."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import socket
 import sys
@@ -289,6 +290,31 @@ async def test_a_peer_tries_upnp_when_pcp_and_nat_pmp_give_up() -> None:
                 await peer.close()
             assert igd.mappings == {}
             assert igd.actions("DeletePortMapping")[-1]["NewExternalPort"] == str(port)
+
+
+@needs_library
+async def test_a_peer_tries_upnp_beside_a_silent_pcp_and_nat_pmp() -> None:
+    """A gateway that answers neither: UPnP after ``silent_after``, long
+    before NAT-PMP's own retries (here nine, over two minutes) give up."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind((LOOPBACK, 0))
+        slow = PortMapConfig(gateway_port=silent.getsockname()[1])  # the RFC schedules
+        async with fake_igd() as igd:
+            cfg = PeerConfig(port_mapping=True, gateway=LOOPBACK, port_mapping_config=slow,
+                             upnp_config=dataclasses.replace(config(igd.ssdp),
+                                                             silent_after=0.5))
+            peer = Peer(generate_identity("tv@example.org/den"), TrustAll(), config=cfg)
+            await peer.start(LOOPBACK, 0)
+            port = peer.address[1]
+            try:
+                mapped = await peer.wait_port_mapped(5)
+                assert mapped == ("1.2.3.4", port)
+                portmap = peer._started().portmap
+                assert portmap is not None  # still probing, unanswered
+                assert portmap.statistics().natpmp_answers == 0
+            finally:
+                await peer.close()
+            assert igd.mappings == {}
 
 
 def test_a_socket_made_here_is_in_this_network_namespace() -> None:
