@@ -245,7 +245,7 @@ class Traversal:
         """The server's latest refusal of this device's registration."""
         self.counters: dict[str, int] = {"dropped": 0, "probes_bad": 0, "relay_unknown": 0,
                                          "introductions_bad": 0, "punch_restarts_limited": 0,
-                                         "host_candidates_skipped": 0}
+                                         "host_candidates_skipped": 0, "relay_ambiguous": 0}
         self._log = LogLimiter(logger)
         self._closed = False
         self._port_mapped: Address | None = None
@@ -520,14 +520,16 @@ class Traversal:
         datagram the TURN server relayed from there)."""
         link = self._by_relay_peer.get(peer)
         if link is None:
-            # The peer's NAT may map it to another port toward the relay.
-            for candidate in self._by_relay_peer.values():
-                if candidate.relay_peer is not None and candidate.relay_peer[0] == peer[0]:
-                    link = candidate
-                    break
-            else:
-                self.counters["relay_unknown"] += 1
+            # The peer's NAT may map it to another port toward the relay:
+            # the link relayed from that IP, if only one is (two peers on
+            # one TURN server share its IP; guessing would hand one's
+            # packets to the other's connection).
+            same_ip = {id(c): c for c in self._by_relay_peer.values()
+                       if c.relay_peer is not None and c.relay_peer[0] == peer[0]}
+            if len(same_ip) != 1:
+                self.counters["relay_unknown" if not same_ip else "relay_ambiguous"] += 1
                 return None
+            link = next(iter(same_ip.values()))
         return link.mapped
 
     def map_incoming(self, src: Address, now: float) -> Address | None:
