@@ -19,6 +19,7 @@ import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Final
 
 from dtx.errors import DecodeError, LocalProtocolError
 from dtx.identity import verify_signature
@@ -118,6 +119,9 @@ class CandidateKind(IntEnum):
     MAPPED = 4
     """A public port the device's router forwards to it on request (PCP,
     NAT-PMP, UPnP IGD): reachable whatever the NAT's filtering."""
+
+
+_CANDIDATE_KINDS: Final = frozenset(int(k) for k in CandidateKind)
 
 
 class Role(IntEnum):
@@ -433,6 +437,7 @@ def decode_control(data: bytes) -> ControlMessage:
     fields: dict[str, object] = {}
     seen: set[AttrType] = set()
     candidates: list[Candidate] = []
+    candidate_attrs = 0
     signed_part = b""
     pos = HEADER_BYTES
     while pos < len(data):
@@ -467,15 +472,16 @@ def decode_control(data: bytes) -> ControlMessage:
         elif kind in (AttrType.JID, AttrType.TARGET, AttrType.PEER_JID):
             fields[kind.name.lower()] = _utf8(value, kind.name, MAX_JID_BYTES)
         elif kind == AttrType.CANDIDATE:
-            if len(candidates) >= MAX_CANDIDATES:
+            candidate_attrs += 1
+            if candidate_attrs > MAX_CANDIDATES:
                 raise DecodeError(f"more than {MAX_CANDIDATES} candidates")
             if not value:
                 raise DecodeError("empty candidate")
-            try:
-                ckind = CandidateKind(value[0])
-            except ValueError:
-                raise DecodeError(f"unknown candidate kind {value[0]}") from None
-            candidates.append(Candidate(ckind, decode_address(value[1:])))
+            addr = decode_address(value[1:])
+            # A kind this version does not know (a later one) is skipped,
+            # so that a newer device still registers with an older server.
+            if value[0] in _CANDIDATE_KINDS:
+                candidates.append(Candidate(CandidateKind(value[0]), addr))
         elif kind == AttrType.REFLEXIVE:
             fields["reflexive"] = decode_address(value)
         elif kind in (AttrType.LIFETIME, AttrType.KEEPALIVE, AttrType.CHANNEL):

@@ -179,6 +179,16 @@ def test_candidates_at_most_eight() -> None:
         decode_control(nine)
 
 
+def test_a_candidate_of_an_unknown_kind_is_skipped() -> None:
+    """A later kind (a newer device's) costs the message nothing else."""
+    host = Candidate(CandidateKind.HOST, ("10.0.0.2", 1))
+    data = encode_control(ControlMessage(MessageType.ACK, TXID, candidates=(host,)))
+    later = data + b"\x05\x00\x08\x09\x04\x00\x02\x0a\x00\x00\x03"
+    assert decode_control(later).candidates == (host,)
+    with pytest.raises(DecodeError):  # still an address
+        decode_control(data + b"\x05\x00\x03\x09\x04\x00")
+
+
 def test_encoder_refuses_bad_values() -> None:
     with pytest.raises(LocalProtocolError):
         encode_control(ControlMessage(MessageType.ACK, b"short"))
