@@ -33,8 +33,7 @@ from ..jid import JID, jid_matches
 from ..proto import endpoint as ep
 from ..proto.linklocal import LinkLocalConfig
 from ..proto.paths import PathConfig, PathKind
-from ..proto.portmap import (MappingCreated, MappingLost, MappingRenewed, PortMapClient,
-                             PortMapConfig, PortMapEvent, PortMapState, ProbeFailed)
+from ..proto.portmap import PortMapClient, PortMapConfig, PortMapEvent, PortMapState, ProbeFailed
 from ..proto.session import SessionConfig, SessionEnded
 from ..proto.traversal import Link, Traversal, TraversalConfig
 from .netif import default_gateway, host_candidates, source_ip_towards
@@ -256,9 +255,8 @@ class Peer:
             logger.warning("no port mapping: no default gateway to ask")
             return
         bound = self._socket.address
-        client_ip = bound[0] if bound[0] not in ("0.0.0.0", "::", "") else (
-            cfg.host_addresses[0] if cfg.host_addresses
-            else source_ip_towards((gateway, cfg.port_mapping_config.gateway_port)))
+        client_ip = self._mapping_client_ip() or source_ip_towards(
+            (gateway, cfg.port_mapping_config.gateway_port))
         if client_ip is None:
             logger.warning("no port mapping: no route to the gateway %s", gateway)
             return
@@ -270,6 +268,17 @@ class Peer:
             logger.warning("no port mapping: %s", exc)
             return
         self._endpoint.use_port_mapping(client, self._now())
+
+    def _mapping_client_ip(self) -> str | None:
+        """The address a router maps this socket for: the one it is bound
+        to, else the first host address configured; None: the route to
+        the gateway decides."""
+        assert self._socket is not None
+        bound = self._socket.address[0]
+        if bound not in ("0.0.0.0", "::", ""):
+            return bound
+        hosts = self.config.host_addresses
+        return hosts[0] if hosts else None
 
     async def _port_mapping_deleted(self) -> None:
         """Wait (bounded) for the router to confirm the delete of the port
@@ -337,10 +346,8 @@ class Peer:
         if self._upnp is not None or self._socket is None or not self._upnp_here:
             return
         cfg = self.config
-        bound = self._socket.address
-        client_ip = bound[0] if bound[0] not in ("0.0.0.0", "::", "") else (
-            cfg.host_addresses[0] if cfg.host_addresses else None)
-        mapper = UpnpMapper(bound[1], gateway=cfg.gateway, client_ip=client_ip,
+        mapper = UpnpMapper(self._socket.address[1], gateway=cfg.gateway,
+                            client_ip=self._mapping_client_ip(),
                             config=cfg.upnp_config, rng=random.Random(self._rng.getrandbits(64)),
                             on_event=self._on_upnp_event)
         try:
@@ -351,15 +358,8 @@ class Peer:
         self._upnp = mapper
 
     def _on_upnp_event(self, event: PortMapEvent) -> None:
-        endpoint = self._endpoint
-        portmap = None if endpoint is None else endpoint.portmap
-        if portmap is not None and portmap.state in (PortMapState.MAPPED,
-                                                     PortMapState.RENEWING):
-            pass  # PCP or NAT-PMP answered after all: theirs is the candidate
-        elif endpoint is not None and isinstance(event, (MappingCreated, MappingRenewed)):
-            endpoint.set_port_mapped(event.external, self._now())
-        elif endpoint is not None and isinstance(event, MappingLost):
-            endpoint.set_port_mapped(None, self._now())
+        if self._endpoint is not None:
+            self._endpoint.port_mapping_changed(event, self._now())
         self._state_changed.set()
         self._wake()
 

@@ -61,7 +61,8 @@ from .binding import BindingClient, BindingEvent
 from .auth import AuthenticatedQuicConnection, make_certificate, quic_configuration
 from .paths import PathChanged, PathKind
 from .retry import RetryTokens
-from .portmap import MappingCreated, MappingLost, MappingRenewed, PortMapClient, PortMapEvent
+from .portmap import (MappingCreated, MappingLost, MappingRenewed, PortMapClient,
+                      PortMapEvent, PortMapState)
 from .session import SessionConfig, XmlSession, trust_check_for
 from .turn import AllocationState as TurnState
 from .turn import DataReceived as TurnDataReceived
@@ -990,13 +991,25 @@ class Endpoint:
     def _drain_portmap(self, now: float) -> None:
         portmap = self.portmap
         while portmap is not None and (ev := portmap.next_event()) is not None:
-            if isinstance(ev, (MappingCreated, MappingRenewed)):
-                logger.info("port mapping by %s: %s for %d s", ev.protocol.value,
-                            format_address(*ev.external), ev.lifetime)
-                self.set_port_mapped(ev.external, now)
-            elif isinstance(ev, MappingLost):
-                self.set_port_mapped(None, now)
+            self._follow_mapping(ev, now)
             self._events.append(ev)
+
+    def port_mapping_changed(self, event: PortMapEvent, now: float) -> None:
+        """An event of a port-mapping client a driver runs itself (UPnP
+        IGD, :mod:`dtx.aio.upnp`): the port-mapped candidate follows it,
+        unless this endpoint's own client (PCP, NAT-PMP) holds a mapping,
+        which is preferred."""
+        own = self.portmap
+        if own is None or own.state not in (PortMapState.MAPPED, PortMapState.RENEWING):
+            self._follow_mapping(event, now)
+
+    def _follow_mapping(self, ev: PortMapEvent, now: float) -> None:
+        if isinstance(ev, (MappingCreated, MappingRenewed)):
+            logger.info("port mapping by %s: %s for %d s", ev.protocol.value,
+                        format_address(*ev.external), ev.lifetime)
+            self.set_port_mapped(ev.external, now)
+        elif isinstance(ev, MappingLost):
+            self.set_port_mapped(None, now)
 
     def _drain_stun(self) -> None:
         stun = self.stun
