@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from dtx.errors import DecodeError, LabError
+from dtx.lab import ns
 from dtx.wire.stun import binding_request, decode_stun
 
 if TYPE_CHECKING:
@@ -167,11 +168,7 @@ class CoturnServer:
 
     def log_text(self) -> str:
         """The log so far ("" before there is one)."""
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as f:
-                return f.read()
-        except OSError:
-            return ""
+        return ns.read_log(self.log_path)
 
     def sessions(self, log: str | None = None) -> list[CoturnSession]:
         """The allocation lines of the log (or of ``log``), in order."""

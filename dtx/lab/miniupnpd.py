@@ -229,11 +229,7 @@ class MiniUpnpd:
 
     def log_text(self) -> str:
         """The log so far ("" before there is one)."""
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as f:
-                return f.read()
-        except OSError:
-            return ""
+        return ns.read_log(self.log_path)
 
     def stop(self) -> str:
         """SIGTERM (it removes nothing from the ruleset on the way out),

@@ -39,6 +39,15 @@ def _setns(fd: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+def read_log(path: str) -> str:
+    """A lab daemon's log file so far ("" before there is one)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
 def in_netns(name: str, fn: Callable[[], T]) -> T:
     """Call ``fn`` in a fresh thread that has entered namespace ``name``."""
     result: list[T] = []
