@@ -501,13 +501,13 @@ class RendezvousCore:
         kept = [c for c in mapped if c.addr[0] == src[0]][:1]
         if len(kept) < len(mapped):
             self._count("mapped_candidates_refused")
-        hosts = kept + hosts
+        kept += hosts
         reg = Registration(
             id=self._regs.new_id(self._rng),
             jid=jid,
             key=msg.key or b"",
             addr=src,
-            candidates=tuple(hosts[: MAX_CANDIDATES - 1]),
+            candidates=tuple(kept[: MAX_CANDIDATES - 1]),
             refreshed=now,
             expires=now + cfg.lifetime,
             byte_bucket=TokenBucket(cfg.relay_burst_bytes, now),
