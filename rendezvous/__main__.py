@@ -32,12 +32,13 @@ from dtx.cliargs import (
     parse_ip,
     parse_jid,
     parse_listen_hostport,
+    parse_port,
     parse_timeout,
     resolve_hostport,
     run_command,
 )
 from rendezvous.core import RendezvousConfig
-from rendezvous.server import serve
+from rendezvous.server import BindError, serve
 
 logger = logging.getLogger("rendezvous")
 
@@ -58,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="primary address (default 0.0.0.0:3478; port 0: any free port)")
     parser.add_argument("--alt-address", type=parse_ip, metavar="IP",
                         help="second IP for RFC 5780 NAT tests (STUN also on port+1 of both)")
+    parser.add_argument("--mapping-port", type=parse_port, metavar="PORT",
+                        help="port on the --listen IP where devices show whether their NAT "
+                             "maps per destination (default: the listen port + 1, which is "
+                             "the alternate port with --alt-address; 0: any free port)")
+    parser.add_argument("--no-mapping-port", action="store_true",
+                        help="no NAT mapping check (devices are not told of one)")
     parser.add_argument("--vcards", metavar="DIR", type=parse_directory,
                         help="folder of account vCards, <bare JID>.xml")
     parser.add_argument("--xmpp-account", metavar="JID", type=parse_jid,
@@ -106,6 +113,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.keepalive >= args.lifetime:
         raise UsageError(f"--keepalive {args.keepalive:g} must be less than --lifetime "
                          f"{args.lifetime:g} (a registration would expire between keepalives)")
+    _check_mapping_port(args)
     args.listen = resolve_hostport(args.listen, "--listen")
     if args.alt_address is not None:
         ip = args.listen[0]
@@ -118,6 +126,32 @@ def check_arguments(args: argparse.Namespace) -> None:
         if ipaddress.ip_address(args.alt_address) == ipaddress.ip_address(ip):
             raise UsageError(f"--alt-address {args.alt_address}: the --listen IP itself; "
                              "RFC 5780 needs a second one")
+
+
+def _check_mapping_port(args: argparse.Namespace) -> None:
+    port, listen_port = args.mapping_port, args.listen[1]
+    if port is None:
+        if listen_port == 0xFFFF and args.alt_address is not None:
+            raise UsageError("--listen port 65535 leaves no port + 1 for --alt-address")
+        if listen_port == 0xFFFF and not args.no_mapping_port:
+            raise UsageError("--listen port 65535 leaves no port + 1 for the mapping port: "
+                             "give --mapping-port PORT or --no-mapping-port")
+        return
+    if args.no_mapping_port:
+        raise UsageError("give --mapping-port or --no-mapping-port, not both")
+    if args.alt_address is not None:
+        raise UsageError("--mapping-port is for a server without --alt-address: with it, the "
+                         "mapping port is the alternate port, the listen port + 1")
+    if port != 0 and port == listen_port:
+        raise UsageError(f"--mapping-port {port}: the --listen port itself; it needs a "
+                         "second port")
+
+
+def _mapping_port(args: argparse.Namespace) -> bool | int:
+    """``serve``'s ``mapping_port`` for the command line."""
+    if args.no_mapping_port:
+        return False
+    return True if args.mapping_port is None else int(args.mapping_port)
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -139,14 +173,20 @@ async def _run(args: argparse.Namespace) -> int:
         )
         await lookup.start()
     try:
-        server = await serve(args.listen, alt_ip=args.alt_address, vcards=args.vcards,
+        server = await serve(args.listen, alt_ip=args.alt_address,
+                             mapping_port=_mapping_port(args), vcards=args.vcards,
                              config=config, key_lookup=lookup)
     except OSError as exc:
         if lookup is not None:
             await lookup.close()
-        usage = bind_failure(exc, *args.listen, listen=True)
+        where = exc.address if isinstance(exc, BindError) else args.listen
+        usage = bind_failure(exc, *where, listen=True)
         if usage is None:
             raise
+        if args.alt_address is None and where[1] != args.listen[1]:
+            # the only other socket is the mapping port's
+            raise UsageError(f"{usage}; it is the mapping port: choose another with "
+                             "--mapping-port, or none with --no-mapping-port") from None
         raise usage from None
     except BaseException:
         if lookup is not None:
@@ -162,6 +202,8 @@ async def _run(args: argparse.Namespace) -> int:
             format_address(h, p) for h, p in server.addresses.sockets()[1:]
         ) + ")"
     relay = "relay off" if args.no_relay else "relay on"
+    mapping = server.addresses.mapping_port
+    relay += ", no mapping port" if mapping is None else f", mapping port {mapping}"
     print(f"rendezvous listening on {format_address(*server.address)} {relay}{extra}",
           flush=True)
     try:

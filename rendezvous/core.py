@@ -16,6 +16,7 @@ tunable), :mod:`rendezvous.limits` (token buckets),
 :mod:`rendezvous.challenge` (stateless address-bound challenges, used
 ones), :mod:`rendezvous.registrations` (the registration table),
 :mod:`rendezvous.introductions` (introductions and relay channels),
+:mod:`rendezvous.mapping` (the NAT mapping check),
 :mod:`rendezvous.timers` (the one timer heap).
 
 Rules the core keeps whatever arrives:
@@ -35,6 +36,10 @@ Rules the core keeps whatever arrives:
   already registered.
 * A source that has not registered never gets a reply more than 3 times
   the size of the datagram that caused it.
+* The mapping port, when there is one, answers nothing but STUN: a
+  KEEPALIVE there sets its registration's NAT mapping (looked up by id,
+  checked against the registered IP, charged to the registration's
+  budget) and is not answered, so it reflects and amplifies nothing.
 * The relay forwards only between the two registered ends of an
   introduction, towards a responder only once it has ACCEPTed, within
   per-device token buckets.
@@ -72,6 +77,7 @@ from dtx.wire.control import (
     CandidateKind,
     ControlMessage,
     MessageType,
+    Role,
     decode_control,
     encode_control,
     register_signature_valid,
@@ -89,6 +95,7 @@ from rendezvous.introductions import (
     introduction_message,
 )
 from rendezvous.limits import BucketTable, TokenBucket
+from rendezvous.mapping import check_registration, observed_mapping
 from rendezvous.registrations import Registration, RegistrationTable
 from dtx.wire.address import normalise_address
 from rendezvous.stun import AMPLIFICATION_FACTOR, ServerAddresses, answer_stun
@@ -166,6 +173,7 @@ class RendezvousCore:
         self._config = config
         self._rng = rng
         self._primary = addresses.primary
+        self._mapping = addresses.mapping
         self._out: list[tuple[bytes, Address, Address]] = []
         self._events: deque[VerificationNeeded] = deque()
         self._regs = RegistrationTable()
@@ -305,6 +313,18 @@ class RendezvousCore:
             return key in self._intros
         return key in self._verifications
 
+    def _registration_allowed(self, reg: Registration, src: Address, now: float) -> bool:
+        """Charge a message carrying ``reg``'s id to ``reg``'s budget;
+        False (counted) when the budget is spent."""
+        cfg = self._config
+        if reg.control_bucket.take(1, now, cfg.control_per_registration_per_s,
+                                   cfg.control_per_registration_burst):
+            return True
+        self._count("dropped_rate_limited_registered")
+        self._log.warning("registration rate limited", reg.jid,
+                          "%s (%s) is over its control message budget", reg.jid, src)
+        return False
+
     def _unproven_allowed(self, src: Address, now: float) -> bool:
         """Charge a message from a source that proved nothing: to its
         address first (one busy socket stops at its own bucket), then to
@@ -322,6 +342,9 @@ class RendezvousCore:
                 return
             self._count("stun_answers")
             self._out.append((reply.data, reply.send_to, reply.send_from))
+            return
+        if local == self._mapping:
+            self._on_mapping_check(data, src, now)
             return
         if kind != PacketKind.DTX or local != self._primary:
             self._count("dropped_unknown")
@@ -353,12 +376,7 @@ class RendezvousCore:
         if msg.type in _CARRY_REGISTRATION:
             reg = self._registered(msg.registration, src, now)
         if reg is not None:
-            cfg = self._config
-            if not reg.control_bucket.take(1, now, cfg.control_per_registration_per_s,
-                                           cfg.control_per_registration_burst):
-                self._count("dropped_rate_limited_registered")
-                self._log.warning("registration rate limited", reg.jid,
-                                  "%s (%s) is over its control message budget", reg.jid, src)
+            if not self._registration_allowed(reg, src, now):
                 return
         elif not self._unproven_allowed(src, now):
             self._count("dropped_rate_limited")
@@ -527,6 +545,7 @@ class RendezvousCore:
                 reflexive=src,
                 lifetime=int(cfg.lifetime),
                 keepalive=int(cfg.keepalive),
+                mapping_port=self._addresses.mapping_port,
             ),
             reg,
         )
@@ -555,6 +574,33 @@ class RendezvousCore:
             ),
             reg,
         )
+
+    def _on_mapping_check(self, data: bytes, src: Address, now: float) -> None:
+        """A datagram on the mapping port (docs/protocol.md 7.7), never
+        answered: a KEEPALIVE from the registered IP sets the mapping."""
+        reg_id = check_registration(data)
+        if reg_id is None:
+            self._count("dropped_mapping_port")
+            logger.debug("dropping %d bytes from %s on the mapping port", len(data), src)
+            return
+        reg = self._regs.get(reg_id)
+        if reg is None or reg.expires <= now:
+            self._count("mapping_checks_unknown")
+            return
+        mapping = observed_mapping(reg.addr, src)
+        if mapping is None:
+            # another IP tells nothing about the device's NAT, and must not
+            # spend the device's budget
+            self._count("mapping_checks_other_ip")
+            logger.debug("mapping check for %s from another IP, %s", reg.jid, src)
+            return
+        if not self._registration_allowed(reg, src, now):
+            return
+        self._count("mapping_checks")
+        if mapping != reg.nat_mapping:
+            self._log.info("nat mapping", reg.jid, "NAT mapping of %s: %s (%s, registered %s)",
+                           reg.jid, mapping.name.lower(), src, reg.addr)
+            reg.nat_mapping = mapping
 
     def _on_unregister(self, msg: ControlMessage, reg: Registration) -> None:
         self._remove_registration(reg, "unregistered")
@@ -593,7 +639,7 @@ class RendezvousCore:
         existing = self._intros.recent(reg, peer, now, cfg.intro_timeout)
         if existing is not None:
             self._count("introductions_repeated")
-            self._send(introduction_message(existing, ROLE_INITIATOR, msg.txid), reg.addr)
+            self._send(self._introduction(existing, ROLE_INITIATOR, msg.txid), reg.addr)
             return
         if len(self._intros) >= cfg.max_introductions:
             self._refuse(msg, reg, ErrorCode.TABLE_FULL, "table full")
@@ -609,9 +655,14 @@ class RendezvousCore:
         self._count("introductions_total")
         logger.info("introducing %s to %s", reg.jid, peer.jid)
         # both in the same batch: both sides start probing at the same moment
-        self._send(introduction_message(intro, ROLE_INITIATOR, msg.txid), reg.addr)
-        self._send(introduction_message(intro, ROLE_RESPONDER, intro.responder_txid), peer.addr)
+        self._send(self._introduction(intro, ROLE_INITIATOR, msg.txid), reg.addr)
+        self._send(self._introduction(intro, ROLE_RESPONDER, intro.responder_txid), peer.addr)
         self._schedule_intro(intro)
+
+    def _introduction(self, intro: Introduction, role: Role, txid: bytes) -> bytes:
+        """One side's INTRODUCTION, with NAT_MAPPING when there is a
+        mapping port."""
+        return introduction_message(intro, role, txid, nat_mapping=self._mapping is not None)
 
     def _on_accept(self, msg: ControlMessage, reg: Registration) -> None:
         intro = self._intros.get(msg.intro or b"")
@@ -663,7 +714,7 @@ class RendezvousCore:
         if due:
             self._count("introductions_retransmitted")
             self._send(
-                introduction_message(intro, ROLE_RESPONDER, intro.responder_txid),
+                self._introduction(intro, ROLE_RESPONDER, intro.responder_txid),
                 intro.responder.addr,
             )
         self._schedule_intro(intro)

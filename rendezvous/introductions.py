@@ -90,8 +90,12 @@ class Introduction:
         return frames
 
 
-def introduction_message(intro: Introduction, role: Role, txid: bytes) -> bytes:
-    """The INTRODUCTION for one side of ``intro`` (``role`` names which)."""
+def introduction_message(
+    intro: Introduction, role: Role, txid: bytes, *, nat_mapping: bool
+) -> bytes:
+    """The INTRODUCTION for one side of ``intro`` (``role`` names which);
+    with ``nat_mapping`` (the server has a mapping port) it carries both
+    sides' mappings as they stand now, the receiver's first."""
     me = intro.initiator if role == ROLE_INITIATOR else intro.responder
     peer = intro.other(me)
     reflexive = Candidate(CandidateKind.SERVER_REFLEXIVE, peer.addr)
@@ -107,6 +111,7 @@ def introduction_message(intro: Introduction, role: Role, txid: bytes) -> bytes:
             channel=intro.channel_of(me),
             probe_key=intro.probe_key,
             candidates=tuple(cands),
+            nat_mapping=(me.nat_mapping, peer.nat_mapping) if nat_mapping else None,
         )
     )
 

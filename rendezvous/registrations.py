@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from dtx.jid import JID
-from dtx.wire.control import Candidate
+from dtx.wire.control import Candidate, NatMapping
 from dtx.wire.stun import Address
 from rendezvous.ids import unique
 from rendezvous.limits import TokenBucket
@@ -44,6 +44,8 @@ class Registration:
     byte_bucket: TokenBucket
     frame_bucket: TokenBucket
     control_bucket: TokenBucket
+    nat_mapping: NatMapping = NatMapping.UNKNOWN
+    """What the mapping check last found (docs/protocol.md 7.7)."""
     channels: dict[int, Introduction] = field(default_factory=dict)
     """This device's relay channels (owned by the introduction table)."""
     intros: set[bytes] = field(default_factory=set)

@@ -2,7 +2,10 @@
 
 Binds the primary UDP socket and, for RFC 5780 when an alternate IP is
 given, three more (primary IP port+1, alternate IP port, alternate IP
-port+1) that serve STUN only. Each is a :class:`~dtx.aio.socket.UdpSocket`,
+port+1) that serve STUN only; and the mapping port of the NAT mapping
+check (docs/protocol.md 7.7), by default primary IP port+1: with an
+alternate IP that is the RFC 5780 socket already bound there, without one
+a socket of its own. Each is a :class:`~dtx.aio.socket.UdpSocket`,
 the device's wrapper: it reads up to a batch of datagrams per wake-up and
 hands each to :class:`~rendezvous.core.RendezvousCore`; at the end of the
 batch the server transmits once — whatever the core queued, from the
@@ -21,6 +24,7 @@ lookup finishes, with ``complete_verification``.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
 import os
@@ -31,11 +35,12 @@ from collections.abc import Awaitable, Callable
 from dtx.aio.socket import UdpSocket
 from dtx.trust import StaticKeys, VCardDirectory
 from dtx.trust.store import KeySource
+from dtx.wire.address import format_address
 from dtx.wire.stun import Address
 from rendezvous.core import RendezvousConfig, RendezvousCore
 from rendezvous.stun import ServerAddresses
 
-__all__ = ["KeyLookup", "Server", "serve"]
+__all__ = ["BindError", "KeyLookup", "Server", "serve"]
 
 KeyLookup = Callable[[str], Awaitable[frozenset[bytes] | None]]
 """An account's keys (bare JID in), or None when the account is unknown."""
@@ -43,6 +48,15 @@ KeyLookup = Callable[[str], Awaitable[frozenset[bytes] | None]]
 logger = logging.getLogger(__name__)
 
 _BIND_TRIES = 20
+
+
+class BindError(OSError):
+    """A socket of the server could not be bound: the bind's ``errno`` and
+    ``strerror``, and ``address``, the local address it was for."""
+
+    def __init__(self, exc: OSError, address: Address) -> None:
+        super().__init__(exc.errno, exc.strerror or str(exc))
+        self.address = address
 
 
 class Server:
@@ -156,35 +170,69 @@ def _family(host: str) -> socket.AddressFamily:
 
 def _bind(addr: Address) -> socket.socket:
     """A UDP socket bound to ``addr`` (an IPv6 one for IPv6 only); the
-    buffer sizes and non-blocking mode are :class:`UdpSocket`'s."""
+    buffer sizes and non-blocking mode are :class:`UdpSocket`'s. Raises
+    :class:`BindError`."""
     sock = socket.socket(_family(addr[0]), socket.SOCK_DGRAM)
     try:
         if sock.family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(addr)
-    except OSError:
+    except OSError as exc:
         sock.close()
-        raise
+        raise BindError(exc, addr) from exc
     return sock
 
 
-def _bind_all(listen: Address, alt_ip: str | None) -> tuple[ServerAddresses, list[socket.socket]]:
-    """Bind the primary socket and, with ``alt_ip``, the three RFC 5780 ones.
+def _addresses(primary: Address, alt_ip: str | None,
+               mapping_port: bool | int) -> ServerAddresses:
+    """The addresses to bind once the primary port is known (see
+    :func:`serve` for ``mapping_port``)."""
+    port = primary[1]
+    if port == 0xFFFF and (alt_ip is not None or mapping_port is True):
+        raise _bind_error(errno.EADDRNOTAVAIL, primary)  # no port + 1
+    alt_port = None if alt_ip is None else port + 1
+    mapping: int | None
+    if mapping_port is True:
+        mapping = port + 1
+    elif mapping_port is False:
+        mapping = None
+    else:
+        mapping = mapping_port
+    if mapping == port:  # only when the kernel picked the mapping port for the primary
+        raise _bind_error(errno.EADDRINUSE, primary)
+    return ServerAddresses(primary, alt_ip, alt_port, mapping)
 
-    With port 0 the kernel picks the primary port; port+1 must then be free
-    on both IPs too, so a few ports are tried.
+
+def _bind_error(code: int, addr: Address) -> BindError:
+    return BindError(OSError(code, os.strerror(code)), addr)
+
+
+def _bind_all(
+    listen: Address, alt_ip: str | None, mapping_port: bool | int
+) -> tuple[ServerAddresses, list[socket.socket]]:
+    """Bind the primary socket, with ``alt_ip`` the three RFC 5780 ones,
+    and the mapping port's unless one of those is it.
+
+    With port 0 the kernel picks the primary port; port + 1 (or the
+    mapping port asked for) must then be free too, so a few ports are
+    tried.
     """
-    tries = _BIND_TRIES if listen[1] == 0 and alt_ip is not None else 1
+    extra = alt_ip is not None or mapping_port is not False
+    tries = _BIND_TRIES if listen[1] == 0 and extra else 1
     last: OSError | None = None
     for _ in range(tries):
         socks: list[socket.socket] = []
         try:
             primary_sock = _bind(listen)
             socks.append(primary_sock)
-            port = int(primary_sock.getsockname()[1])
-            if alt_ip is None:
-                return ServerAddresses((listen[0], port)), socks
-            addresses = ServerAddresses((listen[0], port), alt_ip, port + 1)
+            primary = (listen[0], int(primary_sock.getsockname()[1]))
+            if mapping_port == 0 and not isinstance(mapping_port, bool):
+                # any free port (never with alt_ip): the kernel's pick names it
+                mapping_sock = _bind((listen[0], 0))
+                socks.append(mapping_sock)
+                return ServerAddresses(primary,
+                                       mapping_port=int(mapping_sock.getsockname()[1])), socks
+            addresses = _addresses(primary, alt_ip, mapping_port)
             for addr in addresses.sockets()[1:]:
                 socks.append(_bind(addr))
             return addresses, socks
@@ -199,6 +247,7 @@ async def serve(
     listen: Address,
     *,
     alt_ip: str | None = None,
+    mapping_port: bool | int = True,
     vcards: str | os.PathLike[str] | None,
     config: RendezvousConfig | None = None,
     keys: KeySource | None = None,
@@ -210,7 +259,24 @@ async def serve(
     ``keys`` may be given instead (tests, embedding), or ``key_lookup``, an
     asynchronous lookup (live vCards over XMPP). With none, every
     registration is refused and only STUN is useful.
+
+    ``mapping_port`` is the port of the NAT mapping check on the primary
+    IP: True (the default) for the primary port + 1, False for none, or a
+    port number (0: any free one; not the primary port; not with
+    ``alt_ip``: with one, the mapping port is the RFC 5780 alternate port,
+    port + 1).
+    Raises :class:`BindError` when a socket cannot be bound, and
+    ValueError for a ``mapping_port`` that cannot be (or a primary port
+    65535 that leaves no port + 1).
     """
+    if not isinstance(mapping_port, bool) and (
+        alt_ip is not None or not 0 <= mapping_port <= 0xFFFF
+        or (mapping_port != 0 and mapping_port == listen[1])
+    ):
+        raise ValueError(f"mapping_port {mapping_port}: a port 0-65535 other than the "
+                         "primary's, and not with alt_ip")
+    if listen[1] == 0xFFFF and (alt_ip is not None or mapping_port is True):
+        raise ValueError("the primary port 65535 leaves no port + 1")
     source: KeySource | None
     if key_lookup is not None:
         source = None
@@ -221,7 +287,7 @@ async def serve(
     else:
         logger.warning("no vCard folder: every registration will be refused")
         source = StaticKeys({})
-    addresses, socks = _bind_all(listen, alt_ip)
+    addresses, socks = _bind_all(listen, alt_ip, mapping_port)
     core = RendezvousCore(
         keys=source,
         addresses=addresses,
@@ -238,5 +304,7 @@ async def serve(
         for sock in socks:
             sock.close()
         raise
-    logger.info("rendezvous serving on %s", ", ".join(f"{h}:{p}" for h, p in addresses.sockets()))
+    logger.info("rendezvous serving on %s; mapping port %s",
+                ", ".join(format_address(h, p) for h, p in addresses.sockets()),
+                addresses.mapping_port or "none")
     return server

@@ -106,11 +106,34 @@ class ServerAddresses:
     ``alt_port`` the server has the four addresses RFC 5780 needs; with only
     one of them it can honour just that half of a CHANGE-REQUEST and does
     not advertise OTHER-ADDRESS / CHANGED-ADDRESS.
+
+    ``mapping_port`` is the port, on the primary IP, of the NAT mapping
+    check (docs/protocol.md 7.7). With an ``alt_port`` it is that port (the
+    one socket serves both); without, it is a socket of its own, where
+    STUN is answered as on the primary.
     """
 
     primary: Address
     alt_ip: str | None = None
     alt_port: int | None = None
+    mapping_port: int | None = None
+
+    def __post_init__(self) -> None:
+        port = self.mapping_port
+        if port is None:
+            return
+        if port == self.primary[1] or not 1 <= port <= 0xFFFF:
+            raise ValueError(f"mapping port {port}: not a port other than the primary's")
+        if self.alt_port is not None and port != self.alt_port:
+            raise ValueError(f"mapping port {port}: with an alternate port it is that one "
+                             f"({self.alt_port})")
+
+    @property
+    def mapping(self) -> Address | None:
+        """The local address of the mapping check, or None without one."""
+        if self.mapping_port is None:
+            return None
+        return (self.primary[0], self.mapping_port)
 
     @property
     def rfc5780(self) -> bool:
@@ -118,10 +141,13 @@ class ServerAddresses:
         return self.alt_ip is not None and self.alt_port is not None
 
     def sockets(self) -> tuple[Address, ...]:
-        """Every local address the driver must bind (1, 2 or 4)."""
+        """Every local address the driver must bind (1 to 4), the
+        primary first; a mapping port of its own comes last."""
         ips = [self.primary[0]] + ([self.alt_ip] if self.alt_ip is not None else [])
         ports = [self.primary[1]] + ([self.alt_port] if self.alt_port is not None else [])
-        return tuple((ip, port) for ip in ips for port in ports)
+        stun = tuple((ip, port) for ip in ips for port in ports)
+        mapping = self.mapping
+        return stun if mapping is None or mapping in stun else (*stun, mapping)
 
     def other_ip(self, ip: str) -> str | None:
         """The IP that is not ``ip``, or None without an alternate."""

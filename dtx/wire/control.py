@@ -40,6 +40,7 @@ __all__ = [
     "CandidateKind",
     "ControlMessage",
     "MessageType",
+    "NatMapping",
     "Probe",
     "ProbeKind",
     "Role",
@@ -108,6 +109,13 @@ class AttrType(IntEnum):
     PEER_JID = 0x10
     PEER_KEY = 0x11
     PADDING = 0x12
+    MAPPING_PORT = 0x80
+    """REGISTERED (comprehension-optional): the server's port, on its
+    address, where a KEEPALIVE tells it the device's NAT mapping
+    behaviour (docs/protocol.md 7.7)."""
+    NAT_MAPPING = 0x81
+    """INTRODUCTION (comprehension-optional): the NAT mapping behaviour the
+    server observed, of the receiving device and of its peer."""
 
 
 class CandidateKind(IntEnum):
@@ -122,6 +130,20 @@ class CandidateKind(IntEnum):
 
 
 _CANDIDATE_KINDS: Final = frozenset(int(k) for k in CandidateKind)
+
+
+class NatMapping(IntEnum):
+    """A device's NAT mapping behaviour as the rendezvous observed it
+    (RFC 4787 section 4.1), in NAT_MAPPING."""
+
+    UNKNOWN = 0
+    """Not checked (no mapping port, the check was lost, an older device)."""
+    INDEPENDENT = 1
+    """The same public address towards both of the server's ports."""
+    DEPENDENT = 2
+    """Another public port towards the server's second port: the NAT maps
+    per destination ("symmetric"), so the peer cannot reach the port the
+    server saw."""
 
 
 class Role(IntEnum):
@@ -174,6 +196,9 @@ class ControlMessage:
     error: tuple[int, str] | None = None
     peer_jid: str | None = None
     peer_key: bytes | None = None
+    mapping_port: int | None = None
+    nat_mapping: tuple[NatMapping, NatMapping] | None = None
+    """(the receiving device's, its peer's), INTRODUCTION only."""
     padding: int = 0
     signed_part: bytes = b""
 
@@ -277,6 +302,8 @@ _FIXED_SIZE: dict[AttrType, int] = {
     AttrType.PROBE_KEY: PROBE_KEY_BYTES,
     AttrType.ROLE: 1,
     AttrType.PEER_KEY: KEY_BYTES,
+    AttrType.MAPPING_PORT: 2,
+    AttrType.NAT_MAPPING: 2,
 }
 
 
@@ -354,6 +381,13 @@ def _body(msg: ControlMessage) -> bytes:
         out.append(_text(AttrType.PEER_JID, msg.peer_jid, MAX_JID_BYTES))
     if msg.peer_key is not None:
         out.append(_fixed(AttrType.PEER_KEY, msg.peer_key))
+    if msg.mapping_port is not None:
+        if not 1 <= msg.mapping_port <= 0xFFFF:
+            raise LocalProtocolError(f"MAPPING_PORT {msg.mapping_port} out of range")
+        out.append(_attr(AttrType.MAPPING_PORT, msg.mapping_port.to_bytes(2, "big")))
+    if msg.nat_mapping is not None:
+        out.append(_attr(AttrType.NAT_MAPPING, bytes([int(msg.nat_mapping[0]),
+                                                      int(msg.nat_mapping[1])])))
     if msg.padding:
         if msg.padding < 0:
             raise LocalProtocolError("negative padding")
@@ -410,6 +444,13 @@ def register_signature_valid(msg: ControlMessage) -> bool:
     if msg.type != MessageType.REGISTER or msg.key is None or msg.signature is None:
         return False
     return verify_signature(msg.key, msg.signature, REGISTER_CONTEXT + msg.signed_part)
+
+
+def _nat_mapping(value: int) -> NatMapping:
+    return NatMapping(value) if value in _NAT_MAPPINGS else NatMapping.UNKNOWN
+
+
+_NAT_MAPPINGS: Final = frozenset(int(m) for m in NatMapping)
 
 
 def _utf8(value: bytes, what: str, limit: int, *, allow_empty: bool = False) -> str:
@@ -497,6 +538,14 @@ def decode_control(data: bytes) -> ControlMessage:
             fields["error"] = (int.from_bytes(value[:2], "big"), reason)
         elif kind == AttrType.PADDING:
             fields["padding"] = length
+        elif kind == AttrType.MAPPING_PORT:
+            port = int.from_bytes(value, "big")
+            if port == 0:
+                raise DecodeError("MAPPING_PORT 0")
+            fields["mapping_port"] = port
+        elif kind == AttrType.NAT_MAPPING:
+            # A value this version does not know counts as unknown.
+            fields["nat_mapping"] = (_nat_mapping(value[0]), _nat_mapping(value[1]))
         else:  # KEY, CHALLENGE, REGISTRATION, INTRO, PROBE_KEY, PEER_KEY
             fields[kind.name.lower()] = value
         pos = end

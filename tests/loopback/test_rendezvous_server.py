@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -20,6 +21,7 @@ from dtx.wire.control import (
     CandidateKind,
     ControlMessage,
     MessageType,
+    NatMapping,
     decode_control,
     encode_control,
     encode_hello,
@@ -188,6 +190,79 @@ async def test_in_process(tmp_path: Path, ids: tuple[DeviceIdentity, DeviceIdent
         await server.wait_closed()
 
 
+async def test_a_check_from_another_port_makes_the_introduction_say_dependent(
+    tmp_path: Path, ids: tuple[DeviceIdentity, DeviceIdentity]
+) -> None:
+    """A KEEPALIVE with tv's registration id, from a second local socket
+    (another port: what a symmetric NAT shows), to the mapping port; and
+    phone's from its own socket (the same port)."""
+    tv, phone = ids
+    write_vcards(tmp_path, tv, phone)
+    server = await serve(("127.0.0.1", 0), vcards=tmp_path)
+    a = await Device(phone, server.address).open()
+    b = await Device(tv, server.address).open()
+    other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        other.bind(("127.0.0.1", 0))
+        other.setblocking(False)
+        reg_a, reg_b = await a.register(), await b.register()
+        assert reg_a.mapping_port == reg_b.mapping_port == server.address[1] + 1
+        mapping = ("127.0.0.1", reg_b.mapping_port)
+        check_b = ControlMessage(MessageType.KEEPALIVE, b.txid(), registration=b.registration)
+        other.sendto(encode_control(check_b), mapping)
+        assert a.transport is not None
+        check_a = ControlMessage(MessageType.KEEPALIVE, a.txid(), registration=a.registration)
+        a.transport.sendto(encode_control(check_a), mapping)
+        # one round trip on the primary port: the server has read both checks
+        # (same loop, sent before) and sent whatever it would answer them
+        b.control(MessageType.KEEPALIVE)
+        await b.recv_control(MessageType.KEEPALIVE_ACK)
+        assert server.statistics()["mapping_checks"] == 2
+        a.control(MessageType.INTRODUCE, target=tv.jid.full)
+        intro_a = await a.recv_control(MessageType.INTRODUCTION)
+        intro_b = await b.recv_control(MessageType.INTRODUCTION)
+        assert intro_a.nat_mapping == (NatMapping.INDEPENDENT, NatMapping.DEPENDENT)
+        assert intro_b.nat_mapping == (NatMapping.DEPENDENT, NatMapping.INDEPENDENT)
+        with pytest.raises(BlockingIOError):  # the mapping port answered nothing
+            other.recv(2048)
+    finally:
+        other.close()
+        a.close()
+        b.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_no_mapping_port(tmp_path: Path) -> None:
+    ident = generate_identity("tv@example.org/living-room")
+    write_vcards(tmp_path, ident)
+    server = await serve(("127.0.0.1", 0), mapping_port=False, vcards=tmp_path)
+    dev = await Device(ident, server.address).open()
+    try:
+        assert server.addresses.sockets() == (server.address,)
+        assert (await dev.register()).mapping_port is None
+    finally:
+        dev.close()
+        server.close()
+
+
+async def test_a_mapping_port_of_its_own_choosing(tmp_path: Path) -> None:
+    server = await serve(("127.0.0.1", 0), mapping_port=0, vcards=tmp_path)
+    try:
+        mapping = server.addresses.mapping
+        assert mapping is not None and mapping != server.address
+        assert server.addresses.sockets() == (server.address, mapping)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as busy:  # it is bound
+            with pytest.raises(OSError):
+                busy.bind(mapping)
+    finally:
+        server.close()
+    with pytest.raises(ValueError):  # with an alternate IP, the mapping port is port + 1
+        await serve(("127.0.0.1", 0), alt_ip="127.0.0.2", mapping_port=3479, vcards=tmp_path)
+    with pytest.raises(ValueError):
+        await serve(("127.0.0.1", 0), mapping_port=70000, vcards=tmp_path)
+
+
 async def test_rfc5780_sockets(tmp_path: Path) -> None:
     try:
         server = await serve(("127.0.0.1", 0), alt_ip="127.0.0.2", vcards=tmp_path)
@@ -195,6 +270,7 @@ async def test_rfc5780_sockets(tmp_path: Path) -> None:
         pytest.skip(f"needs 127.0.0.2 usable as a loopback address: {exc}")
     try:
         assert len(server.addresses.sockets()) == 4
+        assert server.addresses.mapping == ("127.0.0.1", server.address[1] + 1)
         dev = await Device(generate_identity("x@example.org/y"), server.address).open()
         try:
             dev.send(binding_request(bytes(12), change_ip=True, change_port=True))
@@ -223,6 +299,7 @@ async def subprocess_server(
         line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
         assert line.startswith("rendezvous listening on 127.0.0.1:"), line
         port = int(line.split()[3].rsplit(":", 1)[1])
+        assert f"mapping port {port + 1}" in line, line
         yield ("127.0.0.1", port), proc
     finally:
         if proc.returncode is None:

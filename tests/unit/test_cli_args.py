@@ -426,6 +426,15 @@ def rendezvous_args(*argv: str) -> argparse.Namespace:
      "--alt-address ::1: not of the family of --listen 127.0.0.1"),
     (["--listen", "127.0.0.1:0", "--alt-address", "127.0.0.1"],
      "--alt-address 127.0.0.1: the --listen IP itself"),
+    (["--mapping-port", "4000", "--no-mapping-port"],
+     "give --mapping-port or --no-mapping-port, not both"),
+    (["--listen", "127.0.0.1:0", "--alt-address", "127.0.0.2", "--mapping-port", "1"],
+     "--mapping-port is for a server without --alt-address"),
+    (["--listen", "127.0.0.1:4000", "--mapping-port", "4000"],
+     "--mapping-port 4000: the --listen port itself"),
+    (["--listen", "127.0.0.1:65535"], "--listen port 65535 leaves no port + 1 for the mapping"),
+    (["--listen", "127.0.0.1:65535", "--alt-address", "127.0.0.2", "--no-mapping-port"],
+     "--listen port 65535 leaves no port + 1 for --alt-address"),
 ])
 def test_rendezvous_refuses_options_that_do_not_go_together(argv: list[str],
                                                              message: str) -> None:
@@ -442,3 +451,18 @@ def test_rendezvous_resolves_its_listen_name_once() -> None:
     rendezvous_main.check_arguments(defaults)
     assert defaults.listen == ("0.0.0.0", 3478)
     assert (defaults.lifetime, defaults.keepalive, defaults.vcard_ttl) == (90.0, 25.0, None)
+
+
+@pytest.mark.parametrize("argv, mapping_port", [
+    ([], True),
+    (["--no-mapping-port"], False),
+    (["--mapping-port", "0"], 0),
+    (["--listen", "127.0.0.1:65535", "--mapping-port", "4000"], 4000),
+    (["--listen", "127.0.0.1:65535", "--no-mapping-port"], False),
+    (["--listen", "127.0.0.1:3478", "--alt-address", "127.0.0.2"], True),
+])
+def test_rendezvous_mapping_port_for_serve(argv: list[str], mapping_port: bool | int) -> None:
+    args = rendezvous_args(*argv)
+    rendezvous_main.check_arguments(args)
+    got = rendezvous_main._mapping_port(args)
+    assert got == mapping_port and type(got) is type(mapping_port)

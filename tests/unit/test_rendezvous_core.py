@@ -157,6 +157,7 @@ def make(
     *,
     keys: StaticKeys | None | str = "default",
     extra: dict[str, DeviceIdentity] | None = None,
+    addresses: ServerAddresses = ADDRESSES,
 ) -> Harness:
     ids = dict(IDS)
     ids.update(extra or {})
@@ -173,7 +174,7 @@ def make(
     clock = FakeClock()
     core = RendezvousCore(
         keys=source,
-        addresses=ADDRESSES,
+        addresses=addresses,
         config=config or RendezvousConfig(),
         secret=b"s" * 32,
         rng=random.Random(7),
