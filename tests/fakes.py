@@ -35,6 +35,7 @@ import logging
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol
 from xml.etree.ElementTree import Element
 
@@ -397,6 +398,10 @@ class MemoryNetwork:
             raise ValueError(f"{addr} is already bound")
         self._sockets[addr] = receiver
 
+    def unbind(self, addr: Address) -> None:
+        """Close the socket bound to ``addr``."""
+        del self._sockets[addr]
+
     def add_node(self, node: Node) -> None:
         self._nodes.append(node)
 
@@ -517,18 +522,21 @@ class MemoryServer:
     """A :class:`RendezvousCore` on the network at ``addr``."""
 
     def __init__(self, network: MemoryNetwork, addr: Address, keys: StaticKeys, *,
-                 seed: int = 0, config: RendezvousConfig | None = None) -> None:
+                 seed: int = 0, config: RendezvousConfig | None = None,
+                 mapping_port: bool = False) -> None:
         self.network = network
         self.addr = addr
         self.keys = keys
         self._seed = seed
         self._config = config or RendezvousConfig()
+        self.addresses = ServerAddresses(addr, mapping_port=addr[1] + 1 if mapping_port else None)
         self.core = self._new_core()
-        network.bind(addr, self._receive)
+        for local in self.addresses.sockets():
+            network.bind(local, self._receive)
         network.add_node(self)
 
     def _new_core(self) -> RendezvousCore:
-        return RendezvousCore(keys=self.keys, addresses=ServerAddresses(self.addr),
+        return RendezvousCore(keys=self.keys, addresses=self.addresses,
                               config=self._config,
                               secret=random.Random(self._seed).randbytes(32),
                               rng=random.Random(self._seed))
@@ -581,6 +589,10 @@ class MemoryPeer:
         self.received: dict[str, list[Element]] = {}
         self.sessions: dict[str, Connection] = {}
         """Open connections by peer JID (initiated or accepted)."""
+        self.side: dict[int, Address] = {}
+        """The endpoint's extra sockets (birthday searches): id -> bound address."""
+        self.side_opened = 0
+        self._side_port = addr[1] + 1
         network.bind(addr, self._receive)
         network.add_node(self)
 
@@ -602,6 +614,10 @@ class MemoryPeer:
         self.endpoint.receive_datagram(data, src, self.now)
         self.flush()
 
+    def _receive_side(self, sid: int, data: bytes, src: Address, local: Address) -> None:
+        self.endpoint.receive_side_datagram(sid, data, src, self.now)
+        self.flush()
+
     def get_timer(self) -> float | None:
         return self.endpoint.get_timer()
 
@@ -610,8 +626,21 @@ class MemoryPeer:
         self.flush()
 
     def flush(self) -> None:
-        for data, dest in self.endpoint.datagrams_to_send(self.now):
+        endpoint = self.endpoint
+        for data, dest in endpoint.datagrams_to_send(self.now):
             self.network.send(self.addr, dest, data)
+        if self.side or endpoint.side_busy:
+            wanted = endpoint.side_sockets()
+            for sid in [s for s in self.side if s not in wanted]:
+                self.network.unbind(self.side.pop(sid))
+            for sid in sorted(wanted - self.side.keys()):
+                local = (self.addr[0], self._side_port)
+                self._side_port += 1
+                self.network.bind(local, partial(self._receive_side, sid))
+                self.side[sid] = local
+                self.side_opened += 1
+            for sid, data, dest in endpoint.side_datagrams_to_send():
+                self.network.send(self.side[sid], dest, data)
         while (ev := self.endpoint.next_event()) is not None:
             self.events.append(ev)
             if isinstance(ev, EpStanzaReceived):
@@ -678,13 +707,15 @@ class PublicAddresses:
 
 
 def make_scene(identities: Iterable[DeviceIdentity], *, seed: int = 0,
-               route_packet: RouteHook = deliver_as_is) -> tuple[MemoryNetwork, MemoryServer]:
-    """A network with a rendezvous server that knows ``identities``' keys."""
+               route_packet: RouteHook = deliver_as_is,
+               mapping_port: bool = False) -> tuple[MemoryNetwork, MemoryServer]:
+    """A network with a rendezvous server that knows ``identities``' keys
+    (and, with ``mapping_port``, checks NAT mappings on port + 1)."""
     clock = FakeClock()
     net = MemoryNetwork(clock, seed=seed, route_packet=route_packet)
     net.add_public_host(SERVER_ADDR[0], delay=SERVER_DELAY)
     keys = StaticKeys({str(i.jid.bare): [i.public_key] for i in identities})
-    server = MemoryServer(net, SERVER_ADDR, keys, seed=seed)
+    server = MemoryServer(net, SERVER_ADDR, keys, seed=seed, mapping_port=mapping_port)
     return net, server
 
 

@@ -25,6 +25,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import AuthenticationError, ConnectError, DtxError, TrustError
@@ -141,6 +142,11 @@ class PeerConfig:
     """The port-mapping client's tunables (lifetime, retransmissions)."""
     upnp_config: UpnpConfig = UpnpConfig()
     """UPnP IGD's tunables (lease, discovery time), when it is tried."""
+    side_sockets: Callable[[], socket.socket] | None = None
+    """Opens one extra UDP socket, bound (any port), for a birthday search
+    (``TraversalConfig.birthday``; up to ``BirthdayConfig.sockets`` at
+    once). Default: bound to the device socket's IP in this process
+    (a socket made in another network namespace needs its own)."""
 
     def endpoint_config(self) -> ep.EndpointConfig:
         """The sans-IO endpoint's share of these options."""
@@ -188,6 +194,8 @@ class Peer:
         self.config = config or PeerConfig()
         self._rng = rng or random.Random(random.SystemRandom().getrandbits(64))
         self._socket: UdpSocket | None = None
+        self._side: dict[int, UdpSocket] = {}
+        """Extra sockets of birthday searches, by the endpoint's ids."""
         self._endpoint: ep.Endpoint | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -488,6 +496,9 @@ class Peer:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        for side in self._side.values():
+            side.close()
+        self._side.clear()
         if self._socket is not None:
             self._socket.close()
             self._socket = None
@@ -657,6 +668,8 @@ class Peer:
             sendto = sock.sendto
             for data, addr in endpoint.datagrams_to_send(now):
                 sendto(data, addr)
+            if self._side or endpoint.side_busy:
+                self._transmit_side(endpoint, sock)
         self._dispatch()
         when = endpoint.get_timer()
         if when != self._timer_at or self._timer is None:
@@ -666,6 +679,36 @@ class Peer:
             self._timer_at = when
             if when is not None and sock is not None:
                 self._timer = self._loop_().call_at(when, self._on_timer)
+
+    def _transmit_side(self, endpoint: ep.Endpoint, main: UdpSocket) -> None:
+        """Open the extra sockets the endpoint names (on the main socket's
+        local IP, any port), close the others, send what leaves from them."""
+        side = self._side
+        wanted = endpoint.side_sockets()
+        for sid in [s for s in side if s not in wanted]:
+            side.pop(sid).close()
+        host = main.address[0]
+        factory = self.config.side_sockets
+        for sid in wanted:
+            if sid in side:
+                continue
+            received = partial(self._side_received, sid)
+            try:
+                if factory is not None:
+                    side[sid] = UdpSocket(factory(), received, self._batch_done)
+                else:
+                    side[sid] = UdpSocket.bind(host, 0, received, self._batch_done)
+            except OSError as exc:  # out of descriptors or ports: search with fewer
+                logger.warning("birthday search: could not open socket %d: %s", sid, exc)
+                break
+        for sid, data, addr in endpoint.side_datagrams_to_send():
+            out = side.get(sid)
+            if out is not None:
+                out.sendto(data, addr)
+
+    def _side_received(self, sid: int, data: bytes, addr: Address) -> None:
+        if self._endpoint is not None:
+            self._endpoint.receive_side_datagram(sid, data, addr, self._now())
 
     def _on_timer(self) -> None:
         self._timer = None

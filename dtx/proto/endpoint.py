@@ -665,6 +665,33 @@ class Endpoint:
         else:
             self.counters["datagrams_dropped"] += 1
 
+    def receive_side_datagram(self, socket: int, data: bytes, addr: Address,
+                              now: float) -> None:
+        """One UDP datagram from ``addr`` on extra socket ``socket`` (a
+        birthday search's; :meth:`side_sockets`). Never raises."""
+        traversal = self.traversal
+        if traversal.receive_side(socket, data, addr, now):
+            mapped = traversal.map_incoming(addr, now)
+            if mapped is not None:
+                self._quic_datagram(data, mapped, now)
+        self._drain_traversal()
+
+    @property
+    def side_busy(self) -> bool:
+        """Whether the driver must look at the extra sockets (cheap)."""
+        return self.traversal.side_busy
+
+    def side_sockets(self) -> set[int]:
+        """The extra sockets to hold open now, by id (a driver opens a UDP
+        socket on the device's local address for each id it does not have,
+        and closes those no longer named)."""
+        return self.traversal.side_sockets()
+
+    def side_datagrams_to_send(self) -> list[tuple[int, bytes, Address]]:
+        """(socket, payload, destination) to send from the extra sockets;
+        call after :meth:`datagrams_to_send`."""
+        return self.traversal.side_datagrams_to_send()
+
     def _quic_datagram(self, data: bytes, addr: Address, now: float) -> None:
         conn = self._connections.get(addr)
         if conn is None:

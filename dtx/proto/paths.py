@@ -321,6 +321,14 @@ class PathManager:
         self._reselect(now)
         return None
 
+    def ping_now(self, dest: Address, now: float) -> None:
+        """Ping a known, not yet usable path at once (a birthday search
+        just found it: the punch schedule may not ping again for seconds)."""
+        state = self.paths.get(dest)
+        if state is not None and not state.usable \
+                and not any(p.dest == dest for p in self._pings.values()):
+            self._send_ping(dest, now)
+
     def probes_to_send(self) -> list[ProbeToSend]:
         out, self._probes = self._probes, []
         return out
@@ -420,6 +428,11 @@ class PathManager:
 
     def _has_direct(self) -> bool:
         return any(p.usable for p in self.paths.values())
+
+    @property
+    def has_direct(self) -> bool:
+        """Whether a direct (or LAN) path is confirmed and alive."""
+        return self._has_direct()
 
     # -- selection ----------------------------------------------------------------
 

@@ -135,6 +135,11 @@ class RendezvousClient:
     registration: bytes | None = None
     reflexive: Address | None = None
     keepalive_interval: float = 25.0
+    mapping_port: int | None = None
+    """The server's mapping port (MAPPING_PORT in REGISTERED): a KEEPALIVE
+    sent there tells the server whether this device's NAT maps per
+    destination (docs/protocol.md 7.7). None: the server has none."""
+    _mapping_out: list[bytes] = field(default_factory=list)
     _requests: dict[bytes, _Request] = field(default_factory=dict)
     _out: list[bytes] = field(default_factory=list)
     _events: deque[RendezvousEvent] = field(default_factory=deque)
@@ -215,6 +220,16 @@ class RendezvousClient:
             return
         self._send_keepalive(now, retransmit=True)
 
+    def _mapping_check(self) -> None:
+        """A KEEPALIVE to the mapping port: never answered, and it goes
+        before anything else queued now (an INTRODUCE that follows finds
+        the check done at the server)."""
+        if self.mapping_port is None or self.registration is None:
+            return
+        txid = self.rng.getrandbits(64).to_bytes(8, "big")
+        self._mapping_out.append(encode_control(
+            ControlMessage(MessageType.KEEPALIVE, txid, registration=self.registration)))
+
     def _send_keepalive(self, now: float, *, retransmit: bool) -> None:
         registration = self.registration
         self._request(
@@ -278,6 +293,8 @@ class RendezvousClient:
             self._keepalive_misses = 0
             self._next_keepalive = now + self.keepalive_interval
             self._was_registered = True
+            self.mapping_port = msg.mapping_port
+            self._mapping_check()
             logger.info("registered with %s:%d as %s, seen at %s:%d",
                         *self.server, self.jid, *msg.reflexive)
             self._events.append(Registered(msg.reflexive, again))
@@ -345,6 +362,7 @@ class RendezvousClient:
             else:
                 self._drop_requests(MessageType.KEEPALIVE)
                 self._send_keepalive(now, retransmit=False)
+                self._mapping_check()
                 self._next_keepalive = now + self.keepalive_interval
         for txid, req in list(self._requests.items()):
             if now < req.next_at:
@@ -374,7 +392,12 @@ class RendezvousClient:
     # -- out ----------------------------------------------------------------------
 
     def datagrams_to_send(self) -> list[tuple[bytes, Address]]:
-        out = [(d, self.server) for d in self._out]
+        out = []
+        if self._mapping_out and self.mapping_port is not None:
+            check = (self.server[0], self.mapping_port)
+            out = [(d, check) for d in self._mapping_out]
+        self._mapping_out.clear()
+        out.extend((d, self.server) for d in self._out)
         self._out.clear()
         return out
 

@@ -14,6 +14,14 @@ ways:
   datagram from a known direct path, and :meth:`Traversal.receive_dtx`
   unwraps relay frames on a known channel.
 
+Between an endpoint-dependent NAT and an endpoint-independent one (the
+introduction says which is which) a link also runs a birthday search
+(:mod:`dtx.proto.birthday`): the hard side's extra sockets are numbered
+from 1 (0 is the device's one socket); :meth:`Traversal.side_sockets`
+names those to hold open, :meth:`Traversal.side_datagrams_to_send` what
+leaves from them, :meth:`Traversal.receive_side` what arrives on them. A
+search's winning socket then carries that peer's direct path.
+
 **Introductions are a seam.** Whoever tells this device "here is the peer,
 its key, its candidates, how to relay to it; probe now" hands an
 :class:`Introduction` to :meth:`Traversal.introduced`. Today the rendezvous
@@ -42,6 +50,7 @@ from ..logs import LogLimiter
 from ..wire.control import (
     CandidateKind,
     ControlMessage,
+    NatMapping,
     Probe,
     ProbeKind,
     Role,
@@ -49,8 +58,9 @@ from ..wire.control import (
     decode_probe,
     encode_probe,
 )
-from ..wire.demux import CONTROL_FIRST_BYTE, PROBE_FIRST_BYTE, RELAY_FIRST_BYTE
+from ..wire.demux import CONTROL_FIRST_BYTE, PROBE_FIRST_BYTE, RELAY_FIRST_BYTE, PacketKind, classify
 from ..wire.relay import decode_relay, encode_relay
+from .birthday import BirthdayConfig, BirthdayRole, BirthdaySearch, SearchState
 from .paths import PathChanged, PathConfig, PathKind, PathManager, RelayWrap
 from .rdvclient import (
     IntroductionFailed,
@@ -74,6 +84,7 @@ class TraversalConfig:
 
     paths: PathConfig = PathConfig()
     client: RendezvousClientConfig = RendezvousClientConfig()
+    birthday: BirthdayConfig = BirthdayConfig()
     reintroduce_backoff: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
     """After a failed re-introduction (the peer may not have registered
     again yet), ask again after these pauses, then give up."""
@@ -119,6 +130,13 @@ class Introduction:
     rendezvous: through this device's TURN allocation, where the TURN
     server sees the peer; or, when the peer relays through its own, the
     peer's relayed address. Datagrams from there reach this link."""
+    reflexive: Address | None = None
+    """The peer's server-reflexive address (also among ``candidates``):
+    where a birthday search aims."""
+    nat_mapping: NatMapping = NatMapping.UNKNOWN
+    peer_nat_mapping: NatMapping = NatMapping.UNKNOWN
+    """The NAT mapping behaviour of this device and of the peer, as the
+    source of the introduction observed them."""
 
 
 def introduction_from_control(msg: ControlMessage, server: Address) -> Introduction:
@@ -142,8 +160,12 @@ def introduction_from_control(msg: ControlMessage, server: Address) -> Introduct
         (c.addr, PathKind.LAN if c.kind == CandidateKind.HOST else PathKind.DIRECT)
         for c in msg.candidates
     )
+    reflexive = next((c.addr for c in msg.candidates
+                      if c.kind == CandidateKind.SERVER_REFLEXIVE), None)
+    mine, theirs = msg.nat_mapping or (NatMapping.UNKNOWN, NatMapping.UNKNOWN)
     return Introduction(peer, msg.peer_key, msg.intro, msg.probe_key,
-                        msg.role is Role.INITIATOR, candidates, wrap, channel)
+                        msg.role is Role.INITIATOR, candidates, wrap, channel,
+                        reflexive=reflexive, nat_mapping=mine, peer_nat_mapping=theirs)
 
 
 # -- events (the rendezvous client's Registered, RegistrationRefused,
@@ -193,6 +215,11 @@ class Link:
     punch_tokens: float = 0.0
     punch_tokens_at: float = 0.0
     changes: list[PathChanged] = field(default_factory=list)
+    birthday: BirthdaySearch | None = None
+    """The latest birthday search toward this peer, if one was started."""
+    side: tuple[Address, int] | None = None
+    """(peer address, extra socket) of the direct path a birthday search
+    found: datagrams to that address leave from that socket."""
 
 
 class Traversal:
@@ -245,7 +272,16 @@ class Traversal:
         """The server's latest refusal of this device's registration."""
         self.counters: dict[str, int] = {"dropped": 0, "probes_bad": 0, "relay_unknown": 0,
                                          "introductions_bad": 0, "punch_restarts_limited": 0,
-                                         "host_candidates_skipped": 0, "relay_ambiguous": 0}
+                                         "host_candidates_skipped": 0, "relay_ambiguous": 0,
+                                         "birthday_searches": 0, "birthday_found": 0,
+                                         "birthday_failed": 0, "birthday_limited": 0,
+                                         "side_dropped": 0}
+        self._side_routes: dict[Address, int] = {}
+        """Peer address -> extra socket, for birthday-found direct paths."""
+        self._side_out: list[tuple[int, bytes, Address]] = []
+        self._searching: dict[str, Link] = {}
+        """Links whose birthday search has not ended, by peer JID."""
+        self._next_socket = 1
         self._log = LogLimiter(logger)
         self._closed = False
         self._port_mapped: Address | None = None
@@ -350,6 +386,7 @@ class Traversal:
             link.reintroduce_attempts = 0
             restart = self._take_punch_token(link, now)
             if restart:
+                self._end_birthday(link, now)
                 link.paths.reset(intro.relay, now, keep=[a for a, _ in intro.candidates])
                 for addr in [a for a, cached in self._by_addr.items() if cached is link]:
                     del self._by_addr[addr]
@@ -371,6 +408,7 @@ class Traversal:
                 link.paths.add_candidate(addr, kind)
             link.paths.restart_punching(now)
             link.paths.handle_timer(now)  # the first punch goes out now
+            self._maybe_birthday(link, intro, now)
         logger.info("introduced to %s (%s, by %s), %d candidates, relay channel %s",
                     intro.peer_jid, "initiator" if intro.initiator else "responder",
                     intro.source, len(intro.candidates), intro.channel)
@@ -584,12 +622,141 @@ class Traversal:
         link = self._by_mapped.get(mapped)
         if link is None:
             return []
-        return link.paths.route(data, now)
+        out = link.paths.route(data, now)
+        if link.side is not None:
+            return self._divert(out)
+        return out
 
     def datagrams_to_send(self) -> list[tuple[bytes, Address]]:
         """Control messages and probes to send."""
         out, self._out = self._out, []
+        if self._side_routes:
+            return self._divert(out)
         return out
+
+    def _divert(self, out: list[tuple[bytes, Address]]) -> list[tuple[bytes, Address]]:
+        """Datagrams to an address a birthday search found leave from its
+        socket; the others stay."""
+        routes = self._side_routes
+        kept = []
+        for data, addr in out:
+            socket = routes.get(addr)
+            if socket is None:
+                kept.append((data, addr))
+            else:
+                self._side_out.append((socket, data, addr))
+        return kept
+
+    # -- the extra sockets of birthday searches -----------------------------------
+
+    @property
+    def side_busy(self) -> bool:
+        """Whether any extra socket is wanted or has something (cheap)."""
+        return bool(self._side_routes or self._side_out or self._searching)
+
+    def side_sockets(self) -> set[int]:
+        """The extra sockets to hold open now (every other one is closed)."""
+        wanted = set(self._side_routes.values())
+        for link in self._searching.values():
+            if link.birthday is not None:
+                wanted.update(link.birthday.sockets)
+        return wanted
+
+    def side_datagrams_to_send(self) -> list[tuple[int, bytes, Address]]:
+        """(socket, payload, destination) to send from the extra sockets."""
+        out, self._side_out = self._side_out, []
+        return out
+
+    def side_route(self, addr: Address) -> int | None:
+        """The extra socket that carries the direct path to ``addr``."""
+        return self._side_routes.get(addr)
+
+    def receive_side(self, socket: int, data: bytes, src: Address, now: float) -> bool:
+        """A datagram on extra socket ``socket``. A probe is handled here
+        (and may end a search: that socket wins); True when it is a QUIC
+        datagram of the path that socket carries, for the caller to handle
+        as one from ``src`` on the device's socket. Anything else is
+        counted and dropped."""
+        if data and data[0] == PROBE_FIRST_BYTE:
+            try:
+                probe = decode_probe(data, self._probe_key)
+            except DecodeError:
+                self.counters["probes_bad"] += 1
+                return False
+            link = self._by_intro.get(probe.intro)
+            search = None if link is None else link.birthday
+            if link is None or not (
+                    (search is not None and search.owns(socket)) or link.side == (src, socket)):
+                self.counters["side_dropped"] += 1
+                return False
+            if search is not None and search.owns(socket):
+                self._birthday_found(link, search, socket, src, now)
+            if probe.kind is ProbeKind.PING:
+                link.paths.on_ping(probe.txid, src, now)
+            else:
+                link.paths.on_pong(probe.txid, src, now)
+                link.paths.ping_now(src, now)
+            self._service(now)
+            return False
+        if self._side_routes.get(src) == socket and classify(data) is PacketKind.QUIC:
+            return True
+        self.counters["side_dropped"] += 1
+        return False
+
+    def _maybe_birthday(self, link: Link, intro: Introduction, now: float) -> None:
+        """Start a birthday search when one side's NAT maps per destination
+        and the other's does not, and the introduction named the peer's
+        public address."""
+        cfg = self.config.birthday
+        mine, theirs = intro.nat_mapping, intro.peer_nat_mapping
+        if mine is NatMapping.DEPENDENT and theirs is NatMapping.INDEPENDENT:
+            role = BirthdayRole.HARD
+        elif mine is NatMapping.INDEPENDENT and theirs is NatMapping.DEPENDENT:
+            role = BirthdayRole.EASY
+        else:
+            return
+        if not cfg.enabled or intro.reflexive is None:
+            return
+        if len(self._searching) >= cfg.max_searches:
+            self.counters["birthday_limited"] += 1
+            self._log.info("birthday_limited", link.peer_jid, "not starting a birthday "
+                           "search toward %s: %d running", link.peer_jid, cfg.max_searches)
+            return
+        first = self._next_socket
+        if role is BirthdayRole.HARD:
+            self._next_socket += cfg.sockets
+        link.birthday = BirthdaySearch(role, intro.reflexive, cfg,
+                                       random.Random(self._rng.getrandbits(64)), now,
+                                       first_socket=first)
+        self._searching[link.peer_jid] = link
+        self.counters["birthday_searches"] += 1
+        logger.info("birthday search toward %s (%s side, %s:%d) in %.1f s unless a "
+                    "direct path answers first", link.peer_jid, role.value,
+                    *intro.reflexive, cfg.start_after)
+
+    def _birthday_found(self, link: Link, search: BirthdaySearch, socket: int,
+                        src: Address, now: float) -> None:
+        search.found(socket, now)
+        self._searching.pop(link.peer_jid, None)
+        self.counters["birthday_found"] += 1
+        if link.side is not None:
+            self._side_routes.pop(link.side[0], None)
+        link.side = (src, socket)
+        self._side_routes[src] = socket
+        for addr in [a for a, cached in self._by_addr.items() if cached is link]:
+            del self._by_addr[addr]
+        logger.info("birthday search toward %s found %s:%d on socket %d after %.2f s",
+                    link.peer_jid, *src, socket, now - (search.started_at or now))
+
+    def _end_birthday(self, link: Link, now: float) -> None:
+        """A new introduction: the old search and its path end."""
+        if link.birthday is not None:
+            link.birthday.stop(now)
+        self._searching.pop(link.peer_jid, None)
+        if link.side is not None:
+            if self._side_routes.get(link.side[0]) == link.side[1]:
+                del self._side_routes[link.side[0]]
+            link.side = None
 
     def next_event(self) -> TraversalEvent | None:
         return self._events.popleft() if self._events else None
@@ -601,7 +768,9 @@ class Traversal:
             return None
         when = self.client.get_timer() if self.client is not None else None
         for link in self.links.values():
-            for t in (link.paths.get_timer(), link.reintroduce_at):
+            search = link.birthday
+            for t in (link.paths.get_timer(), link.reintroduce_at,
+                      None if search is None else search.get_timer()):
                 if t is not None and (when is None or t < when):
                     when = t
         return when
@@ -614,6 +783,18 @@ class Traversal:
             client.handle_timer(now)
         for link in self.links.values():
             link.paths.handle_timer(now)
+            search = link.birthday
+            if search is not None and search.active:
+                if link.paths.has_direct:
+                    search.stop(now)
+                else:
+                    search.handle_timer(now)
+                    if search.state is SearchState.FAILED:
+                        self.counters["birthday_failed"] += 1
+                        logger.info("birthday search toward %s found nothing in %.1f s",
+                                    link.peer_jid, search.config.duration)
+                if not search.active:
+                    self._searching.pop(link.peer_jid, None)
             if link.reintroduce_at is not None and now >= link.reintroduce_at:
                 link.reintroduce_at = None
                 if client is not None and client.registered:
@@ -650,6 +831,16 @@ class Traversal:
             self._flush_link(link, now)
 
     def _flush_link(self, link: Link, now: float) -> None:
+        search = link.birthday
+        if search is not None:
+            for socket, dest in search.pings_to_send():
+                txid = self._rng.getrandbits(64).to_bytes(8, "big")
+                data = encode_probe(Probe(ProbeKind.PING, link.intro, txid, None),
+                                    link.probe_key)
+                if socket == 0:
+                    self._out.append((data, dest))
+                else:
+                    self._side_out.append((socket, data, dest))
         for req in link.paths.probes_to_send():
             if req.ping:
                 probe = Probe(ProbeKind.PING, link.intro, req.txid, None)

@@ -241,7 +241,7 @@ def check_relayed(scene: XmppLab, log: str, relayed: set[tuple[str, int]]) -> No
 @pytest.mark.parametrize(("nat_a", "nat_b"), PAIRS)
 def test_connect_by_jid_in_the_lab(netns_ready: None, tmp_path: Path, nat_a: str,
                                    nat_b: str) -> None:
-    expect = expected_path(nat_a, nat_b)
+    expect = expected_path(nat_a, nat_b, birthday=False)  # no birthday search over XMPP yet
 
     async def main() -> tuple[tuple[str, str], list[str | None], set[tuple[str, int]], float]:
         async with connected(scene) as c:

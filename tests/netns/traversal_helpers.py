@@ -4,6 +4,7 @@ live inside the lab's namespaces."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,8 +19,8 @@ from dtx.lab.scene import RDV_PORT, lab_peer_config, server_address, write_vcard
 from dtx.lab.topology import Host
 from dtx.trust import PinStore, VCardDirectory, Verifier
 
-__all__ = ["RDV_PORT", "Device", "device_peer", "make_devices", "server_address",
-           "start_rendezvous", "write_vcards"]
+__all__ = ["RDV_PORT", "Device", "device_peer", "make_devices", "rendezvous_scene",
+           "server_address", "start_rendezvous", "write_vcards"]
 
 
 @dataclass
@@ -47,6 +48,8 @@ async def device_peer(
     """A started Peer whose socket is inside the device's namespace."""
     cfg = lab_peer_config(config or PeerConfig(), rendezvous=rendezvous,
                           host_ip=device.host.ip)
+    if cfg.side_sockets is None:  # a birthday search's sockets, in the device's namespace
+        cfg = dataclasses.replace(cfg, side_sockets=device.host.udp_socket)
     peer = Peer(device.identity, Verifier([VCardDirectory(vcards)], PinStore(None)), config=cfg)
     await peer.start(sock=device.host.udp_socket(), listen=listen)
     try:
@@ -61,3 +64,15 @@ def make_devices(lab: Lab, a_host: Host, b_host: Host) -> tuple[Device, Device]:
         Device(generate_identity("remote@example.org/phone"), a_host),
         Device(generate_identity("tv@example.org/living-room"), b_host),
     )
+
+
+def rendezvous_scene(lab: Lab, server: Host, a_host: Host, b_host: Host, folder: Path,
+                     *extra: str) -> tuple[Device, Device, Path, tuple[str, int]]:
+    """The remote on ``a_host``, the TV on ``b_host``, their vCards in
+    ``folder``, a rendezvous (given ``extra`` arguments) on ``server``:
+    (remote, TV, vCard folder, rendezvous address)."""
+    a, b = make_devices(lab, a_host, b_host)
+    vcards = folder / "vcards"
+    write_vcards(vcards, a.identity, b.identity)
+    start_rendezvous(server, vcards, *extra)
+    return a, b, vcards, server_address(server)

@@ -23,9 +23,19 @@ import pytest
 
 from dtx.errors import DecodeError
 from dtx.lab.nat import PROFILES, Filtering, Mapping
+from dtx.proto.birthday import BirthdayConfig, BirthdayRole, SearchState
+from dtx.proto.endpoint import EndpointConfig
 from dtx.proto.paths import PathKind
 from dtx.proto.traversal import TraversalConfig, introduction_from_control
-from dtx.wire.control import ControlMessage, MessageType, Role, decode_control
+from dtx.wire.control import (
+    ControlMessage,
+    MessageType,
+    Probe,
+    ProbeKind,
+    Role,
+    decode_control,
+    encode_probe,
+)
 from dtx.wire.demux import CONTROL_FIRST_BYTE
 from tests.fakes import (
     FakeClock,
@@ -48,17 +58,19 @@ Address = tuple[str, int]
 REMOTE = "remote@example.org/phone"
 TV = "tv@example.org/living-room"
 NAMES = ["none", "full-cone", "restricted-cone", "port-restricted-cone", "symmetric"]
-RELAY_ONLY = {
-    frozenset({"symmetric", "port-restricted-cone"}),
-    frozenset({"symmetric"}),
-}
+RELAY_ONLY = {frozenset({"symmetric"})}
+BIRTHDAY_PAIRS = {frozenset({"symmetric", "port-restricted-cone"})}
+"""Direct only by birthday probing (the server's mapping check on)."""
 SETTLE = 4.0
 """Seconds watched after the introduction, as in the netns test: past the
 quick punch attempts."""
 
 
-def expected_path(a: str, b: str) -> PathKind:
-    return PathKind.RELAY if frozenset({a, b}) in RELAY_ONLY else PathKind.DIRECT
+def expected_path(a: str, b: str, *, birthday: bool = True) -> PathKind:
+    pair = frozenset({a, b})
+    if pair in RELAY_ONLY or (not birthday and pair in BIRTHDAY_PAIRS):
+        return PathKind.RELAY
+    return PathKind.DIRECT
 
 
 PAIRS = list(itertools.combinations_with_replacement(NAMES, 2))
@@ -299,15 +311,18 @@ class Scene:
 def introduce(nat_a: str, nat_b: str, *, seed: int = 0, route: RouteHook = deliver_as_is,
               same_nat: bool = False, double: bool = False,
               register_within: float = 10.0, session_within: float | None = 5.0,
-              port_mapped: tuple[bool, bool] = (False, False)) -> Scene:
+              port_mapped: tuple[bool, bool] = (False, False), mapping_port: bool = False,
+              config: EndpointConfig | None = None) -> Scene:
     """Two devices (the remote behind ``nat_a`` and the TV behind ``nat_b``),
     registered; the remote asks for the TV, opens a session over the
     introduction at once and sends its first stanza as soon as the TV's key
     is trusted (on the relay). ``session_within=None``: introduce only.
     ``port_mapped``: whose router forwards a port to it (remote, TV), as
-    the driver's PortMapper tells the endpoint once the router answered."""
+    the driver's PortMapper tells the endpoint once the router answered.
+    ``mapping_port``: the server checks NAT mappings (so a hard pair runs a
+    birthday search); ``config``: both devices' endpoint configuration."""
     ids = [identity_for(REMOTE, 1), identity_for(TV, 2)]
-    net, server = make_scene(ids, seed=seed, route_packet=route)
+    net, server = make_scene(ids, seed=seed, route_packet=route, mapping_port=mapping_port)
     public = PublicAddresses()
     if same_nat:
         home = net.add_nat("h", nat_a, public.take(), lan_prefix="10.1.0")
@@ -320,8 +335,9 @@ def introduce(nat_a: str, nat_b: str, *, seed: int = 0, route: RouteHook = deliv
         else:
             home_a = net.add_nat("a", nat_a, public.take(), lan_prefix="10.1.0")
         home_b = net.add_nat("b", nat_b, public.take(), lan_prefix="10.2.0")
-    remote = add_device(net, home_a, ids[0], server, seed=seed * 7 + 1, listen=False)
-    tv = add_device(net, home_b, ids[1], server, seed=seed * 7 + 2)
+    remote = add_device(net, home_a, ids[0], server, seed=seed * 7 + 1, listen=False,
+                        config=config)
+    tv = add_device(net, home_b, ids[1], server, seed=seed * 7 + 2, config=config)
     for device, home, mapped in ((remote, home_a, port_mapped[0]), (tv, home_b, port_mapped[1])):
         if mapped:
             device.endpoint.set_port_mapped(home.add_port_mapping(device.addr), net.clock.now)
@@ -364,7 +380,7 @@ def exchange(scene: Scene, expect: PathKind, n: int = 20) -> None:
 
 @pytest.mark.parametrize("nat_a, nat_b", PAIRS, ids=[f"{a}--{b}" for a, b in PAIRS])
 def test_connect_through_nat_pair(nat_a: str, nat_b: str) -> None:
-    scene = introduce(nat_a, nat_b)
+    scene = introduce(nat_a, nat_b, mapping_port=True, config=BIRTHDAY)
     expect = expected_path(nat_a, nat_b)
     scene.net.run(SETTLE)
     remote, tv = scene.remote, scene.tv
@@ -396,7 +412,7 @@ MAPPED_PAIRS = [("symmetric", "symmetric"), ("symmetric", "port-restricted-cone"
 @pytest.mark.parametrize("side", ["remote", "tv"])
 def test_a_port_mapping_on_either_side_makes_a_hard_pair_direct(nat_a: str, nat_b: str,
                                                                side: str) -> None:
-    assert expected_path(nat_a, nat_b) is PathKind.RELAY  # without the mapping
+    assert expected_path(nat_a, nat_b, birthday=False) is PathKind.RELAY  # without the mapping
     scene = introduce(nat_a, nat_b, port_mapped=(side == "remote", side == "tv"))
     scene.net.run(SETTLE)
     remote, tv = scene.remote, scene.tv
@@ -420,6 +436,110 @@ def test_a_mapping_made_after_registering_is_registered_again() -> None:
     net.run(SETTLE)
     assert (remote.path(TV), tv.path(REMOTE)) == (PathKind.DIRECT, PathKind.DIRECT)
     exchange(scene, PathKind.DIRECT)
+
+
+# -- birthday probing ---------------------------------------------------------------
+
+BIRTHDAY = EndpointConfig(traversal=TraversalConfig(birthday=BirthdayConfig(
+    port_range=(40000, 59999))))
+"""The memory NATs draw random ports from 40000-59999 (the lab's kernel
+NAT from the whole range: the defaults)."""
+
+
+@pytest.mark.parametrize("nat_a, nat_b", [("symmetric", "port-restricted-cone"),
+                                          ("port-restricted-cone", "symmetric")])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_birthday_probing_takes_a_hard_pair_direct(nat_a: str, nat_b: str, seed: int) -> None:
+    assert expected_path(nat_a, nat_b, birthday=False) is PathKind.RELAY  # without it
+    scene = introduce(nat_a, nat_b, seed=seed, mapping_port=True, config=BIRTHDAY)
+    remote, tv, net = scene.remote, scene.tv, scene.net
+    hard, easy, hard_peer, easy_peer = ((remote, tv, TV, REMOTE) if nat_a == "symmetric"
+                                        else (tv, remote, REMOTE, TV))
+    search = hard.traversal.links[hard_peer].birthday
+    assert search is not None and search.role is BirthdayRole.HARD
+    easy_search = easy.traversal.links[easy_peer].birthday
+    assert easy_search is not None and easy_search.role is BirthdayRole.EASY
+    for i in range(40):  # stanzas all through the search, on the relay
+        remote.send(TV, "during %d" % i)
+        net.run(0.25)
+        if remote.path(TV) is PathKind.DIRECT and tv.path(REMOTE) is PathKind.DIRECT:
+            break
+    assert (remote.path(TV), tv.path(REMOTE)) == (PathKind.DIRECT, PathKind.DIRECT)
+    assert search.state is SearchState.FOUND and search.winner is not None
+    assert hard.traversal.counters["birthday_found"] == 1
+    assert easy_search.state is SearchState.STOPPED or easy_search.state is SearchState.FOUND
+    net.run(1.0)
+    assert set(hard.side) == {search.winner}, "the losing sockets are closed at once"
+    assert hard.side_opened == BIRTHDAY.traversal.birthday.sockets
+    assert not easy.side, "the easy side opens no socket"
+    assert easy_search.probes_sent <= BIRTHDAY.traversal.birthday.probes
+    sent = ["pause"] + ["during %d" % j for j in range(i + 1)]
+    assert tv.bodies(REMOTE) == sent, "every stanza sent during the search, once, in order"
+    # The winning socket carries the session both ways from now on.
+    exchange(scene, PathKind.DIRECT)
+    link = hard.traversal.links[hard_peer]
+    assert link.side is not None and link.side[1] == search.winner
+
+
+def test_birthday_probing_needs_the_servers_mapping_check() -> None:
+    scene = introduce("symmetric", "port-restricted-cone", config=BIRTHDAY)
+    scene.net.run(SETTLE + 2.0)
+    for device, peer in ((scene.remote, TV), (scene.tv, REMOTE)):
+        assert device.traversal.links[peer].birthday is None
+        assert not device.side
+    exchange(scene, PathKind.RELAY)
+
+
+def test_two_symmetric_nats_run_no_birthday_search() -> None:
+    scene = introduce("symmetric", "symmetric", mapping_port=True, config=BIRTHDAY)
+    scene.net.run(SETTLE)
+    for device, peer in ((scene.remote, TV), (scene.tv, REMOTE)):
+        link = device.traversal.links[peer]
+        assert link.birthday is None and not device.side
+    exchange(scene, PathKind.RELAY)
+
+
+def test_a_birthday_search_that_finds_nothing_gives_up_and_closes_its_sockets() -> None:
+    few = EndpointConfig(traversal=TraversalConfig(birthday=BirthdayConfig(
+        port_range=(40000, 59999), sockets=2, probes=20, rate=20.0)))
+    scene = introduce("symmetric", "port-restricted-cone", mapping_port=True, config=few)
+    remote, tv, net = scene.remote, scene.tv, scene.net
+    search = remote.traversal.links[TV].birthday
+    assert search is not None
+    net.run(few.traversal.birthday.start_after + 0.5)
+    assert search.state is SearchState.SEARCHING and len(remote.side) == 2
+    net.run(few.traversal.birthday.duration + 0.5)
+    assert search.state is SearchState.FAILED  # 2 ports of 20,000 in 20 guesses (seeded)
+    assert remote.traversal.counters["birthday_failed"] == 1
+    assert not remote.side, "its sockets are closed"
+    easy = tv.traversal.links[REMOTE].birthday
+    assert easy is not None and easy.probes_sent == 20
+    exchange(scene, PathKind.RELAY)
+
+
+def test_garbage_on_a_searchs_sockets_is_counted_and_dropped() -> None:
+    scene = introduce("symmetric", "port-restricted-cone", mapping_port=True, config=BIRTHDAY,
+                      session_within=None)
+    remote, net = scene.remote, scene.net
+    search = remote.traversal.links[TV].birthday
+    assert search is not None
+    net.run_until(lambda: search.state is SearchState.SEARCHING, 2.0)
+    sid = min(remote.side)
+    stranger = ("192.0.2.66", 4444)
+    counters = remote.traversal.counters
+    before = dict(counters)
+    other_intro = encode_probe(Probe(ProbeKind.PING, b"\x01" * 8, b"\x02" * 8, None), b"k" * 32)
+    quic_like = bytes([0xC0]) + bytes(1199)  # a long-header QUIC packet
+    for data in (b"", b"garbage", quic_like, other_intro, b"\x12" + bytes(40)):
+        remote.endpoint.receive_side_datagram(sid, data, stranger, net.clock.now)
+        remote.flush()
+    link = remote.traversal.links[TV]
+    tagged = encode_probe(Probe(ProbeKind.PING, link.intro, b"\x03" * 8, None), link.probe_key)
+    remote.endpoint.receive_side_datagram(10_000, tagged, stranger, net.clock.now)  # not its socket
+    assert counters["side_dropped"] - before["side_dropped"] == 4
+    assert counters["probes_bad"] - before["probes_bad"] == 2
+    assert search.state is SearchState.SEARCHING, "the search goes on"
+    assert link.side is None and remote.traversal.side_route(stranger) is None
 
 
 def test_two_devices_behind_the_same_nat_use_the_lan() -> None:
