@@ -129,18 +129,26 @@ def _scenario_tables(doc: dict[str, Any], scenario: str, heading: str) -> list[s
             ("connect", "Connect time (ms): connect call to first message delivered", True),
             ("first_message", "First message (ms): an application's first message after "
              "login to its echo", True),
-            ("direct_after", "Direct path takeover (ms): session start to the direct (or "
-             "LAN) path carrying it", False),
+            ("direct_after", "Direct path takeover (ms): session start (birthday: first "
+             "stanza) to the direct (or LAN) path carrying it", True),
             ("discovery", "LAN discovery (ms): fresh mDNS browser to the device resolved",
              False)):
         rows = _summaries(doc, metric, scenario)
         if rows:
-            lines += ["", f"{heading} {title}", "",
-                      "| System | Median | Samples |" + (" Note |" if noted else ""),
-                      "|---|---:|---:|" + ("---|" if noted else "")]
+            takeover = metric == "direct_after"
+            head = ("| System | Median | p90 | Samples | Lost |" if takeover
+                    else "| System | Median | Samples |")
+            rule = "|---|---:|---:|---:|---:|" if takeover else "|---|---:|---:|"
+            lines += ["", f"{heading} {title}", "", head + (" Note |" if noted else ""),
+                      rule + ("---|" if noted else "")]
             for s in rows:
-                row = f"| {s['system']} | {cell(s['stats']['median'], 1e3, s['runs'])} " \
-                      f"| {s['samples']} |"
+                row = f"| {s['system']} | {cell(s['stats']['median'], 1e3, s['runs'])} "
+                if takeover:
+                    p90 = s["stats"].get("p90")
+                    row += f"| {cell(p90, 1e3, s['runs']) if p90 else '–'} "
+                row += f"| {s['samples']} |"
+                if takeover:
+                    row += f" {s['lost']} |"
                 lines.append(row + (f" {s['note']} |" if noted else ""))
     return lines
 

@@ -127,6 +127,8 @@ class Options:
     """Messages per one-way batch in the NAT-lab scenarios."""
     lab_connects: int = 5
     """Connections timed per system in the NAT-lab scenarios."""
+    trials: int = 50
+    """Seeded trials of the ``birthday`` scenario (fresh devices each)."""
     prosody_nagle: bool = False
     """Run the NAT lab's Prosody servers with Nagle's algorithm on, as
     Prosody ships (``--prosody-nagle``); off by default, as
@@ -140,7 +142,7 @@ class Options:
         """The ``--quick`` preset: one run, small counts."""
         base: dict[str, object] = {
             "runs": 1, "rtt_samples": 300, "stanzas": 10_000, "connects": 5,
-            "lab_rtt_samples": 30, "lab_stanzas": 1000, "lab_connects": 2,
+            "lab_rtt_samples": 30, "lab_stanzas": 1000, "lab_connects": 2, "trials": 5,
         }
         base.update(overrides)
         return cls(**base)  # type: ignore[arg-type]

@@ -178,8 +178,12 @@ def counting(*hosts: Host) -> Iterator[Callable[[], int]]:
 # -- the servers ------------------------------------------------------------------
 
 
-def start_rendezvous(server: Host, vcards: Path) -> None:
-    start_lab_rendezvous(server, vcards, listen=(server.ip, RDV_PORT), cwd=ROOT)
+def start_rendezvous(server: Host, vcards: Path, *, mapping_check: bool = False) -> None:
+    """The rendezvous on the server host; without its NAT mapping check
+    unless ``mapping_check`` (without it, no birthday search starts, and
+    the symmetric home ``c`` with ``b`` stays a relay-only pair)."""
+    start_lab_rendezvous(server, vcards, *([] if mapping_check else ["--no-mapping-port"]),
+                         listen=(server.ip, RDV_PORT), cwd=ROOT)
 
 
 def _lua(text: str) -> str:
