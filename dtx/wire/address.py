@@ -25,6 +25,11 @@ def normalise_address(addr: Address) -> Address:
     """Unwrap IPv4-mapped IPv6 (a dual-stack socket's view of IPv4) and drop
     a zone index, so one device has one address."""
     host, port = addr[0], addr[1]
+    if ":" not in host:
+        # IPv4 as a socket reports it is already in its one form (the hot
+        # path: every datagram a server reads); anything else that is not
+        # IPv6 is returned as it is below too.
+        return (host, port)
     try:
         ip = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
