@@ -91,13 +91,14 @@ def _scenario_tables(doc: dict[str, Any], scenario: str, heading: str) -> list[s
     rtts = _summaries(doc, "rtt", scenario)
     in_ms = any(s["stats"]["p50"]["median"] >= 1e-3 for s in rtts)
     unit, scale = ("ms", 1e3) if in_ms else ("µs", 1e6)
-    lines += [
-        "",
-        f"{heading} Round-trip time ({unit})",
-        "",
-        "| System | What | " + " | ".join(RTT_COLUMNS) + " | p50 / floor | Samples | Lost |",
-        "|---|---|" + "---:|" * len(RTT_COLUMNS) + "---:|---:|---:|",
-    ]
+    if rtts:
+        lines += [
+            "",
+            f"{heading} Round-trip time ({unit})",
+            "",
+            "| System | What | " + " | ".join(RTT_COLUMNS) + " | p50 / floor | Samples | Lost |",
+            "|---|---|" + "---:|" * len(RTT_COLUMNS) + "---:|---:|---:|",
+        ]
     by_system = {s["system"]: s for s in rtts}
     for s in rtts:
         cells = [cell(s["stats"][k], scale, s["runs"]) for k in RTT_COLUMNS]
@@ -124,6 +125,15 @@ def _scenario_tables(doc: dict[str, Any], scenario: str, heading: str) -> list[s
                 w = wire.get(system)
                 row += (cell(w["stats"]["median"], 1.0, w["runs"]) if w else "–") + " | "
             lines.append(row + f"{s['note']} |")
+
+    packets = _summaries(doc, "packets_per_exchange", scenario)
+    if packets:
+        lines += ["", f"{heading} Packets per exchange: UDP datagrams both ends sent per "
+                  "request and answer (raw UDP: 2)", "", "| System | Packets | Note |",
+                  "|---|---:|---|"]
+        for s in packets:
+            lines.append(f"| {s['system']} | {cell(s['stats']['median'], 1.0, s['runs'])} "
+                         f"| {s['note']} |")
 
     for metric, title, noted in (
             ("connect", "Connect time (ms): connect call to first message delivered", True),

@@ -191,6 +191,9 @@ PLUGIN_FIRST_VS_XMPP = 1.10
 """The plugin's first message (through the server, while the session is
 made) at most this many times plain slixmpp's first message."""
 
+BIRTHDAY_SUCCESS_PERCENT = 95.0
+"""Symmetric × port-restricted-cone trials that end direct within 15 s."""
+
 TIME_TARGETS: tuple[tuple[str, Metric, str, float], ...] = (
     ("dtx-send-cold", Metric.CONNECT,
      "dtx send from process start to first stanza, punchable pair", SEND_COLD_MS),
@@ -263,6 +266,11 @@ def lab_targets(summaries: Sequence[Summary]) -> list[Target]:
         for system, metric, label, target in TIME_TARGETS:
             v = value(scn, system, metric)
             add(f"{scn}: {label} (ms)", None if v is None else v * 1e3, target, False)
+        birthday = _find_in(summaries, scn, "dtx-birthday", Metric.TAKEOVER)
+        if birthday is not None and birthday.samples + birthday.lost:
+            add(f"{scn}: birthday-probing trials direct within 15 s (%)",
+                100.0 * birthday.samples / (birthday.samples + birthday.lost),
+                BIRTHDAY_SUCCESS_PERCENT, True)
         lan = value(scn, "dtx-lan", Metric.RTT, "p50")
         xmpp = value(scn, "xmpp-lan", Metric.RTT, "p50")
         if lan is not None and xmpp is not None:

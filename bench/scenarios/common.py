@@ -32,6 +32,8 @@ class Metric(enum.StrEnum):
     """From the session's start until a direct (or LAN) path carried it, seconds."""
     DISCOVERY = "discovery"
     """From a browser's start until it resolved the peer on the LAN, seconds."""
+    PACKETS = "packets_per_exchange"
+    """UDP datagrams both ends sent per request and answer (raw UDP: 2)."""
     FIRST_MESSAGE = "first_message"
     """From an application's first message to the peer until its echo, both
     logged in, seconds."""
@@ -46,6 +48,7 @@ UNITS: dict[Metric, str] = {
     Metric.TAKEOVER: "s",
     Metric.DISCOVERY: "s",
     Metric.FIRST_MESSAGE: "s",
+    Metric.PACKETS: "packets",
 }
 
 

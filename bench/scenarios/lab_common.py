@@ -150,10 +150,10 @@ class Worker:
                 self.proc.wait(timeout=10)
 
 
-def wire_bytes(*hosts: Host) -> int:
-    """Bytes sent by ``hosts`` on their lab interfaces (all but ``lo``),
-    from each namespace's ``/proc/net/dev``: IP and UDP/TCP headers
-    included, as on a wire."""
+def wire_bytes(*hosts: Host, packets: bool = False) -> int:
+    """Bytes (or, with ``packets``, packets) sent by ``hosts`` on their lab
+    interfaces (all but ``lo``), from each namespace's ``/proc/net/dev``: IP
+    and UDP/TCP headers included, as on a wire."""
     total = 0
     for host in hosts:
         text = host.run(["cat", "/proc/net/dev"], check=True).stdout
@@ -162,17 +162,17 @@ def wire_bytes(*hosts: Host) -> int:
             if name.strip() == "lo":
                 continue
             cols = rest.split()
-            total += int(cols[8])  # transmit bytes
+            total += int(cols[9 if packets else 8])  # transmit packets, bytes
     return total
 
 
 @contextmanager
-def counting(*hosts: Host) -> Iterator[Callable[[], int]]:
-    """Bytes the hosts sent on the wire inside the block."""
-    before = wire_bytes(*hosts)
+def counting(*hosts: Host, packets: bool = False) -> Iterator[Callable[[], int]]:
+    """Bytes (or packets) the hosts sent on the wire inside the block."""
+    before = wire_bytes(*hosts, packets=packets)
     box = [0]
     yield lambda: box[0]
-    box[0] = wire_bytes(*hosts) - before
+    box[0] = wire_bytes(*hosts, packets=packets) - before
 
 
 # -- the servers ------------------------------------------------------------------
@@ -390,11 +390,15 @@ class _Relay(asyncio.DatagramProtocol):
                 self.transport.sendto(data, other)
 
 
+def _warmup(count: int) -> int:
+    return max(3, count // 10)
+
+
 async def _rtt_loop(client: _Client, transport: asyncio.DatagramTransport,
                     dest: tuple[str, int], count: int, size: int) -> tuple[list[float], int]:
     samples: list[float] = []
     lost = 0
-    for i in range(-max(3, count // 10), count):
+    for i in range(-_warmup(count), count):
         tag = f"E{i:09d}".encode()
         payload = tag + b"x" * max(0, size - len(tag))
         start = time.perf_counter()
@@ -412,11 +416,13 @@ async def _rtt_loop(client: _Client, transport: asyncio.DatagramTransport,
 
 
 async def udp_rtt(world: LabWorld, a: Host, b: Host, *, relay: bool, count: int,
-                  size: int, lan: bool = False) -> tuple[list[float], int]:
+                  size: int, lan: bool = False,
+                  packets: list[float] | None = None) -> tuple[list[float], int]:
     """Raw UDP echo between ``a`` and ``b``: punched through both NATs
     (each learns its public address by STUN, then both send), through a
     bare forwarder on the server host, or (``lan``) straight to the LAN
-    address."""
+    address. ``packets`` gets the packets both hosts sent per round trip
+    appended (warm-up included, the set-up's not counted)."""
     loop = asyncio.get_running_loop()
     sa, sb = a.udp_socket(), b.udp_socket()
     closers: list[asyncio.BaseTransport] = []
@@ -440,7 +446,11 @@ async def udp_rtt(world: LabWorld, a: Host, b: Host, *, relay: bool, count: int,
             ct.sendto(b"H", target_a)
             et.sendto(b"H", target_b)
             await asyncio.sleep(0.02)
-        return await _rtt_loop(cp, ct, target_a, count, size)
+        with counting(a, b, packets=True) as sent:
+            result = await _rtt_loop(cp, ct, target_a, count, size)
+        if packets is not None:
+            packets.append(sent() / (count + _warmup(count)))
+        return result
     finally:
         for t in closers:
             t.close()

@@ -48,7 +48,7 @@ from .common import Metric, Options, Result
 from .lab_common import (TV_BARE, TV_JID, XMPP_PASSWORD, LabWorld, Pair, counting,
                          guarded_async)
 from .loopback import dtx_datagram_rtt, dtx_ping_rtt, dtx_stanza_rtt, dtx_throughput, \
-    sized_stanza
+    sized_stanza, warmup
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +166,9 @@ async def session_figures(opts: Options, tag: str, system: DtxSystem, client: Se
     path = f"path {client.path}"
     ropts = dataclasses.replace(opts, rtt_samples=n)
     step(f"{tag}: {name} stanza rtt x{n}")
-    add(name, Metric.RTT, await dtx_stanza_rtt(ropts, client, srv), note=path)
+    with counting(system.a, system.b, packets=True) as packets:
+        add(name, Metric.RTT, await dtx_stanza_rtt(ropts, client, srv), note=path)
+    add(name, Metric.PACKETS, [packets() / (n + warmup(ropts))], note=path)
     if system.extras:
         step(f"{tag}: {name} ping rtt x{n}")
         add(f"{name}-ping", Metric.RTT, await dtx_ping_rtt(ropts, client), note=path)

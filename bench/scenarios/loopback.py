@@ -134,6 +134,7 @@ async def _yield() -> None:
 class _UdpEcho(asyncio.DatagramProtocol):
     def __init__(self) -> None:
         self.transport: asyncio.DatagramTransport | None = None
+        self.sent = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
@@ -141,6 +142,7 @@ class _UdpEcho(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: Any) -> None:
         if self.transport is not None:
             self.transport.sendto(data, addr)
+            self.sent += 1
 
 
 class _UdpClient(asyncio.DatagramProtocol):
@@ -152,19 +154,22 @@ class _UdpClient(asyncio.DatagramProtocol):
             self.waiter.set_result(data)
 
 
-async def udp_rtt(opts: Options) -> list[float]:
-    """Sequential round trips of a raw UDP echo."""
+async def udp_rtt(opts: Options) -> tuple[list[float], float]:
+    """Sequential round trips of a raw UDP echo; and the datagrams both
+    ends sent per round trip."""
     loop = asyncio.get_running_loop()
-    server_t, _ = await loop.create_datagram_endpoint(_UdpEcho, local_addr=(HOST, 0))
+    server_t, echo = await loop.create_datagram_endpoint(_UdpEcho, local_addr=(HOST, 0))
     client_t, client = await loop.create_datagram_endpoint(
         _UdpClient, remote_addr=server_t.get_extra_info("sockname"))
     payload = framed_message(opts.message_bytes)
     samples: list[float] = []
+    sent = 0
     try:
         for i in range(-warmup(opts), opts.rtt_samples):
             client.waiter = loop.create_future()
             start = time.perf_counter()
             client_t.sendto(payload)
+            sent += 1
             async with asyncio.timeout(opts.timeout):
                 await client.waiter
             if i >= 0:
@@ -172,7 +177,7 @@ async def udp_rtt(opts: Options) -> list[float]:
     finally:
         client_t.close()
         server_t.close()
-    return samples
+    return samples, (sent + echo.sent) / (warmup(opts) + opts.rtt_samples)
 
 
 # -- bare aioquic -------------------------------------------------------------
@@ -556,7 +561,9 @@ async def _run_once(opts: Options, run: int) -> list[Result]:
                               samples=tuple(samples), lost=lost, note=note))
 
     step(f"{tag}: udp rtt x{opts.rtt_samples}")
-    add("udp", Metric.RTT, await udp_rtt(opts))
+    samples, packets = await udp_rtt(opts)
+    add("udp", Metric.RTT, samples)
+    add("udp", Metric.PACKETS, [packets])
 
     step(f"{tag}: aioquic rtt x{opts.rtt_samples}")
     server = await _start_aioquic_server()
@@ -583,13 +590,24 @@ async def _run_once(opts: Options, run: int) -> list[Result]:
         client = await rc.connect(TV_JID, tv.address, timeout=opts.timeout)
         async with asyncio.timeout(opts.timeout):
             srv = await tv.accept()
+        exchanges = warmup(opts) + opts.rtt_samples
+
+        def sent() -> int:
+            return tv.statistics().packets_sent + rc.statistics().packets_sent
+
         step(f"{tag}: dtx stanza rtt x{opts.rtt_samples}")
+        before = sent()
         add("dtx", Metric.RTT, await dtx_stanza_rtt(opts, client, srv))
+        add("dtx", Metric.PACKETS, [(sent() - before) / exchanges])
         step(f"{tag}: dtx ping rtt x{opts.rtt_samples}")
+        before = sent()
         add("dtx-ping", Metric.RTT, await dtx_ping_rtt(opts, client))
+        add("dtx-ping", Metric.PACKETS, [(sent() - before) / exchanges])
         step(f"{tag}: dtx datagram rtt x{opts.rtt_samples}")
+        before = sent()
         samples, lost = await dtx_datagram_rtt(opts, client, srv)
         add("dtx-datagram", Metric.RTT, samples, lost=lost)
+        add("dtx-datagram", Metric.PACKETS, [(sent() - before) / exchanges])
         step(f"{tag}: dtx one-way x{opts.stanzas}")
         rate, cpu = await dtx_throughput(opts, client, srv)
         note = f"one send() per stanza, event loop turn every {opts.burst}"

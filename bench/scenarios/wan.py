@@ -91,9 +91,13 @@ def run_wan(opts: Options, name: str, wan: WanProfile) -> list[Result]:
                 for system, relay, x, y in (("udp-direct", False, a, b),
                                             ("udp-relay", True, c, b)):
                     opts.progress.step(f"{tag}: {system} rtt x{opts.lab_rtt_samples}")
+                    packets: list[float] = []
                     samples, lost = await udp_rtt(world, x, y, relay=relay,
                                                   count=opts.lab_rtt_samples,
-                                                  size=opts.message_bytes)
+                                                  size=opts.message_bytes, packets=packets)
+                    out.append(Result(scenario=name, system=system, metric=Metric.PACKETS,
+                                      run=run, samples=(packets[0],),
+                                      note="path " + ("relay" if relay else "direct")))
                     out.append(Result(scenario=name, system=system, metric=Metric.RTT,
                                       run=run, samples=tuple(samples), lost=lost,
                                       note="path " + ("relay" if relay else "direct")))

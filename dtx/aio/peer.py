@@ -175,6 +175,10 @@ class PeerStatistics:
     registered: bool
     counters: dict[str, int]
     send_errors: int
+    packets_sent: int = 0
+    """UDP datagrams sent from the device's socket (and a birthday
+    search's), all kinds together."""
+    packets_received: int = 0
 
 
 class Peer:
@@ -464,9 +468,12 @@ class Peer:
 
     def statistics(self) -> PeerStatistics:
         stats = self._started().statistics()
+        socks = ([] if self._socket is None else [self._socket]) + list(self._side.values())
         return PeerStatistics(stats.sessions, stats.half_open, stats.links, stats.registered,
                               stats.counters,
-                              0 if self._socket is None else self._socket.send_errors)
+                              0 if self._socket is None else self._socket.send_errors,
+                              packets_sent=sum(s.sent for s in socks),
+                              packets_received=sum(s.received for s in socks))
 
     async def close(self) -> None:
         """Close every session gracefully, then the socket."""

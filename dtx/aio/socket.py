@@ -50,6 +50,10 @@ class UdpSocket:
         self._batch = batch
         self._loop = asyncio.get_running_loop()
         self._closed = False
+        self.sent = 0
+        """Datagrams handed to the kernel."""
+        self.received = 0
+        """Datagrams read."""
         self.send_errors = 0
         self.receive_errors = 0
         """Failed reads: an ICMP error reported on the socket (port
@@ -90,6 +94,7 @@ class UdpSocket:
             return
         try:
             self._sock.sendto(data, addr)
+            self.sent += 1
         except (BlockingIOError, InterruptedError):
             self.send_errors += 1
         except OSError as exc:
@@ -103,6 +108,7 @@ class UdpSocket:
     def _read_ready(self) -> None:
         recvfrom = self._sock.recvfrom
         handler = self._on_datagram
+        read = 0
         try:
             for _ in range(self._batch):
                 try:
@@ -117,8 +123,10 @@ class UdpSocket:
                     self.receive_errors += 1
                     logger.debug("recvfrom failed: %s", exc)
                     break
+                read += 1
                 handler(data, (addr[0], addr[1]))
         finally:
+            self.received += read
             self._on_batch_end()
 
     def detach(self) -> socket.socket:

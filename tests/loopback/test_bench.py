@@ -80,7 +80,12 @@ def test_json_raw_samples_are_positive_and_complete(quick_run: tuple[Path, str])
 
 def test_json_summaries_are_ordered_ranges(quick_run: tuple[Path, str]) -> None:
     doc = _load(quick_run[0])
-    assert len(doc["summaries"]) == 5 + 4 + 4 + 2  # rtt, throughput, cpu, connect
+    # rtt, throughput, cpu, connect, packets per exchange
+    assert len(doc["summaries"]) == 5 + 4 + 4 + 2 + 4
+    packets = {s["system"]: s["stats"]["median"]["median"] for s in doc["summaries"]
+               if s["metric"] == "packets_per_exchange"}
+    assert packets["udp"] == 2.0, "raw UDP: one datagram each way"
+    assert all(2.0 <= packets[system] < 6.0 for system in ("dtx", "dtx-ping", "dtx-datagram"))
     for s in doc["summaries"]:
         assert s["runs"] == 2
         for name, rng in s["stats"].items():
@@ -98,6 +103,7 @@ def test_json_summaries_are_ordered_ranges(quick_run: tuple[Path, str]) -> None:
 def test_markdown_tables(quick_run: tuple[Path, str]) -> None:
     md = (quick_run[0] / "results.md").read_text(encoding="utf-8")
     assert "| System | What | p50 | p90 | p99 | max | p50 / floor | Samples | Lost |" in md
+    assert "| System | Packets | Note |" in md
     # each system's p50 as a multiple of the raw UDP floor of the same run
     assert "\n| udp | raw asyncio UDP echo (the floor) |" in md
     udp_row = next(line for line in md.splitlines() if line.startswith("| udp |"))

@@ -79,6 +79,8 @@ def test_every_system_is_measured(lab_run: tuple[dict[str, Any], str, Path]) -> 
     assert ("wan", "xmpp-login", "connect") in seen
     assert ("wan", "xmpp", "first_message") in seen
     assert ("wan", "dtx-direct", "direct_after") in seen
+    for system in ("udp-direct", "udp-relay", "dtx-direct", "dtx-relay"):
+        assert ("wan", system, "packets_per_exchange") in seen, system
     assert ("lan", "dtx-lan", "rtt") in seen
     assert ("lan", "mdns", "discovery") in seen
     assert ("lan", "xmpp-lan", "rtt") in seen
