@@ -48,6 +48,7 @@ from dtx.proto.endpoint import (
     EndpointConfig,
     EndpointEvent,
     HandshakeConfirmed,
+    SessionResumed,
 )
 from dtx.proto.endpoint import StanzaReceived as EpStanzaReceived
 from dtx.proto.paths import PathChanged, PathKind
@@ -405,6 +406,10 @@ class MemoryNetwork:
     def add_node(self, node: Node) -> None:
         self._nodes.append(node)
 
+    def remove_node(self, node: Node) -> None:
+        """``node`` is gone (its process ended): no more timers."""
+        self._nodes.remove(node)
+
     def _claim(self, ip: str, realm: MemoryNat | None) -> None:
         if ip in self._realm:
             raise ValueError(f"address {ip} is already in use")
@@ -647,7 +652,10 @@ class MemoryPeer:
                 peer = ev.connection.peer_jid or "?"
                 self.received.setdefault(peer, []).append(ev.stanza)
                 ev.connection.consumed(ev.size)
-            elif isinstance(ev, HandshakeConfirmed) and ev.connection.peer_jid is not None:
+            elif isinstance(ev, HandshakeConfirmed | SessionResumed) \
+                    and ev.connection.peer_jid is not None:
+                # (a stream that resumes a session hands over to the session's
+                # connection: SessionResumed names it)
                 self.sessions[ev.connection.peer_jid] = ev.connection
 
     # -- what a test asks -------------------------------------------------------------
@@ -714,7 +722,10 @@ def make_scene(identities: Iterable[DeviceIdentity], *, seed: int = 0,
     clock = FakeClock()
     net = MemoryNetwork(clock, seed=seed, route_packet=route_packet)
     net.add_public_host(SERVER_ADDR[0], delay=SERVER_DELAY)
-    keys = StaticKeys({str(i.jid.bare): [i.public_key] for i in identities})
+    by_account: dict[str, list[bytes]] = {}
+    for i in identities:  # (an account may have several devices)
+        by_account.setdefault(str(i.jid.bare), []).append(i.public_key)
+    keys = StaticKeys(by_account)
     server = MemoryServer(net, SERVER_ADDR, keys, seed=seed, mapping_port=mapping_port)
     return net, server
 

@@ -74,6 +74,10 @@ class PeerConfig:
 
     session: SessionConfig = SessionConfig()
     idle_timeout: float = 30.0
+    resume_timeout: float | None = None
+    """A session whose connection dies (the peer stopped answering) waits
+    this long to be resumed on a new QUIC connection, nothing lost or
+    doubled (docs/protocol.md 3.5); None: it ends at once."""
     connect_timeout: float = 10.0
     """The default deadline of :meth:`Peer.connect`, for the whole call."""
     datagrams: bool = True
@@ -161,6 +165,7 @@ class PeerConfig:
             max_half_open=self.max_half_open,
             max_half_open_per_ip=self.max_half_open_per_ip,
             handshake_timeout=self.handshake_timeout,
+            resume_timeout=self.resume_timeout,
             traversal=self.traversal or TraversalConfig(paths=self.paths),
         )
 
@@ -786,7 +791,8 @@ class Peer:
             session.abort()
 
 
-_PER_SESSION = frozenset({ep.StanzasAcknowledged, ep.DatagramReceived, ep.HandshakeConfirmed})
+_PER_SESSION = frozenset({ep.StanzasAcknowledged, ep.DatagramReceived, ep.HandshakeConfirmed,
+                          ep.SessionSuspended, ep.SessionResumed})
 """Endpoint events that only the session of their connection needs
 (StanzaReceived, the hot one, is tested for first)."""
 

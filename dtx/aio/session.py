@@ -15,6 +15,7 @@ import asyncio
 import dataclasses
 import itertools
 import logging
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from types import TracebackType
@@ -52,6 +53,11 @@ class Session:
         self.datagrams_dropped = 0
         """Received datagrams dropped, oldest first, because the application
         did not read them and ``max_datagrams`` were waiting."""
+        self.suspended = False
+        """The QUIC connection is gone and the session waits to be resumed
+        (``PeerConfig.resume_timeout``); :meth:`send` still queues."""
+        self.resumptions = 0
+        """Times the session went on over a new QUIC connection."""
         self._readable = asyncio.Event()
         self._handshake: asyncio.Future[None] = self._loop.create_future()
         self._opened: asyncio.Future[None] = self._loop.create_future()
@@ -228,10 +234,13 @@ class Session:
         return reply
 
     async def ping(self, timeout: float | None = 10.0) -> float:
-        """One XEP-0199 round trip; returns its duration in seconds."""
-        start = self._loop.time()
+        """One XEP-0199 round trip; returns its duration in seconds.
+
+        Timed with :func:`time.perf_counter`, not the loop's clock: uvloop's
+        counts whole milliseconds, and a round trip on a LAN is less."""
+        start = time.perf_counter()
         await self.request(st.ping(f"ping{next(self._iq_ids)}"), timeout)
-        return self._loop.time() - start
+        return time.perf_counter() - start
 
     # -- receiving --------------------------------------------------------------
 
@@ -362,6 +371,14 @@ class Session:
                 self._on_path(ev.change)
         elif isinstance(ev, ep.SessionEnded):
             self.finish(ev.ended)
+        elif isinstance(ev, ep.SessionSuspended):
+            self.suspended = True
+            self._path_changed.set()
+        elif isinstance(ev, ep.SessionResumed):
+            self.suspended = False
+            self.resumptions += 1
+            self._path_changed.set()
+            self._acked.set()
 
     def finish(self, ended: SessionEnded) -> None:
         """The session is over: wake every waiter."""

@@ -218,6 +218,15 @@ class AuthenticatedQuicConnection(QuicConnection):
     def auth_error(self) -> DtxError | None:
         return self._auth_error
 
+    def rehome(self, old: tuple[str, int], new: tuple[str, int]) -> None:
+        """The peer at ``old`` is known as ``new`` from now on (the endpoint
+        mapped a real address to a link's mapped one): the same path to
+        QUIC, not a migration. aioquic keeps its paths privately; this
+        adapter is the one place that touches them."""
+        for path in getattr(self, "_network_paths", ()):
+            if path.addr == old:
+                path.addr = new
+
     @property
     def smoothed_rtt(self) -> float:
         """The connection's smoothed RTT estimate in seconds (RFC 9002), 0

@@ -51,6 +51,8 @@ from ..errors import (
     AuthenticationError,
     ConnectError,
     DtxError,
+    SessionClosedError,
+    StreamError,
     TrustError,
 )
 from ..identity import DeviceIdentity
@@ -122,6 +124,18 @@ class EndpointConfig:
     0: always Retry."""
     retry_token_lifetime: float = 10.0
     """How long a Retry token is good for (the client returns it at once)."""
+    resume_timeout: float | None = None
+    """A session whose connection dies because the peer stopped answering
+    (idle timeout) waits this long to be resumed on a new connection
+    (docs/protocol.md 3.5): a :class:`SessionSuspended`, then a
+    :class:`SessionResumed` or, after this long, the :class:`SessionEnded`
+    with the unacknowledged stanzas. None: it ends at once, as any other."""
+    resume_backoff: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0)
+    """The initiating side's pauses between attempts to resume (the last
+    repeats until ``resume_timeout``); an attempt that has no answer after
+    ``handshake_timeout`` counts as failed."""
+    max_suspended: int = 64
+    """Suspended sessions held at once; past it the oldest ends."""
     traversal: TraversalConfig = TraversalConfig()
 
 
@@ -174,6 +188,26 @@ class SessionEnded:
 
 
 @dataclass(frozen=True)
+class SessionSuspended:
+    """``connection`` lost its QUIC connection (``error``); it waits to be
+    resumed (``EndpointConfig.resume_timeout``). Stanzas sent meanwhile
+    wait with the unacknowledged ones."""
+
+    connection: Connection
+    error: DtxError
+
+
+@dataclass(frozen=True)
+class SessionResumed:
+    """``connection`` goes on over a new QUIC connection: the peer had
+    handled ``acknowledged`` more stanzas, ``resent`` went out again."""
+
+    connection: Connection
+    acknowledged: int
+    resent: int
+
+
+@dataclass(frozen=True)
 class HandshakeRefused:
     """A remote device's handshake ended before it opened a session: its key
     was refused (``refused``) or it failed or timed out."""
@@ -195,6 +229,7 @@ class PathChangedEvent:
 EndpointEvent = (
     HandshakeConfirmed | SessionOpened | StanzaReceived | DatagramReceived
     | StanzasAcknowledged | SessionEnded | HandshakeRefused | PathChangedEvent
+    | SessionSuspended | SessionResumed
     | Registered | RegistrationRefused | RegistrationLost
     | IntroductionCompleted | IntroductionFailed
     | TurnEvent | BindingEvent | PortMapEvent
@@ -262,6 +297,15 @@ class Connection:
         self._last_keepalive = now
         self.opened = False
         self.ended: sc.SessionEnded | None = None
+        self.peer_key: bytes | None = None
+        """The key the peer authenticated with (None before the handshake)."""
+        self.resume_deadline: float | None = None
+        """While suspended: when the session ends if not resumed by then."""
+        self.resume_next: float | None = None
+        """Initiator, suspended: when to try again."""
+        self.resume_attempts = 0
+        self.resuming_since: float | None = None
+        """Initiator: an attempt to resume is in flight since then."""
         self._unconsumed = 0
         self._timer_at: float | None = None
         cfg = endpoint.config
@@ -472,7 +516,16 @@ class Endpoint:
             "retry_sent": 0,
             "retry_validated": 0,
             "retry_token_invalid": 0,
+            "sessions_suspended": 0,
+            "sessions_resumed": 0,
+            "resume_attempts": 0,
+            "resume_refused": 0,
+            "resume_expired": 0,
         }
+        self._suspended: dict[str, Connection] = {}
+        """Suspended sessions by resumption id (``resume_timeout``)."""
+        self._now = 0.0
+        """The latest time an input gave."""
         self.traversal = Traversal(
             jid=self.jid,
             key=identity.public_key,
@@ -524,7 +577,8 @@ class Endpoint:
     # -- user calls ---------------------------------------------------------------
 
     def connect(self, jid: str, now: float, *, address: Address | None = None,
-                path: PathKind = PathKind.DIRECT) -> Connection:
+                path: PathKind = PathKind.DIRECT,
+                resume: sc.ResumeState | None = None) -> Connection:
         """Open a session with ``jid``: at ``address``, or, without one,
         over the link an introduction made (:meth:`introduce`).
 
@@ -533,7 +587,10 @@ class Endpoint:
         :class:`SessionEnded`. ``path`` names a fixed path (``lan`` for an
         mDNS find) when ``address`` is given. Raises
         :class:`~dtx.errors.ConnectError` when there is no address, no
-        link, or a session at that address already.
+        link, or a session at that address already. With ``resume`` (a
+        suspended session's :meth:`XmlSession.export`), the new stream asks
+        to resume that session instead of opening one: a
+        :class:`SessionResumed`, or a :class:`SessionEnded` when refused.
         """
         link: Link | None = None
         if address is None:
@@ -546,7 +603,13 @@ class Endpoint:
         if address in self._connections:
             raise ConnectError(f"a session with {address[0]}:{address[1]} already exists")
         conn = self._new_connection(address, initiator=True, expected=jid, now=now,
-                                    link=link, fixed_path=path)
+                                    link=link, fixed_path=path, resume=resume)
+        if resume is not None:
+            conn.opened = True
+            conn.resuming_since = now
+            self._suspended[resume.resume_id] = conn
+            conn.resume_deadline = now + (self.config.resume_timeout or
+                                          self.config.handshake_timeout)
         conn.quic.connect(address, now=now)
         self._dirty.add(conn)
         return conn
@@ -633,6 +696,7 @@ class Endpoint:
     def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
         """One UDP datagram from ``addr``. Never raises for bad input: it is
         counted and dropped, or ends the connection it belongs to."""
+        self._now = now
         turn = self.turn
         if turn is not None and addr == turn.server:
             # Before the first byte: ChannelData (64–79) from the TURN
@@ -863,10 +927,19 @@ class Endpoint:
             t = conn._timer_at
             if t is not None and (when is None or t < when):
                 when = t
+        for conn in self._suspended.values():
+            for t in (conn.resume_deadline, conn.resume_next,
+                      None if conn.resuming_since is None
+                      else conn.resuming_since + self.config.handshake_timeout):
+                if t is not None and (when is None or t < when):
+                    when = t
         return when
 
     def handle_timer(self, now: float) -> None:
         cfg = self.config
+        self._now = now
+        if self._suspended:
+            self._service_suspended(now)
         if self.turn is not None:
             due = self.turn.get_timer()
             if due is not None and now >= due:
@@ -910,7 +983,22 @@ class Endpoint:
     def _new_connection(self, address: Address, *, initiator: bool, expected: str | None,
                         now: float, link: Link | None, fixed_path: PathKind,
                         original_dcid: bytes | None = None,
-                        retry_scid: bytes | None = None) -> Connection:
+                        retry_scid: bytes | None = None,
+                        resume: sc.ResumeState | None = None) -> Connection:
+        quic, core, sid, log = self._machines(initiator=initiator, expected=expected,
+                                              original_dcid=original_dcid,
+                                              retry_scid=retry_scid, resume=resume)
+        conn = Connection(self, quic, core, address, initiator=initiator, now=now, sid=sid,
+                          log=log, link=link, fixed_path=fixed_path)
+        self._connections[address] = conn
+        return conn
+
+    def _machines(self, *, initiator: bool, expected: str | None,
+                  original_dcid: bytes | None = None, retry_scid: bytes | None = None,
+                  resume: sc.ResumeState | None = None,
+                  ) -> tuple[AuthenticatedQuicConnection, XmlSession, str,
+                             logging.LoggerAdapter[logging.Logger]]:
+        """A QUIC connection and the XML stream on it (resuming ``resume``)."""
         cfg = self.config
         qconf = quic_configuration(
             is_client=initiator,
@@ -937,11 +1025,143 @@ class Endpoint:
             config=dataclasses.replace(cfg.session, max_datagram_size=cfg.max_datagram_size),
             rng=random.Random(self._rng.getrandbits(64)),
             logger=log,
+            resume=resume,
         )
-        conn = Connection(self, quic, core, address, initiator=initiator, now=now, sid=sid,
-                          log=log, link=link, fixed_path=fixed_path)
+        return quic, core, sid, log
+
+    # -- resumption ---------------------------------------------------------------------
+
+    def _suspend(self, conn: Connection, error: DtxError) -> None:
+        """The connection died under an open session: keep the session for
+        ``resume_timeout``; the initiator tries to resume it at once."""
+        cfg = self.config
+        assert cfg.resume_timeout is not None
+        resume_id = conn.core.resume_id
+        assert resume_id is not None
+        now = self._now
+        self._forget(conn)
+        conn.core.suspend()
+        conn.resume_deadline = now + cfg.resume_timeout
+        conn.resume_attempts = 0
+        conn.resume_next = now if conn.initiator else None
+        self._suspended[resume_id] = conn
+        self.counters["sessions_suspended"] += 1
+        conn.log.info("connection to %s lost (%s); the session waits %.0f s to be resumed",
+                      conn.peer_jid, error, cfg.resume_timeout)
+        self._events.append(SessionSuspended(conn, error))
+        while len(self._suspended) > cfg.max_suspended:
+            oldest = min(self._suspended.values(), key=lambda c: c.resume_deadline or 0.0)
+            self._give_up(oldest, "too many suspended sessions")
+
+    def _give_up(self, conn: Connection, why: str) -> None:
+        self.counters["resume_expired"] += 1
+        conn.log.info("session with %s not resumed: %s", conn.peer_jid, why)
+        self._end(conn, sc.SessionEnded(SessionClosedError(f"session not resumed: {why}"),
+                                        conn.core.unacknowledged))
+
+    def _service_suspended(self, now: float) -> None:
+        cfg = self.config
+        for conn in list(self._suspended.values()):
+            if conn.resume_deadline is not None and now >= conn.resume_deadline:
+                if conn.resuming_since is not None:
+                    self._forget(conn)
+                self._give_up(conn, f"no new connection within {cfg.resume_timeout:g} s")
+            elif conn.resuming_since is not None:
+                if now >= conn.resuming_since + cfg.handshake_timeout:
+                    self._attempt_failed(conn, SessionClosedError("no answer to resume"))
+            elif conn.resume_next is not None and now >= conn.resume_next:
+                self._attempt(conn, now)
+
+    def _attempt(self, conn: Connection, now: float) -> None:
+        """Initiator: a new QUIC connection to the peer, resuming the session."""
+        address = conn.link.mapped if conn.link is not None else conn.address
+        conn.resume_next = None
+        if address in self._connections:  # (something else talks there: later)
+            self._schedule_attempt(conn, now)
+            return
+        state = conn.core.export()
+        quic, core, _, _ = self._machines(initiator=True, expected=state.peer_jid,
+                                          resume=state)
+        conn.quic, conn.core, conn.address = quic, core, address
+        conn.resuming_since = now
+        conn.last_rx = conn._last_keepalive = now
+        conn.resume_attempts += 1
+        self.counters["resume_attempts"] += 1
         self._connections[address] = conn
-        return conn
+        quic.connect(address, now=now)
+        self._dirty.add(conn)
+        if conn.link is not None and self.traversal.client is not None \
+                and self.traversal.client.registered:
+            # Fresh candidates and relay channels for both sides.
+            self.traversal.introduce(conn.link.peer_jid, now)
+            self._drain_traversal()
+
+    def _schedule_attempt(self, conn: Connection, now: float) -> None:
+        backoff = self.config.resume_backoff
+        conn.resume_next = now + backoff[min(conn.resume_attempts, len(backoff) - 1)]
+
+    def _attempt_failed(self, conn: Connection, error: DtxError | None) -> None:
+        """An attempt to resume ended before the peer answered: the session
+        waits again (a refused key ends it)."""
+        self._forget(conn)
+        conn.resuming_since = None
+        conn.core.suspend()
+        if isinstance(error, (TrustError, AuthenticationError)):
+            self._give_up(conn, f"the peer's key was refused: {error}")
+            return
+        conn.log.debug("attempt %d to resume with %s failed: %s", conn.resume_attempts,
+                       conn.peer_jid, error)
+        self._schedule_attempt(conn, self._now)
+
+    def _resumed(self, conn: Connection, acknowledged: int, resent: int) -> None:
+        """Initiator: the peer took the session up on this connection."""
+        resume_id = conn.core.resume_id
+        if resume_id is not None:
+            self._suspended.pop(resume_id, None)
+        conn.resuming_since = conn.resume_deadline = conn.resume_next = None
+        self.counters["sessions_resumed"] += 1
+        self._events.append(SessionResumed(conn, acknowledged, resent))
+
+    def _resume_failed(self, conn: Connection, reason: str) -> None:
+        """Initiator: the peer has no such session (it restarted, say)."""
+        conn.resuming_since = None
+        self._give_up(conn, f"the peer refused ({reason})")
+
+    def _resume_requested(self, new: Connection, req: sc.ResumeRequested) -> Connection:
+        """Responder: ``new`` asks to resume ``req.previd``. Only the same
+        device (the key the session was authenticated with) may; the stream
+        then belongs to the suspended session's connection."""
+        old = self._suspended.get(req.previd)
+        why = None
+        if old is None:
+            why = "no such session"
+        elif old.initiator or old.peer_key != new.peer_key or old.peer_jid != new.peer_jid:
+            why = "another device's session"
+        if old is None or why is not None:
+            self.counters["resume_refused"] += 1
+            self._log.warning("resume_refused", new.address[0],
+                              "%s asked to resume a session: refused (%s)", new.peer_jid, why)
+            new.core.refuse_resume(why or "refused")
+            return new
+        try:
+            result = new.core.accept_resume(old.core.export(), req.h)
+        except StreamError as exc:
+            self.counters["resume_refused"] += 1
+            self._log.warning("resume_refused", new.address[0],
+                              "%s asked to resume with a bad count: %s", new.peer_jid, exc)
+            new.core.refuse_resume(str(exc))
+            return new
+        del self._suspended[req.previd]
+        if self._connections.get(new.address) is new:
+            self._connections[new.address] = old
+        self._dirty.discard(new)
+        self._dirty.add(old)
+        old.quic, old.core, old.address, old.link = new.quic, new.core, new.address, new.link
+        old.last_rx = old._last_keepalive = self._now
+        old.resume_deadline = None
+        self.counters["sessions_resumed"] += 1
+        self._events.append(SessionResumed(old, result.acknowledged, result.resent))
+        return old
 
     def _process(self, conn: Connection) -> None:
         """Feed the connection's QUIC events to its XML stream and queue the
@@ -955,21 +1175,34 @@ class Endpoint:
                     conn._unconsumed += sev.size
                     events.append(StanzaReceived(conn, sev.stanza, sev.size))
                 else:
-                    self._on_session_event(conn, sev)
+                    conn = self._on_session_event(conn, sev)
 
-    def _on_session_event(self, conn: Connection, sev: sc.SessionEvent) -> None:
+    def _on_session_event(self, conn: Connection, sev: sc.SessionEvent) -> Connection:
+        """Queue what ``sev`` means for the application; the connection the
+        rest of this stream's events belong to (another when a resumption
+        hands the stream to the session it resumes)."""
         events = self._events  # (StanzaReceived is handled inline in _process)
         if isinstance(sev, sc.StanzasAcknowledged):
             events.append(StanzasAcknowledged(conn, sev.count, sev.total))
         elif isinstance(sev, sc.DatagramReceived):
             events.append(DatagramReceived(conn, sev.stanza))
         elif isinstance(sev, sc.HandshakeConfirmed):
-            events.append(HandshakeConfirmed(conn))
+            credential = conn.quic.peer_credential
+            conn.peer_key = None if credential is None else credential.key
+            if conn.resuming_since is None:  # (an attempt to resume: the session goes on)
+                events.append(HandshakeConfirmed(conn))
         elif isinstance(sev, sc.SessionOpened):
             conn.opened = True
             events.append(SessionOpened(conn))
         elif isinstance(sev, sc.SessionEnded):
             self._terminate(conn, sev)
+        elif isinstance(sev, sc.ResumeRequested):
+            return self._resume_requested(conn, sev)
+        elif isinstance(sev, sc.SessionResumed):
+            self._resumed(conn, sev.acknowledged, sev.resent)
+        elif isinstance(sev, sc.ResumeFailed):
+            self._resume_failed(conn, sev.reason)
+        return conn
 
     def _forget(self, conn: Connection) -> None:
         """Out of the table and the timer (what it still has to send, a
@@ -981,7 +1214,21 @@ class Endpoint:
     def _terminate(self, conn: Connection, ended: sc.SessionEnded) -> None:
         if conn.ended is not None:
             return
+        if conn.resuming_since is not None:
+            self._attempt_failed(conn, ended.error)
+            return
+        if self.config.resume_timeout is not None and conn.opened \
+                and conn.core.connection_lost and ended.error is not None:
+            self._suspend(conn, ended.error)
+            return
+        self._end(conn, ended)
+
+    def _end(self, conn: Connection, ended: sc.SessionEnded) -> None:
         conn.ended = ended
+        conn.resume_deadline = conn.resume_next = conn.resuming_since = None
+        resume_id = conn.core.resume_id
+        if resume_id is not None and self._suspended.get(resume_id) is conn:
+            del self._suspended[resume_id]
         self._forget(conn)
         if ended.error is not None and not conn.initiator and conn.core.peer_jid is None:
             refused = isinstance(ended.error, (TrustError, AuthenticationError))
@@ -1051,7 +1298,27 @@ class Endpoint:
                 conns = tuple(c for c in self._connections.values() if c.link is link)
                 self._events.append(PathChangedEvent(link.peer_jid, ev.change, conns))
             else:
+                if isinstance(ev, IntroductionCompleted):
+                    self._rehome(ev.link)
                 self._events.append(ev)
+
+    def _rehome(self, link: Link) -> None:
+        """A handshake that began at one of ``link``'s real addresses before
+        the introduction arrived (the initiator's direct copy of its Initial
+        beat the server's INTRODUCTION) moves to the link's mapped address:
+        the relayed copy of the same Initial then reaches the same
+        connection instead of starting a second one with other keys."""
+        mapped = link.mapped
+        if mapped in self._connections:
+            return
+        for addr, conn in list(self._connections.items()):
+            if conn.link is None and not conn.initiator and not conn.opened \
+                    and link.paths.knows(addr):
+                del self._connections[addr]
+                conn.address, conn.link = mapped, link
+                conn.quic.rehome(addr, mapped)
+                self._connections[mapped] = conn
+                return
 
 
 __all__ = [
@@ -1071,6 +1338,8 @@ __all__ = [
     "RegistrationLost",
     "RegistrationRefused",
     "SessionEnded",
+    "SessionResumed",
+    "SessionSuspended",
     "SessionOpened",
     "SessionStatistics",
     "StanzaReceived",

@@ -70,6 +70,10 @@ from .auth import (
 NS_SM = "urn:xmpp:sm:3"
 SM_R = f"{{{NS_SM}}}r"
 SM_A = f"{{{NS_SM}}}a"
+SM_RESUMED = f"{{{NS_SM}}}resumed"
+SM_FAILED = f"{{{NS_SM}}}failed"
+SM_PREVID = f"{{{NS_SM}}}previd"
+SM_H = f"{{{NS_SM}}}h"
 
 ERROR_NONE = 0x0
 """QUIC application close code: graceful end of the session."""
@@ -102,6 +106,10 @@ class SessionState(Enum):
     CLOSING = "closing"
     """We sent ``</stream:stream>``; waiting for the peer's."""
     CLOSED = "closed"
+    SUSPENDED = "suspended"
+    """The connection died and the session waits to be resumed on a new
+    one (:meth:`XmlSession.suspend`): :meth:`XmlSession.send` still takes
+    stanzas, which wait with the unacknowledged ones."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -205,6 +213,35 @@ class SessionEnded:
     unacknowledged: tuple[Element, ...] = ()
 
 
+@dataclass(frozen=True)
+class ResumeRequested:
+    """Responder: the initiator's stream header asks to resume the session
+    ``previd``, having handled ``h`` of its stanzas; the endpoint answers
+    with :meth:`XmlSession.accept_resume` or :meth:`XmlSession.refuse_resume`
+    (no :class:`SessionOpened` comes for this stream)."""
+
+    previd: str
+    h: int
+
+
+@dataclass(frozen=True)
+class SessionResumed:
+    """The session goes on over this stream: the peer had handled
+    ``acknowledged`` more of the stanzas waiting, and the other ``resent``
+    went out again."""
+
+    acknowledged: int
+    resent: int
+
+
+@dataclass(frozen=True)
+class ResumeFailed:
+    """Initiator: the peer would not resume the session (``reason``); this
+    stream closes."""
+
+    reason: str
+
+
 SessionEvent = (
     HandshakeConfirmed
     | SessionOpened
@@ -212,7 +249,24 @@ SessionEvent = (
     | DatagramReceived
     | StanzasAcknowledged
     | SessionEnded
+    | ResumeRequested
+    | SessionResumed
+    | ResumeFailed
 )
+
+
+@dataclass
+class ResumeState:
+    """What a suspended session hands to the stream that resumes it
+    (:meth:`XmlSession.export`): bounded by the session's own limits."""
+
+    resume_id: str
+    """The responder's stream id of the session's first stream."""
+    peer_jid: str
+    unacked: deque[tuple[Element | bytes, int]]
+    unacked_bytes: int
+    acked_total: int
+    handled_in: int
 
 
 @dataclass
@@ -259,6 +313,7 @@ class XmlSession:
         config: SessionConfig,
         rng: random.Random,
         logger: logging.Logger | logging.LoggerAdapter[logging.Logger] | None = None,
+        resume: ResumeState | None = None,
     ) -> None:
         self._quic = quic
         self._is_client = quic.configuration.is_client
@@ -279,9 +334,10 @@ class XmlSession:
         self._header_seen = False
         self._unattributed = 0
         # XEP-0198 style accounting: h counts stanzas, modulo 2**32. Each
-        # entry is (stanza, encoded size); the stanza is None for the
-        # session's own answers, which are never handed back.
-        self._unacked: deque[tuple[Element | None, int]] = deque()
+        # entry is (stanza, encoded size); for the session's own answers,
+        # which are never handed back, the encoded bytes instead (a resumed
+        # session sends them again: the peer counts them).
+        self._unacked: deque[tuple[Element | bytes, int]] = deque()
         self._unacked_bytes = 0
         self._acked_total = 0
         self._handled_in = 0
@@ -297,10 +353,25 @@ class XmlSession:
         self._ended: SessionEnded | None = None
         self._ended_error: DtxError | None = None
         self._out: list[bytes] = []
+        self.resume_id: str | None = None
+        """The id a later stream resumes this session by: the responder's
+        stream id of its first stream (None until it is open)."""
+        self._resuming: ResumeState | None = None
+        """Initiator: the session this stream resumes, until the peer answers."""
+        self._resume_pending = False
+        """Responder: asked to resume; writes wait for the decision."""
+        self._resume_of = resume
+        self.connection_lost = False
+        """The connection ended because the peer stopped answering (idle
+        timeout) while the session was open: resumable."""
+        if resume is not None:
+            self._adopt(resume)
+            self._resuming = resume
         if self._is_client:
             self._stream = quic.get_next_available_stream_id()
             header = xs.encode_stream_header(
-                from_=local_jid, to=peer_jid or "", version="1.0"
+                from_=local_jid, to=peer_jid or "", version="1.0",
+                resume=None if resume is None else (resume.resume_id, resume.handled_in),
             )
             self._quic.send_stream_data(self._stream, header)
 
@@ -310,7 +381,7 @@ class XmlSession:
     def unacknowledged(self) -> tuple[Element, ...]:
         """The stanzas handed to :meth:`send` that the peer has not
         acknowledged yet, in order (not the session's own answers)."""
-        return tuple(e for e, _ in self._unacked if e is not None)
+        return tuple(e for e, _ in self._unacked if not isinstance(e, bytes))
 
     @property
     def unacknowledged_bytes(self) -> int:
@@ -335,7 +406,8 @@ class XmlSession:
         ``max_unacknowledged_bytes`` bytes waiting.
         """
         state = self.state
-        if state is not SessionState.OPEN and state is not SessionState.AUTHENTICATED:
+        if state is not SessionState.OPEN and state is not SessionState.AUTHENTICATED \
+                and state is not SessionState.SUSPENDED and self._resuming is None:
             raise SessionClosedError(f"cannot send: session is {state.value}")
         data = xs.encode_stanza(stanza)
         size = len(data)
@@ -379,9 +451,9 @@ class XmlSession:
             and self._unacked_bytes + size <= self._config.max_unacknowledged_bytes
         )
 
-    def _queue(self, stanza: Element | None, data: bytes) -> None:
+    def _queue(self, stanza: Element | bytes, data: bytes) -> None:
         """Keep a stanza until acknowledged and write it at the next flush
-        (``stanza`` None: the session's own answer, never handed back)."""
+        (``stanza`` its bytes: the session's own answer, never handed back)."""
         self._unacked.append((stanza, len(data)))
         self._unacked_bytes += len(data)
         self._out.append(data)
@@ -450,10 +522,103 @@ class XmlSession:
         """Ask for an acknowledgement at the next flush (someone waits)."""
         self._r_wanted = True
 
+    # -- resumption (docs/protocol.md 3.5) ---------------------------------------
+
+    def _holding(self) -> bool:
+        """Whether writes wait: suspended, or a resumption not yet settled."""
+        return self._resuming is not None or self._resume_pending \
+            or self.state is SessionState.SUSPENDED
+
+    def suspend(self) -> None:
+        """The connection is gone; the session waits to be resumed on a new
+        one. What :meth:`send` takes from now on waits with the rest."""
+        self.state = SessionState.SUSPENDED
+        self._out.clear()
+
+    def export(self) -> ResumeState:
+        """What a new stream needs to resume this session (this one's, or
+        the one this stream was resuming when it failed)."""
+        peer = self.peer_jid or (None if self._resume_of is None else self._resume_of.peer_jid)
+        if self.resume_id is None or peer is None:
+            raise LocalProtocolError("only an opened session can be resumed")
+        return ResumeState(self.resume_id, peer, deque(self._unacked),
+                           self._unacked_bytes, self._acked_total, self._handled_in)
+
+    def _adopt(self, state: ResumeState) -> None:
+        self.resume_id = state.resume_id
+        self._unacked = deque(state.unacked)
+        self._unacked_bytes = state.unacked_bytes
+        self._acked_total = state.acked_total
+        self._handled_in = state.handled_in
+
+    def _drop_acknowledged(self, h: int) -> int:
+        """Forget the stanzas the peer's ``h`` covers; how many that was."""
+        count = (h - self._acked_total) % _H_MOD
+        if count > len(self._unacked):
+            raise StreamError(
+                "undefined-condition",
+                f"peer handled {count} stanzas, only {len(self._unacked)} unacknowledged",
+            )
+        for _ in range(count):
+            self._unacked_bytes -= self._unacked.popleft()[1]
+        self._acked_total = h
+        self.statistics.stanzas_acknowledged += count
+        return count
+
+    def _resend_all(self, first: bytes = b"") -> int:
+        """Every stanza still waiting goes out (again), in order, after
+        ``first``: what :meth:`send` took while the resumption was settled
+        waits among them."""
+        self._out = [first] if first else []
+        self._out += [e if isinstance(e, bytes) else xs.encode_stanza(e)
+                      for e, _ in self._unacked]
+        self._r_outstanding = False
+        self._acked_at_request = 0
+        self._r_wanted = bool(self._unacked)
+        return len(self._unacked)
+
+    def accept_resume(self, state: ResumeState, h: int) -> SessionResumed:
+        """Responder: go on with the suspended session ``state`` on this
+        stream; the initiator had handled ``h`` of its stanzas. Raises
+        :class:`~dtx.errors.StreamError` when ``h`` covers more than waits
+        (the caller ends the stream with it)."""
+        if not self._resume_pending:
+            raise LocalProtocolError("no resumption was asked for on this stream")
+        self._resume_pending = False
+        self._adopt(state)
+        acknowledged = self._drop_acknowledged(h)
+        assert self.resume_id is not None and self.resume_id.isalnum()
+        self._h_answered = self._handled_in
+        resent = self._resend_all(b"<resumed xmlns='urn:xmpp:sm:3' previd='%s' h='%d'/>"
+                                  % (self.resume_id.encode(), self._handled_in))
+        self._log.info("session with %s resumed (%d acknowledged, %d sent again)",
+                       self.peer_jid, acknowledged, resent)
+        return SessionResumed(acknowledged, resent)
+
+    def refuse_resume(self, reason: str) -> None:
+        """Responder: this stream does not resume anything; it closes."""
+        self._resume_pending = False
+        self._log.info("refused to resume a session with %s: %s", self.peer_jid, reason)
+        self._out.append(b"<failed xmlns='urn:xmpp:sm:3'/>")
+        self.close()
+
+    def _on_resumed(self, el: Element, out: list[SessionEvent]) -> None:
+        state = self._resuming
+        assert state is not None
+        h = decode_count(el.get("h"))
+        if h is None or el.get("previd") != state.resume_id:
+            raise StreamError("bad-format", "resumed: wrong previd or h")
+        self._resuming = None
+        acknowledged = self._drop_acknowledged(h)
+        resent = self._resend_all()
+        self._log.info("session with %s resumed (%d acknowledged, %d sent again)",
+                       self.peer_jid, acknowledged, resent)
+        out.append(SessionResumed(acknowledged, resent))
+
     def get_timer(self) -> float | None:
         """When :meth:`handle_timer` wants calling: the delayed ack request,
         or the end of the acknowledgement window."""
-        if not self._unacked or self.state is SessionState.CLOSED:
+        if not self._unacked or self.state is SessionState.CLOSED or self._holding():
             return None
         due: float | None = None
         if not self._r_outstanding and self._unacked_since is not None:
@@ -464,7 +629,7 @@ class XmlSession:
         return due
 
     def handle_timer(self, now: float) -> None:
-        if not self._unacked or self.state is SessionState.CLOSED:
+        if not self._unacked or self.state is SessionState.CLOSED or self._holding():
             return
         if (not self._r_outstanding and self._unacked_since is not None
                 and now >= self._unacked_since + self._config.ack_request_delay):
@@ -497,7 +662,7 @@ class XmlSession:
         """Hand queued stanzas to QUIC as one write, asking for an
         acknowledgement when enough is waiting, when it has waited long
         enough, or when someone asked (one request outstanding at a time)."""
-        if self._stream is None or self._is_closed():
+        if self._stream is None or self._is_closed() or self._holding():
             return
         if now is not None:
             self._check_ack_window(now)
@@ -594,6 +759,18 @@ class XmlSession:
     def _on_xml_event(self, xev: xs.XmlEvent, out: list[SessionEvent]) -> None:
         if isinstance(xev, xs.StanzaReceived):
             el = xev.element
+            if self._resuming is not None:
+                # The first element after the header settles a resumption.
+                if el.tag == SM_RESUMED:
+                    self._on_resumed(el, out)
+                    return
+                reason = "refused" if el.tag == SM_FAILED else "the peer does not resume"
+                self._resuming = None
+                out.append(ResumeFailed(reason))
+                self.close()
+                return
+            if self._resume_pending:
+                raise StreamError("policy-violation", "stanza before the resumption settled")
             if el.tag == SM_R:
                 self._a_wanted = True
                 return
@@ -643,8 +820,16 @@ class XmlSession:
             raise StreamError("host-unknown", f"this device is {self._local_jid}")
         if attrs.get("version", "0.9").split(".")[0] != "1":
             raise StreamError("unsupported-version", "version 1.0 is required")
+        previd = None if self._is_client else attrs.get(SM_PREVID)
+        resume_h = None
+        if previd is not None:
+            resume_h = decode_count(attrs.get(SM_H))
+            if resume_h is None or not previd:
+                raise StreamError("bad-format", "resumption needs sm:previd and sm:h")
         if self._is_client:
             self.stream_id = attrs.get("id")
+            if self.resume_id is None:
+                self.resume_id = self.stream_id
         else:
             self.stream_id = "%016x" % self._rng.getrandbits(64)
             assert self._stream is not None
@@ -657,9 +842,16 @@ class XmlSession:
                     version="1.0",
                 ),
             )
+            self.resume_id = self.stream_id
         self._header_seen = True
         if self.state is SessionState.AUTHENTICATED:
             self.state = SessionState.OPEN
+        if previd is not None and resume_h is not None:
+            self._resume_pending = True
+            out.append(ResumeRequested(previd, resume_h))
+            return
+        if self._resuming is not None:
+            return  # the session opened long ago; <resumed/> or <failed/> comes next
         self._log.info("session open with %s", self.peer_jid)
         out.append(SessionOpened(self.peer_jid, self.stream_id))
 
@@ -713,7 +905,7 @@ class XmlSession:
                 f"too many unacknowledged stanzas ({len(self._unacked)}, "
                 f"{self._unacked_bytes} bytes)",
             )
-        self._queue(None, data)
+        self._queue(data, data)
 
     def _on_ack(self, el: Element) -> int:
         """Drop acknowledged stanzas; returns how many were acknowledged."""
@@ -828,6 +1020,7 @@ class XmlSession:
         if reason == _AIOQUIC_IDLE_TIMEOUT and event.frame_type == QuicFrameType.PADDING:
             if self.state is SessionState.HANDSHAKING:
                 return SessionClosedError("no answer from the peer (timeout)")
+            self.connection_lost = self._header_seen and self.resume_id is not None
             return SessionClosedError("the peer stopped answering (idle timeout)")
         if code == ERROR_NONE and event.frame_type is None:
             if self.state is SessionState.HANDSHAKING:
@@ -887,5 +1080,9 @@ __all__: Sequence[str] = [
     "StanzasAcknowledged",
     "SessionEnded",
     "SessionEvent",
+    "ResumeFailed",
+    "ResumeRequested",
+    "ResumeState",
+    "SessionResumed",
     "trust_check_for",
 ]

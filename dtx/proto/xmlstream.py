@@ -137,10 +137,12 @@ _STREAM_TAG: Final = "{" + NS_STREAM + "}stream"
 _STANZA_TAGS: Final = frozenset(
     "{" + NS_CLIENT + "}" + name for name in ("message", "presence", "iq")
 )
-#: XEP-0198 acknowledgement elements, always on in dtx streams (see
-#: docs/protocol.md); reported as StanzaReceived for the session to consume.
+#: XEP-0198 acknowledgement elements, always on in dtx streams, and the
+#: answers to a resumption (see docs/protocol.md 3.3, 3.5); reported as
+#: StanzaReceived for the session to consume.
 NS_SM: Final = "urn:xmpp:sm:3"
-_SM_TAGS: Final = frozenset("{" + NS_SM + "}" + name for name in ("r", "a"))
+_SM_TAGS: Final = frozenset("{" + NS_SM + "}" + name
+                            for name in ("r", "a", "resumed", "failed"))
 _TOP_TAGS: Final = _STANZA_TAGS | _SM_TAGS
 _ERROR_TAG: Final = "{" + NS_STREAM + "}error"
 _FEATURES_TAG: Final = "{" + NS_STREAM + "}features"

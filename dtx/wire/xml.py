@@ -280,10 +280,13 @@ def encode_stream_header(
     stream_id: str | None = None,
     version: str | None = "1.0",
     lang: str | None = None,
+    resume: tuple[str, int] | None = None,
 ) -> bytes:
     """Serialise the XML declaration and the opening ``<stream:stream>`` tag
     (without ``version`` when it is None: the answer to a XEP-0174 peer
-    that sent none, RFC 6120 section 4.7.5)."""
+    that sent none, RFC 6120 section 4.7.5). ``resume`` (previous stream
+    id, stanzas handled) asks to resume a session (docs/protocol.md 3.5):
+    ``sm:previd`` and ``sm:h`` in the XEP-0198 namespace."""
     parts = [
         '<?xml version="1.0"?><stream:stream xmlns="jabber:client"'
         ' xmlns:stream="http://etherx.jabber.org/streams"',
@@ -295,6 +298,9 @@ def encode_stream_header(
         parts.append(f' version="{_header_attr(version)}"')
     if lang is not None:
         parts.append(f' xml:lang="{_header_attr(lang)}"')
+    if resume is not None:
+        parts.append(f' xmlns:sm="urn:xmpp:sm:3" sm:previd="{_header_attr(resume[0])}"'
+                     f' sm:h="{int(resume[1])}"')
     parts.append(">")
     return _to_utf8("".join(parts))
 

@@ -16,12 +16,13 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import pytest
 
 from dtx.errors import DecodeError
+from dtx.identity import DeviceIdentity
 from dtx.lab.nat import PROFILES, Filtering, Mapping
 from dtx.proto.birthday import BirthdayConfig, BirthdayRole, SearchState
 from dtx.proto.endpoint import EndpointConfig
@@ -312,7 +313,8 @@ def introduce(nat_a: str, nat_b: str, *, seed: int = 0, route: RouteHook = deliv
               same_nat: bool = False, double: bool = False,
               register_within: float = 10.0, session_within: float | None = 5.0,
               port_mapped: tuple[bool, bool] = (False, False), mapping_port: bool = False,
-              config: EndpointConfig | None = None) -> Scene:
+              config: EndpointConfig | None = None,
+              trusted: Sequence[DeviceIdentity] = ()) -> Scene:
     """Two devices (the remote behind ``nat_a`` and the TV behind ``nat_b``),
     registered; the remote asks for the TV, opens a session over the
     introduction at once and sends its first stanza as soon as the TV's key
@@ -320,9 +322,11 @@ def introduce(nat_a: str, nat_b: str, *, seed: int = 0, route: RouteHook = deliv
     ``port_mapped``: whose router forwards a port to it (remote, TV), as
     the driver's PortMapper tells the endpoint once the router answered.
     ``mapping_port``: the server checks NAT mappings (so a hard pair runs a
-    birthday search); ``config``: both devices' endpoint configuration."""
+    birthday search); ``config``: both devices' endpoint configuration;
+    ``trusted``: more identities the server and the devices know."""
     ids = [identity_for(REMOTE, 1), identity_for(TV, 2)]
-    net, server = make_scene(ids, seed=seed, route_packet=route, mapping_port=mapping_port)
+    net, server = make_scene([*ids, *trusted], seed=seed, route_packet=route,
+                             mapping_port=mapping_port)
     public = PublicAddresses()
     if same_nat:
         home = net.add_nat("h", nat_a, public.take(), lan_prefix="10.1.0")
@@ -540,6 +544,26 @@ def test_garbage_on_a_searchs_sockets_is_counted_and_dropped() -> None:
     assert counters["probes_bad"] - before["probes_bad"] == 2
     assert search.state is SearchState.SEARCHING, "the search goes on"
     assert link.side is None and remote.traversal.side_route(stranger) is None
+
+
+def test_an_initial_that_beats_the_introduction_makes_one_connection() -> None:
+    """The TV's INTRODUCTION is late (the server's packets to it take 60 ms
+    more): the remote's direct copy of its first Initial reaches the TV
+    first, from a real address, and the relayed copy after it, from the
+    link's mapped one. One connection takes both; the handshake completes."""
+    def route(net: MemoryNetwork, packet: Packet) -> None:
+        late = packet.src == SERVER_ADDR and packet.dst[0] == "198.51.100.2"
+        net.deliver(packet, extra_delay=0.06 if late else 0.0)
+
+    scene = introduce("none", "full-cone", route=route, session_within=None)
+    remote, tv, net = scene.remote, scene.tv, scene.net
+    remote.connect(TV)
+    assert net.run_until(lambda: TV in remote.sessions and REMOTE in tv.sessions, 5.0)
+    net.run(SETTLE)
+    conns = tv.endpoint.connections()
+    assert len(conns) == 1 and conns[0].address == tv.traversal.links[REMOTE].mapped
+    assert conns[0].is_open and remote.sessions[TV].is_open
+    exchange(scene, PathKind.DIRECT)
 
 
 def test_two_devices_behind_the_same_nat_use_the_lan() -> None:
