@@ -211,6 +211,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help="one-way messages per batch in the NAT lab (default 5000; 1000 with --quick)")
     p.add_argument("--lab-connects", type=int, metavar="N",
                    help="connections timed per system in the NAT lab (default 5; 2 with --quick)")
+    p.add_argument("--minutes", type=float, metavar="N",
+                   help="how long the soak scenario runs (default 30; 1 with --quick)")
     p.add_argument("--trials", type=int, metavar="N",
                    help="seeded trials of the birthday scenario (default 50; 5 with --quick)")
     p.add_argument("--skip", action="append", choices=SKIPPABLE, metavar="SYSTEM",
@@ -224,7 +226,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--list", action="store_true", help="list scenarios and exit")
     args = p.parse_args(list(argv))
     for name in ("runs", "samples", "stanzas", "connects", "lab_samples", "lab_stanzas",
-                 "lab_connects", "trials"):
+                 "lab_connects", "trials", "minutes"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -236,7 +238,8 @@ def make_options(args: argparse.Namespace, progress: Progress) -> Options:
     for arg, field_name in (("runs", "runs"), ("samples", "rtt_samples"),
                             ("stanzas", "stanzas"), ("connects", "connects"),
                             ("lab_samples", "lab_rtt_samples"), ("lab_stanzas", "lab_stanzas"),
-                            ("lab_connects", "lab_connects"), ("trials", "trials")):
+                            ("lab_connects", "lab_connects"), ("trials", "trials"),
+                            ("minutes", "minutes")):
         value = getattr(args, arg)
         if value is not None:
             overrides[field_name] = value

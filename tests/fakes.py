@@ -33,7 +33,7 @@ from __future__ import annotations
 import heapq
 import logging
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Protocol
@@ -680,7 +680,7 @@ class MemoryPeer:
         link = self.endpoint.traversal.links.get(peer_jid)
         return None if link is None else link.paths.kind
 
-    def changes(self, peer_jid: str) -> list[PathChanged]:
+    def changes(self, peer_jid: str) -> Sequence[PathChanged]:
         return self.traversal.links[peer_jid].changes
 
     @property

@@ -132,6 +132,8 @@ class Options:
     """Connections timed per system in the NAT-lab scenarios."""
     trials: int = 50
     """Seeded trials of the ``birthday`` scenario (fresh devices each)."""
+    minutes: float = 30.0
+    """How long the ``soak`` scenario runs its faults."""
     prosody_nagle: bool = False
     """Run the NAT lab's Prosody servers with Nagle's algorithm on, as
     Prosody ships (``--prosody-nagle``); off by default, as
@@ -146,6 +148,7 @@ class Options:
         base: dict[str, object] = {
             "runs": 1, "rtt_samples": 300, "stanzas": 10_000, "connects": 5,
             "lab_rtt_samples": 30, "lab_stanzas": 1000, "lab_connects": 2, "trials": 5,
+            "minutes": 1.0,
         }
         base.update(overrides)
         return cls(**base)  # type: ignore[arg-type]

@@ -35,6 +35,10 @@ from ..wire.address import Address
 
 
 
+HISTORY = 256
+"""Path changes remembered per peer (oldest forgotten first)."""
+
+
 class PathKind(StrEnum):
     """A path's kind; its value is the name used in JSON and logs."""
 
@@ -197,7 +201,9 @@ class PathManager:
     paths: dict[Address, PathState] = field(default_factory=dict)
     current: PathView | None = None
     introduced_at: float = 0.0
-    history: list[tuple[float, PathKind]] = field(default_factory=list)
+    history: deque[tuple[float, PathKind]] = field(
+        default_factory=lambda: deque(maxlen=HISTORY))
+    """(time, kind) of the latest path changes, at most :data:`HISTORY`."""
     _events: deque[PathChanged] = field(default_factory=deque)
     _pings: dict[bytes, _Ping] = field(default_factory=dict)
     _probes: list[ProbeToSend] = field(default_factory=list)

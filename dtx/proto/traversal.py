@@ -61,7 +61,7 @@ from ..wire.control import (
 from ..wire.demux import CONTROL_FIRST_BYTE, PROBE_FIRST_BYTE, RELAY_FIRST_BYTE, PacketKind, classify
 from ..wire.relay import decode_relay, encode_relay
 from .birthday import BirthdayConfig, BirthdayRole, BirthdaySearch, SearchState
-from .paths import PathChanged, PathConfig, PathKind, PathManager, RelayWrap
+from .paths import HISTORY, PathChanged, PathConfig, PathKind, PathManager, RelayWrap
 from .rdvclient import (
     IntroductionFailed,
     IntroductionReceived,
@@ -214,7 +214,8 @@ class Link:
     reintroduce_attempts: int = 0
     punch_tokens: float = 0.0
     punch_tokens_at: float = 0.0
-    changes: list[PathChanged] = field(default_factory=list)
+    changes: deque[PathChanged] = field(default_factory=lambda: deque(maxlen=HISTORY))
+    """The latest path changes (bounded: a session may live for months)."""
     birthday: BirthdaySearch | None = None
     """The latest birthday search toward this peer, if one was started."""
     side: tuple[Address, int] | None = None
