@@ -40,8 +40,10 @@ from typing import Any
 from xml.etree.ElementTree import Element, SubElement
 
 from . import stanza as st
+from .aio.loop import running_loop_name
 from .cliargs import (
     UsageError,
+    add_loop_option,
     bind_failure,
     configure_logging,
     format_address,
@@ -57,6 +59,7 @@ from .cliargs import (
     parse_timeout,
     resolve_endpoints,
     run_command,
+    run_loop,
 )
 from .cli_presence import link_local_config, listening_fields, serve_link_local
 from .errors import ConnectError, LocalProtocolError, SessionClosedError, TrustError
@@ -245,7 +248,7 @@ def session_command(run: Callable[[argparse.Namespace], Coroutine[Any, Any, int]
         else:
             local = args.bind
         resolve_endpoints(args, local_flag, local)
-        return asyncio.run(run(args))
+        return run_loop(args, run(args))
     return go
 
 
@@ -559,7 +562,7 @@ async def run_listen(args: argparse.Namespace) -> int:
             fields["port_mapped"] = None if mapped is None else format_address(*mapped)
         say(args, {"event": "listening", "jid": peer.jid, "address": format_address(host, port),
                    "host": host, "port": port, "fingerprint": peer.identity.fingerprint,
-                   **fields, **listening_fields(peer)},
+                   **fields, **listening_fields(peer), "loop": running_loop_name()},
             f"listening as {peer.jid} on {format_address(host, port)} "
             f"({peer.identity.fingerprint})"
             + (" signalling through the XMPP server" if signalling is not None else ""))
@@ -617,6 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="log more (-v info, -vv debug) to stderr")
+    add_loop_option(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:

@@ -27,10 +27,12 @@ import errno
 import ipaddress
 import logging
 import math
+import os
 import socket
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from pathlib import Path
+from typing import Any, TypeVar
 
 from .errors import (
     AuthenticationError,
@@ -38,6 +40,7 @@ from .errors import (
     DtxError,
     JIDError,
     KeyFileError,
+    LoopUnavailableError,
     TrustError,
     VCardError,
 )
@@ -52,6 +55,7 @@ __all__ = [
     "EXIT_TRUST",
     "EXIT_USAGE",
     "UsageError",
+    "add_loop_option",
     "bind_failure",
     "configure_logging",
     "family_of",
@@ -65,6 +69,7 @@ __all__ = [
     "parse_ip",
     "parse_jid",
     "parse_listen_hostport",
+    "parse_loop",
     "parse_output_directory",
     "parse_port",
     "parse_sessions",
@@ -73,6 +78,7 @@ __all__ = [
     "resolve_host",
     "resolve_hostport",
     "run_command",
+    "run_loop",
 ]
 
 EXIT_ERROR, EXIT_USAGE, EXIT_TRUST, EXIT_CONNECT = 1, 2, 3, 4
@@ -83,6 +89,8 @@ BIND_ERRNOS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES,
 """Errors of binding a UDP socket that the command line can fix (exit 2)."""
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class UsageError(DtxError):
@@ -245,6 +253,41 @@ def parse_file(text: str) -> str:
     return text
 
 
+def parse_loop(text: str) -> str:
+    """An event loop (:mod:`dtx.aio.loop`): ``auto``, ``uvloop`` (installed)
+    or ``asyncio``."""
+    from .aio.loop import LOOP_ENV, LOOPS, uvloop_missing
+
+    if text not in LOOPS:
+        source = f" (from {LOOP_ENV})" if os.environ.get(LOOP_ENV) == text else ""
+        raise argparse.ArgumentTypeError(
+            f"{text!r}{source}: expected {', '.join(LOOPS[:-1])} or {LOOPS[-1]}")
+    missing = uvloop_missing() if text == "uvloop" else None
+    if missing is not None:
+        raise argparse.ArgumentTypeError(f"{missing}; give --loop auto or --loop asyncio")
+    return text
+
+
+def add_loop_option(parser: argparse.ArgumentParser) -> None:
+    """``--loop {auto,uvloop,asyncio}`` on ``parser``; the default is
+    ``$DTX_LOOP``, else ``auto`` (checked as a given value is)."""
+    from .aio.loop import LOOP_ENV, LOOPS, default_loop
+
+    parser.add_argument("--loop", type=parse_loop, default=default_loop(),
+                        metavar="{" + ",".join(LOOPS) + "}",
+                        help="event loop: auto (uvloop where installed, else asyncio's), "
+                        f"uvloop or asyncio (default: ${LOOP_ENV}, else auto)")
+
+
+def run_loop(args: argparse.Namespace, main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` on the event loop ``args.loop`` names (the option of
+    :func:`add_loop_option`; its default for a command registered on a
+    parser without it) and return its result."""
+    from .aio.loop import default_loop, run
+
+    return run(main, loop=getattr(args, "loop", None) or default_loop())
+
+
 # -- addresses --------------------------------------------------------------------------
 
 
@@ -351,7 +394,8 @@ def configure_logging(verbose: int) -> None:
 def run_command(prog: str, command: Callable[[], int]) -> int:
     """Run ``command`` and return its exit code; every failure becomes one
     line on stderr, ``PROG: ...``, and its code: 3 a key refused, 4 no
-    connection, 2 bad usage (key file, vCard, JID, :class:`UsageError`),
+    connection, 2 bad usage (key file, vCard, JID, :class:`UsageError`, an
+    event loop that is not installed),
     1 any other error (an unexpected one says ``internal error``, with its
     traceback logged at DEBUG), 130 interrupted."""
     try:
@@ -364,7 +408,7 @@ def run_command(prog: str, command: Callable[[], int]) -> int:
     except (ConnectError, TimeoutError) as exc:
         print(f"{prog}: could not connect: {str(exc) or 'timed out'}", file=sys.stderr)
         return EXIT_CONNECT
-    except (KeyFileError, VCardError, JIDError, UsageError) as exc:
+    except (KeyFileError, VCardError, JIDError, UsageError, LoopUnavailableError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (DtxError, OSError) as exc:

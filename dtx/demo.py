@@ -22,6 +22,7 @@ from pathlib import Path
 
 from . import stanza as st
 from .aio.peer import open_peer
+from .cliargs import add_loop_option, run_loop
 from .identity import generate_identity, load_identity, save_identity
 from .errors import LabError
 from .lab.scene import start_rendezvous, write_vcards
@@ -138,7 +139,7 @@ async def lab_pair(lab_host_a: object, lab_host_b: object, vcards: Path,
         await tv_peer.close()
 
 
-def run_lab_demo(workdir: Path) -> None:
+def run_lab_demo(workdir: Path, args: argparse.Namespace) -> None:
     from .lab import STANDARD_WAN, Lab
 
     tv, remote = (generate_identity("tv@example.org/living-room"),
@@ -160,8 +161,8 @@ def run_lab_demo(workdir: Path) -> None:
                 raise SystemExit(str(exc)) from None
             _say(f"\nremote behind {nat_a} ({home_a.public_ip}), "
                  f"tv behind {nat_b} ({home_b.public_ip}), rendezvous {rdv[0]}:{rdv[1]}")
-            r = asyncio.run(lab_pair(home_a.hosts[0], home_b.hosts[0], vcards, rdv,
-                                     tv, remote))
+            r = run_loop(args, lab_pair(home_a.hosts[0], home_b.hosts[0], vcards, rdv,
+                                          tv, remote))
             _say(f"  tv <- {r['from']}: {r['body']!r}, first stanza "
                  f"{r['first_stanza_ms']:.0f} ms after connect('tv@example.org')")
             if r["direct_after_ms"] is not None:
@@ -176,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pings", type=int, default=20)
     parser.add_argument("--loopback", action="store_true",
                         help="run on loopback even when the NAT lab is available")
+    add_loop_option(parser)
     args = parser.parse_args(argv)
     from .lab import lab_missing
 
@@ -183,10 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="dtx-demo-") as tmp:
         if reason is None:
             _say("dtx demo: two homes behind different NATs, a rendezvous, connect by JID")
-            run_lab_demo(Path(tmp))
+            run_lab_demo(Path(tmp), args)
         else:
             _say(f"dtx demo on loopback: the NAT-lab demo needs root ({reason})")
-            asyncio.run(run_demo(Path(tmp), args.pings))
+            run_loop(args, run_demo(Path(tmp), args.pings))
     return 0
 
 

@@ -146,6 +146,14 @@ class IqTimeout(DtxError, TimeoutError):
     """No answer to an iq request within its timeout."""
 
 
+# -- running ------------------------------------------------------------------
+
+
+class LoopUnavailableError(DtxError):
+    """The event loop asked for cannot be used: ``uvloop`` (``--loop
+    uvloop``) when it is not installed."""
+
+
 # -- NAT lab ----------------------------------------------------------------
 
 

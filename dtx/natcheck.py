@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from .cliargs import (
     EXIT_CONNECT,
+    add_loop_option,
     bind_failure,
     configure_logging,
     family_of,
@@ -53,6 +54,7 @@ from .cliargs import (
     parse_timeout,
     resolve_endpoints,
     run_command,
+    run_loop,
 )
 from .errors import DecodeError, LocalProtocolError
 from .aio.netif import source_ip_towards
@@ -748,7 +750,7 @@ def cmd_nat_check(args: argparse.Namespace) -> int:
         return report
 
     with _bind(args.bind, args.port) as sock:
-        report = asyncio.run(run(sock))
+        report = run_loop(args, run(sock))
     if args.json:
         print(json.dumps(report.to_json()), flush=True)
     else:
@@ -800,6 +802,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="log more (-v info, -vv debug) to stderr")
+    add_loop_option(parser)
     configure_parser(parser)
     return parser
 

@@ -1,7 +1,8 @@
 """``dtx-rendezvous`` / ``python -m rendezvous``: run the rendezvous server.
 
-Prints one line, ``rendezvous listening on HOST:PORT ...``, once every
-socket is bound, and exits cleanly (0) on SIGTERM or SIGINT.
+Prints one line, ``rendezvous listening on HOST:PORT ...`` (with the
+event loop it runs on, ``--loop``), once every socket is bound, and exits
+cleanly (0) on SIGTERM or SIGINT.
 
 Arguments are checked by the shared types of :mod:`dtx.cliargs` and fail
 with the exit codes of every dtx command: 2 bad usage (an argument, a
@@ -20,8 +21,10 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from dtx.aio.loop import running_loop_name
 from dtx.cliargs import (
     UsageError,
+    add_loop_option,
     bind_failure,
     configure_logging,
     family_of,
@@ -36,6 +39,7 @@ from dtx.cliargs import (
     parse_timeout,
     resolve_hostport,
     run_command,
+    run_loop,
 )
 from rendezvous.core import RendezvousConfig
 from rendezvous.server import BindError, serve
@@ -88,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "lifetime (default 25)")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="-v: log every registration and introduction; -vv: every packet")
+    add_loop_option(parser)
     return parser
 
 
@@ -204,6 +209,7 @@ async def _run(args: argparse.Namespace) -> int:
     relay = "relay off" if args.no_relay else "relay on"
     mapping = server.addresses.mapping_port
     relay += ", no mapping port" if mapping is None else f", mapping port {mapping}"
+    relay += f", {running_loop_name()} loop"
     print(f"rendezvous listening on {format_address(*server.address)} {relay}{extra}",
           flush=True)
     try:
@@ -223,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def run() -> int:
         check_arguments(args)
-        return asyncio.run(_run(args))
+        return run_loop(args, _run(args))
 
     return run_command("dtx-rendezvous", run)
 

@@ -32,7 +32,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol, cast
 from xml.etree.ElementTree import Element
 
 from zeroconf import InterfaceChoice, IPVersion
@@ -291,12 +291,14 @@ class _Connection(asyncio.Protocol):
         self.stream = stream
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)  # TCP: asyncio's own type
+        # A TCP transport; not checked with isinstance: uvloop's is not a
+        # subclass of asyncio.Transport (nor of BaseTransport), only alike.
+        tcp = cast(asyncio.Transport, transport)
         if self.stream is None:  # incoming: admission decides
-            self.stream = self._owner._admit(transport)
+            self.stream = self._owner._admit(tcp)
             if self.stream is None:
                 return
-        self.stream._attach(transport)
+        self.stream._attach(tcp)
 
     def data_received(self, data: bytes) -> None:
         if self.stream is not None:

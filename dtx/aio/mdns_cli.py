@@ -36,7 +36,8 @@ from dtx.aio.mdns import (
     LanEvent,
     SERVICE_TYPE,
 )
-from dtx.errors import DiscoveryError, FingerprintError, JIDError
+from dtx.cliargs import add_loop_option, run_loop
+from dtx.errors import DiscoveryError, FingerprintError, JIDError, LoopUnavailableError
 
 __all__ = ["main", "normal_service_type"]
 
@@ -168,6 +169,7 @@ async def _lookup(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dtx.aio.mdns",
                                      description="dtx LAN discovery (mDNS/DNS-SD)")
+    add_loop_option(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     adv = sub.add_parser("advertise", help="announce a device until SIGTERM/SIGINT")
     adv.add_argument("--jid", required=True)
@@ -196,10 +198,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     runner = {"advertise": _advertise, "resolve": _resolve, "browse": _browse,
               "lookup": _lookup}[args.command]
     try:
-        return asyncio.run(runner(args))
+        return run_loop(args, runner(args))
     except KeyboardInterrupt:
         return 130
-    except (DiscoveryError, JIDError, FingerprintError) as exc:
+    except (DiscoveryError, JIDError, FingerprintError, LoopUnavailableError) as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
     except OSError as exc:

@@ -15,7 +15,6 @@ checked by the shared types of :mod:`dtx.cliargs`.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import stat
@@ -28,6 +27,7 @@ from dtx.cliargs import (
     parse_jid,
     parse_output_directory,
     parse_timeout,
+    run_loop,
 )
 from dtx.errors import XmppError
 from dtx.identity import DeviceIdentity, fingerprint, load_identity
@@ -217,7 +217,7 @@ def cmd_vcard_fetch(args: argparse.Namespace) -> int:
     from dtx.trust import add_key, new_vcard
 
     bare = JID.parse(args.jid).bare.full
-    keys = asyncio.run(_fetch(args))
+    keys = run_loop(args, _fetch(args))
     if not keys:
         raise XmppError(f"{bare} lists no dtx device key in its vCard")
     card = new_vcard(bare)
@@ -255,7 +255,7 @@ async def _run(args: argparse.Namespace) -> tuple[str, KeyChange]:
 
 def cmd_vcard_publish(args: argparse.Namespace) -> int:
     """Handler of ``dtx vcard publish`` / ``dtx vcard-publish``."""
-    fpr, change = asyncio.run(_run(args))
+    fpr, change = run_loop(args, _run(args))
     action = "revoke" if args.revoke else "publish"
     listed = sorted(fingerprint(k) for k in change.keys)
     if args.json:

@@ -1,13 +1,21 @@
-"""Fixtures for sessions between real UDP sockets on loopback."""
+"""Fixtures for sessions between real UDP sockets on loopback.
+
+A module marked ``pytestmark = BOTH_LOOPS`` runs each of its tests twice,
+on asyncio's own event loop and on uvloop (test ids ``[asyncio]``,
+``[uvloop]``); without uvloop installed the uvloop runs are skipped, saying
+so. Every other test runs on asyncio's loop only, as before.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from dtx.aio.loop import uvloop_missing
 from dtx.aio.peer import Peer, PeerConfig, open_peer
 from dtx.identity import DeviceIdentity, generate_identity
 from dtx.lab.coturn import CoturnServer, coturn_missing
@@ -15,6 +23,41 @@ from dtx.lab.prosody import ProsodyServer, TurnExternal, prosody_missing
 from dtx.trust import PinStore, StaticKeys, Verifier
 
 TURN_SECRET = "dtx-loopback-turn-secret"
+
+BOTH_LOOPS = pytest.mark.asyncio(loop_factories=["asyncio", "uvloop"])
+"""Run the marked tests once per event loop (a module's ``pytestmark``)."""
+
+
+def new_uvloop() -> asyncio.AbstractEventLoop:
+    """A uvloop event loop (the runs that would need one without uvloop
+    installed are skipped before they start: :func:`pytest_collection_modifyitems`)."""
+    import uvloop
+
+    return uvloop.new_event_loop()
+
+
+LOOP_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "asyncio": asyncio.new_event_loop, "uvloop": new_uvloop}
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item
+                                  ) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Both loops for a test marked :data:`BOTH_LOOPS`, asyncio's for the rest."""
+    marker = item.get_closest_marker("asyncio")
+    if marker is not None and "loop_factories" in marker.kwargs:
+        return LOOP_FACTORIES
+    return {"asyncio": asyncio.new_event_loop}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Without uvloop, its runs are skipped, saying so."""
+    missing = uvloop_missing()
+    if missing is None:
+        return
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and any(v is new_uvloop for v in callspec.params.values()):
+            item.add_marker(pytest.mark.skip(reason=f"the uvloop run: {missing}"))
 
 
 @dataclass(frozen=True)

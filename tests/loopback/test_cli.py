@@ -13,7 +13,7 @@ import stat
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 from xml.etree.ElementTree import Element
@@ -21,6 +21,7 @@ from xml.etree.ElementTree import Element
 import pytest
 
 from dtx import stanza as st
+from dtx.aio.loop import LOOP_ENV, uvloop_missing
 from dtx.aio.peer import Session, open_peer
 from dtx.identity import load_identity
 from dtx.proto import xmlstream
@@ -37,20 +38,21 @@ MODULES = {"dtx": "dtx.cli", "dtx-rendezvous": "rendezvous", "dtx nat-check": "d
 """Each command, as the module ``python -m`` runs (this checkout's)."""
 
 
-def run(command: str, *args: str, timeout: float = 60,
-        cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """Run ``command`` (a key of MODULES), from any folder, as a person would."""
-    path = os.pathsep.join(p for p in (str(CLI_DOC.parents[1]), os.environ.get("PYTHONPATH"))
-                           if p)
+def run(command: str, *args: str, timeout: float = 60, cwd: Path | None = None,
+        env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``command`` (a key of MODULES), from any folder, as a person would
+    (``env``: the environment, default this one's)."""
+    env = os.environ if env is None else env
+    path = os.pathsep.join(p for p in (str(CLI_DOC.parents[1]), env.get("PYTHONPATH")) if p)
     return subprocess.run([sys.executable, "-m", MODULES[command], *args], capture_output=True,
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL, cwd=cwd,
-                          env={**os.environ, "PYTHONPATH": path})
+                          env={**env, "PYTHONPATH": path})
 
 
-def dtx(*args: str, timeout: float = 60,
-        cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def dtx(*args: str, timeout: float = 60, cwd: Path | None = None,
+        env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run `dtx` (this checkout's, from any folder) as a person would."""
-    return run("dtx", *args, timeout=timeout, cwd=cwd)
+    return run("dtx", *args, timeout=timeout, cwd=cwd, env=env)
 
 
 def free_udp_port() -> int:
@@ -101,11 +103,13 @@ class Listener:
 
 
 def spawn_listener(keys: dict[str, Path], *args: str,
-                   stderr: IO[str] | int = subprocess.DEVNULL) -> Listener:
+                   stderr: IO[str] | int = subprocess.DEVNULL, options: Sequence[str] = (),
+                   env: Mapping[str, str] | None = None) -> Listener:
+    """`dtx [options] listen tv.key ... --json [args]`."""
     return Listener(subprocess.Popen(
-        [sys.executable, "-m", "dtx.cli", "listen", str(keys["tv"]),
+        [sys.executable, "-m", "dtx.cli", *options, "listen", str(keys["tv"]),
          "--vcards", str(keys["vcards"]), "--no-pins", "--json", *args],
-        stdout=subprocess.PIPE, stderr=stderr, text=True, stdin=subprocess.DEVNULL))
+        stdout=subprocess.PIPE, stderr=stderr, text=True, stdin=subprocess.DEVNULL, env=env))
 
 
 @pytest.fixture
@@ -199,24 +203,36 @@ def test_send_resolves_a_host_name(keys: dict[str, Path],
     assert lst.next_event()["body"] == "by name"
 
 
-def test_listen_with_a_rendezvous_needs_no_port(keys: dict[str, Path]) -> None:
+def need_loop(loop: str) -> None:
+    """Skip, saying why, a test of ``--loop uvloop`` without uvloop."""
+    missing = uvloop_missing() if loop == "uvloop" else None
+    if missing is not None:
+        pytest.skip(f"--loop uvloop: {missing}")
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_listen_with_a_rendezvous_needs_no_port(keys: dict[str, Path], loop: str) -> None:
+    """On each event loop: the server, the listener and the sender."""
+    need_loop(loop)
     rdv = Listener(subprocess.Popen(
         [sys.executable, "-m", "rendezvous", "--listen", "127.0.0.1:0",
-         "--vcards", str(keys["vcards"])],
+         "--vcards", str(keys["vcards"]), "--loop", loop],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, stdin=subprocess.DEVNULL))
     lst = None
     try:
         line = rdv.lines.get(timeout=DEADLINE)
         found = re.search(r"listening on 127\.0\.0\.1:(\d+)", line or "")
         assert found, line
+        assert f", {loop} loop" in (line or ""), line
         server = f"localhost:{found[1]}"  # a name, resolved to 127.0.0.1
-        lst = spawn_listener(keys, "--rendezvous", server, "--host", "127.0.0.1")
+        lst = spawn_listener(keys, "--rendezvous", server, "--host", "127.0.0.1",
+                             options=["--loop", loop])
         listening = lst.next_event()
-        assert listening["event"] == "listening"
+        assert listening["event"] == "listening" and listening["loop"] == loop
         port = listening["port"]
         assert isinstance(port, int) and port > 0
         assert listening["address"] == f"127.0.0.1:{port}"
-        sent = dtx("send", str(keys["remote"]), "--to", "tv@example.org",
+        sent = dtx("--loop", loop, "send", str(keys["remote"]), "--to", "tv@example.org",
                    "--rendezvous", server, "--bind", "127.0.0.1",
                    "--vcards", str(keys["vcards"]), "--no-pins", "--body", "by jid", "--json")
         assert sent.returncode == 0, sent.stderr
@@ -226,6 +242,68 @@ def test_listen_with_a_rendezvous_needs_no_port(keys: dict[str, Path]) -> None:
             if proc is not None:
                 proc.kill()
                 proc.wait(10)
+
+
+# -- --loop: the event loop, uvloop where installed ---------------------------------------
+
+INSTALLED_LOOP = "asyncio" if uvloop_missing() else "uvloop"
+"""What ``auto`` picks here."""
+
+
+def environment(**changes: str) -> dict[str, str]:
+    """This environment without ``DTX_LOOP``, with ``changes``."""
+    return {**{k: v for k, v in os.environ.items() if k != LOOP_ENV}, **changes}
+
+
+@pytest.mark.parametrize("options, env, expected", [
+    (["--loop", "asyncio"], {}, "asyncio"),
+    (["--loop", "uvloop"], {}, "uvloop"),
+    (["--loop", "auto"], {}, INSTALLED_LOOP),
+    ([], {}, INSTALLED_LOOP),
+    ([], {LOOP_ENV: "asyncio"}, "asyncio"),
+    (["--loop", "auto"], {LOOP_ENV: "asyncio"}, INSTALLED_LOOP),
+], ids=["asyncio", "uvloop", "auto", "default", "DTX_LOOP", "given-wins-over-DTX_LOOP"])
+def test_the_event_loop_asked_for_runs_the_listener_and_the_pinger(
+        keys: dict[str, Path], options: list[str], env: dict[str, str], expected: str) -> None:
+    need_loop(options[-1] if options else "auto")
+    lst = spawn_listener(keys, "--echo", options=options, env=environment(**env))
+    try:
+        listening = lst.next_event()
+        assert listening["event"] == "listening" and listening["loop"] == expected
+        pinged = dtx(*options, "ping", str(keys["remote"]), "--to", "tv@example.org",
+                     "--addr", f"127.0.0.1:{listening['port']}", "--vcards", str(keys["vcards"]),
+                     "--no-pins", "--json", "--count", "3", env=environment(**env))
+        assert pinged.returncode == 0, pinged.stderr
+        result = json.loads(pinged.stdout)
+        assert result["received"] == 3
+        assert 0 < result["rtt_ms"]["p50"]  # timed apart from uvloop's millisecond clock
+    finally:
+        lst.proc.kill()
+        lst.proc.wait(10)
+
+
+def test_a_bad_dtx_loop_is_refused_as_a_bad_loop_is(tmp_path: Path) -> None:
+    done = dtx("pin", "list", "--pins", str(tmp_path / "pins.json"),
+               env=environment(**{LOOP_ENV: "fast"}))
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip().splitlines()[-1] == (
+        "dtx: error: argument --loop: 'fast' (from DTX_LOOP): expected auto, uvloop or asyncio")
+
+
+def test_loop_uvloop_without_uvloop_is_exit_2_before_anything_starts(tmp_path: Path) -> None:
+    """uvloop made unimportable in the command's process (as where it is not
+    installed): ``--loop uvloop`` is refused, naming the extra."""
+    hide = ("import sys; sys.modules['uvloop'] = None\n"
+            "from dtx.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    done = subprocess.run([sys.executable, "-c", hide, "--loop", "uvloop", "pin", "list",
+                           "--pins", str(tmp_path / "pins.json")],
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+                          cwd=CLI_DOC.parents[1], env=environment())
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip().splitlines()[-1] == (
+        "dtx: error: argument --loop: uvloop is not installed (pip install 'dtx[uvloop]'); "
+        "give --loop auto or --loop asyncio")
 
 
 # -- D3: an echo that does not fit in a stanza ------------------------------------------
@@ -337,7 +415,8 @@ def test_the_table_of_bad_arguments_covers_the_known_cases() -> None:
                  "vcard publish tv.key --password-file secret.password --timeout -1",
                  "--out vcards --timeout -1", "vcard publish tv.key --password-file missing",
                  "dtx-rendezvous --lifetime nan", "dtx-rendezvous --lifetime inf",
-                 "dtx-rendezvous --keepalive nan", "dtx-rendezvous --listen 127.0.0.1:$BUSY"):
+                 "dtx-rendezvous --keepalive nan", "dtx-rendezvous --listen 127.0.0.1:$BUSY",
+                 "dtx --loop bogus", "dtx-rendezvous --loop"):
         assert case in commands, case
     assert {command.split()[0] for command, _, _ in BAD_ARGUMENTS} == {"dtx", "dtx-rendezvous"}
 

@@ -21,7 +21,9 @@ from dtx.proto import xmlstream as xs
 from dtx.proto.caps import caps_for, ver_of_disco_info
 from dtx.proto.linklocal import LinkLocalConfig
 
-from .conftest import Pair
+from .conftest import BOTH_LOOPS, Pair
+
+pytestmark = BOTH_LOOPS
 
 DEADLINE = 5.0
 TV = "tv@example.org/living-room"

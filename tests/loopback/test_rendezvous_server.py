@@ -32,6 +32,10 @@ from dtx.wire.stun import binding_request, decode_stun
 from rendezvous.core import RendezvousConfig
 from rendezvous.server import serve
 
+from .conftest import BOTH_LOOPS
+
+pytestmark = BOTH_LOOPS
+
 DEADLINE = 5.0  # per answer; on loopback they take milliseconds
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -13,6 +13,10 @@ import pytest
 from dtx.wire.stun import binding_request, decode_stun
 from rendezvous.server import Server, serve
 
+from .conftest import BOTH_LOOPS
+
+pytestmark = BOTH_LOOPS
+
 DEADLINE = 10.0  # for all answers; on loopback they take milliseconds
 BURST = 150  # more than one batch (128), well within a default receive buffer
 

@@ -23,7 +23,9 @@ from dtx.identity import generate_identity
 from dtx.proto.xmlstream import encode_stanza
 from dtx.trust import PinStore, StaticKeys, Verifier
 
-from .conftest import Pair, trusting
+from .conftest import BOTH_LOOPS, Pair, trusting
+
+pytestmark = BOTH_LOOPS
 
 DEADLINE = 20.0
 

@@ -23,7 +23,9 @@ from slixmpp import ClientXMPP
 from dtx.identity import generate_identity, save_identity
 from dtx.lab.prosody import ProsodyServer, TurnExternal
 
-from .conftest import TURN_SECRET, Servers
+from .conftest import BOTH_LOOPS, TURN_SECRET, Servers
+
+pytestmark = BOTH_LOOPS
 
 DEADLINE = 10.0
 PASSWORD = "pw-alice"

@@ -12,6 +12,7 @@ A device of another account with no subscription is answered
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
@@ -30,7 +31,9 @@ from dtx.lab.prosody import ProsodyServer, TurnExternal
 from dtx.trust import PinStore, Verifier
 from dtx.xmpp.client import XmppConfig, open_xmpp_client
 
-from .conftest import TURN_SECRET, Servers
+from .conftest import BOTH_LOOPS, TURN_SECRET, Servers
+
+pytestmark = BOTH_LOOPS
 
 DEADLINE = 10.0
 
@@ -280,14 +283,18 @@ async def wait_subscription(d: Device, contact: str, state: str) -> None:
 
 async def test_a_subscribed_contact_of_another_account_connects(
         servers: Servers, open_device: OpenDevice) -> None:
+    # A contact account of its own: the server keeps rosters, and this test
+    # runs once per event loop against the same server.
+    user = f"bob{secrets.token_hex(4)}"
+    contact = await asyncio.to_thread(servers.prosody.register, user, f"pw-{user}")
     tv, bob = await two_accounts(servers, open_device, "alice@example.org/tv4",
-                                 "bob@example.org/phone")
+                                 f"{contact}/phone")
     tv_id, bob_id = tv.peer.identity, bob.peer.identity
     with pytest.raises(ConnectError, match="neither"):  # no subscription yet
         await bob.signalling.connect(tv_id.jid.full, timeout=DEADLINE)
     await subscribe(bob, tv)
     await subscribe(tv, bob)
-    await wait_subscription(tv, "bob@example.org", "both")
+    await wait_subscription(tv, contact, "both")
     await wait_subscription(bob, "alice@example.org", "both")
 
     session = await bob.signalling.connect(tv_id.jid.full, timeout=DEADLINE)

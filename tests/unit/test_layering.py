@@ -19,6 +19,13 @@ SANS_IO = sorted([*(ROOT / "dtx" / "wire").glob("*.py"), *(ROOT / "dtx" / "proto
 FORBIDDEN_MODULES = {"asyncio", "socket", "time", "selectors", "threading"}
 
 
+def assert_runs(code: str) -> None:
+    """``code`` runs without an error in a fresh interpreter (nothing loaded yet)."""
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
 def imports_of(path: Path) -> list[tuple[str, str | None]]:
     """(module, name) for every import in ``path`` (name None for ``import m``)."""
     tree = ast.parse(path.read_text(), str(path))
@@ -54,9 +61,7 @@ def test_importing_the_sans_io_layer_loads_no_asyncio() -> None:
             "dtx.proto.traversal, dtx.wire.control, dtx.wire.stun\n"
             "loaded = sorted(m for m in sys.modules if m == 'asyncio' or m.startswith('dtx.aio'))\n"
             "assert not loaded, loaded\n")
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
+    assert_runs(code)
 
 
 def test_the_public_api_still_loads_the_driver_on_use() -> None:
@@ -64,23 +69,36 @@ def test_the_public_api_still_loads_the_driver_on_use() -> None:
             "assert 'dtx.aio.peer' not in sys.modules\n"
             "assert dtx.Peer.__module__ == 'dtx.aio.peer'\n"
             "assert dtx.Session.__module__ == 'dtx.aio.session'\n")
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
+    assert_runs(code)
 
 
 def test_the_command_line_loads_no_xmpp_client_until_a_command_needs_it() -> None:
     """``dtx send`` without ``--xmpp`` pays nothing for slixmpp (a one-shot
-    command's start-up is part of its latency), and ``dtx.xmpp``'s names
-    still load it on use."""
+    command's start-up is part of its latency), nor for uvloop until the
+    loop starts, and ``dtx.xmpp``'s names still load it on use."""
     code = ("import sys, dtx.cli, dtx.xmpp\n"
-            "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('slixmpp', 'aiodns')"
-            " or m in ('dtx.xmpp.client', 'dtx.aio.portmap', 'dtx.aio.upnp'))\n"
+            "loaded = sorted(m for m, mod in sys.modules.items() if mod is not None and"
+            " (m.split('.')[0] in ('slixmpp', 'aiodns', 'uvloop')"
+            " or m in ('dtx.xmpp.client', 'dtx.aio.portmap', 'dtx.aio.upnp')))\n"
             "assert not loaded, loaded\n"
             "assert dtx.xmpp.XmppClient.__module__ == 'dtx.xmpp.client'\n")
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
+    assert_runs(code)
+
+
+def test_the_command_lines_load_uvloop_only_to_start_the_loop() -> None:
+    """Parsing ``--loop uvloop`` (which checks it is installed) imports
+    nothing of it, for ``dtx`` and the rendezvous server alike; it is
+    imported by ``dtx.aio.loop.run``, once the command runs."""
+    code = ("import sys, dtx.cli, rendezvous.__main__ as rdv\n"
+            "dtx.cli.build_parser().parse_args(['--loop', 'auto', 'pin', 'list'])\n"
+            "rdv.build_parser().parse_args(['--loop', 'auto'])\n"
+            "from dtx.aio.loop import uvloop_missing\n"
+            "if uvloop_missing() is None:\n"
+            "    dtx.cli.build_parser().parse_args(['--loop', 'uvloop', 'pin', 'list'])\n"
+            "loaded = sorted(m for m, mod in sys.modules.items()"
+            " if mod is not None and m.split('.')[0] == 'uvloop')\n"
+            "assert not loaded, loaded\n")
+    assert_runs(code)
 
 
 def test_no_import_cycle_among_the_drivers() -> None:
