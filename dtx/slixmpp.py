@@ -51,6 +51,7 @@ to the server); ``dtx_ready`` once the peer and signalling run.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import weakref
@@ -254,8 +255,13 @@ class DtxPlugin(BasePlugin):
         if not isinstance(self.xmpp, ClientXMPP):
             raise DtxError("the dtx plugin needs a ClientXMPP")
         signalling = XmppSignalling(self.identity, config=config, xmpp=self.xmpp)
+        # No resumption: when a session's connection dies its stanzas go
+        # back to the server path at once (dtx_session_end), rather than
+        # waiting in a suspended session (they would then arrive twice).
+        peer_config = dataclasses.replace(
+            self.config.get("peer_config") or PeerConfig(lan=bool(self.lan)), resume_timeout=None)
         peer = Peer(self.identity, Verifier([signalling.key_source], PinStore(self.pins)),
-                    config=self.config.get("peer_config") or PeerConfig(lan=bool(self.lan)))
+                    config=peer_config)
         try:
             sock = self.config.get("sock")
             if sock is not None:

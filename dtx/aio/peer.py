@@ -74,10 +74,12 @@ class PeerConfig:
 
     session: SessionConfig = SessionConfig()
     idle_timeout: float = 30.0
-    resume_timeout: float | None = None
+    resume_timeout: float | None = 120.0
     """A session whose connection dies (the peer stopped answering) waits
     this long to be resumed on a new QUIC connection, nothing lost or
-    doubled (docs/protocol.md 3.5); None: it ends at once."""
+    doubled (docs/protocol.md 3.5); None: it ends at once, its
+    unacknowledged stanzas handed back (an application with another way
+    to the peer, as the slixmpp plugin has the server, wants that)."""
     connect_timeout: float = 10.0
     """The default deadline of :meth:`Peer.connect`, for the whole call."""
     datagrams: bool = True

@@ -124,7 +124,7 @@ class EndpointConfig:
     0: always Retry."""
     retry_token_lifetime: float = 10.0
     """How long a Retry token is good for (the client returns it at once)."""
-    resume_timeout: float | None = None
+    resume_timeout: float | None = 120.0
     """A session whose connection dies because the peer stopped answering
     (idle timeout) waits this long to be resumed on a new connection
     (docs/protocol.md 3.5): a :class:`SessionSuspended`, then a
@@ -1090,9 +1090,10 @@ class Endpoint:
         self._connections[address] = conn
         quic.connect(address, now=now)
         self._dirty.add(conn)
-        if conn.link is not None and self.traversal.client is not None \
-                and self.traversal.client.registered:
-            # Fresh candidates and relay channels for both sides.
+        if conn.resume_attempts == 1 and conn.link is not None \
+                and self.traversal.client is not None and self.traversal.client.registered:
+            # Fresh candidates and relay channels for both sides, once (a
+            # failed introduction is retried by the traversal's back-off).
             self.traversal.introduce(conn.link.peer_jid, now)
             self._drain_traversal()
 

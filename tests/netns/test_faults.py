@@ -227,7 +227,9 @@ def test_peer_crash_hands_back_unacknowledged(netns_ready: None, tmp_path: Path)
         idle = 5.0
 
         async def main() -> None:
-            config = PeerConfig(idle_timeout=idle, paths=PathConfig())
+            # Without resumption: the session ends when the peer stops
+            # answering (with it, test_resumption_lab.py).
+            config = PeerConfig(idle_timeout=idle, paths=PathConfig(), resume_timeout=None)
             async with device_peer(a, vcards, rdv, listen=False, config=config) as remote:
                 session = await remote.connect("tv@example.org", timeout=10)
                 await session.ping()

@@ -91,7 +91,8 @@ def test_ten_thousand_stanzas_across_a_45_s_outage_arrive_once_in_order() -> Non
 
 def test_without_resume_timeout_the_session_ends_with_its_stanzas() -> None:
     outage = Outage()
-    scene = introduce("port-restricted-cone", "port-restricted-cone", route=outage)
+    scene = introduce("port-restricted-cone", "port-restricted-cone", route=outage,
+                      config=EndpointConfig(resume_timeout=None))
     remote, net = scene.remote, scene.net
     net.run(SETTLE)
     outage.on = True

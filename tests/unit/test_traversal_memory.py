@@ -816,7 +816,9 @@ def test_a_restarted_server_and_an_absent_peer_mean_bounded_re_introductions() -
     30 s — and then stops. (The old in-memory copy of this glue had no
     back-off at all.)"""
     route = Introductions(SERVER_ADDR)
-    scene = introduce("full-cone", "full-cone", route=route)
+    # (without resumption, whose attempt would ask once more)
+    scene = introduce("full-cone", "full-cone", route=route,
+                      config=EndpointConfig(resume_timeout=None))
     scene.net.run(SETTLE)
     remote_ip = scene.net.nats["a"].public_ip
     route.blackholed.add(scene.net.nats["b"].public_ip)
