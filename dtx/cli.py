@@ -211,6 +211,9 @@ def make_verifier(args: argparse.Namespace, sources: list[Any] | None = None) ->
     return Verifier(sources, pins, trust_on_first_use=args.tofu)
 
 
+RESUME_TIMEOUT = 120.0
+"""``--resume-timeout``'s default, PeerConfig's."""
+
 PORT_MAPPING_WAIT = 2.0
 """How long a command waits for the router's port mapping before it goes on
 without (the router answers on the LAN in milliseconds)."""
@@ -223,13 +226,18 @@ def add_port_mapping_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gateway", type=parse_ipv4, metavar="IP",
                    help="the router to ask (implies --port-mapping; default: the default "
                    "route's gateway)")
+    p.add_argument("--resume-timeout", type=parse_delay, default=RESUME_TIMEOUT, metavar="S",
+                   help="a session whose connection dies waits this long to be resumed on a "
+                   f"new one (default {RESUME_TIMEOUT:g}; 0: it ends at once)")
 
 
 def peer_config(args: argparse.Namespace) -> Any:
     from .aio.peer import PeerConfig
 
     gateway = getattr(args, "gateway", None)
+    resume = getattr(args, "resume_timeout", RESUME_TIMEOUT)
     return PeerConfig(connect_timeout=getattr(args, "timeout", 10.0),
+                      resume_timeout=resume or None,
                       rendezvous=getattr(args, "rendezvous", None),
                       lan=getattr(args, "lan", False), link_local=link_local_config(args),
                       port_mapping=getattr(args, "port_mapping", False) or gateway is not None,

@@ -53,3 +53,23 @@ def test_signalling_and_relay_keys(device: Device, session: FakeSession, signall
     assert device.signalled_by(session) == signalling
     assert device.relay_of(session) == relay
     assert device.relay_of(session, "direct") is None
+
+
+@pytest.mark.parametrize("argv, resume", [
+    (["listen", "k"], 120.0),
+    (["listen", "k", "--resume-timeout", "30"], 30.0),
+    (["send", "k", "--to", "tv@example.org", "--body", "x", "--resume-timeout", "0"], None),
+])
+def test_resume_timeout_reaches_the_peer_config(argv: list[str], resume: float | None) -> None:
+    from dtx.cli import build_parser, peer_config
+
+    assert peer_config(build_parser().parse_args(argv)).resume_timeout == resume
+
+
+def test_a_negative_resume_timeout_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    from dtx.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["listen", "k", "--resume-timeout", "-1"])
+    assert exit_.value.code == 2
+    assert "--resume-timeout" in capsys.readouterr().err
