@@ -426,12 +426,19 @@ class Connection:
 
     def close(self) -> None:
         """Close gracefully: everything queued is delivered first; a
-        :class:`SessionEnded` follows."""
+        :class:`SessionEnded` follows (at once, with what waits, for a
+        suspended session)."""
+        if self.resume_deadline is not None:
+            self._endpoint._end_suspended(self, "closed while suspended")
+            return
         self.core.close()
         self._endpoint._dirty.add(self)
 
     def abort(self, reason: str = "aborted") -> None:
         """End at once; unacknowledged stanzas come back in :class:`SessionEnded`."""
+        if self.resume_deadline is not None:
+            self._endpoint._end_suspended(self, reason)
+            return
         self.core.abort(reason)
         self._endpoint._dirty.add(self)
 
@@ -569,6 +576,8 @@ class Endpoint:
             return
         for conn in list(self._connections.values()):
             conn.abort("device shut down")
+        for conn in list(self._suspended.values()):
+            self._end_suspended(conn, "device shut down")
         self.traversal.close()
         if self.portmap is not None and now is not None:
             self.portmap.close(now)
@@ -1053,6 +1062,14 @@ class Endpoint:
             oldest = min(self._suspended.values(), key=lambda c: c.resume_deadline or 0.0)
             self._give_up(oldest, "too many suspended sessions")
 
+    def _end_suspended(self, conn: Connection, why: str) -> None:
+        """End a suspended session now (an attempt to resume in flight is
+        dropped)."""
+        if conn.resuming_since is not None:
+            self._forget(conn)
+            conn.resuming_since = None
+        self._give_up(conn, why)
+
     def _give_up(self, conn: Connection, why: str) -> None:
         self.counters["resume_expired"] += 1
         conn.log.info("session with %s not resumed: %s", conn.peer_jid, why)
@@ -1063,9 +1080,7 @@ class Endpoint:
         cfg = self.config
         for conn in list(self._suspended.values()):
             if conn.resume_deadline is not None and now >= conn.resume_deadline:
-                if conn.resuming_since is not None:
-                    self._forget(conn)
-                self._give_up(conn, f"no new connection within {cfg.resume_timeout:g} s")
+                self._end_suspended(conn, f"no new connection within {cfg.resume_timeout:g} s")
             elif conn.resuming_since is not None:
                 if now >= conn.resuming_since + cfg.handshake_timeout:
                     self._attempt_failed(conn, SessionClosedError("no answer to resume"))

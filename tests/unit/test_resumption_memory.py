@@ -183,3 +183,29 @@ def test_a_stolen_resumption_id_with_another_key_is_refused() -> None:
     # The real remote still resumes its own session.
     assert net.run_until(lambda: bool(events_of(remote, SessionResumed)), 60.0)
     assert events_of(tv, SessionResumed)
+
+
+def test_closing_a_suspended_session_ends_it_with_its_stanzas() -> None:
+    outage = Outage()
+    scene = introduce("port-restricted-cone", "port-restricted-cone", route=outage,
+                      config=RESUMING)
+    remote, tv, net = scene.remote, scene.tv, scene.net
+    net.run(SETTLE)
+    outage.on = True
+    send_bodies(remote, TV, ["a"])
+    net.run(35.0)
+    conn = remote.sessions[TV]
+    assert events_of(remote, SessionSuspended)
+    remote.send(TV, "b")
+    conn.close()
+    remote.flush()
+    ended = events_of(remote, SessionEnded)
+    assert len(ended) == 1 and ended[0].connection is conn  # type: ignore[attr-defined]
+    assert [el.findtext("{jabber:client}body") for el in ended[0].ended.unacknowledged] \
+        == ["a", "b"]  # type: ignore[attr-defined]
+    assert net.run_until(lambda: bool(events_of(tv, SessionSuspended)), 15.0)
+    tv.endpoint.close(net.clock.now)
+    tv.flush()
+    assert events_of(tv, SessionEnded), "a device that shuts down ends its suspended sessions"
+    net.run(60.0)
+    assert len(events_of(remote, SessionEnded)) == 1, "once"
