@@ -10,15 +10,17 @@ second. Every ``FAULT_EVERY`` seconds a fault drawn from a seeded
 ``random.Random``: a path cut between two homes for a few seconds, a NAT
 reboot (conntrack flushed), both ends of a pair changing public address at
 once, 1 % loss on a home's link for 10 s, a restart of the rendezvous
-process; and once, a third of the way in, a 45 s total outage (every home
+process; and once, a sixth of the way in, a 45 s total outage (every home
 cut from every other and from the server: every QUIC connection dies and
 every session resumes). At the end the faults stop and every stanza gets
 up to two minutes to arrive.
 
 Reported (one ``dtx-soak`` result, figures in its note): stanzas sent,
 delivered, duplicated (must be 0), lost (must be 0), out of order,
-resumptions, path changes, faults by kind, and this process's and the
-rendezvous's resident memory after warm-up and at the end.
+resumptions, path changes, faults by kind, and this process's resident
+memory before the faults, after warm-up (a third of the way in: every kind
+of fault and the outage have happened) and at the end, with a sample per
+minute; the rendezvous's since its last restart.
 """
 
 from __future__ import annotations
@@ -205,13 +207,26 @@ class Soak:
                 readers.append(asyncio.create_task(self.read_loop(accepted, tally)))
             stop = asyncio.Event()
             sender = asyncio.create_task(self.send_loop(stop))
-            await asyncio.sleep(30.0)  # warm-up
-            rss0, rdv0 = _rss_kib(), _rss_kib(str(self.rdv_proc.pid)) if self.rdv_proc else 0
+            await asyncio.sleep(30.0)
+            rss_start = _rss_kib()
             loop = asyncio.get_running_loop()
-            end = loop.time() + minutes * 60
-            outage_at = loop.time() + minutes * 20
+            begin = loop.time()
+            end = begin + minutes * 60
+            # The outage a sixth of the way in; memory "after warm-up" is
+            # taken a third of the way in, when every kind of fault, the
+            # outage and its 50 resumptions at once have happened.
+            outage_at = begin + minutes * 10
+            warm_at = begin + minutes * 20
+            rss0 = rdv0 = 0
+            samples: list[tuple[float, int]] = []
             outage_done = False
             while loop.time() < end:
+                minute = int((loop.time() - begin) // 60)
+                if not samples or minute > samples[-1][0]:
+                    samples.append((minute, _rss_kib()))
+                if not rss0 and loop.time() >= warm_at:
+                    rss0 = _rss_kib()
+                    rdv0 = _rss_kib(str(self.rdv_proc.pid)) if self.rdv_proc else 0
                 self.opts.progress.step(f"{NAME}: {int((end - loop.time()) / 60)} min left, "
                                         f"faults {sum(self.faults.values())}")
                 if not outage_done and loop.time() >= outage_at:
@@ -239,12 +254,16 @@ class Soak:
             ended = sum(1 for s in self.sessions if not s.is_open)
             paths = sum(len(s.connection.path_history()) for s in self.sessions)
             faults = ", ".join(f"{k} {v}" for k, v in sorted(self.faults.items()))
+            step = max(1, len(samples) // 10)
+            trace = " ".join(f"{m}:{kib // 1024}" for m, kib in samples[::step])
             return (f"{len(self.sessions)} sessions, {minutes:g} min; sent {sent}, delivered "
                     f"{delivered}, duplicated {duplicated}, lost {lost}, out of order "
                     f"{disorder}; resumptions {resumed}, sessions ended {ended}, path changes "
-                    f"{paths}; faults: {faults}; RSS this process {rss0} -> {rss1} KiB, "
-                    f"rendezvous {rdv0} -> {rdv1} KiB (it restarts: its figure is since "
-                    f"the last restart)")
+                    f"{paths}; faults: {faults}; RSS this process {rss_start} KiB before "
+                    f"the faults, {rss0} KiB after warm-up (a third in), {rss1} KiB at the "
+                    f"end ({100 * (rss1 - rss0) / max(rss0, 1):+.1f} %); by minute (MiB): "
+                    f"{trace}; rendezvous {rdv0} -> {rdv1} KiB (it restarts: its figure is "
+                    f"since the last restart)")
 
 
 def run(opts: Options) -> list[Result]:
