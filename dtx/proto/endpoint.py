@@ -1060,7 +1060,7 @@ class Endpoint:
         self._events.append(SessionSuspended(conn, error))
         while len(self._suspended) > cfg.max_suspended:
             oldest = min(self._suspended.values(), key=lambda c: c.resume_deadline or 0.0)
-            self._give_up(oldest, "too many suspended sessions")
+            self._end_suspended(oldest, "too many suspended sessions")
 
     def _end_suspended(self, conn: Connection, why: str) -> None:
         """End a suspended session now (an attempt to resume in flight is
@@ -1114,7 +1114,7 @@ class Endpoint:
 
     def _schedule_attempt(self, conn: Connection, now: float) -> None:
         backoff = self.config.resume_backoff
-        conn.resume_next = now + backoff[min(conn.resume_attempts, len(backoff) - 1)]
+        conn.resume_next = now + backoff[min(max(conn.resume_attempts - 1, 0), len(backoff) - 1)]
 
     def _attempt_failed(self, conn: Connection, error: DtxError | None) -> None:
         """An attempt to resume ended before the peer answered: the session
