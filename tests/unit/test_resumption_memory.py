@@ -209,3 +209,33 @@ def test_closing_a_suspended_session_ends_it_with_its_stanzas() -> None:
     assert events_of(tv, SessionEnded), "a device that shuts down ends its suspended sessions"
     net.run(60.0)
     assert len(events_of(remote, SessionEnded)) == 1, "once"
+
+
+def test_repeated_resumptions_keep_no_old_connections() -> None:
+    """Five outages, five resumptions: the QUIC connections they replaced
+    are gone (nothing holds them)."""
+    import gc
+    import weakref
+
+    outage = Outage()
+    scene = introduce("port-restricted-cone", "port-restricted-cone", route=outage,
+                      config=RESUMING)
+    remote, tv, net = scene.remote, scene.tv, scene.net
+    net.run(SETTLE)
+    replaced = []
+    for cycle in range(5):
+        replaced += [weakref.ref(remote.sessions[TV].quic), weakref.ref(tv.sessions[REMOTE].quic)]
+        send_bodies(remote, TV, [f"{cycle}-{i}" for i in range(50)])
+        outage.on = True
+        net.run(OUTAGE)
+        outage.on = False
+        assert net.run_until(
+            lambda: len(events_of(remote, SessionResumed)) == cycle + 1, 60.0), cycle
+        net.run(2.0)
+    assert tv.bodies(REMOTE) == ["pause"] + [f"{c}-{i}" for c in range(5) for i in range(50)]
+    remote.events.clear()
+    tv.events.clear()
+    gc.collect()
+    assert [ref() for ref in replaced] == [None] * len(replaced), \
+        "a replaced QUIC connection is still held"
+    assert remote.endpoint.counters["resume_attempts"] >= 5
