@@ -865,6 +865,7 @@ class Endpoint:
         self._forget(conn)
         self._dirty.discard(conn)
         conn.ended = sc.SessionEnded(ConnectError(f"handshake dropped ({counter})"), ())
+        self._released(conn.link)
 
     # -- datagrams out --------------------------------------------------------------
 
@@ -1000,6 +1001,8 @@ class Endpoint:
         conn = Connection(self, quic, core, address, initiator=initiator, now=now, sid=sid,
                           log=log, link=link, fixed_path=fixed_path)
         self._connections[address] = conn
+        if link is not None:
+            self.traversal.idle(link.peer_jid, None)
         return conn
 
     def _machines(self, *, initiator: bool, expected: str | None,
@@ -1246,6 +1249,7 @@ class Endpoint:
         if resume_id is not None and self._suspended.get(resume_id) is conn:
             del self._suspended[resume_id]
         self._forget(conn)
+        self._released(conn.link)
         if ended.error is not None and not conn.initiator and conn.core.peer_jid is None:
             refused = isinstance(ended.error, (TrustError, AuthenticationError))
             name = "handshakes_refused" if refused else "handshakes_failed"
@@ -1258,6 +1262,13 @@ class Endpoint:
                                conn.address, ended.error)
             self._events.append(HandshakeRefused(conn.address, ended.error, refused))
         self._events.append(SessionEnded(conn, ended))
+
+    def _released(self, link: Link | None) -> None:
+        """A connection over ``link`` is gone: the link is idle if no other
+        (open or suspended) uses it."""
+        if link is not None and not any(
+                c.link is link for c in (*self._connections.values(), *self._suspended.values())):
+            self.traversal.idle(link.peer_jid, self._now)
 
     def _drain_turn(self, now: float) -> None:
         """Relayed QUIC datagrams into their connections; every other TURN
@@ -1334,6 +1345,7 @@ class Endpoint:
                 conn.address, conn.link = mapped, link
                 conn.quic.rehome(addr, mapped)
                 self._connections[mapped] = conn
+                self.traversal.idle(link.peer_jid, None)
                 return
 
 

@@ -43,6 +43,7 @@ import random
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import DecodeError, DtxError
 from ..jid import JID, jid_matches
@@ -92,7 +93,9 @@ class TraversalConfig:
     """Earlier introductions of a link whose probe keys and relay channel
     are still accepted (both sides may briefly disagree on the current one)."""
     max_links: int = 1024
-    """Introduced devices held at once; an introduction past it is refused."""
+    """Introduced devices held at once. Past it, the link idle longest (no
+    session uses it: :meth:`Traversal.idle`) is forgotten to make room; with
+    none idle, the introduction is refused."""
     punch_restarts_burst: int = 3
     punch_restart_interval: float = 10.0
     """Introductions that restart punching to one peer: ``punch_restarts_burst``
@@ -218,6 +221,8 @@ class Link:
     """The latest path changes (bounded: a session may live for months)."""
     birthday: BirthdaySearch | None = None
     """The latest birthday search toward this peer, if one was started."""
+    idle_since: float | None = None
+    """Since when no session uses this link (None: one does)."""
     side: tuple[Address, int] | None = None
     """(peer address, extra socket) of the direct path a birthday search
     found: datagrams to that address leave from that socket."""
@@ -276,7 +281,7 @@ class Traversal:
                                          "host_candidates_skipped": 0, "relay_ambiguous": 0,
                                          "birthday_searches": 0, "birthday_found": 0,
                                          "birthday_failed": 0, "birthday_limited": 0,
-                                         "side_dropped": 0}
+                                         "side_dropped": 0, "links_forgotten": 0}
         self._side_routes: dict[Address, int] = {}
         """Peer address -> extra socket, for birthday-found direct paths."""
         self._side_out: list[tuple[int, bytes, Address]] = []
@@ -353,7 +358,8 @@ class Traversal:
         if link is None and not intro.initiator and not self._accepting:
             logger.info("not accepting the introduction of %s (not listening)", intro.peer_jid)
             return None
-        if link is None and len(self.links) >= self.config.max_links:
+        if link is None and len(self.links) >= self.config.max_links \
+                and not self._forget_idlest():
             self._log.warning("links_full", None, "link table full; refusing %s",
                               intro.peer_jid)
             return None
@@ -366,7 +372,8 @@ class Traversal:
             self._mapped_next += 1
             link = Link(intro.peer_jid, intro.peer_key, (f"fd64::{n:x}", n), paths,
                         intro.intro, intro.probe_key, intro.channel, intro.initiator, now,
-                        punch_tokens=float(cfg.punch_restarts_burst), punch_tokens_at=now)
+                        punch_tokens=float(cfg.punch_restarts_burst), punch_tokens_at=now,
+                        idle_since=now)
             self.links[intro.peer_jid] = link
             self._by_mapped[link.mapped] = link
         else:
@@ -463,6 +470,31 @@ class Traversal:
             link.paths.handle_timer(now)
             self._service(now)
         return added
+
+    def idle(self, peer_jid: str, now: float | None) -> None:
+        """No session uses the link to ``peer_jid`` since ``now`` (None: one
+        does again). An idle link may be forgotten when the table is full."""
+        link = self.links.get(peer_jid)
+        if link is not None:
+            link.idle_since = now
+
+    def _forget_idlest(self) -> bool:
+        """Forget the link idle longest; False when none is idle."""
+        idle = [link for link in self.links.values() if link.idle_since is not None]
+        if not idle:
+            return False
+        link = min(idle, key=lambda l: l.idle_since or 0.0)
+        self._end_birthday(link, link.idle_since or 0.0)
+        del self.links[link.peer_jid]
+        indexes: tuple[dict[Any, Link], ...] = (self._by_mapped, self._by_channel,
+                                                 self._by_intro, self._by_addr,
+                                                 self._by_relay_peer)
+        for index in indexes:
+            for key in [k for k, v in index.items() if v is link]:
+                del index[key]
+        self.counters["links_forgotten"] += 1
+        logger.info("forgot the idle link to %s (link table full)", link.peer_jid)
+        return True
 
     def _take_punch_token(self, link: Link, now: float) -> bool:
         cfg = self.config

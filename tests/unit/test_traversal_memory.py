@@ -836,3 +836,33 @@ def test_an_introduction_without_its_fields_is_a_decode_error_not_an_assert() ->
                          channel=7, role=Role.RESPONDER)
     with pytest.raises(DecodeError):
         introduction_from_control(msg, SERVER_ADDR)
+
+
+def test_a_full_link_table_forgets_the_link_idle_longest() -> None:
+    """``max_links`` 1 on the TV: a second remote's introduction is refused
+    while the first one's session is open, and taken once it has ended
+    (the idle link is forgotten to make room)."""
+    second = identity_for("other@example.org/tablet", 5)
+    config = EndpointConfig(traversal=TraversalConfig(max_links=1))
+    scene = introduce("full-cone", "full-cone", config=config, trusted=[second])
+    remote, tv, net = scene.remote, scene.tv, scene.net
+    net.run(SETTLE)
+    other = add_device(net, net.nats["a"], second, scene.server, seed=55, listen=False)
+    other.start()
+    assert net.run_until(lambda: other.endpoint.registered, 10.0)
+    other.introduce(TV)
+    net.run(2.0)
+    assert "other@example.org/tablet" not in tv.traversal.links, "refused: a session uses it"
+    remote.sessions[TV].close()
+    remote.flush()
+    net.run(6.0)  # (past the server's 5 s for answering a repeated INTRODUCE alike)
+    assert not tv.sessions[REMOTE].is_open
+    other.introduce(TV)
+    assert net.run_until(lambda: "other@example.org/tablet" in tv.traversal.links, 10.0)
+    assert REMOTE not in tv.traversal.links
+    assert tv.traversal.counters["links_forgotten"] == 1
+    conn = other.connect(TV)
+    assert net.run_until(lambda: conn.is_open and TV in other.sessions, 5.0)
+    other.send(TV, "hello")
+    net.run(1.0)
+    assert tv.bodies("other@example.org/tablet") == ["hello"]
