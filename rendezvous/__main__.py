@@ -85,6 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --xmpp-account: seconds a fetched vCard is trusted "
                              f"(default {DEFAULT_VCARD_TTL:g})")
     parser.add_argument("--no-relay", action="store_true", help="do not relay traffic")
+    defaults = RendezvousConfig()
+    parser.add_argument("--relay-frames-per-s", type=parse_timeout, metavar="N",
+                        default=defaults.relay_frames_per_s,
+                        help="relayed frames a device may send per second, with a burst of "
+                             f"a quarter second's (default {defaults.relay_frames_per_s:g})")
+    parser.add_argument("--relay-bytes-per-s", type=parse_timeout, metavar="N",
+                        default=defaults.relay_bytes_per_s,
+                        help="relayed bytes a device may send per second, with a burst of "
+                             f"a quarter second's (default {defaults.relay_bytes_per_s:g})")
     parser.add_argument("--lifetime", type=parse_timeout, default=90.0,
                         help="registration lifetime, seconds (default 90)")
     parser.add_argument("--keepalive", type=parse_timeout, default=25.0,
@@ -159,10 +168,19 @@ def _mapping_port(args: argparse.Namespace) -> bool | int:
     return True if args.mapping_port is None else int(args.mapping_port)
 
 
-async def _run(args: argparse.Namespace) -> int:
-    config = RendezvousConfig(
-        lifetime=args.lifetime, keepalive=args.keepalive, relay=not args.no_relay
+def relay_config(args: argparse.Namespace) -> RendezvousConfig:
+    """The core's configuration from the command line."""
+    return RendezvousConfig(
+        lifetime=args.lifetime, keepalive=args.keepalive, relay=not args.no_relay,
+        relay_frames_per_s=args.relay_frames_per_s,
+        relay_burst_frames=args.relay_frames_per_s / 4,
+        relay_bytes_per_s=args.relay_bytes_per_s,
+        relay_burst_bytes=args.relay_bytes_per_s / 4,
     )
+
+
+async def _run(args: argparse.Namespace) -> int:
+    config = relay_config(args)
     lookup = None
     if args.xmpp_account is not None:
         from dtx.xmpp.cli import read_password_file

@@ -466,3 +466,18 @@ def test_rendezvous_mapping_port_for_serve(argv: list[str], mapping_port: bool |
     rendezvous_main.check_arguments(args)
     got = rendezvous_main._mapping_port(args)
     assert got == mapping_port and type(got) is type(mapping_port)
+
+
+def test_the_rendezvous_relay_limits_come_from_the_command_line() -> None:
+    from rendezvous.__main__ import build_parser, relay_config
+
+    default = relay_config(build_parser().parse_args([]))
+    assert (default.relay_frames_per_s, default.relay_burst_frames) == (2000.0, 500.0)
+    assert (default.relay_bytes_per_s, default.relay_burst_bytes) == (2 * 1024 * 1024,
+                                                                      512 * 1024)
+    given = relay_config(build_parser().parse_args(
+        ["--relay-frames-per-s", "20000", "--relay-bytes-per-s", "8000000"]))
+    assert (given.relay_frames_per_s, given.relay_burst_frames) == (20000.0, 5000.0)
+    assert (given.relay_bytes_per_s, given.relay_burst_bytes) == (8e6, 2e6)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--relay-frames-per-s", "0"])
