@@ -21,21 +21,18 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from dtx import stanza as st
-from dtx.aio.peer import Peer, PeerConfig
 from dtx.identity import DeviceIdentity, generate_identity
 from dtx.lab import STANDARD_WAN, Lab, lab_missing
 from dtx.lab.scene import RDV_PORT, write_vcards
 from dtx.lab.topology import Host
-from dtx.trust import PinStore, VCardDirectory, Verifier
 
 from .common import Metric, Options, Result
 from .lab_common import TV_BARE, TV_JID, scratch, start_rendezvous
+from .lab_dtx import lab_peer
 
 logger = logging.getLogger(__name__)
 
@@ -54,27 +51,14 @@ class Trial:
     in_order: bool
 
 
-@asynccontextmanager
-async def _device(identity: DeviceIdentity, host: Host, vcards: Path,
-                  rendezvous: tuple[str, int], seed: int, *,
-                  listen: bool) -> AsyncIterator[Peer]:
-    cfg = PeerConfig(rendezvous=rendezvous, host_addresses=(host.ip,),
-                     side_sockets=host.udp_socket)
-    peer = Peer(identity, Verifier([VCardDirectory(vcards)], PinStore(None)), config=cfg,
-                rng=random.Random(seed))
-    await peer.start(sock=host.udp_socket(), listen=listen)
-    try:
-        yield peer
-    finally:
-        await peer.close()
-
-
 async def trial(seed: int, caller: tuple[DeviceIdentity, Host], tv: tuple[DeviceIdentity, Host],
                 vcards: Path, rendezvous: tuple[str, int], timeout: float) -> Trial:
     """One trial: fresh devices, a session, stanzas until both sides are direct."""
     loop = asyncio.get_running_loop()
-    async with _device(*tv, vcards, rendezvous, 2 * seed, listen=True) as tv_peer, \
-            _device(*caller, vcards, rendezvous, 2 * seed + 1, listen=False) as remote:
+    async with lab_peer(*tv, vcards, rendezvous, listen=True,
+                        rng=random.Random(2 * seed)) as tv_peer, \
+            lab_peer(*caller, vcards, rendezvous, listen=False,
+                     rng=random.Random(2 * seed + 1)) as remote:
         await tv_peer.wait_registered(timeout)
         await remote.wait_registered(timeout)
         session = await remote.connect(TV_BARE, timeout=timeout)

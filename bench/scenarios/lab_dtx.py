@@ -26,6 +26,7 @@ import asyncio
 import compileall
 import dataclasses
 import logging
+import random
 import subprocess
 import sys
 import time
@@ -68,17 +69,29 @@ of a device logged in for a while."""
 
 
 @asynccontextmanager
-async def open_lab_peer(world: LabWorld, identity: DeviceIdentity, host: Host, *,
-                        listen: bool) -> AsyncIterator[Peer]:
-    """A started :class:`Peer` of the rendezvous, its socket in ``host``'s
-    namespace."""
-    cfg = PeerConfig(rendezvous=world.rendezvous, host_addresses=(host.ip,))
-    peer = Peer(identity, Verifier([VCardDirectory(world.vcards)], PinStore(None)), config=cfg)
+async def lab_peer(identity: DeviceIdentity, host: Host, vcards: Path,
+                   rendezvous: tuple[str, int], *, listen: bool,
+                   rng: random.Random | None = None,
+                   resume_timeout: float | None = PeerConfig.resume_timeout,
+                   ) -> AsyncIterator[Peer]:
+    """A started :class:`Peer` of the rendezvous at ``rendezvous``, trusting
+    the vCards in ``vcards``, its sockets (a birthday search's too) in
+    ``host``'s namespace."""
+    cfg = PeerConfig(rendezvous=rendezvous, host_addresses=(host.ip,),
+                     side_sockets=host.udp_socket, resume_timeout=resume_timeout)
+    peer = Peer(identity, Verifier([VCardDirectory(vcards)], PinStore(None)), config=cfg,
+                rng=rng)
     await peer.start(sock=host.udp_socket(), listen=listen)
     try:
         yield peer
     finally:
         await peer.close()
+
+
+def open_lab_peer(world: LabWorld, identity: DeviceIdentity, host: Host, *,
+                  listen: bool) -> AbstractAsyncContextManager[Peer]:
+    """:func:`lab_peer` of the world's rendezvous and vCards."""
+    return lab_peer(identity, host, world.vcards, world.rendezvous, listen=listen)
 
 
 @asynccontextmanager

@@ -36,17 +36,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dtx import stanza as st
-from dtx.aio.peer import Peer, PeerConfig
+from dtx.aio.peer import Peer
 from dtx.aio.session import Session
 from dtx.identity import DeviceIdentity, generate_identity
 from dtx.lab import STANDARD_WAN, Lab, LinkSpec, lab_missing
 from dtx.lab.scene import RDV_PORT, write_vcards
 from dtx.lab.scene import start_rendezvous as start_lab_rendezvous
 from dtx.lab.topology import Home, Host
-from dtx.trust import PinStore, VCardDirectory, Verifier
 
 from .common import Metric, Options, Result
 from .lab_common import ROOT, scratch
+from .lab_dtx import lab_peer
 
 logger = logging.getLogger(__name__)
 
@@ -107,13 +107,9 @@ class Soak:
 
     async def peer(self, stack: AsyncExitStack, identity: DeviceIdentity, host: Host, *,
                    listen: bool) -> Peer:
-        cfg = PeerConfig(rendezvous=(self.server.ip, RDV_PORT), host_addresses=(host.ip,),
-                         side_sockets=host.udp_socket, resume_timeout=RESUME_TIMEOUT)
-        peer = Peer(identity, Verifier([VCardDirectory(self.folder / "vcards")],
-                                       PinStore(None)), config=cfg)
-        await peer.start(sock=host.udp_socket(), listen=listen)
-        stack.push_async_callback(peer.close)
-        return peer
+        return await stack.enter_async_context(lab_peer(
+            identity, host, self.folder / "vcards", (self.server.ip, RDV_PORT),
+            listen=listen, resume_timeout=RESUME_TIMEOUT))
 
     # -- faults ----------------------------------------------------------------------
 
