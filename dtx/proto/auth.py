@@ -23,7 +23,9 @@ the aioquic version range (see ``pyproject.toml`` and ``docs/security.md``):
 One more private hook serves flow control, not authentication:
 ``QuicConnection._write_stream_limits`` is replaced so a stream's receive
 window follows what the application has read (see
-:class:`AuthenticatedQuicConnection`).
+:class:`AuthenticatedQuicConnection`). Loss recovery reads two more
+(``_loss._cc``, the congestion controller, and ``_loss._pto_count``) to
+send small packets twice on a lossy path.
 
 A refused key raises a TLS alert inside aioquic, which closes the connection
 with ``CRYPTO_ERROR + alert`` (RFC 9001 section 4.8): the handshake ends on
@@ -51,6 +53,7 @@ from cryptography.x509.oid import NameOID, ObjectIdentifier
 
 from ..errors import DtxError, JIDError, TrustError
 from ..jid import JID
+from . import congestion
 
 ALPN = "dtx/1"
 """The ALPN protocol identifier of dtx sessions."""
@@ -212,6 +215,8 @@ class AuthenticatedQuicConnection(QuicConnection):
         self._check = check
         self._auth_error: DtxError | None = None
         self.peer_credential: PeerCredential | None = None
+        self.datagrams_duplicated = 0
+        """Datagrams sent a second time (see :attr:`duplicate_after_loss`)."""
         super().__init__(configuration=configuration, **kwargs)
 
     @property
@@ -242,6 +247,56 @@ class AuthenticatedQuicConnection(QuicConnection):
         """The largest DATAGRAM frame the peer accepts (None: none at all)."""
         value = getattr(self, "_remote_max_datagram_frame_size", None)
         return None if value is None else int(value)
+
+    # -- small packets twice on a lossy path ---------------------------------------
+    #
+    # A lost packet that carries a lone stanza (a "pause") is found only by
+    # the probe timeout, a round trip and more after it was sent: on a relayed
+    # 250 ms path a loss costs the stanza 275 ms. While the path has lost a
+    # packet in the last ``duplicate_after_loss`` seconds, a flush that puts
+    # ack-eliciting data in flight and leaves at most
+    # ``duplicate_max_in_flight`` bytes in flight, with nothing held back by
+    # the pacer or the window (an exchange, not a bulk transfer), sends its
+    # datagrams twice. The receiver's QUIC drops the copy
+    # of a packet it has (same packet number), so the copy costs bandwidth on
+    # a small flow only and no state. On a path that does not lose packets
+    # nothing is sent twice.
+
+    duplicate_after_loss: float = 30.0
+    duplicate_max_in_flight: int = 3 * 1200
+
+    @property
+    def congestion(self) -> congestion.LossTolerantCongestionControl | None:
+        """The loss-tolerant controller, when the connection runs it."""
+        cc = getattr(getattr(self, "_loss", None), "_cc", None)
+        return cc if isinstance(cc, congestion.LossTolerantCongestionControl) else None
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]:
+        cc = self.congestion
+        if cc is None or cc.last_loss_time is None:
+            return super().datagrams_to_send(now=now)
+        before = cc.bytes_in_flight
+        out = super().datagrams_to_send(now=now)
+        after = cc.bytes_in_flight
+        # Everything the application had went out (neither the pacer nor the
+        # window held any back): an exchange, not the start of a transfer.
+        if (out and before < after <= self.duplicate_max_in_flight
+                and after < cc.congestion_window and self._pacing_at is None
+                and now - cc.last_loss_time <= self.duplicate_after_loss):
+            self.datagrams_duplicated += len(out)
+            out += out
+        return out
+
+    def handle_timer(self, now: float) -> None:
+        # A probe timeout is the loss signal of a lone packet (aioquic does not
+        # report it to the controller as a loss).
+        loss = getattr(self, "_loss", None)
+        before = getattr(loss, "_pto_count", 0)
+        super().handle_timer(now)
+        cc = self.congestion
+        if (cc is not None and getattr(loss, "_pto_count", 0) > before
+                and self._handshake_complete):
+            cc.last_loss_time = now
 
     # -- receive flow control -----------------------------------------------------
     #
@@ -300,8 +355,11 @@ def quic_configuration(
     idle_timeout: float,
     max_datagram_frame_size: int | None,
     max_datagram_size: int = 1200,
+    congestion_control: str = congestion.NAME,
 ) -> QuicConfiguration:
-    """The QUIC configuration of a dtx endpoint (0-RTT and tickets off)."""
+    """The QUIC configuration of a dtx endpoint (0-RTT and tickets off).
+    ``congestion_control`` names an aioquic controller: dtx's
+    ``loss-tolerant`` (:mod:`dtx.proto.congestion`), or ``reno``, ``cubic``."""
     config = QuicConfiguration(
         is_client=is_client,
         max_datagram_size=max_datagram_size,
@@ -315,5 +373,6 @@ def quic_configuration(
         # Windows: the stream's is managed by AuthenticatedQuicConnection.
         max_data=16 * 1024 * 1024,
         max_stream_data=AuthenticatedQuicConnection.stream_window,
+        congestion_control_algorithm=congestion_control,
     )
     return config

@@ -58,6 +58,7 @@ from ..errors import (
 from ..identity import DeviceIdentity
 from ..logs import LogLimiter
 from ..wire.demux import PacketKind, classify
+from . import congestion
 from . import session as sc
 from .binding import BindingClient, BindingEvent
 from .auth import AuthenticatedQuicConnection, make_certificate, quic_configuration
@@ -136,6 +137,13 @@ class EndpointConfig:
     ``handshake_timeout`` counts as failed."""
     max_suspended: int = 64
     """Suspended sessions held at once; past it the oldest ends."""
+    congestion_control: str = congestion.NAME
+    """QUIC congestion control: ``loss-tolerant`` (dtx's, which keeps its
+    window at random loss: :mod:`dtx.proto.congestion`), ``reno``, ``cubic``."""
+    duplicate_after_loss: float = 30.0
+    """For this long after a loss, a small exchange's packets go twice (the
+    copy takes the place of a probe timeout when one is lost; never in bulk
+    transfers, never on a path that has not lost a packet). 0: never."""
     traversal: TraversalConfig = TraversalConfig()
 
 
@@ -1020,6 +1028,7 @@ class Endpoint:
             # The receiver's own limit: no DATAGRAM frame larger than a packet.
             max_datagram_frame_size=cfg.max_datagram_size if cfg.datagrams else None,
             max_datagram_size=cfg.max_datagram_size,
+            congestion_control=cfg.congestion_control,
         )
         quic = AuthenticatedQuicConnection(
             configuration=qconf,
@@ -1027,6 +1036,7 @@ class Endpoint:
             original_destination_connection_id=original_dcid,
             retry_source_connection_id=retry_scid,
         )
+        quic.duplicate_after_loss = cfg.duplicate_after_loss
         sid = f"{self._sid_next:x}"
         self._sid_next += 1
         log = _Adapter(logger, {"sid": sid})

@@ -60,7 +60,8 @@ class End:
 
 def end(ident: DeviceIdentity, trusted: list[DeviceIdentity], *, client: bool,
         expected: str | None = None, dcid: bytes | None = None,
-        session_config: SessionConfig | None = None) -> End:
+        session_config: SessionConfig | None = None,
+        congestion_control: str = "loss-tolerant") -> End:
     keys: dict[str, list[bytes]] = {}
     for t in trusted:
         keys.setdefault(str(t.jid.bare), []).append(t.public_key)
@@ -68,7 +69,8 @@ def end(ident: DeviceIdentity, trusted: list[DeviceIdentity], *, client: bool,
     config = quic_configuration(
         is_client=client, private_key=ident.private_key,
         certificate=make_certificate(ident.private_key, str(ident.jid)),
-        idle_timeout=30.0, max_datagram_frame_size=65536)
+        idle_timeout=30.0, max_datagram_frame_size=65536,
+        congestion_control=congestion_control)
     quic = AuthenticatedQuicConnection(
         configuration=config, check=trust_check_for(verifier.verify, expected),
         original_destination_connection_id=dcid)
