@@ -164,7 +164,9 @@ class Worker:
             await asyncio.sleep(self.interval)
         self.lost_keepalives += len(dev.pending)
 
-    async def relay_pair(self, a: Dev, b: Dev, until: float) -> None:
+    async def introduce(self, a: Dev, b: Dev) -> None:
+        """Introduce ``a`` to ``b`` (``b`` ACCEPTs as it gets its
+        INTRODUCTION); the time until both hold theirs goes to ``intro_s``."""
         start = time.perf_counter()
         for _ in range(TRIES):
             self.send(a, ControlMessage(MessageType.INTRODUCE, a.txid(),
@@ -178,6 +180,9 @@ class Worker:
         else:
             raise RuntimeError(f"no introduction of {a.jid} to {b.jid}")
         self.intro_s.append(time.perf_counter() - start)
+
+    async def relay_pair(self, a: Dev, b: Dev, until: float) -> None:
+        await self.introduce(a, b)
         assert a.channel is not None and b.channel is not None
         loop = asyncio.get_running_loop()
         frame_a = encode_relay(a.channel, b"\xc0" + bytes(99))

@@ -29,7 +29,7 @@ from typing import Any
 
 from . import scenarios as _scenarios_pkg
 from .scenarios.common import Options, Progress, Result
-from .stats import Summary, lab_targets, summarise, targets
+from .stats import Summary, lab_targets, rendezvous_targets, summarise, targets
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +181,8 @@ def build_document(argv: Sequence[str], opts: Options, names: Sequence[str],
         "systems": [{"name": s, "description": systems.get(s, "")} for s in order],
         "summaries": [_summary_json(s) for s in summaries],
         "targets": [dataclasses.asdict(t)
-                    for t in [*targets(summaries), *lab_targets(summaries)]],
+                    for t in [*targets(summaries), *lab_targets(summaries),
+                              *rendezvous_targets(summaries)]],
         "results": [_result_json(r) for r in results],
     }
 

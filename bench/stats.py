@@ -191,6 +191,10 @@ PLUGIN_FIRST_VS_XMPP = 1.10
 """The plugin's first message (through the server, while the session is
 made) at most this many times plain slixmpp's first message."""
 
+THROUGHPUT_VS_XMPP = {"direct": 1.0, "relay": 0.5}
+"""dtx one-way stanzas/s at least this share of two slixmpp clients' through
+Prosody (XMPP over TCP) on the same lab, per dtx path."""
+
 BIRTHDAY_SUCCESS_PERCENT = 95.0
 """Symmetric × port-restricted-cone trials that end direct within 15 s."""
 
@@ -263,6 +267,15 @@ def lab_targets(summaries: Sequence[Summary]) -> list[Target]:
             if dtx_rate is not None and rtc_rate is not None:
                 add(f"{scn}: dtx / aiortc one-way messages/s, {path} path (×)",
                     dtx_rate / rtc_rate, THROUGHPUT_VS_WEBRTC, True)
+            xmpp_rate = value(scn, "xmpp", Metric.THROUGHPUT)
+            if dtx_rate is not None and xmpp_rate:
+                add(f"{scn}: dtx {path} / XMPP over TCP through Prosody, one-way stanzas/s (×)",
+                    dtx_rate / xmpp_rate, THROUGHPUT_VS_XMPP[path], True)
+            dtx_p99 = value(scn, f"dtx-{path}", Metric.RTT, "p99")
+            xmpp_p99 = value(scn, "xmpp", Metric.RTT, "p99")
+            if path == "relay" and dtx_p99 is not None and xmpp_p99:
+                add(f"{scn}: dtx relayed stanza RTT p99 / XMPP's through Prosody (×)",
+                    dtx_p99 / xmpp_p99, 1.0, False)
         for system, metric, label, target in TIME_TARGETS:
             v = value(scn, system, metric)
             add(f"{scn}: {label} (ms)", None if v is None else v * 1e3, target, False)
@@ -278,3 +291,37 @@ def lab_targets(summaries: Sequence[Summary]) -> list[Target]:
                 LAN_VS_XMPP_RTT_RATIO, True)
     return out
 
+
+
+# -- rendezvous_load targets ------------------------------------------------------------
+
+STUN_VS_COTURN = 0.25
+"""The rendezvous's STUN Binding answers/s at least this times coturn's, one core each."""
+RELAY_VS_COTURN = 0.4
+"""The rendezvous's relayed messages/s at least this times coturn's end to end."""
+INTRODUCTION_P99_MS = 50.0
+"""Introduction latency p99 with 10,000 devices registered."""
+
+
+def rendezvous_targets(summaries: Sequence[Summary]) -> list[Target]:
+    """The ``rendezvous_load`` targets, for whatever was measured."""
+    out: list[Target] = []
+
+    def median(system: str, metric: Metric, stat: str = "median") -> float | None:
+        s = _find_in(summaries, "rendezvous_load", system, metric)
+        return None if s is None else s.stats[stat].median
+
+    for figure, target in (("STUN", STUN_VS_COTURN), ("relay", RELAY_VS_COTURN)):
+        dtx = median(f"rendezvous {figure}", Metric.THROUGHPUT)
+        turn = median(f"coturn {figure}", Metric.THROUGHPUT)
+        if dtx is not None and turn:
+            ratio = dtx / turn
+            out.append(Target(name=f"rendezvous {figure} messages/s / coturn's (one core each)",
+                              value=ratio, target=target, higher_is_better=True,
+                              met=ratio >= target))
+    p99 = median("rendezvous introduction", Metric.RTT, "p99")
+    if p99 is not None:
+        out.append(Target(name="rendezvous introduction p99 (ms), 10,000 devices registered",
+                          value=p99 * 1000, target=INTRODUCTION_P99_MS,
+                          higher_is_better=False, met=p99 * 1000 < INTRODUCTION_P99_MS))
+    return out

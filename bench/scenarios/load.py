@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -96,30 +97,63 @@ def _readline(proc: subprocess.Popen[str], timeout: float) -> str:
     return proc.stdout.readline()
 
 
+def make_devices(count: int, vcards: Path, source_ips: int) -> list[dict[str, str]]:
+    """``count`` devices, each of its own account: a fresh key, its vCard
+    written into ``vcards``, and a source IP among ``source_ips`` loopback
+    addresses (127.0.1.x); what :mod:`bench.load_worker` takes."""
+    devices = []
+    for i in range(count):
+        key = ed25519.Ed25519PrivateKey.generate()
+        bare = f"dev{i}@load.example"
+        pub = key.public_key().public_bytes_raw()
+        (vcards / f"{bare}.xml").write_bytes(add_key(new_vcard(bare), pub))
+        devices.append({"jid": f"{bare}/d", "key": key.private_bytes_raw().hex(),
+                        "ip": f"127.0.1.{1 + i % source_ips}"})
+    return devices
+
+
+def start_rendezvous(vcards: Path, *args: str) -> tuple[subprocess.Popen[str], int]:
+    """``python -m rendezvous`` on 127.0.0.1 (a free port) with ``args``,
+    pinned to CPU 0 (every thread: ``taskset`` where there is one); the
+    process and its port, once it listens (bounded wait)."""
+    command = [sys.executable, "-m", "rendezvous", "--listen", "127.0.0.1:0", "--vcards",
+               str(vcards), *args]
+    pinned = shutil.which("taskset") is not None and (os.cpu_count() or 1) > 1
+    if pinned:
+        command = ["taskset", "-c", "0", *command]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT)
+    try:
+        if not pinned:
+            _pin(server.pid, 0)
+        line = _readline(server, 30)
+        return server, int(line.split()[3].rsplit(":", 1)[1])
+    except BaseException:
+        stop_process(server)
+        raise
+
+
+def stop_process(proc: subprocess.Popen[str]) -> None:
+    """SIGTERM, then SIGKILL after 10 s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def rendezvous_load(cfg: LoadConfig, opts: Options) -> dict[str, Any]:
     progress = opts.progress
     progress.step(f"{NAME}: generating {cfg.devices} device keys and vCards")
-    keys = [ed25519.Ed25519PrivateKey.generate() for _ in range(cfg.devices)]
     with tempfile.TemporaryDirectory(prefix="dtx-load-") as tmp:
         vcards = Path(tmp)
-        devices = []
-        for i, key in enumerate(keys):
-            bare = f"dev{i}@load.example"
-            pub = key.public_key().public_bytes_raw()
-            (vcards / f"{bare}.xml").write_bytes(add_key(new_vcard(bare), pub))
-            devices.append({"jid": f"{bare}/d", "key": key.private_bytes_raw().hex(),
-                            "ip": f"127.0.1.{1 + i % cfg.source_ips}"})
+        devices = make_devices(cfg.devices, vcards, cfg.source_ips)
         env = dict(os.environ, PYTHONPATH=str(ROOT))
-        server = subprocess.Popen(
-            [sys.executable, "-m", "rendezvous", "--listen", "127.0.0.1:0", "--vcards",
-             str(vcards), "--keepalive", str(cfg.keepalive),
-             "--lifetime", str(cfg.keepalive * 4)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=ROOT)
+        server, port = start_rendezvous(vcards, "--keepalive", str(cfg.keepalive),
+                                        "--lifetime", str(cfg.keepalive * 4))
         workers: list[subprocess.Popen[str]] = []
         try:
-            _pin(server.pid, 0)
-            line = _readline(server, 30)
-            port = int(line.split()[3].rsplit(":", 1)[1])
             rss_idle = _rss(server.pid)
             per = -(-cfg.devices // cfg.workers)
             for w in range(cfg.workers):
@@ -157,12 +191,7 @@ def rendezvous_load(cfg: LoadConfig, opts: Options) -> dict[str, Any]:
                 if proc.poll() is None:
                     proc.kill()
                 proc.wait()
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(10)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+            stop_process(server)
     window = max(r["window_s"] for r in reports)
     return {
         "devices": cfg.devices,
@@ -217,35 +246,49 @@ def run(opts: Options) -> list[Result]:
     results: list[Result] = []
     for run_no in range(opts.runs):
         load = rendezvous_load(cfg, opts)
-        note = (f"{load['devices']} devices registered in {load['register_s']:.1f} s; server RSS "
-                f"{load['rss_idle'] / 2**20:.1f} MiB idle, {load['rss_loaded'] / 2**20:.1f} MiB "
-                f"loaded ({load['bytes_per_device']:.0f} B/device); keepalive every "
-                f"{cfg.keepalive:g} s, {load['lost_keepalives']} unanswered; server CPU "
-                f"{100 * load['server_cpu_share']:.0f}% of one core")
-        results.append(Result(scenario=NAME, system="rendezvous keepalive", metric=Metric.RTT,
-                              run=run_no, samples=tuple(load["keepalive_s"]),
-                              lost=load["lost_keepalives"], note=note))
-        results.append(Result(scenario=NAME, system="rendezvous introduction",
-                              metric=Metric.RTT, run=run_no, samples=tuple(load["intro_s"])))
-        pps = load["relay_received"] / load["window_s"]
-        results.append(Result(
-            scenario=NAME, system="relay, 100 sessions", metric=Metric.THROUGHPUT, run=run_no,
-            samples=(pps,),
-            note=f"offered {load['relay_sent'] / load['window_s']:.0f} frames/s, "
-                 f"forwarded {pps:.0f}/s"))
+        results += load_results(load, cfg, NAME, run_no)
         opts.progress.step(f"{NAME}: {cfg.sessions} sessions on one peer")
         rtts = asyncio.run(many_sessions(cfg))
         results.append(Result(scenario=NAME, system="peer, 100 sessions", metric=Metric.RTT,
                               run=run_no, samples=tuple(rtts)))
-        print(json.dumps({k: v for k, v in load.items() if not isinstance(v, list)}
-                         | {"keepalive_p50_ms": _pct(load["keepalive_s"], 50) * 1000,
-                            "keepalive_p99_ms": _pct(load["keepalive_s"], 99) * 1000,
-                            "intro_p50_ms": _pct(load["intro_s"], 50) * 1000,
-                            "intro_p99_ms": _pct(load["intro_s"], 99) * 1000,
-                            "relay_pps": pps,
-                            "ping_p50_ms": _pct(rtts, 50) * 1000,
+        print(json.dumps(load_figures(load)
+                         | {"ping_p50_ms": _pct(rtts, 50) * 1000,
                             "ping_p99_ms": _pct(rtts, 99) * 1000}), flush=True)
     return results
+
+
+def load_results(load: dict[str, Any], cfg: LoadConfig, scenario: str,
+                 run_no: int) -> list[Result]:
+    """The results of one :func:`rendezvous_load`: keepalive and
+    introduction latency (memory per device in the note), relayed frames/s."""
+    note = (f"{load['devices']} devices registered in {load['register_s']:.1f} s; server RSS "
+            f"{load['rss_idle'] / 2**20:.1f} MiB idle, {load['rss_loaded'] / 2**20:.1f} MiB "
+            f"loaded ({load['bytes_per_device']:.0f} B/device); keepalive every "
+            f"{cfg.keepalive:g} s, {load['lost_keepalives']} unanswered; server CPU "
+            f"{100 * load['server_cpu_share']:.0f}% of one core")
+    pps = load["relay_received"] / load["window_s"]
+    return [
+        Result(scenario=scenario, system="rendezvous keepalive", metric=Metric.RTT,
+               run=run_no, samples=tuple(load["keepalive_s"]), lost=load["lost_keepalives"],
+               note=note),
+        Result(scenario=scenario, system="rendezvous introduction", metric=Metric.RTT,
+               run=run_no, samples=tuple(load["intro_s"])),
+        Result(scenario=scenario, system="relay, 100 sessions", metric=Metric.THROUGHPUT,
+               run=run_no, samples=(pps,),
+               note=f"offered {load['relay_sent'] / load['window_s']:.0f} frames/s, "
+                    f"forwarded {pps:.0f}/s"),
+    ]
+
+
+def load_figures(load: dict[str, Any]) -> dict[str, Any]:
+    """The JSON line of one :func:`rendezvous_load`: its counts, and
+    latency percentiles in ms."""
+    return ({k: v for k, v in load.items() if not isinstance(v, list)}
+            | {"keepalive_p50_ms": _pct(load["keepalive_s"], 50) * 1000,
+               "keepalive_p99_ms": _pct(load["keepalive_s"], 99) * 1000,
+               "intro_p50_ms": _pct(load["intro_s"], 50) * 1000,
+               "intro_p99_ms": _pct(load["intro_s"], 99) * 1000,
+               "relay_pps": load["relay_received"] / load["window_s"]})
 
 
 def _pct(samples: list[float], q: float) -> float:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from bench.run import available_scenarios, load_scenario, main, ScenarioError
-from bench.scenarios.common import Metric, Result
+from bench.scenarios.common import Metric, Options, Result
 from bench.scenarios.loopback import SYSTEMS, framed_message, sized_stanza
 from bench.stats import percentile, summarise, targets
 from dtx.proto.xmlstream import encode_stanza
@@ -167,3 +167,53 @@ def test_summary_is_median_of_runs_with_range() -> None:
     assert (rng.median, rng.min, rng.max) == (30_000.0, 10_000.0, 70_000.0)
     (target,) = targets([summary])
     assert target.met is False and target.value == 30_000.0
+
+
+def test_rendezvous_load_runs_small() -> None:
+    """The rendezvous_load scenario with tiny counts: every figure there
+    (coturn's when installed), positive, the ratios and the load part's keys."""
+    from bench.scenarios.load import LoadConfig
+    from bench.scenarios.rendezvous_load import RendezvousLoadConfig, run_config
+    from dtx.lab.coturn import coturn_missing
+
+    assert "rendezvous_load" in available_scenarios()
+    cfg = RendezvousLoadConfig(
+        generators=2, stun_sockets=1, step=0.2, steps=1,
+        load=LoadConfig(devices=20, workers=1, source_ips=4, duration=0.5, pairs=2))
+    results, figures = run_config(cfg, Options.quick())
+    systems = {r.system for r in results}
+    expected = {"rendezvous STUN", "rendezvous relay", "rendezvous keepalive",
+                "rendezvous introduction", "relay, 100 sessions"}
+    keys = {"generator", "rendezvous_stun_per_s", "rendezvous_relay_per_s",
+            "bytes_per_device", "intro_p99_ms"}
+    if coturn_missing() is None:
+        expected |= {"coturn STUN", "coturn relay"}
+        keys |= {"coturn_stun_per_s", "coturn_relay_per_s", "stun_ratio", "relay_ratio"}
+    assert expected <= systems
+    assert keys <= figures.keys()
+    for r in results:
+        assert r.scenario == "rendezvous_load"
+        assert r.samples and all(v > 0 and math.isfinite(v) for v in r.samples), r
+    for key in keys - {"generator"}:
+        assert figures[key] > 0, key
+
+
+@pytest.mark.parametrize("kind", ["c", "python"])
+def test_load_generators_count_what_they_send(kind: str, tmp_path: Path) -> None:
+    """Each load generator, paced, over a datagram socket pair: what one
+    end sends, the other counts."""
+    import socket
+    import sys as _sys
+
+    from bench.loadgen import Generator, Spec, find_generator
+
+    gen = (find_generator(tmp_path, None) if kind == "c"
+           else Generator((_sys.executable, "-m", "bench.loadgen"), "Python", None))
+    if kind == "c" and not gen.name.startswith("C"):
+        pytest.skip("no C compiler")
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with a, b:
+        run = gen.run([Spec(send=(a,), data=b"x" * 200, receive=(b,))], 2000.0, 0.2)
+    assert run.sent > 0
+    assert run.received == run.sent
+    assert run.send_errors == 0
