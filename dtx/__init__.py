@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from . import _lazy  # noqa: F401  (first: before anything imports aioquic)
 from . import stanza
 from .errors import (
     AuthenticationError,

@@ -25,7 +25,8 @@ One more private hook serves flow control, not authentication:
 window follows what the application has read (see
 :class:`AuthenticatedQuicConnection`). Loss recovery reads two more
 (``_loss._cc``, the congestion controller, and ``_loss._pto_count``) to
-send small packets twice on a lossy path.
+send small packets twice on a lossy path, and ``_spaces[ONE_RTT].ack_at``
+is moved so that a pending ACK leaves with the application's data.
 
 A refused key raises a TLS alert inside aioquic, which closes the connection
 with ``CRYPTO_ERROR + alert`` (RFC 9001 section 4.8): the handshake ends on
@@ -271,7 +272,34 @@ class AuthenticatedQuicConnection(QuicConnection):
         cc = getattr(getattr(self, "_loss", None), "_cc", None)
         return cc if isinstance(cc, congestion.LossTolerantCongestionControl) else None
 
+    # -- acknowledgements ride with data ---------------------------------------
+    #
+    # aioquic writes an ACK frame only once its 1 ms ack delay is up, so an
+    # answer written within that millisecond (an echo, a result) leaves in
+    # one packet and its ACK in another a moment later: four packets per
+    # exchange where two do. When the application has written something, a
+    # pending ACK goes with it.
+
+    _data_written = False
+
+    def send_stream_data(self, stream_id: int, data: bytes,
+                         end_stream: bool = False) -> None:
+        super().send_stream_data(stream_id, data, end_stream)
+        self._data_written = True
+
+    def send_datagram_frame(self, data: bytes) -> None:
+        super().send_datagram_frame(data)
+        self._data_written = True
+
+    def _ack_with_data(self, now: float) -> None:
+        self._data_written = False
+        space = getattr(self, "_spaces", {}).get(tls.Epoch.ONE_RTT)
+        if space is not None and space.ack_at is not None and space.ack_at > now:
+            space.ack_at = now
+
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]:
+        if self._data_written:
+            self._ack_with_data(now)
         cc = self.congestion
         if cc is None or cc.last_loss_time is None:
             return super().datagrams_to_send(now=now)

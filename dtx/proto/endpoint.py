@@ -262,6 +262,14 @@ class SessionStatistics:
     received_unconsumed_bytes: int
     rtt_ms: float
     path: PathKind
+    packets_lost: int = 0
+    """QUIC packets this side declared lost (the congestion controller's count)."""
+    losses_random: int = 0
+    """Loss events the controller judged random: the window kept."""
+    losses_congestive: int = 0
+    """Loss events judged congestive: the window reduced."""
+    packets_sent_twice: int = 0
+    """Datagrams of small exchanges sent a second time after a loss."""
 
 
 @dataclass(frozen=True)
@@ -363,6 +371,7 @@ class Connection:
 
     def statistics(self) -> SessionStatistics:
         s = self.core.statistics
+        cc = self.quic.congestion
         return SessionStatistics(
             stanzas_sent=s.stanzas_sent,
             stanzas_received=s.stanzas_received,
@@ -378,6 +387,10 @@ class Connection:
             received_unconsumed_bytes=self._unconsumed,
             rtt_ms=round(self.quic.smoothed_rtt * 1000, 3),
             path=self.path,
+            packets_lost=0 if cc is None else cc.packets_lost,
+            losses_random=0 if cc is None else cc.losses_random,
+            losses_congestive=0 if cc is None else cc.losses_congestive,
+            packets_sent_twice=self.quic.datagrams_duplicated,
         )
 
     # -- user calls ---------------------------------------------------------------

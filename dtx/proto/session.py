@@ -127,8 +127,9 @@ class SessionConfig:
     """Ask for an acknowledgement (``<r/>``) once this many stanzas are
     unacknowledged ..."""
     ack_request_delay: float = 0.05
-    """... or once stanzas have waited this long (seconds) for one. Asking
-    on every write would cost a packet each way per exchange."""
+    """... or once stanzas have waited this long (seconds), and two round
+    trips, for one. Asking on every write would cost a packet each way per
+    exchange; an answer the peer writes anyway carries its ``<a/>``."""
     max_unacknowledged_stanzas: int = 65_536
     """At most this many stanzas wait for the peer's acknowledgement: the
     application's and the session's own answers (pings, disco) together.
@@ -622,7 +623,7 @@ class XmlSession:
             return None
         due: float | None = None
         if not self._r_outstanding and self._unacked_since is not None:
-            due = self._unacked_since + self._config.ack_request_delay
+            due = self._unacked_since + self._ack_request_delay()
         if self._progress_at is not None:
             deadline = self._progress_at + self._config.ack_window
             due = deadline if due is None else min(due, deadline)
@@ -632,9 +633,16 @@ class XmlSession:
         if not self._unacked or self.state is SessionState.CLOSED or self._holding():
             return
         if (not self._r_outstanding and self._unacked_since is not None
-                and now >= self._unacked_since + self._config.ack_request_delay):
+                and now >= self._unacked_since + self._ack_request_delay()):
             self._r_wanted = True
         self._check_ack_window(now)
+
+    def _ack_request_delay(self) -> float:
+        """How long the oldest stanza waits before ``<r/>``: the configured
+        delay, and at least two round trips, so that an answer the peer
+        writes anyway (an echo, a result) can bring the acknowledgement."""
+        rtt: float = getattr(self._quic, "smoothed_rtt", 0.0)
+        return max(self._config.ack_request_delay, 2 * rtt)
 
     def _is_closed(self) -> bool:
         # A method, not a comparison, so that type checkers do not narrow
@@ -677,6 +685,11 @@ class XmlSession:
             if self._handled_in != self._h_answered:
                 self._out.append(_a(self._handled_in))
                 self._h_answered = self._handled_in
+        elif self._out and self._handled_in != self._h_answered and self.is_open:
+            # Stanzas go out anyway: acknowledge on the way, in the same
+            # packet (docs/protocol.md 3.3), so the peer need not ask.
+            self._out.append(_a(self._handled_in))
+            self._h_answered = self._handled_in
         if self._unacked and not self._r_outstanding and self.is_open:
             if now is not None and self._unacked_since is None:
                 self._unacked_since = now

@@ -29,7 +29,7 @@ from dtx.aio.session import Session
 from dtx.identity import DeviceIdentity, save_identity
 from dtx.lab.scene import write_vcards
 from dtx.proto import xmlstream as xs
-from dtx.proto.session import SM_R, SessionConfig
+from dtx.proto.session import SM_A, SM_R, SessionConfig
 
 from .conftest import trusting
 from .test_hostile_input import DEADLINE, quic_initials
@@ -265,13 +265,14 @@ async def test_a_datagram_over_the_receivers_limit_closes_the_session_not_the_li
 
 def deafen(session: Session) -> None:
     """Make ``session`` a hostile peer's: it ignores ``<r/>`` (so it never
-    acknowledges what it is sent), asks for no acknowledgement itself, and
-    grants no more QUIC credit."""
+    acknowledges what it is sent) and ``<a/>`` (the listener acknowledges,
+    unasked, the queries written past this end's stanza count), asks for no
+    acknowledgement itself, and grants no more QUIC credit."""
     core = session.connection.core
     handle = core._on_xml_event
 
     def on_xml_event(xev: xs.XmlEvent, out: list[Any]) -> None:
-        if isinstance(xev, xs.StanzaReceived) and xev.element.tag == SM_R:
+        if isinstance(xev, xs.StanzaReceived) and xev.element.tag in (SM_R, SM_A):
             return
         handle(xev, out)
 

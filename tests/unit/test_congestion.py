@@ -14,8 +14,10 @@ from aioquic.buffer import Buffer  # type: ignore[attr-defined]
 from aioquic.quic.events import StreamDataReceived
 from aioquic.quic.packet import pull_quic_header
 
+from dtx import stanza as st
 from dtx.proto.auth import AuthenticatedQuicConnection
 from dtx.proto.congestion import LossTolerantCongestionControl
+from dtx.proto.session import SessionOpened, StanzaReceived
 
 from .test_session_core import REMOTE, SERVER_ADDR, TV, End, end
 
@@ -56,6 +58,11 @@ class Path:
     lost: int = 0
     received: bytearray = field(default_factory=bytearray)
     """What the server got on streams other than the XML stream."""
+    cores: bool = False
+    """Feed QUIC's events to the XML sessions (and drive their timers); the
+    server echoes every message."""
+    echoes: int = 0
+    """Messages the client got back."""
     _queue: list[tuple[float, int, bool, bytes]] = field(default_factory=list)
     _seq: int = 0
     _heard: bool = False
@@ -66,6 +73,8 @@ class Path:
     def _transmit(self, src: End, to_server: bool) -> None:
         if src is self.server and not self._heard:
             return  # a server has nothing to say before the first Initial
+        if self.cores:
+            src.core.flush(self.now)
         for data, _ in src.quic.datagrams_to_send(now=self.now):
             self.sent += 1
             if self._rng.random() < self.loss:
@@ -84,15 +93,29 @@ class Path:
         while (ev := e.quic.next_event()) is not None:
             if e is self.server and isinstance(ev, StreamDataReceived) and ev.stream_id:
                 self.received += ev.data
+            if not self.cores:
+                continue
+            for sev in e.core.handle_quic_event(ev):
+                e.events.append(sev)
+                if isinstance(sev, StanzaReceived) and sev.stanza.tag == st.MESSAGE:
+                    if e is self.server:
+                        e.core.send(st.message(st.body_of(sev.stanza) or ""))
+                    else:
+                        self.echoes += 1
 
-    def run(self, until: float, done: int | None = None) -> None:
-        """Until the simulated time ``until`` or ``done`` bytes arrived."""
+    def run(self, until: float, done: int | None = None, echoes: int | None = None) -> None:
+        """Until the simulated time ``until``, ``done`` bytes arrived or
+        ``echoes`` messages came back."""
         for _ in range(2_000_000):
             self._transmit(self.client, True)
             self._transmit(self.server, False)
             if done is not None and len(self.received) >= done:
                 return
-            times = [t for t in (self.client.quic.get_timer(), self.server.quic.get_timer())
+            if echoes is not None and self.echoes >= echoes:
+                return
+            ends = (self.client, self.server)
+            times = [t for e in ends for t in (e.quic.get_timer(),
+                                               e.core.get_timer() if self.cores else None)
                      if t is not None]
             if self._queue:
                 times.append(self._queue[0][0])
@@ -108,16 +131,19 @@ class Path:
                 self._heard = True
                 addr = ("192.0.2.1", 1111) if to_server else ("192.0.2.2", 2222)
                 dst.quic.receive_datagram(data, addr, now=self.now)
-            for e in (self.client, self.server):
+            for e in ends:
                 t = e.quic.get_timer()
                 if t is not None and t <= self.now:
                     e.quic.handle_timer(now=self.now)
+                t = e.core.get_timer() if self.cores else None
+                if t is not None and t <= self.now:
+                    e.core.handle_timer(self.now)
                 self._pump(e)
         raise AssertionError("the simulation did not settle")
 
 
 def connect(algorithm: str, *, loss: float, seed: int,
-            bottleneck: Bottleneck | None = None) -> Path:
+            bottleneck: Bottleneck | None = None, cores: bool = False) -> Path:
     """A handshake over the simulated path (its first flight too)."""
     client = end(REMOTE, [TV], client=True, expected="tv@example.org",
                  congestion_control=algorithm)
@@ -125,7 +151,7 @@ def connect(algorithm: str, *, loss: float, seed: int,
     first = client.quic.datagrams_to_send(now=0.0)
     dcid = pull_quic_header(Buffer(data=first[0][0]), host_cid_length=8).destination_cid
     server = end(TV, [REMOTE], client=False, dcid=dcid, congestion_control=algorithm)
-    path = Path(client, server, loss=loss, seed=seed, bottleneck=bottleneck)
+    path = Path(client, server, loss=loss, seed=seed, bottleneck=bottleneck, cores=cores)
     for n, (data, _) in enumerate(first):
         heapq.heappush(path._queue, (DELAY, -1 - n, True, data))
     path.run(until=1.0)
@@ -248,3 +274,20 @@ def test_a_lost_lone_stanza_costs_less_than_a_probe_timeout() -> None:
         path.run(until=path.now + 0.05)  # the acknowledgements
     assert quic.datagrams_duplicated > 100
     assert slow <= 4, slow
+
+
+def test_an_exchange_costs_a_packet_each_way() -> None:
+    # A message and its echo on an 80 ms path, fifty times in a row: the
+    # echo carries the XML stream's acknowledgement and QUIC's, and the next
+    # message QUIC's, so no ``<r/>``, ``<a/>`` or bare ACK has a packet.
+    path = connect("loss-tolerant", loss=0.0, seed=1, cores=True)
+    path.run(until=path.now + 1.0)
+    assert path.client.of(SessionOpened) and path.server.of(SessionOpened)
+    before = path.sent
+    for i in range(50):
+        path.client.core.send(st.message(f"pause {i}"))
+        path.run(until=path.now + 5.0, echoes=i + 1)
+        assert path.echoes == i + 1
+    assert (path.sent - before) / 50 <= 2.1, path.sent - before
+    path.run(until=path.now + 2.0)  # the last acknowledgements
+    assert path.client.core.unacknowledged == () and path.server.core.unacknowledged == ()

@@ -190,7 +190,7 @@ def test_a_peer_that_acknowledges_is_never_closed_by_the_window() -> None:
     t = pair.now
     for i in range(40):  # 200 s of traffic, twenty windows
         server.send(st.message(str(i)))
-        pair.client.write(PING % i)
+        pair.client.core.send(st.ping(f"p{i}"))
         for step in (0.0, 0.1, 0.2):
             tick(pair, t + step)
         t += 5.0
