@@ -1,6 +1,6 @@
 """Sans-IO core of the rendezvous server: it composes the registration
 table, the introductions and their relay channels, challenges and rate
-limits, and answers STUN by way of :func:`rendezvous.stun.answer_stun`.
+limits, and answers STUN by way of :class:`rendezvous.stun.BindingResponder`.
 
 Shaped like aioquic's ``QuicConnection``: the driver feeds datagrams with
 :meth:`RendezvousCore.receive_datagram`, sends what
@@ -83,7 +83,7 @@ from dtx.wire.control import (
     register_signature_valid,
 )
 from dtx.wire.demux import CONTROL_FIRST_BYTE, RELAY_FIRST_BYTE, PacketKind, classify
-from dtx.wire.relay import decode_relay, encode_relay
+from dtx.wire.relay import RELAY_HEADER_BYTES
 from dtx.wire.stun import Address
 from rendezvous.challenge import Challenges, UsedChallenges
 from rendezvous.config import RendezvousConfig
@@ -98,7 +98,7 @@ from rendezvous.limits import BucketTable, TokenBucket
 from rendezvous.mapping import check_registration, observed_mapping
 from rendezvous.registrations import Registration, RegistrationTable
 from dtx.wire.address import normalise_address
-from rendezvous.stun import AMPLIFICATION_FACTOR, ServerAddresses, answer_stun
+from rendezvous.stun import AMPLIFICATION_FACTOR, BindingResponder, ServerAddresses
 from rendezvous.timers import TimerHeap, TimerKey, TimerKind
 
 __all__ = [
@@ -112,6 +112,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _USED_CHALLENGE_MARGIN = 1.0
+_RELAY_FIRST = bytes([RELAY_FIRST_BYTE])
 _REQUESTS = frozenset(
     {
         MessageType.HELLO,
@@ -192,13 +193,20 @@ class RendezvousCore:
         self._log = LogLimiter(logger, max_peers=config.max_sources)
         self._timers = TimerHeap()
         self._counters: dict[str, int] = {}
+        self._stun = BindingResponder(addresses)
+        # the counters of the hot paths, kept out of the dict (see statistics())
+        self._stun_answers = 0
+        self._relayed_frames = 0
+        self._relayed_bytes = 0
 
     # -- driver interface ---------------------------------------------------
 
     def receive_datagram(self, data: bytes, src: Address, local: Address, now: float) -> None:
         """Handle one datagram from ``src`` received on ``local``; never raises."""
         try:
-            self._receive(bytes(data), normalise_address(src), local, now)
+            if len(src) != 2 or ":" in src[0]:  # IPv4 as a socket reports it is as it is
+                src = normalise_address(src)
+            self._receive(data if type(data) is bytes else bytes(data), src, local, now)
         except Exception:  # a bug must not take the server down; counted, tests check 0
             self._internal_error(f"handling a datagram from {src}")
 
@@ -209,9 +217,10 @@ class RendezvousCore:
 
     def get_timer(self) -> float | None:
         """When :meth:`handle_timer` should next be called, or None."""
-        times = [t for t in (self._timers.next_deadline(), self._used.next_expiry())
-                 if t is not None]
-        return min(times) if times else None
+        timers, used = self._timers.next_deadline(), self._used.next_expiry()
+        if timers is None or (used is not None and used < timers):
+            return used
+        return timers
 
     def handle_timer(self, now: float) -> None:
         """Expire registrations, retransmit and forget introductions, drop
@@ -244,6 +253,11 @@ class RendezvousCore:
     def statistics(self) -> dict[str, int]:
         """Counters (monotonic totals) and gauges (current table sizes)."""
         stats = dict(self._counters)
+        for name, value in (("stun_answers", self._stun_answers),
+                            ("relayed_frames", self._relayed_frames),
+                            ("relayed_bytes", self._relayed_bytes)):
+            if value:
+                stats[name] = value
         stats["registrations"] = len(self._regs)
         stats["introductions"] = len(self._intros)
         stats["used_challenges"] = len(self._used)
@@ -334,13 +348,16 @@ class RendezvousCore:
     # -- dispatch -----------------------------------------------------------
 
     def _receive(self, data: bytes, src: Address, local: Address, now: float) -> None:
+        if data[:1] == _RELAY_FIRST and local == self._primary:  # the relay's hot path first
+            self._on_relay(data, src, now)
+            return
         kind = classify(data)
         if kind == PacketKind.STUN:
-            reply = answer_stun(data, src=src, local=local, addresses=self._addresses)
+            reply = self._stun.answer(data, src, local)
             if reply is None:
                 self._count("stun_dropped")
                 return
-            self._count("stun_answers")
+            self._stun_answers += 1
             self._out.append((reply.data, reply.send_to, reply.send_from))
             return
         if local == self._mapping:
@@ -610,10 +627,8 @@ class RendezvousCore:
     def _remove_registration(self, reg: Registration, why: str) -> None:
         if not self._regs.discard(reg):
             return
-        for intro_id in list(reg.intros):
-            intro = self._intros.get(intro_id)
-            if intro is not None:
-                self._remove_introduction(intro)
+        for intro in list(reg.channels.values()):
+            self._remove_introduction(intro)
         logger.info("registration of %s from %s ended: %s", reg.jid, reg.addr, why)
 
     def _expire_due(self, now: float) -> None:
@@ -645,8 +660,8 @@ class RendezvousCore:
             self._refuse(msg, reg, ErrorCode.TABLE_FULL, "table full")
             return
         if (
-            len(reg.intros) >= cfg.max_introductions_per_device
-            or len(peer.intros) >= cfg.max_introductions_per_device
+            len(reg.channels) >= cfg.max_introductions_per_device
+            or len(peer.channels) >= cfg.max_introductions_per_device
             or self._intros.pending_for(peer) >= cfg.max_pending_introductions_per_target
         ):
             self._refuse(msg, reg, ErrorCode.RATE_LIMITED, "too many introductions")
@@ -726,11 +741,10 @@ class RendezvousCore:
         if not cfg.relay:
             self._count("dropped_relay_disabled")
             return
-        try:
-            channel, payload = decode_relay(data)
-        except DecodeError:
+        if len(data) < RELAY_HEADER_BYTES:
             self._count("dropped_undecodable")
             return
+        channel = int.from_bytes(data[1:RELAY_HEADER_BYTES], "big")
         reg = self._regs.at(src)
         if reg is None or reg.expires <= now:
             self._count("dropped_relay_unregistered")
@@ -743,15 +757,15 @@ class RendezvousCore:
             self._log.warning("relay channel", reg.jid,
                               "relay frame from %s (%s) on a channel not its own", reg.jid, src)
             return
-        if not reg.frame_bucket.take(
-            1, now, cfg.relay_frames_per_s, cfg.relay_burst_frames
-        ) or not reg.byte_bucket.take(
-            len(payload), now, cfg.relay_bytes_per_s, cfg.relay_burst_bytes
-        ):
+        if not reg.relay_allowed(len(data) - RELAY_HEADER_BYTES, now, cfg):
             self._count("dropped_relay_rate")
             return
+        if intro.accepted:
+            self._forward(intro, intro.other(reg), data[RELAY_HEADER_BYTES:])
+            return
         to = intro.other(reg)
-        if to is intro.responder and not intro.accepted:
+        if to is intro.responder:
+            payload = data[RELAY_HEADER_BYTES:]
             first = not intro.pending
             if not intro.hold(payload, now, max_frames=cfg.pending_frames,
                               max_bytes=cfg.pending_bytes):
@@ -761,12 +775,12 @@ class RendezvousCore:
             if first:
                 self._schedule_intro(intro)
             return
-        self._forward(intro, to, payload)
+        self._forward(intro, to, data[RELAY_HEADER_BYTES:])
 
     def _forward(self, intro: Introduction, to: Registration, payload: bytes) -> None:
-        self._send(encode_relay(intro.channel_of(to), payload), to.addr)
-        self._count("relayed_frames")
-        self._count("relayed_bytes", len(payload))
+        self._out.append((intro.header_of(to) + payload, to.addr, self._primary))
+        self._relayed_frames += 1
+        self._relayed_bytes += len(payload)
 
     # -- timers -------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from dtx.wire.control import (
     Role,
     encode_control,
 )
+from dtx.wire.relay import encode_relay
 from rendezvous.ids import unique
 from rendezvous.registrations import Registration
 
@@ -43,7 +44,7 @@ _PROBE_KEY_BYTES = 32
 _TXID_BYTES = 8
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Introduction:
     id: bytes
     probe_key: bytes
@@ -58,6 +59,17 @@ class Introduction:
     pending: deque[tuple[float, bytes]] = field(default_factory=deque)
     """Frames towards the responder held until it accepts: (arrival, payload)."""
     pending_bytes: int = 0
+    header_initiator: bytes = field(init=False)
+    """The relay frame header towards the initiator (its channel)."""
+    header_responder: bytes = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.header_initiator = encode_relay(self.channel_initiator, b"")
+        self.header_responder = encode_relay(self.channel_responder, b"")
+
+    def header_of(self, reg: Registration) -> bytes:
+        """The header of a relay frame to ``reg`` (on its channel)."""
+        return self.header_responder if reg is self.responder else self.header_initiator
 
     def other(self, reg: Registration) -> Registration:
         return self.responder if reg is self.initiator else self.initiator
@@ -144,8 +156,7 @@ class IntroductionTable:
     ) -> Introduction | None:
         """An introduction of ``initiator`` to ``responder`` made less than
         ``within`` seconds ago."""
-        for intro_id in initiator.intros:
-            intro = self._intros[intro_id]
+        for intro in initiator.channels.values():
             if (
                 intro.initiator is initiator
                 and intro.responder is responder
@@ -168,8 +179,6 @@ class IntroductionTable:
             responder_txid=rng.randbytes(_TXID_BYTES),
         )
         self._intros[intro.id] = intro
-        initiator.intros.add(intro.id)
-        responder.intros.add(intro.id)
         initiator.channels[intro.channel_initiator] = intro
         responder.channels[intro.channel_responder] = intro
         self._pending_per_target[responder.id] = self.pending_for(responder) + 1
@@ -187,7 +196,6 @@ class IntroductionTable:
         if not intro.accepted:
             self._unpend(intro)
         for reg in (intro.initiator, intro.responder):
-            reg.intros.discard(intro.id)
             channel = intro.channel_of(reg)
             if reg.channels.get(channel) is intro:
                 del reg.channels[channel]

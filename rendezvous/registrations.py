@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from dtx.jid import JID
 from dtx.wire.control import Candidate, NatMapping
 from dtx.wire.stun import Address
+from rendezvous.config import RendezvousConfig
 from rendezvous.ids import unique
 from rendezvous.limits import TokenBucket
 
@@ -30,9 +31,10 @@ __all__ = ["Registration", "RegistrationTable"]
 ID_BYTES = 8
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Registration:
-    """A registered device, and the budgets it spends."""
+    """A registered device, and the budgets it spends. Slotted: the server
+    holds up to ``max_registrations`` of them."""
 
     id: bytes
     jid: JID
@@ -47,8 +49,15 @@ class Registration:
     nat_mapping: NatMapping = NatMapping.UNKNOWN
     """What the mapping check last found (docs/protocol.md 7.7)."""
     channels: dict[int, Introduction] = field(default_factory=dict)
-    """This device's relay channels (owned by the introduction table)."""
-    intros: set[bytes] = field(default_factory=set)
+    """This device's relay channels, one per introduction it is in (owned
+    by the introduction table)."""
+
+    def relay_allowed(self, size: int, now: float, cfg: RendezvousConfig) -> bool:
+        """Charge one relayed frame of ``size`` payload bytes to the
+        device's relay buckets; False when either is spent."""
+        return self.frame_bucket.take(1, now, cfg.relay_frames_per_s,
+                                      cfg.relay_burst_frames) and self.byte_bucket.take(
+            size, now, cfg.relay_bytes_per_s, cfg.relay_burst_bytes)
 
 
 class RegistrationTable:
@@ -57,7 +66,9 @@ class RegistrationTable:
     def __init__(self) -> None:
         self._by_id: dict[bytes, Registration] = {}
         self._by_jid: dict[JID, Registration] = {}
-        self._by_account: dict[JID, set[bytes]] = {}
+        self._by_account: dict[JID, list[bytes]] = {}
+        """An account's registration ids (a list: most accounts hold one or
+        two devices, and a list of one is a quarter of a set's size)."""
         self._by_addr: dict[Address, Registration] = {}
 
     def __len__(self) -> int:
@@ -93,7 +104,7 @@ class RegistrationTable:
         address before."""
         self._by_id[reg.id] = reg
         self._by_jid[reg.jid] = reg
-        self._by_account.setdefault(reg.jid.bare, set()).add(reg.id)
+        self._by_account.setdefault(reg.jid.bare, []).append(reg.id)
         self._by_addr[reg.addr] = reg
 
     def discard(self, reg: Registration) -> bool:
@@ -104,7 +115,8 @@ class RegistrationTable:
             del self._by_jid[reg.jid]
         account = self._by_account.get(reg.jid.bare)
         if account is not None:
-            account.discard(reg.id)
+            if reg.id in account:
+                account.remove(reg.id)
             if not account:
                 del self._by_account[reg.jid.bare]
         if self._by_addr.get(reg.addr) is reg:

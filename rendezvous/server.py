@@ -5,14 +5,14 @@ given, three more (primary IP port+1, alternate IP port, alternate IP
 port+1) that serve STUN only; and the mapping port of the NAT mapping
 check (docs/protocol.md 7.7), by default primary IP port+1: with an
 alternate IP that is the RFC 5780 socket already bound there, without one
-a socket of its own. Each is a :class:`~dtx.aio.socket.UdpSocket`,
-the device's wrapper: it reads up to a batch of datagrams per wake-up and
-hands each to :class:`~rendezvous.core.RendezvousCore`; at the end of the
+a socket of its own. Each is a :class:`~rendezvous.udp.ServerSocket`: it
+reads every waiting datagram per wake-up (up to a batch) and hands each
+straight to :class:`~rendezvous.core.RendezvousCore`; at the end of the
 batch the server transmits once — whatever the core queued, from the
-socket it names — and re-arms its one timer, as aioquic's
-``QuicConnectionProtocol.transmit`` does. Replies to a batch thus go out
-together, and a send that fails (a full buffer, an unroutable address) is
-counted, never raised.
+socket it names — and re-arms its one timer only if the core's next
+deadline moved, as aioquic's ``QuicConnectionProtocol.transmit`` does.
+Replies to a batch thus go out together, and a send that fails (a full
+buffer, an unroutable address) is counted, never raised.
 
 The key source is a folder of vCards, read synchronously (files are
 cached by inode, size and mtime), or an asynchronous lookup (live vCards
@@ -32,13 +32,13 @@ import random
 import socket
 from collections.abc import Awaitable, Callable
 
-from dtx.aio.socket import UdpSocket
 from dtx.trust import StaticKeys, VCardDirectory
 from dtx.trust.store import KeySource
 from dtx.wire.address import format_address
 from dtx.wire.stun import Address
 from rendezvous.core import RendezvousConfig, RendezvousCore
 from rendezvous.stun import ServerAddresses
+from rendezvous.udp import ServerSocket, TransportSocket, open_server_socket
 
 __all__ = ["BindError", "KeyLookup", "Server", "serve"]
 
@@ -69,7 +69,7 @@ class Server:
         self._key_lookup = key_lookup
         self._lookups: set[asyncio.Task[None]] = set()
         self._loop = asyncio.get_running_loop()
-        self._sockets: dict[Address, UdpSocket] = {}
+        self._sockets: dict[Address, ServerSocket | TransportSocket] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._closed = asyncio.Event()
@@ -106,15 +106,11 @@ class Server:
 
     # -- driver -------------------------------------------------------------
 
-    def _attach(self, local: Address, sock: socket.socket) -> None:
+    async def _attach(self, local: Address, sock: socket.socket) -> None:
         """Serve ``sock``, bound to ``local``: its datagrams go to the core,
         and the end of each batch read from it transmits."""
-        core, loop = self.core, self._loop
-
-        def received(data: bytes, src: Address) -> None:
-            core.receive_datagram(data, src, local, loop.time())
-
-        self._sockets[local] = UdpSocket(sock, received, self._transmit)
+        self._sockets[local] = await open_server_socket(
+            sock, local, self.core.receive_datagram, self._transmit)
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -125,15 +121,20 @@ class Server:
     def _transmit(self) -> None:
         if self._closed.is_set():
             return
-        while (event := self.core.next_event()) is not None:
+        core = self.core
+        while (event := core.next_event()) is not None:
             self._start_lookup(event.token, event.bare_jid)
-        for data, send_to, send_from in self.core.datagrams_to_send():
-            sock = self._sockets.get(send_from)
+        sockets = self._sockets
+        last_from: Address | None = None
+        sock: ServerSocket | TransportSocket | None = None
+        for data, send_to, send_from in core.datagrams_to_send():
+            if send_from != last_from:  # nearly always the primary: one lookup per batch
+                last_from, sock = send_from, sockets.get(send_from)
             if sock is None:
                 logger.debug("no socket for %s; dropping", send_from)
                 continue
             sock.sendto(data, send_to)  # counts a failure in send_errors
-        when = self.core.get_timer()
+        when = core.get_timer()
         if when != self._timer_at:
             if self._timer is not None:
                 self._timer.cancel()
@@ -170,7 +171,7 @@ def _family(host: str) -> socket.AddressFamily:
 
 def _bind(addr: Address) -> socket.socket:
     """A UDP socket bound to ``addr`` (an IPv6 one for IPv6 only); the
-    buffer sizes and non-blocking mode are :class:`UdpSocket`'s. Raises
+    buffer sizes and non-blocking mode are :class:`ServerSocket`'s. Raises
     :class:`BindError`."""
     sock = socket.socket(_family(addr[0]), socket.SOCK_DGRAM)
     try:
@@ -298,7 +299,7 @@ async def serve(
     server = Server(core, addresses, key_lookup)
     try:
         for local, sock in zip(addresses.sockets(), socks):
-            server._attach(local, sock)
+            await server._attach(local, sock)
     except BaseException:
         server.close()
         for sock in socks:

@@ -53,11 +53,16 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
+import struct
+import zlib
 from dataclasses import dataclass
 
 from dtx.errors import DecodeError
 from dtx.wire.address import normalise_address
 from dtx.wire.stun import (
+    FINGERPRINT_XOR,
+    MAGIC_COOKIE,
     Address,
     Attribute,
     AttrType,
@@ -70,11 +75,19 @@ from dtx.wire.stun import (
     error_code_attribute,
     is_stun,
     software_attribute,
+    binding_request,
     unknown_attributes_attribute,
     xor_address_attribute,
 )
 
-__all__ = ["AMPLIFICATION_FACTOR", "ServerAddresses", "StunReply", "answer_binding", "answer_stun"]
+__all__ = [
+    "AMPLIFICATION_FACTOR",
+    "BindingResponder",
+    "ServerAddresses",
+    "StunReply",
+    "answer_binding",
+    "answer_stun",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -433,3 +446,116 @@ def _answer_classic(
         return None
     logger.debug("classic binding %s, sent from %s", mapped, origin)
     return out, origin, True
+
+
+# -- the common requests, answered from precomputed parts ------------------------------
+
+_BINDING_HEAD = b"\x00\x01"
+_COOKIE = MAGIC_COOKIE.to_bytes(4, "big")
+_FINGERPRINT_HEAD = struct.pack(">HH", AttrType.FINGERPRINT, 4)
+_XOR_MAPPED_IPV4_HEAD = struct.pack(">HHBB", AttrType.XOR_MAPPED_ADDRESS, 8, 0, 1)
+_COOKIE_HIGH = MAGIC_COOKIE >> 16
+_SAMPLE_SRC: Address = ("192.0.2.1", 4242)
+_BARE_BYTES = _HEADER_BYTES
+_WITH_FINGERPRINT_BYTES = _HEADER_BYTES + _FINGERPRINT_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class _Template:
+    """A success response but for its transaction id and mapped address:
+    ``head`` (type and length), ``tail`` (what follows XOR-MAPPED-ADDRESS,
+    FINGERPRINT aside), whether it ends in a FINGERPRINT, and where it
+    goes out from."""
+
+    head: bytes
+    tail: bytes
+    fingerprint: bool
+    send_from: Address
+
+
+class BindingResponder:
+    """:func:`answer_stun` for one server, with its two commonest requests
+    answered without decoding: an RFC 8489 Binding request with no
+    attributes (20 bytes) or with only a FINGERPRINT (28 bytes, what
+    :func:`~dtx.wire.stun.binding_request` sends), from an IPv4 sender.
+
+    The answer to such a request differs from one sender to the next only
+    in the transaction id, XOR-MAPPED-ADDRESS and FINGERPRINT; the rest
+    (which optional attributes fit the amplification budget, the address
+    to answer from) depends only on the request's size and the receiving
+    address. The first time a (size, receiving address) pair is seen, the
+    responder answers a sample request through :func:`answer_stun`, keeps
+    the parts, and checks that building the same answer from them gives
+    the same bytes (if not, that pair always takes the full path). So
+    this answers exactly what :func:`answer_stun` does; anything else
+    (IPv6, other attributes, a FINGERPRINT that does not match, classic
+    requests) goes to :func:`answer_stun`.
+    """
+
+    __slots__ = ("_addresses", "_software", "_templates")
+
+    def __init__(self, addresses: ServerAddresses, software: str | None = None) -> None:
+        self._addresses = addresses
+        self._software = software
+        self._templates: dict[tuple[Address, int], _Template | None] = {}
+
+    def answer(self, data: bytes, src: Address, local: Address) -> StunReply | None:
+        """What :func:`answer_stun` answers for ``data``."""
+        size = len(data)
+        if (size == _WITH_FINGERPRINT_BYTES or size == _BARE_BYTES) \
+                and data[:2] == _BINDING_HEAD and data[4:8] == _COOKIE and ":" not in src[0]:
+            key = (local, size)
+            template = self._templates.get(key, _MISSING)
+            if template is _MISSING:
+                template = self._templates[key] = self._template(local, size)
+            if template is not None and self._plain(data, size):
+                response = self._build(template, data, src)
+                if response is not None:
+                    return StunReply(response, template.send_from, src)
+        return answer_stun(data, src=src, local=local, addresses=self._addresses,
+                           software=self._software)
+
+    @staticmethod
+    def _plain(data: bytes, size: int) -> bool:
+        """The length field is right and the only attribute, if any, is a
+        FINGERPRINT that matches."""
+        if size == _BARE_BYTES:
+            return data[2:4] == b"\x00\x00"
+        return (data[2:4] == b"\x00\x08" and data[20:24] == _FINGERPRINT_HEAD
+                and int.from_bytes(data[24:28], "big")
+                == zlib.crc32(data[:20]) ^ FINGERPRINT_XOR)
+
+    @staticmethod
+    def _build(template: _Template, data: bytes, src: Address) -> bytes | None:
+        try:
+            ip = socket.inet_aton(src[0])
+        except OSError:
+            return None
+        mapped = (_XOR_MAPPED_IPV4_HEAD
+                  + ((src[1] ^ _COOKIE_HIGH) & 0xFFFF).to_bytes(2, "big")
+                  + (int.from_bytes(ip, "big") ^ MAGIC_COOKIE).to_bytes(4, "big"))
+        response = template.head + data[4:20] + mapped + template.tail
+        if template.fingerprint:
+            response += _FINGERPRINT_HEAD + (
+                zlib.crc32(response) ^ FINGERPRINT_XOR).to_bytes(4, "big")
+        return response
+
+    def _template(self, local: Address, size: int) -> _Template | None:
+        tid = bytes(range(12))
+        sample = binding_request(tid, fingerprint=size == _WITH_FINGERPRINT_BYTES)
+        reply = answer_stun(sample, src=_SAMPLE_SRC, local=local, addresses=self._addresses,
+                            software=self._software)
+        if (len(sample) != size or reply is None or reply.send_to != _SAMPLE_SRC
+                or reply.data[:2] != b"\x01\x01"
+                or reply.data[20:24] != _XOR_MAPPED_IPV4_HEAD[:4]):
+            return None
+        fingerprint = reply.data[-8:-4] == _FINGERPRINT_HEAD
+        end = len(reply.data) - (_FINGERPRINT_BYTES if fingerprint else 0)
+        template = _Template(reply.data[:4], reply.data[32:end], fingerprint, reply.send_from)
+        if self._build(template, sample, _SAMPLE_SRC) != reply.data:
+            return None  # pragma: no cover - the full path answers instead
+        return template
+
+
+_MISSING = _Template(b"", b"", False, ("", 0))
+"""A template not made yet (None: one that cannot be)."""
