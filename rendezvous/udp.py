@@ -22,17 +22,14 @@ per datagram (at DEBUG, a failed read or send).
 from __future__ import annotations
 
 import asyncio
-import logging
 import socket
 from collections.abc import Callable
 from typing import Any, cast
 
-from dtx.aio.socket import MAX_DATAGRAM_BYTES, UdpSocket
+from dtx.aio.socket import UdpSocket
 from dtx.wire.address import Address
 
 __all__ = ["ServerSocket", "TransportSocket", "open_server_socket"]
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_BATCH = 256
 
@@ -44,10 +41,10 @@ class ServerSocket(UdpSocket):
     """A bound UDP socket serving the core on a loop with ``add_reader``.
 
     The device's :class:`~dtx.aio.socket.UdpSocket` (its sends, counters,
-    buffer sizes and closing) with a read loop of its own: the device's
-    hands ``(data, (host, port))`` to a callback, one clock read and one
-    tuple per datagram; this one calls the core directly with the address
-    as the socket reports it and one ``loop.time()`` for the whole batch.
+    buffer sizes, closing and batch reads), delivering differently: the
+    device's hands ``(data, (host, port))`` to a callback; this one calls
+    the core with the address as the socket reports it and one
+    ``loop.time()`` for the whole batch.
     """
 
     def __init__(self, sock: socket.socket, local: Address, receive: Receive,
@@ -58,32 +55,11 @@ class ServerSocket(UdpSocket):
 
     @staticmethod
     def _unused(data: bytes, addr: Address) -> None:  # pragma: no cover - never called
-        raise AssertionError("ServerSocket reads in _read_ready")
+        raise AssertionError("ServerSocket delivers in _read_ready")
 
     def _read_ready(self) -> None:
-        recvfrom = self._sock.recvfrom
-        receive = self._receive
-        local = self._local
-        now = self._loop.time()
-        read = 0
-        try:
-            for _ in range(self._batch):
-                try:
-                    data, addr = recvfrom(MAX_DATAGRAM_BYTES)
-                except (BlockingIOError, InterruptedError):
-                    break
-                except ConnectionRefusedError:
-                    self.receive_errors += 1  # an ICMP error for something sent earlier
-                    continue
-                except OSError as exc:
-                    self.receive_errors += 1
-                    logger.debug("recvfrom failed: %s", exc)
-                    break
-                read += 1
-                receive(data, addr, local, now)
-        finally:
-            self.received += read
-            self._on_batch_end()
+        receive, local, now = self._receive, self._local, self._loop.time()
+        self._read_batch(lambda data, addr: receive(data, addr, local, now))
 
 
 class TransportSocket(asyncio.DatagramProtocol):

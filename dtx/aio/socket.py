@@ -17,6 +17,7 @@ import errno
 import logging
 import socket
 from collections.abc import Callable
+from typing import Any
 from ..wire.address import Address
 
 logger = logging.getLogger(__name__)
@@ -106,8 +107,13 @@ class UdpSocket:
                 logger.debug("sendto %s failed: %s", addr, exc)
 
     def _read_ready(self) -> None:
-        recvfrom = self._sock.recvfrom
         handler = self._on_datagram
+        self._read_batch(lambda data, addr: handler(data, (addr[0], addr[1])))
+
+    def _read_batch(self, deliver: Callable[[bytes, Any], None]) -> None:
+        """Read up to ``batch`` waiting datagrams, handing each to ``deliver``
+        with the address as the socket reports it, then end the batch."""
+        recvfrom = self._sock.recvfrom
         read = 0
         try:
             for _ in range(self._batch):
@@ -124,7 +130,7 @@ class UdpSocket:
                     logger.debug("recvfrom failed: %s", exc)
                     break
                 read += 1
-                handler(data, (addr[0], addr[1]))
+                deliver(data, addr)
         finally:
             self.received += read
             self._on_batch_end()

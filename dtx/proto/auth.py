@@ -219,6 +219,10 @@ class AuthenticatedQuicConnection(QuicConnection):
         self.datagrams_duplicated = 0
         """Datagrams sent a second time (see :attr:`duplicate_after_loss`)."""
         super().__init__(configuration=configuration, **kwargs)
+        # aioquic builds its loss recovery, and the controller in it, once.
+        cc = getattr(getattr(self, "_loss", None), "_cc", None)
+        self._congestion = (
+            cc if isinstance(cc, congestion.LossTolerantCongestionControl) else None)
 
     @property
     def auth_error(self) -> DtxError | None:
@@ -269,8 +273,7 @@ class AuthenticatedQuicConnection(QuicConnection):
     @property
     def congestion(self) -> congestion.LossTolerantCongestionControl | None:
         """The loss-tolerant controller, when the connection runs it."""
-        cc = getattr(getattr(self, "_loss", None), "_cc", None)
-        return cc if isinstance(cc, congestion.LossTolerantCongestionControl) else None
+        return self._congestion
 
     # -- acknowledgements ride with data ---------------------------------------
     #
