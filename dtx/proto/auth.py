@@ -25,8 +25,10 @@ One more private hook serves flow control, not authentication:
 window follows what the application has read (see
 :class:`AuthenticatedQuicConnection`). Loss recovery reads two more
 (``_loss._cc``, the congestion controller, and ``_loss._pto_count``) to
-send small packets twice on a lossy path, and ``_spaces[ONE_RTT].ack_at``
-is moved so that a pending ACK leaves with the application's data.
+send small packets twice on a lossy path, and of the 1-RTT packet number
+space (``_spaces[ONE_RTT]``) ``ack_at`` is moved so that a pending ACK
+leaves with the application's data and ``largest_received_packet`` is read
+to see the peer's losses.
 
 A refused key raises a TLS alert inside aioquic, which closes the connection
 with ``CRYPTO_ERROR + alert`` (RFC 9001 section 4.8): the handshake ends on
@@ -267,8 +269,34 @@ class AuthenticatedQuicConnection(QuicConnection):
     # a small flow only and no state. On a path that does not lose packets
     # nothing is sent twice.
 
+    #
+    # A loss counts whichever way it went. The sender learns of its own
+    # losses from the peer's acknowledgements; a receiver sees the peer's as
+    # a gap in the packet numbers that arrive (a 1-RTT packet fills its
+    # datagram, so one datagram is one number). So the end that only
+    # answers (an echo, a result) sends its answers twice too once the path
+    # has shown it loses, rather than paying a probe timeout for the first
+    # answer lost. A reordered packet looks the same: it costs copies of a
+    # few small packets, nothing else.
+
     duplicate_after_loss: float = 30.0
     duplicate_max_in_flight: int = 3 * 1200
+
+    receive_gaps = 0
+    """Times the peer's packet numbers skipped (its packets lost or late)."""
+    last_gap_time: float | None = None
+    """When the latest such gap was seen (None: never)."""
+
+    def receive_datagram(self, data: bytes, addr: Any, now: float) -> None:
+        space = self._one_rtt
+        before = -1 if space is None else space.largest_received_packet
+        super().receive_datagram(data, addr, now)
+        if before >= 0 and space.largest_received_packet > before + 1:
+            self.receive_gaps += 1
+            self.last_gap_time = now
+
+    _one_rtt: Any = None
+    """aioquic's 1-RTT packet number space (from ``_initialize``)."""
 
     @property
     def congestion(self) -> congestion.LossTolerantCongestionControl | None:
@@ -304,7 +332,13 @@ class AuthenticatedQuicConnection(QuicConnection):
         if self._data_written:
             self._ack_with_data(now)
         cc = self.congestion
-        if cc is None or cc.last_loss_time is None:
+        if cc is None:
+            return super().datagrams_to_send(now=now)
+        lost = cc.last_loss_time
+        gap = self.last_gap_time
+        if gap is not None and (lost is None or gap > lost):
+            lost = gap
+        if lost is None or now - lost > self.duplicate_after_loss:
             return super().datagrams_to_send(now=now)
         before = cc.bytes_in_flight
         out = super().datagrams_to_send(now=now)
@@ -312,8 +346,7 @@ class AuthenticatedQuicConnection(QuicConnection):
         # Everything the application had went out (neither the pacer nor the
         # window held any back): an exchange, not the start of a transfer.
         if (out and before < after <= self.duplicate_max_in_flight
-                and after < cc.congestion_window and self._pacing_at is None
-                and now - cc.last_loss_time <= self.duplicate_after_loss):
+                and after < cc.congestion_window and self._pacing_at is None):
             self.datagrams_duplicated += len(out)
             out += out
         return out
@@ -360,6 +393,7 @@ class AuthenticatedQuicConnection(QuicConnection):
 
     def _initialize(self, peer_cid: bytes) -> None:
         super()._initialize(peer_cid)
+        self._one_rtt = self._spaces[tls.Epoch.ONE_RTT]
         self.tls.__class__ = _DtxTlsContext
         ctx: Any = self.tls
         ctx._dtx_connection = self

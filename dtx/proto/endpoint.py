@@ -270,6 +270,9 @@ class SessionStatistics:
     """Loss events judged congestive: the window reduced."""
     packets_sent_twice: int = 0
     """Datagrams of small exchanges sent a second time after a loss."""
+    receive_gaps: int = 0
+    """Gaps in the packet numbers of the peer's packets (its losses, or
+    reordering), seen by this side."""
 
 
 @dataclass(frozen=True)
@@ -391,6 +394,7 @@ class Connection:
             losses_random=0 if cc is None else cc.losses_random,
             losses_congestive=0 if cc is None else cc.losses_congestive,
             packets_sent_twice=self.quic.datagrams_duplicated,
+            receive_gaps=self.quic.receive_gaps,
         )
 
     # -- user calls ---------------------------------------------------------------

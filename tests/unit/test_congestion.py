@@ -291,3 +291,47 @@ def test_an_exchange_costs_a_packet_each_way() -> None:
     assert (path.sent - before) / 50 <= 2.1, path.sent - before
     path.run(until=path.now + 2.0)  # the last acknowledgements
     assert path.client.core.unacknowledged == () and path.server.core.unacknowledged == ()
+
+
+def test_the_answering_end_sends_twice_once_it_sees_the_peer_lose() -> None:
+    # The server only answers: it learns of no loss of its own, but a gap
+    # in the client's packet numbers shows the path loses.
+    path = connect("loss-tolerant", loss=0.0, seed=1)
+    client: AuthenticatedQuicConnection = path.client.quic
+    server: AuthenticatedQuicConnection = path.server.quic
+    stream = client.get_next_available_stream_id()
+    sent = []
+    for word in (b"one", b"two", b"three"):
+        client.send_stream_data(stream, b"<message>%s</message>" % word)
+        sent += client.datagrams_to_send(now=path.now)
+    assert len(sent) == 3
+    server.receive_datagram(sent[0][0], ("192.0.2.1", 1111), now=path.now)
+    assert server.receive_gaps == 0 and server.last_gap_time is None
+    server.receive_datagram(sent[2][0], ("192.0.2.1", 1111), now=path.now)
+    assert server.receive_gaps == 1 and server.last_gap_time == path.now
+    # The late one fills the gap and is no new gap.
+    server.receive_datagram(sent[1][0], ("192.0.2.1", 1111), now=path.now)
+    assert server.receive_gaps == 1
+    assert controller(path.server).last_loss_time is None
+    server.send_stream_data(stream, b"<message>ok</message>")
+    answer = server.datagrams_to_send(now=path.now)
+    assert len(answer) == 2 and answer[0] == answer[1]
+    assert server.datagrams_duplicated == 1
+
+
+def test_a_lost_echo_costs_less_than_a_probe_timeout() -> None:
+    # A message and its echo, 200 times, 5 % loss each way: the answering
+    # end sends its echoes twice too once it has seen a loss either way, so
+    # a lost echo rarely waits for the server's probe timeout.
+    path = connect("loss-tolerant", loss=0.05, seed=5, cores=True)
+    path.run(until=path.now + 1.0)
+    slow = 0
+    for i in range(200):
+        start = path.now
+        path.client.core.send(st.message(f"pause {i}"))
+        path.run(until=start + 10.0, echoes=i + 1)
+        assert path.echoes == i + 1
+        if path.now - start > 2 * DELAY + 0.030:
+            slow += 1
+    assert path.server.quic.datagrams_duplicated > 100
+    assert slow <= 4, slow
