@@ -8,8 +8,15 @@ source IP; keepalive interval; how many relay pairs to run), then:
 2. prints ``registered N`` and waits for a line on stdin;
 3. for ``duration`` seconds sends each device's KEEPALIVE at the interval
    (spread evenly) and times the KEEPALIVE_ACK; the first ``2 * pairs``
-   devices also introduce themselves in pairs (timing INTRODUCE until both
-   sides hold their INTRODUCTION), accept, and pump relay frames both ways;
+   devices also introduce themselves in pairs, accept, and pump relay
+   frames both ways. An introduction is timed from just before its
+   INTRODUCE is sent to the later of the moments the two INTRODUCTIONs
+   reached their sockets, by the kernel's receive timestamp
+   (``SIOCGSTAMPNS``), so that the figure is the server's (and
+   loopback's), not the time this process's event loop, busy with
+   thousands of other devices, took to read them; where the kernel gives
+   no timestamp, the moment the datagram was read. The time until this
+   process's coroutine saw both (``intro_client_s``) is reported beside;
 4. prints one JSON line of samples and counts, and exits.
 
 Started by :mod:`bench.scenarios.load`; not a public interface.
@@ -18,9 +25,11 @@ Started by :mod:`bench.scenarios.load`; not a public interface.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import socket
+import struct
 import sys
 import time
 from dataclasses import dataclass, field
@@ -43,6 +52,30 @@ WINDOW = 200
 """Registrations in flight at once."""
 RETRY = 1.0
 TRIES = 8
+SIOCGSTAMPNS = 0x8907
+"""Linux: the receive time of the last datagram read from a socket."""
+
+
+def enable_receive_stamps(sock: socket.socket) -> None:
+    """Have the kernel stamp what ``sock`` receives (the first
+    ``SIOCGSTAMPNS`` turns it on, and fails: nothing was stamped yet)."""
+    try:
+        fcntl.ioctl(sock.fileno(), SIOCGSTAMPNS, bytes(16))
+    except OSError:
+        pass
+
+
+def received_at(sock: socket.socket | None) -> float:
+    """When the datagram just read from ``sock`` reached it (``time.time()``
+    clock): the kernel's stamp, or now where there is none."""
+    if sock is not None:
+        try:
+            sec, nsec = struct.unpack("@ll", fcntl.ioctl(sock.fileno(), SIOCGSTAMPNS,
+                                                         bytes(16)))
+            return float(sec + nsec * 1e-9)
+        except OSError:
+            pass
+    return time.time()
 
 
 @dataclass(eq=False)
@@ -59,6 +92,8 @@ class Dev:
     channel: int | None = None
     intro: bytes | None = None
     got_intro: asyncio.Event = field(default_factory=asyncio.Event)
+    intro_at: float = 0.0
+    """When the first INTRODUCTION reached the socket (``received_at``)."""
     relayed_in: int = 0
 
     def txid(self) -> bytes:
@@ -80,16 +115,19 @@ class Worker:
         self.frames_per_s = float(job["frames_per_s"])
         self.keepalive_s: list[float] = []
         self.intro_s: list[float] = []
+        self.intro_client_s: list[float] = []
         self.lost_keepalives = 0
         self.relay_sent = 0
         self.counting = False
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
-        for dev in self.devs:
+        for i, dev in enumerate(self.devs):
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             sock.bind((dev.ip, 0))
             sock.setblocking(False)
+            if i < 2 * self.pairs:  # the introduced ones
+                enable_receive_stamps(sock)
             dev.sock = sock
             dev.transport, _ = await loop.create_datagram_endpoint(
                 lambda dev=dev: _Proto(self, dev), sock=sock)  # type: ignore[misc]
@@ -106,6 +144,8 @@ class Worker:
             if sent is not None:
                 self.keepalive_s.append(time.perf_counter() - sent)
         elif msg.type == MessageType.INTRODUCTION:
+            if not dev.got_intro.is_set():
+                dev.intro_at = received_at(dev.sock)
             if dev.intro is None:
                 dev.intro, dev.channel = msg.intro, msg.channel
             dev.got_intro.set()
@@ -166,8 +206,10 @@ class Worker:
 
     async def introduce(self, a: Dev, b: Dev) -> None:
         """Introduce ``a`` to ``b`` (``b`` ACCEPTs as it gets its
-        INTRODUCTION); the time until both hold theirs goes to ``intro_s``."""
-        start = time.perf_counter()
+        INTRODUCTION): the time until both INTRODUCTIONs reached their
+        sockets goes to ``intro_s``, until this coroutine saw them to
+        ``intro_client_s``."""
+        start, wall = time.perf_counter(), time.time()
         for _ in range(TRIES):
             self.send(a, ControlMessage(MessageType.INTRODUCE, a.txid(),
                                         registration=a.registration, target=b.jid))
@@ -179,7 +221,8 @@ class Worker:
                 continue
         else:
             raise RuntimeError(f"no introduction of {a.jid} to {b.jid}")
-        self.intro_s.append(time.perf_counter() - start)
+        self.intro_client_s.append(time.perf_counter() - start)
+        self.intro_s.append(max(a.intro_at, b.intro_at) - wall)
 
     async def relay_pair(self, a: Dev, b: Dev, until: float) -> None:
         await self.introduce(a, b)
@@ -225,6 +268,7 @@ class Worker:
         return {
             "devices": n, "register_s": reg_s, "keepalive_s": self.keepalive_s,
             "lost_keepalives": self.lost_keepalives, "intro_s": self.intro_s,
+            "intro_client_s": self.intro_client_s,
             "relay_sent": self.relay_sent, "relay_received": relayed, "window_s": window,
         }
 

@@ -185,7 +185,7 @@ def test_rendezvous_load_runs_small() -> None:
     expected = {"rendezvous STUN", "rendezvous relay", "rendezvous keepalive",
                 "rendezvous introduction", "relay, 100 sessions"}
     keys = {"generator", "rendezvous_stun_per_s", "rendezvous_relay_per_s",
-            "bytes_per_device", "intro_p99_ms"}
+            "bytes_per_device", "intro_p99_ms", "intro_client_p99_ms"}
     if coturn_missing() is None:
         expected |= {"coturn STUN", "coturn relay"}
         keys |= {"coturn_stun_per_s", "coturn_relay_per_s", "stun_ratio", "relay_ratio"}
