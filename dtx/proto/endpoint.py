@@ -548,6 +548,7 @@ class Endpoint:
             "retry_sent": 0,
             "retry_validated": 0,
             "retry_token_invalid": 0,
+            "connections_superseded": 0,
             "sessions_suspended": 0,
             "sessions_resumed": 0,
             "resume_attempts": 0,
@@ -792,6 +793,9 @@ class Endpoint:
 
     def _quic_datagram(self, data: bytes, addr: Address, now: float) -> None:
         conn = self._connections.get(addr)
+        if conn is not None and self._new_client(conn, data):
+            self._supersede(conn)
+            conn = None
         if conn is None:
             conn = self._admit(data, addr, now)
             if conn is None:
@@ -800,6 +804,37 @@ class Endpoint:
         conn.quic.receive_datagram(data, addr, now)
         self._process(conn)
         self._dirty.add(conn)
+
+    @staticmethod
+    def _new_client(conn: Connection, data: bytes) -> bool:
+        """Whether ``data`` is a QUIC Initial of another connection than
+        ``conn`` (an accepted one) from a peer that was introduced again
+        since ``conn`` began: the peer device started afresh (a new
+        process registers again, from a new socket) and the old one is
+        gone. A source that could only spoof the peer's address cannot
+        make a new introduction: that takes the peer's key."""
+        link = conn.link
+        if conn.initiator or link is None or link.introduced_at <= conn.started_at \
+                or len(data) < 1200 or data[0] & 0xF0 != 0xC0:  # (QUIC v1 Initial)
+            return False
+        dcid = data[6:6 + data[5]]
+        quic = conn.quic
+        known = {quic.original_destination_connection_id,
+                 *(c.cid for c in quic._host_cids)}
+        return dcid not in known
+
+    def _supersede(self, conn: Connection) -> None:
+        """A restarted peer's new connection takes the place of ``conn``:
+        its session is suspended when it can be resumed (the peer may be
+        resuming it), otherwise it ends with its unacknowledged stanzas."""
+        self.counters["connections_superseded"] += 1
+        conn.log.info("%s connects afresh; its earlier connection is given up", conn.peer_jid)
+        error = ConnectError("the peer connected afresh")
+        if self.config.resume_timeout is not None and conn.opened \
+                and conn.core.resume_id is not None:
+            self._suspend(conn, error)
+        else:
+            self._end(conn, sc.SessionEnded(error, conn.core.unacknowledged))
 
     def _half_open(self, conn: Connection) -> bool:
         return not conn.initiator and not conn.opened and conn.ended is None

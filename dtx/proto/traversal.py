@@ -100,9 +100,11 @@ class TraversalConfig:
     punch_restart_interval: float = 10.0
     """Introductions that restart punching to one peer: ``punch_restarts_burst``
     at once, then one per ``punch_restart_interval``. A device that
-    re-introduces itself over and over gets its relay channel updated, but
-    no new round of probes: its candidates cannot turn this device into a
-    reflector."""
+    re-introduces itself over and over gets its relay channel updated and
+    its server-reflexive and port-mapped addresses probed (both are the
+    rendezvous's own observation of the peer, never the peer's say), but
+    no probes to its host candidates and no birthday search: its candidates
+    cannot turn this device into a reflector."""
 
 
 # -- the seam: an introduction ------------------------------------------------
@@ -226,6 +228,9 @@ class Link:
     side: tuple[Address, int] | None = None
     """(peer address, extra socket) of the direct path a birthday search
     found: datagrams to that address leave from that socket."""
+    introduced_at: float = 0.0
+    """When its latest introduction arrived (a registration the rendezvous
+    checked, or a Jingle exchange the XMPP server carried)."""
 
 
 class Traversal:
@@ -395,11 +400,14 @@ class Traversal:
             restart = self._take_punch_token(link, now)
             if restart:
                 self._end_birthday(link, now)
-                link.paths.reset(intro.relay, now, keep=[a for a, _ in intro.candidates])
-                for addr in [a for a, cached in self._by_addr.items() if cached is link]:
-                    del self._by_addr[addr]
-            else:
-                link.paths.set_relay(intro.relay, now)
+            # The peer's addresses may be new (a restart, a new process, a
+            # new NAT mapping): paths to addresses it is no longer introduced
+            # with go, even past the limit, or this device would go on
+            # answering a dead socket (a script's second ``dtx send``).
+            link.paths.reset(intro.relay, now, keep=[a for a, _ in intro.candidates])
+            for addr in [a for a, cached in self._by_addr.items() if cached is link]:
+                del self._by_addr[addr]
+        link.introduced_at = now
         if intro.channel is not None:
             self._by_channel[intro.channel] = link
         if intro.relay_peer is not None:
@@ -408,14 +416,19 @@ class Traversal:
             link.relay_peer = intro.relay_peer
             self._by_relay_peer[intro.relay_peer] = link
         self._by_intro[intro.intro] = link
-        if restart:
-            for addr, kind in intro.candidates:
-                if kind is PathKind.LAN and not self._may_probe_host(addr, intro.candidates):
-                    self.counters["host_candidates_skipped"] += 1
-                    continue
-                link.paths.add_candidate(addr, kind)
+        probed = False
+        for addr, kind in intro.candidates:
+            if not restart and not (kind is PathKind.DIRECT and intro.source == "rendezvous"):
+                continue  # past the limit: only what the rendezvous saw itself
+            if kind is PathKind.LAN and not self._may_probe_host(addr, intro.candidates):
+                self.counters["host_candidates_skipped"] += 1
+                continue
+            link.paths.add_candidate(addr, kind)
+            probed = True
+        if restart or probed:
             link.paths.restart_punching(now)
             link.paths.handle_timer(now)  # the first punch goes out now
+        if restart:
             self._maybe_birthday(link, intro, now)
         logger.info("introduced to %s (%s, by %s), %d candidates, relay channel %s",
                     intro.peer_jid, "initiator" if intro.initiator else "responder",

@@ -25,7 +25,7 @@ from dtx.errors import DecodeError
 from dtx.identity import DeviceIdentity
 from dtx.lab.nat import PROFILES, Filtering, Mapping
 from dtx.proto.birthday import BirthdayConfig, BirthdayRole, SearchState
-from dtx.proto.endpoint import EndpointConfig
+from dtx.proto.endpoint import EndpointConfig, SessionEnded
 from dtx.proto.paths import PathKind
 from dtx.proto.traversal import TraversalConfig, introduction_from_control
 from dtx.wire.control import (
@@ -782,6 +782,52 @@ def test_a_peer_listing_third_parties_as_host_candidates_gets_no_reflection() ->
         assert reflected == 0
     assert tv.traversal.counters["host_candidates_skipped"] > 0
     assert tv.traversal.counters["punch_restarts_limited"] > 0, "re-introductions limited"
+
+
+@pytest.mark.parametrize("exit", ["graceful", "killed"])
+def test_a_command_run_again_and_again_connects_at_once_every_time(exit: str) -> None:
+    """A home-automation script runs ``dtx send`` six times in a row: each
+    run is a new process (a new socket, so a new public port) with the same
+    identity, which registers, is introduced and sends one stanza, then
+    exits as the command does (closes the session, unregisters) or is
+    killed. The TV's re-introduction limit (3 at once, then one per 10 s)
+    must not leave it answering a dead process: every run gets its stanza
+    through within the round trips it needs, not after QUIC's
+    retransmission back-off."""
+    ids = [identity_for(REMOTE, 1), identity_for(TV, 2)]
+    net, server = make_scene(ids)
+    public = PublicAddresses()
+    home_a = net.add_nat("a", "port-restricted-cone", public.take(), lan_prefix="10.1.0")
+    home_b = net.add_nat("b", "port-restricted-cone", public.take(), lan_prefix="10.2.0")
+    tv = add_device(net, home_b, ids[1], server, seed=2)
+    tv.start()
+    assert net.run_until(lambda: tv.endpoint.registered, 10.0)
+    took = []
+    for run in range(6):
+        started = net.clock.now
+        remote = add_device(net, home_a, ids[0], server, seed=10 + run, listen=False)
+        remote.start()
+        assert net.run_until(lambda: remote.endpoint.registered, 10.0)
+        remote.introduce(TV)
+        assert net.run_until(lambda: TV in remote.traversal.links, 10.0)
+        remote.connect(TV)
+        assert net.run_until(lambda: TV in remote.sessions, 10.0), f"run {run}: connected"
+        remote.send(TV, f"pause {run}")
+        assert net.run_until(lambda: f"pause {run}" in tv.bodies(REMOTE), 10.0)
+        took.append(round(net.clock.now - started, 2))
+        if exit == "graceful":  # the session, then the device (UNREGISTER)
+            remote.sessions[TV].close()
+            assert net.run_until(
+                lambda: any(isinstance(e, SessionEnded) for e in remote.events), 5.0)
+            remote.endpoint.close(net.clock.now)
+            remote.flush()
+        net.unbind(remote.addr)
+        net.remove_node(remote)
+        net.run(0.5)
+    assert tv.traversal.counters["punch_restarts_limited"] > 0, "the limit was reached"
+    assert max(took) < 1.5, f"seconds from start to the stanza, each run: {took}"
+    superseded = tv.endpoint.counters["connections_superseded"]
+    assert superseded == (5 if exit == "killed" else 0), "a dead run's connection gave way"
 
 
 # -- re-introduction ----------------------------------------------------------------
