@@ -96,7 +96,7 @@ from rendezvous.introductions import (
 )
 from rendezvous.limits import BucketTable, TokenBucket
 from rendezvous.mapping import check_registration, observed_mapping
-from rendezvous.registrations import Registration, RegistrationTable
+from rendezvous.registrations import Registration, RegistrationTable, account_of
 from dtx.wire.address import normalise_address
 from rendezvous.stun import AMPLIFICATION_FACTOR, BindingResponder, ServerAddresses
 from rendezvous.timers import TimerHeap, TimerKey, TimerKind
@@ -335,8 +335,8 @@ class RendezvousCore:
                                    cfg.control_per_registration_burst):
             return True
         self._count("dropped_rate_limited_registered")
-        self._log.warning("registration rate limited", reg.jid,
-                          "%s (%s) is over its control message budget", reg.jid, src)
+        self._log.warning("registration rate limited", reg.full_jid,
+                          "%s (%s) is over its control message budget", reg.full_jid, src)
         return False
 
     def _unproven_allowed(self, src: Address, now: float) -> bool:
@@ -516,7 +516,7 @@ class RendezvousCore:
                 self._error(msg.txid, ErrorCode.TABLE_FULL, "table full", src, size, proven=True)
                 return
             if self._regs.account_size(jid.bare) >= cfg.max_devices_per_account and not (
-                at_src is not None and at_src.jid.bare == jid.bare
+                at_src is not None and at_src.account == account_of(jid)
             ):
                 self._count("refused_too_many_devices")
                 self._error(msg.txid, ErrorCode.TABLE_FULL, "too many devices", src, size,
@@ -539,7 +539,8 @@ class RendezvousCore:
         kept += hosts
         reg = Registration(
             id=self._regs.new_id(self._rng),
-            jid=jid,
+            account=account_of(jid),
+            resource=jid.resource or "",
             key=msg.key or b"",
             addr=src,
             candidates=tuple(kept[: MAX_CANDIDATES - 1]),
@@ -609,14 +610,15 @@ class RendezvousCore:
             # another IP tells nothing about the device's NAT, and must not
             # spend the device's budget
             self._count("mapping_checks_other_ip")
-            logger.debug("mapping check for %s from another IP, %s", reg.jid, src)
+            logger.debug("mapping check for %s from another IP, %s", reg.full_jid, src)
             return
         if not self._registration_allowed(reg, src, now):
             return
         self._count("mapping_checks")
         if mapping != reg.nat_mapping:
-            self._log.info("nat mapping", reg.jid, "NAT mapping of %s: %s (%s, registered %s)",
-                           reg.jid, mapping.name.lower(), src, reg.addr)
+            self._log.info("nat mapping", reg.full_jid,
+                           "NAT mapping of %s: %s (%s, registered %s)",
+                           reg.full_jid, mapping.name.lower(), src, reg.addr)
             reg.nat_mapping = mapping
 
     def _on_unregister(self, msg: ControlMessage, reg: Registration) -> None:
@@ -629,7 +631,7 @@ class RendezvousCore:
             return
         for intro in list(reg.channels.values()):
             self._remove_introduction(intro)
-        logger.info("registration of %s from %s ended: %s", reg.jid, reg.addr, why)
+        logger.info("registration of %s from %s ended: %s", reg.full_jid, reg.addr, why)
 
     def _expire_due(self, now: float) -> None:
         """Drop registrations past their lifetime whose timer has not run yet."""
@@ -668,7 +670,7 @@ class RendezvousCore:
             return
         intro = self._intros.create(reg, peer, now, self._rng)
         self._count("introductions_total")
-        logger.info("introducing %s to %s", reg.jid, peer.jid)
+        logger.info("introducing %s to %s", reg.full_jid, peer.full_jid)
         # both in the same batch: both sides start probing at the same moment
         self._send(self._introduction(intro, ROLE_INITIATOR, msg.txid), reg.addr)
         self._send(self._introduction(intro, ROLE_RESPONDER, intro.responder_txid), peer.addr)
@@ -686,7 +688,7 @@ class RendezvousCore:
             return
         if not intro.accepted:
             self._intros.accept(intro)
-            logger.info("%s accepted %s", reg.jid, intro.initiator.jid)
+            logger.info("%s accepted %s", reg.full_jid, intro.initiator.full_jid)
             for payload in intro.take_held():
                 self._forward(intro, reg, payload)
         self._answer(ControlMessage(MessageType.ACK, msg.txid), reg)
@@ -713,7 +715,8 @@ class RendezvousCore:
             return
         if now >= intro.created + cfg.intro_timeout:
             self._count("introductions_timed_out")
-            logger.info("%s did not accept %s in time", intro.responder.jid, intro.initiator.jid)
+            logger.info("%s did not accept %s in time", intro.responder.full_jid,
+                        intro.initiator.full_jid)
             self._remove_introduction(intro)
             return
         expired = intro.expire_held(now, cfg.pending_hold)
@@ -754,8 +757,9 @@ class RendezvousCore:
         intro = reg.channels.get(channel)
         if intro is None:
             self._count("dropped_relay_channel")
-            self._log.warning("relay channel", reg.jid,
-                              "relay frame from %s (%s) on a channel not its own", reg.jid, src)
+            self._log.warning("relay channel", reg.full_jid,
+                              "relay frame from %s (%s) on a channel not its own",
+                              reg.full_jid, src)
             return
         if not reg.relay_allowed(len(data) - RELAY_HEADER_BYTES, now, cfg):
             self._count("dropped_relay_rate")
@@ -786,6 +790,8 @@ class RendezvousCore:
 
     def _handle_timer(self, now: float) -> None:
         self._used.purge(now)
+        self._per_address.forget_full(now)
+        self._per_ip.forget_full(now)
         # entries pushed while servicing are later than now: one pass suffices
         for _ in range(len(self._timers)):
             due = self._timers.pop_due(now)

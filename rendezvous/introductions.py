@@ -27,7 +27,7 @@ from dtx.wire.control import (
 )
 from dtx.wire.relay import encode_relay
 from rendezvous.ids import unique
-from rendezvous.registrations import Registration
+from rendezvous.registrations import NO_CHANNELS, Registration
 
 __all__ = [
     "ROLE_INITIATOR",
@@ -118,7 +118,7 @@ def introduction_message(
             txid,
             intro=intro.id,
             role=role,
-            peer_jid=peer.jid.full,
+            peer_jid=peer.full_jid,
             peer_key=peer.key,
             channel=intro.channel_of(me),
             probe_key=intro.probe_key,
@@ -179,6 +179,9 @@ class IntroductionTable:
             responder_txid=rng.randbytes(_TXID_BYTES),
         )
         self._intros[intro.id] = intro
+        for reg in (initiator, responder):
+            if reg.channels is NO_CHANNELS:
+                reg.channels = {}
         initiator.channels[intro.channel_initiator] = intro
         responder.channels[intro.channel_responder] = intro
         self._pending_per_target[responder.id] = self.pending_for(responder) + 1
@@ -199,6 +202,8 @@ class IntroductionTable:
             channel = intro.channel_of(reg)
             if reg.channels.get(channel) is intro:
                 del reg.channels[channel]
+                if not reg.channels:
+                    reg.channels = NO_CHANNELS
         return len(intro.take_held())
 
     def _unpend(self, intro: Introduction) -> None:

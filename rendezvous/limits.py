@@ -8,6 +8,13 @@ the key is among the ``max_entries`` most recently seen: a flood from many
 sources costs bounded memory, and a forgotten source starts again with a
 full bucket — no worse than a new one.
 
+A bucket that has refilled to its burst is exactly what a new one would
+be, so the table also forgets those (:meth:`BucketTable.forget_full`, and
+whenever a new key comes in): a source that sent its HELLO and REGISTER
+and is now registered (its messages charged to its registration) holds no
+entry here a few seconds later. The least recently seen entries are
+looked at first, so this costs O(1) amortised.
+
 Sans-IO: time is an argument.
 """
 
@@ -27,6 +34,11 @@ class TokenBucket:
     def __init__(self, burst: float, now: float) -> None:
         self.tokens = burst
         self.stamp = now
+
+    def full(self, now: float, rate: float, burst: float) -> bool:
+        """Whether the bucket has refilled to ``burst`` at ``now`` (the very
+        sum :meth:`take` would compute)."""
+        return self.tokens + (now - self.stamp) * rate >= burst
 
     def take(self, amount: float, now: float, rate: float, burst: float) -> bool:
         """Refill at ``rate`` up to ``burst``, then take ``amount`` if there."""
@@ -55,6 +67,7 @@ class BucketTable:
         """Charge ``amount`` to ``key``'s bucket; False when it has too little."""
         bucket = self._buckets.get(key)
         if bucket is None:
+            self.forget_full(now)
             bucket = TokenBucket(self._burst, now)
             self._buckets[key] = bucket
             while len(self._buckets) > self._max_entries:
@@ -62,3 +75,14 @@ class BucketTable:
         else:
             self._buckets.move_to_end(key)
         return bucket.take(amount, now, self._rate, self._burst)
+
+    def forget_full(self, now: float) -> None:
+        """Drop the least recently seen buckets that are full again (each
+        indistinguishable from the new bucket its key would get), up to
+        the first one that is not."""
+        buckets = self._buckets
+        while buckets:
+            bucket = next(iter(buckets.values()))
+            if not bucket.full(now, self._rate, self._burst):
+                return
+            buckets.popitem(last=False)

@@ -1,8 +1,9 @@
 """The registration table: who is registered, from where, with which key.
 
 One registration per full JID and one per source address (one socket, one
-device); the table indexes them by id, full JID, account (bare JID) and
-address, and keeps those indexes consistent. It decides nothing: the
+device); the table indexes them by id, account (bare JID; a full JID is
+found among its account's devices) and address, and keeps those indexes
+consistent. It decides nothing: the
 limits (table size, devices per account) and what ends with a
 registration (its introductions) are the core's business.
 
@@ -12,6 +13,7 @@ Sans-IO: time and randomness are arguments.
 from __future__ import annotations
 
 import random
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -26,18 +28,39 @@ from rendezvous.limits import TokenBucket
 if TYPE_CHECKING:
     from rendezvous.introductions import Introduction
 
-__all__ = ["Registration", "RegistrationTable"]
+__all__ = ["NO_CHANNELS", "Registration", "RegistrationTable", "account_of"]
 
 ID_BYTES = 8
+
+NO_CHANNELS: dict[int, Introduction] = {}
+"""The channel table of every registration that has none (most of them):
+one shared empty dict, never written to; the introduction table gives a
+registration a dict of its own with its first channel
+(:mod:`rendezvous.introductions`)."""
+
+
+def account_of(jid: JID) -> str:
+    """The bare JID of ``jid`` as a string (``jid.bare.full``, without
+    making the bare JID)."""
+    return jid.domain if jid.local is None else f"{jid.local}@{jid.domain}"
+
+
+def _no_channels() -> dict[int, Introduction]:
+    return NO_CHANNELS
 
 
 @dataclass(eq=False, slots=True)
 class Registration:
-    """A registered device, and the budgets it spends. Slotted: the server
-    holds up to ``max_registrations`` of them."""
+    """A registered device, and the budgets it spends. Slotted and
+    compact: the server holds up to ``max_registrations`` of them
+    (tests/unit/test_rendezvous_memory.py). The device's JID is kept as its
+    account (the bare JID as a string, the one object the table's account
+    index is keyed by, shared by the account's devices) and its resource;
+    :attr:`full_jid` and :attr:`jid` are made from them when asked."""
 
     id: bytes
-    jid: JID
+    account: str
+    resource: str
     key: bytes
     addr: Address
     candidates: tuple[Candidate, ...]
@@ -48,9 +71,19 @@ class Registration:
     control_bucket: TokenBucket
     nat_mapping: NatMapping = NatMapping.UNKNOWN
     """What the mapping check last found (docs/protocol.md 7.7)."""
-    channels: dict[int, Introduction] = field(default_factory=dict)
+    channels: dict[int, Introduction] = field(default_factory=_no_channels)
     """This device's relay channels, one per introduction it is in (owned
-    by the introduction table)."""
+    by the introduction table; :data:`NO_CHANNELS` while there are none)."""
+
+    @property
+    def full_jid(self) -> str:
+        return f"{self.account}/{self.resource}"
+
+    @property
+    def jid(self) -> JID:
+        """The device's full JID (parsed anew: for the rare caller that
+        needs the object; logs and messages use :attr:`full_jid`)."""
+        return JID.parse(self.full_jid)
 
     def relay_allowed(self, size: int, now: float, cfg: RendezvousConfig) -> bool:
         """Charge one relayed frame of ``size`` payload bytes to the
@@ -61,14 +94,15 @@ class Registration:
 
 
 class RegistrationTable:
-    """Registrations by id, full JID, account and address."""
+    """Registrations by id, account (and resource) and address."""
 
     def __init__(self) -> None:
         self._by_id: dict[bytes, Registration] = {}
-        self._by_jid: dict[JID, Registration] = {}
-        self._by_account: dict[JID, list[bytes]] = {}
-        """An account's registration ids (a list: most accounts hold one or
-        two devices, and a list of one is a quarter of a set's size)."""
+        self._by_account: dict[str, Registration | list[Registration]] = {}
+        """An account's registrations, by bare JID: the registration itself
+        while it is the account's only one (most accounts hold one device),
+        a list from the second on. A full JID is found among its account's
+        (at most ``max_devices_per_account``) devices."""
         self._by_addr: dict[Address, Registration] = {}
 
     def __len__(self) -> int:
@@ -86,39 +120,58 @@ class RegistrationTable:
 
     def for_jid(self, jid: JID) -> Registration | None:
         """The registration of the full JID ``jid``."""
-        return self._by_jid.get(jid)
+        for reg in self.account(jid):
+            if reg.resource == jid.resource:
+                return reg
+        return None
 
     def account_size(self, bare: JID) -> int:
         """How many devices of the account ``bare`` are registered."""
-        return len(self._by_account.get(bare, ()))
+        held = self._by_account.get(account_of(bare))
+        if held is None:
+            return 0
+        return len(held) if isinstance(held, list) else 1
 
-    def account(self, bare: JID) -> Iterator[Registration]:
-        for reg_id in self._by_account.get(bare, ()):
-            yield self._by_id[reg_id]
+    def account(self, jid: JID) -> Iterator[Registration]:
+        """The registered devices of ``jid``'s account."""
+        held = self._by_account.get(account_of(jid))
+        if isinstance(held, Registration):
+            yield held
+        elif held is not None:
+            yield from held
 
     def new_id(self, rng: random.Random) -> bytes:
         return unique(lambda: rng.randbytes(ID_BYTES), self._by_id)
 
     def add(self, reg: Registration) -> None:
         """Index ``reg``; the caller has removed whatever held its JID or
-        address before."""
+        address before. The registration's account string and address IP
+        become the objects already held for them (one per account, one per
+        IP behind which several devices sit)."""
+        reg.addr = (sys.intern(reg.addr[0]), reg.addr[1])
         self._by_id[reg.id] = reg
-        self._by_jid[reg.jid] = reg
-        self._by_account.setdefault(reg.jid.bare, []).append(reg.id)
+        held = self._by_account.get(reg.account)
+        if held is None:
+            self._by_account[reg.account] = reg
+        elif isinstance(held, Registration):
+            reg.account = held.account
+            self._by_account[reg.account] = [held, reg]
+        else:
+            reg.account = held[0].account
+            held.append(reg)
         self._by_addr[reg.addr] = reg
 
     def discard(self, reg: Registration) -> bool:
         """Forget ``reg``; False if it was not in the table."""
         if self._by_id.pop(reg.id, None) is None:
             return False
-        if self._by_jid.get(reg.jid) is reg:
-            del self._by_jid[reg.jid]
-        account = self._by_account.get(reg.jid.bare)
-        if account is not None:
-            if reg.id in account:
-                account.remove(reg.id)
-            if not account:
-                del self._by_account[reg.jid.bare]
+        held = self._by_account.get(reg.account)
+        if held is reg:
+            del self._by_account[reg.account]
+        elif isinstance(held, list) and reg in held:
+            held.remove(reg)
+            if len(held) == 1:
+                self._by_account[reg.account] = held[0]
         if self._by_addr.get(reg.addr) is reg:
             del self._by_addr[reg.addr]
         return True
@@ -128,7 +181,7 @@ class RegistrationTable:
         the account's most recently refreshed live device other than the
         asker."""
         if not target.is_bare:
-            peer = self._by_jid.get(target)
+            peer = self.for_jid(target)
             if peer is not None and peer.expires <= now:
                 return None
             return peer
