@@ -555,18 +555,24 @@ class RendezvousCore:
         self._push(reg.expires, TimerKind.REGISTRATION, reg.id)
         self._count("registrations_total")
         logger.info("registered %s from %s", jid, src)
-        self._answer(
-            ControlMessage(
-                MessageType.REGISTERED,
-                msg.txid,
-                registration=reg.id,
-                reflexive=src,
-                lifetime=int(cfg.lifetime),
-                keepalive=int(cfg.keepalive),
-                mapping_port=self._addresses.mapping_port,
-            ),
-            reg,
-        )
+        # A TARGET in the REGISTER asks for the introduction at once
+        # (docs/protocol.md 7.6): REGISTERED names it when the INTRODUCTIONs
+        # follow in the same batch, behind it; a refusal is left to the
+        # device's own INTRODUCE, which gets the error.
+        at = len(self._out)
+        target = msg.target
+        if target is not None and self._introduce(reg, target, msg.txid, now) is not None:
+            target = None
+        self._out.insert(at, (encode_control(ControlMessage(
+            MessageType.REGISTERED,
+            msg.txid,
+            registration=reg.id,
+            reflexive=src,
+            lifetime=int(cfg.lifetime),
+            keepalive=int(cfg.keepalive),
+            mapping_port=self._addresses.mapping_port,
+            target=target,
+        )), reg.addr, self._primary))
 
     def _registered(self, reg_id: bytes | None, src: Address, now: float) -> Registration | None:
         """The live registration ``reg_id`` if it belongs to ``src``."""
@@ -640,41 +646,46 @@ class RendezvousCore:
     # -- introductions ------------------------------------------------------
 
     def _on_introduce(self, msg: ControlMessage, reg: Registration, now: float) -> None:
+        refused = self._introduce(reg, msg.target or "", msg.txid, now)
+        if refused is not None:
+            self._refuse(msg, reg, *refused)
+
+    def _introduce(self, reg: Registration, target_jid: str, txid: bytes,
+                   now: float) -> tuple[ErrorCode, str] | None:
+        """Introduce ``reg`` to ``target_jid`` (docs/protocol.md 7.6): the
+        INTRODUCTIONs go out, ``reg``'s with ``txid``; or the refusal
+        (code, reason), with nothing sent."""
         cfg = self._config
         try:
-            target = JID.parse(msg.target or "")
+            target = JID.parse(target_jid)
         except JIDError:
-            self._refuse(msg, reg, ErrorCode.BAD_REQUEST, "bad target")
-            return
+            return ErrorCode.BAD_REQUEST, "bad target"
         peer = self._regs.find_target(target, reg, now)
         if peer is None:
-            self._refuse(msg, reg, ErrorCode.NOT_FOUND, "target not registered")
-            return
+            return ErrorCode.NOT_FOUND, "target not registered"
         if peer is reg:
-            self._refuse(msg, reg, ErrorCode.BAD_REQUEST, "cannot introduce to itself")
-            return
+            return ErrorCode.BAD_REQUEST, "cannot introduce to itself"
         existing = self._intros.recent(reg, peer, now, cfg.intro_timeout)
         if existing is not None:
             self._count("introductions_repeated")
-            self._send(self._introduction(existing, ROLE_INITIATOR, msg.txid), reg.addr)
-            return
+            self._send(self._introduction(existing, ROLE_INITIATOR, txid), reg.addr)
+            return None
         if len(self._intros) >= cfg.max_introductions:
-            self._refuse(msg, reg, ErrorCode.TABLE_FULL, "table full")
-            return
+            return ErrorCode.TABLE_FULL, "table full"
         if (
             len(reg.channels) >= cfg.max_introductions_per_device
             or len(peer.channels) >= cfg.max_introductions_per_device
             or self._intros.pending_for(peer) >= cfg.max_pending_introductions_per_target
         ):
-            self._refuse(msg, reg, ErrorCode.RATE_LIMITED, "too many introductions")
-            return
+            return ErrorCode.RATE_LIMITED, "too many introductions"
         intro = self._intros.create(reg, peer, now, self._rng)
         self._count("introductions_total")
         logger.info("introducing %s to %s", reg.full_jid, peer.full_jid)
         # both in the same batch: both sides start probing at the same moment
-        self._send(self._introduction(intro, ROLE_INITIATOR, msg.txid), reg.addr)
+        self._send(self._introduction(intro, ROLE_INITIATOR, txid), reg.addr)
         self._send(self._introduction(intro, ROLE_RESPONDER, intro.responder_txid), peer.addr)
         self._schedule_intro(intro)
+        return None
 
     def _introduction(self, intro: Introduction, role: Role, txid: bytes) -> bytes:
         """One side's INTRODUCTION, with NAT_MAPPING when there is a

@@ -562,15 +562,19 @@ class Peer:
 
     async def _introduce(self, jid: str, deadline: float) -> Link:
         loop = self._loop_()
-        await self.wait_registered(max(0.0, deadline - loop.time()))
         key = JID.parse(jid).full
         fut = self._introductions.get(key)
         if fut is None or fut.done():
+            # Asked for before the registration is accepted: the request
+            # rides in the REGISTER (one round trip less for a cold start).
             fut = loop.create_future()
+            # (its error may reach the caller as the registration's instead)
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())
             self._introductions[key] = fut
             self._started().introduce(key, self._now())
             self._wake()
         try:
+            await self.wait_registered(max(0.0, deadline - loop.time()))
             async with asyncio.timeout_at(deadline):
                 return await asyncio.shield(fut)
         except TimeoutError:

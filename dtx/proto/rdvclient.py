@@ -30,10 +30,13 @@ from ..wire.control import (
     encode_hello,
     encode_register,
 )
+from ..errors import LocalProtocolError
 from ..wire.address import Address
 
 logger = logging.getLogger(__name__)
 
+MAX_WAITING_TARGETS = 64
+"""Targets that may wait for the registration at once."""
 
 
 class RegistrationState(Enum):
@@ -147,6 +150,11 @@ class RendezvousClient:
     _keepalive_misses: int = 0
     _restart_at: float | None = None
     _was_registered: bool = False
+    _waiting: list[str] = field(default_factory=list)
+    """Targets asked for before the registration was accepted: the first
+    rides in the REGISTER (TARGET), the rest are asked for once
+    registered."""
+    _register_target: str | None = None
 
     # -- user calls ---------------------------------------------------------------
 
@@ -159,9 +167,16 @@ class RendezvousClient:
         self._request(MessageType.HELLO, encode_hello, now)
 
     def introduce(self, target: str, now: float) -> None:
-        """Ask the server to introduce this device and ``target``."""
+        """Ask the server to introduce this device and ``target``. Before
+        the registration is accepted the target waits for it (the first
+        one goes in the REGISTER itself, saving a round trip); a
+        registration refused for good fails the waiting ones."""
         if self.registration is None:
-            self._events.append(IntroductionFailed(target, 404, "not registered"))
+            if target not in self._waiting:
+                if len(self._waiting) >= MAX_WAITING_TARGETS:
+                    self._events.append(IntroductionFailed(target, 429, "too many waiting"))
+                    return
+                self._waiting.append(target)
             return
         registration = self.registration
         self._request(
@@ -265,18 +280,8 @@ class RendezvousClient:
                 logger.debug("rendezvous: CHALLENGE without a challenge")
                 return
             self.state = RegistrationState.REGISTER_SENT
-            self._request(
-                MessageType.REGISTER,
-                lambda txid: encode_register(
-                    txid=txid,
-                    jid=self.jid,
-                    key=self.key,
-                    challenge=challenge,
-                    candidates=self._candidates(),
-                    sign=self.sign,
-                ),
-                now,
-            )
+            self._request(MessageType.REGISTER,
+                          lambda txid: self._register(txid, challenge), now)
         elif msg.type is MessageType.REGISTERED and req.kind is MessageType.REGISTER:
             if msg.reflexive is None or msg.registration is None:
                 logger.debug("rendezvous: REGISTERED without an address or registration")
@@ -300,6 +305,7 @@ class RendezvousClient:
             self._events.append(Registered(msg.reflexive, again))
             if old is not None and old != msg.reflexive:
                 self._events.append(ReflexiveChanged(old, msg.reflexive))
+            self._introduce_waiting(msg, req, now)
         elif msg.type is MessageType.KEEPALIVE_ACK and req.kind is MessageType.KEEPALIVE:
             self._keepalive_misses = 0
             if msg.reflexive is not None and msg.reflexive != self.reflexive:
@@ -314,6 +320,47 @@ class RendezvousClient:
             pass
         else:
             logger.debug("rendezvous: unexpected %s for %s", msg.type.name, req.kind.name)
+
+    def _register(self, txid: bytes, challenge: bytes) -> bytes:
+        """The signed REGISTER, with the first waiting target when it fits
+        (a JID near the limit may not leave room for a second one)."""
+        target = self._waiting[0] if self._waiting else None
+
+        def build(target: str | None) -> bytes:
+            return encode_register(txid=txid, jid=self.jid, key=self.key, challenge=challenge,
+                                   candidates=self._candidates(), sign=self.sign, target=target)
+        try:
+            data = build(target)
+        except LocalProtocolError:
+            if target is None:
+                raise
+            target = None
+            data = build(None)
+        self._register_target = target
+        return data
+
+    def _introduce_waiting(self, msg: ControlMessage, req: _Request, now: float) -> None:
+        """Registered: the waiting targets are asked for. The REGISTER's own
+        target is not when REGISTERED names it (its INTRODUCTION follows
+        with the REGISTER's transaction id; if that is lost, the INTRODUCE
+        goes out under the same id on the usual retransmission timer)."""
+        waiting, self._waiting = self._waiting, []
+        sent, self._register_target = self._register_target, None
+        for target in waiting:
+            if target == sent and msg.target == sent and self.registration is not None:
+                data = encode_control(ControlMessage(
+                    MessageType.INTRODUCE, req.txid, registration=self.registration,
+                    target=target))
+                self._requests[req.txid] = _Request(
+                    MessageType.INTRODUCE, req.txid, data, now + self.config.retransmit[0],
+                    1, target)
+            else:
+                self.introduce(target, now)
+
+    def _fail_waiting(self, code: int, reason: str) -> None:
+        waiting, self._waiting = self._waiting, []
+        for target in waiting:
+            self._events.append(IntroductionFailed(target, code, reason))
 
     def _on_error(self, req: _Request, msg: ControlMessage, now: float) -> None:
         code, reason = msg.error or (400, "")
@@ -337,6 +384,7 @@ class RendezvousClient:
             if code == 401:
                 self._restart_at = now
             else:
+                self._fail_waiting(code, reason)
                 self._restart_at = now + (
                     self.config.reregister_pause if code in (429, 503) else 30.0
                 )
@@ -375,6 +423,7 @@ class RendezvousClient:
                 elif req.kind in (MessageType.HELLO, MessageType.REGISTER):
                     self.state = RegistrationState.IDLE
                     self._restart_at = now + self.config.reregister_pause
+                    self._fail_waiting(408, "no answer from the rendezvous")
                 elif req.kind is MessageType.KEEPALIVE and req.retransmitted:
                     self._lost("no answer to keepalive", now)
                 continue

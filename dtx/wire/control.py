@@ -423,9 +423,12 @@ def encode_register(
     challenge: bytes,
     candidates: tuple[Candidate, ...] | list[Candidate],
     sign: Callable[[bytes], bytes],
+    target: str | None = None,
 ) -> bytes:
     """A REGISTER signed with ``sign`` over REGISTER_CONTEXT and every byte
-    before the SIGNATURE attribute."""
+    before the SIGNATURE attribute; ``target``: introduce this device to
+    it once registered (docs/protocol.md 7.6). :class:`LocalProtocolError`
+    when it would not fit in one message."""
     msg = ControlMessage(
         MessageType.REGISTER,
         txid,
@@ -433,6 +436,7 @@ def encode_register(
         key=key,
         challenge=challenge,
         candidates=tuple(candidates),
+        target=target,
     )
     body = _body(msg)
     signature = sign(REGISTER_CONTEXT + body)

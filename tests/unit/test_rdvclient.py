@@ -3,7 +3,9 @@ registration, keepalives, introductions, loss, and a server restart."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
+from typing import Any
 
 from dtx.identity import DeviceIdentity, generate_identity
 from dtx.proto.rdvclient import (
@@ -15,7 +17,7 @@ from dtx.proto.rdvclient import (
     RendezvousEvent,
 )
 from dtx.trust import StaticKeys
-from dtx.wire.control import decode_control
+from dtx.wire.control import ControlMessage, decode_control
 from rendezvous.core import RendezvousConfig, RendezvousCore
 from rendezvous.stun import ServerAddresses
 
@@ -159,3 +161,131 @@ def test_registers_again_after_a_server_restart() -> None:
     again = [e for e in evs if isinstance(e, Registered)]
     assert again and again[-1].again
     assert world.clients[a].registered and world.clients[a].registration != old
+
+
+# -- an introduction asked for before registering rides in the REGISTER ---------
+
+
+class Wire:
+    """What went over the wire between one client and the server, decoded."""
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+        self.sent: list[tuple[str, str]] = []  # (direction, type name)
+
+    def shuttle(self, drop: frozenset[str] = frozenset()) -> None:
+        """Like World.shuttle, noting every message; types in ``drop`` that
+        the server sends vanish."""
+        world = self.world
+        for _ in range(50):
+            moved = False
+            for addr, client in world.clients.items():
+                for data, _ in client.datagrams_to_send():
+                    moved = True
+                    self.sent.append(("->", decode_control(data).type.name))
+                    world.core.receive_datagram(data, addr, SERVER, world.now)
+            for data, dest, _ in world.core.datagrams_to_send():
+                moved = True
+                msg = decode_control(data)
+                self.sent.append(("<-", msg.type.name))
+                if msg.type.name not in drop and dest in world.clients:
+                    world.clients[dest].receive(msg, world.now)
+            if not moved:
+                return
+
+
+def cold_start(drop: frozenset[str] = frozenset()
+               ) -> tuple[World, Wire, tuple[str, int], tuple[str, int]]:
+    """The TV registered; the remote starts and asks for the TV at once."""
+    world = World(generate_identity("remote@example.org/phone"),
+                  generate_identity("tv@example.org/living-room"))
+    a, b = list(world.clients)
+    world.clients[b].start(world.now)
+    world.shuttle()
+    world.events(b)
+    wire = Wire(world)
+    remote = world.clients[a]
+    remote.start(world.now)
+    remote.introduce("tv@example.org", world.now)
+    assert world.events(a) == [], "the introduction waits for the registration"
+    wire.shuttle(drop)
+    return world, wire, a, b
+
+
+def test_an_introduction_asked_for_while_registering_takes_two_round_trips_not_three() -> None:
+    world, wire, a, b = cold_start()
+    mine = [t for d, t in wire.sent if d == "->"]
+    assert mine == ["HELLO", "REGISTER"], "no INTRODUCE: it rode in the REGISTER"
+    evs = world.events(a)
+    assert [type(e).__name__ for e in evs] == ["Registered", "IntroductionReceived"]
+    intro = evs[1]
+    assert isinstance(intro, IntroductionReceived)
+    assert intro.message.peer_jid == "tv@example.org/living-room" and intro.message.role == 1
+    (theirs,) = world.events(b)
+    assert isinstance(theirs, IntroductionReceived) and theirs.message.role == 2
+    assert theirs.message.intro == intro.message.intro
+    assert world.core.statistics()["introductions_total"] == 1
+
+
+def test_a_lost_introduction_after_the_register_is_asked_for_again() -> None:
+    world, wire, a, _ = cold_start(drop=frozenset({"INTRODUCTION"}))
+    assert [type(e).__name__ for e in world.events(a)] == ["Registered"]
+    world.run_until(world.now + 0.3)  # the INTRODUCE's first retransmission time
+    evs = world.events(a)
+    assert [type(e).__name__ for e in evs] == ["IntroductionReceived"]
+    assert world.core.statistics()["introductions_repeated"] == 1, "the same introduction"
+
+
+def test_an_old_server_that_ignores_the_target_gets_the_introduce() -> None:
+    world = World(generate_identity("remote@example.org/phone"),
+                  generate_identity("tv@example.org/living-room"))
+    a, b = list(world.clients)
+    world.clients[b].start(world.now)
+    world.shuttle()
+    world.events(b)
+    core = world.core
+    finish = core._finish_register
+
+    def ignoring_target(msg: ControlMessage, *args: Any) -> None:
+        finish(dataclasses.replace(msg, target=None), *args)
+
+    core._finish_register = ignoring_target  # type: ignore[assignment,method-assign]
+    wire = Wire(world)
+    remote = world.clients[a]
+    remote.start(world.now)
+    remote.introduce("tv@example.org", world.now)
+    wire.shuttle()
+    assert [t for d, t in wire.sent if d == "->"] == ["HELLO", "REGISTER", "INTRODUCE"]
+    evs = world.events(a)
+    assert [type(e).__name__ for e in evs] == ["Registered", "IntroductionReceived"]
+
+
+def test_a_target_that_is_not_registered_fails_after_registering() -> None:
+    world = World(generate_identity("remote@example.org/phone"),
+                  generate_identity("tv@example.org/living-room"))
+    a, _ = list(world.clients)
+    remote = world.clients[a]
+    remote.start(world.now)
+    remote.introduce("tv@example.org", world.now)
+    world.shuttle()
+    evs = world.events(a)
+    assert [type(e).__name__ for e in evs] == ["Registered", "IntroductionFailed"]
+    failed = evs[1]
+    assert isinstance(failed, IntroductionFailed)
+    assert (failed.code, failed.reason) == (404, "target not registered")
+
+
+def test_a_refused_registration_fails_the_waiting_introductions() -> None:
+    stranger = generate_identity("remote@example.org/phone")
+    world = World(generate_identity("tv@example.org/living-room"))
+    world.clients[("198.51.100.99", 40099)] = RendezvousClient(
+        jid=str(stranger.jid), key=stranger.public_key, sign=stranger.sign, server=SERVER,
+        rng=random.Random(9))
+    addr = ("198.51.100.99", 40099)
+    world.clients[addr].start(world.now)
+    world.clients[addr].introduce("tv@example.org", world.now)
+    world.shuttle()
+    evs = world.events(addr)
+    names = [type(e).__name__ for e in evs]
+    assert names == ["RegistrationRefused", "IntroductionFailed"], names
+    assert isinstance(evs[1], IntroductionFailed) and evs[1].code == 403

@@ -877,6 +877,34 @@ def test_a_restarted_server_and_an_absent_peer_mean_bounded_re_introductions() -
     assert gaps == [round(d) for d in TraversalConfig().reintroduce_backoff], gaps
 
 
+def test_a_device_that_asks_for_its_peer_at_start_is_introduced_without_an_introduce() -> None:
+    """A one-shot command asks for the TV as the device starts: the request
+    rides in the REGISTER (TARGET), so the introduction arrives with the
+    registration, one round trip to the rendezvous sooner, and the session
+    opens on it."""
+    route = Introductions(SERVER_ADDR)
+    ids = [identity_for(REMOTE, 1), identity_for(TV, 2)]
+    net, server = make_scene(ids, route_packet=route)
+    public = PublicAddresses()
+    home_a = net.add_nat("a", "port-restricted-cone", public.take(), lan_prefix="10.1.0")
+    home_b = net.add_nat("b", "port-restricted-cone", public.take(), lan_prefix="10.2.0")
+    tv = add_device(net, home_b, ids[1], server, seed=2)
+    tv.start()
+    assert net.run_until(lambda: tv.endpoint.registered, 10.0)
+    remote = add_device(net, home_a, ids[0], server, seed=1, listen=False)
+    remote.start()
+    remote.introduce(TV)
+    assert not remote.endpoint.registered
+    assert net.run_until(lambda: TV in remote.traversal.links, 10.0)
+    assert remote.endpoint.registered
+    assert route.sent == [], "no INTRODUCE went out"
+    remote.connect(TV)
+    assert net.run_until(lambda: TV in remote.sessions, 10.0)
+    remote.send(TV, "pause")
+    assert net.run_until(lambda: "pause" in tv.bodies(REMOTE), 10.0)
+    assert server.core.statistics()["introductions_total"] == 1
+
+
 def test_an_introduction_without_its_fields_is_a_decode_error_not_an_assert() -> None:
     msg = ControlMessage(MessageType.INTRODUCTION, b"t" * 8, peer_jid=TV, intro=b"i" * 8,
                          channel=7, role=Role.RESPONDER)
