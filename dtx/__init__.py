@@ -32,7 +32,7 @@ from .identity import DeviceIdentity, generate_identity, load_identity, save_ide
 from .jid import JID
 from .proto.linklocal import LinkLocalConfig
 from .proto.paths import PathKind
-from .proto.session import SessionConfig, SessionEnded
+from .proto.sessiontypes import SessionConfig, SessionEnded
 
 if TYPE_CHECKING:
     from .aio.linklocal import LinkLocal, LinkLocalStream

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .. import _lazy
 from ..errors import AuthenticationError, ConnectError, DtxError, TrustError
 from ..identity import DeviceIdentity, fingerprint
 from ..jid import JID, jid_matches
@@ -35,7 +36,7 @@ from ..proto import endpoint as ep
 from ..proto.linklocal import LinkLocalConfig
 from ..proto.paths import PathConfig, PathKind
 from ..proto.portmap import PortMapClient, PortMapConfig, PortMapEvent, PortMapState, ProbeFailed
-from ..proto.session import SessionConfig, SessionEnded
+from ..proto.sessiontypes import SessionConfig, SessionEnded
 from ..proto.traversal import Link, Traversal, TraversalConfig
 from .netif import default_gateway, host_candidates, source_ip_towards
 from .session import Session
@@ -261,6 +262,9 @@ class Peer:
             self._start_port_mapping()
             self._upnp_fallback(sock)
         self._transmit()
+        # The first datagrams are out: the QUIC engine loads while they
+        # travel (a cold command's handshake is two round trips away).
+        _lazy.load_in_background()
         if cfg.lan:
             await self._start_lan(listen)
 

@@ -25,7 +25,7 @@ from .. import stanza as st
 from ..errors import DtxError, IqError, IqTimeout, SessionClosedError
 from ..proto import endpoint as ep
 from ..proto.paths import PathChanged, PathKind
-from ..proto.session import SessionEnded
+from ..proto.sessiontypes import SessionEnded
 from ..wire.address import Address
 
 logger = logging.getLogger(__name__)

@@ -45,7 +45,7 @@ from typing import Any
 from xml.etree.ElementTree import Element
 
 from aioquic.buffer import Buffer  # type: ignore[attr-defined]
-from aioquic.quic.packet import QuicPacketType, encode_quic_retry, pull_quic_header
+from aioquic.quic import packet as quic_packet
 
 from ..errors import (
     AuthenticationError,
@@ -58,15 +58,16 @@ from ..errors import (
 from ..identity import DeviceIdentity
 from ..logs import LogLimiter
 from ..wire.demux import PacketKind, classify
-from . import congestion
+# The QUIC engine's modules load on first use, or in the background while
+# the device registers (dtx._lazy): none of it is needed before a handshake.
+from . import auth
 from . import session as sc
 from .binding import BindingClient, BindingEvent
-from .auth import AuthenticatedQuicConnection, make_certificate, quic_configuration
 from .paths import PathChanged, PathKind
 from .retry import RetryTokens
 from .portmap import (MappingCreated, MappingLost, MappingRenewed, PortMapClient,
                       PortMapEvent, PortMapState)
-from .session import SessionConfig, XmlSession, trust_check_for
+from .sessiontypes import SessionConfig
 from .turn import AllocationState as TurnState
 from .turn import DataReceived as TurnDataReceived
 from .turn import TurnClient, TurnEvent
@@ -137,7 +138,7 @@ class EndpointConfig:
     ``handshake_timeout`` counts as failed."""
     max_suspended: int = 64
     """Suspended sessions held at once; past it the oldest ends."""
-    congestion_control: str = congestion.NAME
+    congestion_control: str = "loss-tolerant"  # (dtx.proto.congestion.NAME)
     """QUIC congestion control: ``loss-tolerant`` (dtx's, which keeps its
     window at random loss: :mod:`dtx.proto.congestion`), ``reno``, ``cubic``."""
     duplicate_after_loss: float = 30.0
@@ -298,8 +299,8 @@ class Connection:
     :meth:`Endpoint.datagrams_to_send`.
     """
 
-    def __init__(self, endpoint: Endpoint, quic: AuthenticatedQuicConnection,
-                 core: XmlSession, address: Address, *, initiator: bool, now: float,
+    def __init__(self, endpoint: Endpoint, quic: auth.AuthenticatedQuicConnection,
+                 core: sc.XmlSession, address: Address, *, initiator: bool, now: float,
                  sid: str, log: logging.LoggerAdapter[logging.Logger],
                  link: Link | None, fixed_path: PathKind) -> None:
         self._endpoint = endpoint
@@ -530,7 +531,9 @@ class Endpoint:
         self.listening = listen
         self._verify = verify
         self._rng = rng
-        self._certificate = make_certificate(identity.private_key, self.jid)
+        self._certificate: Any = None
+        """The device's self-signed certificate, made with the first
+        connection (its module and the QUIC engine load by then)."""
         self._connections: dict[Address, Connection] = {}
         self._dirty: set[Connection] = set()
         self._events: deque[EndpointEvent] = deque()
@@ -855,12 +858,12 @@ class Endpoint:
             counters["datagrams_dropped"] += 1
             return None
         try:
-            header = pull_quic_header(Buffer(data=data), host_cid_length=8)
+            header = quic_packet.pull_quic_header(Buffer(data=data), host_cid_length=8)
         except ValueError:
             counters["datagrams_dropped"] += 1
             logger.debug("dropped a non-QUIC datagram from %s", addr)
             return None
-        if header.packet_type != QuicPacketType.INITIAL or len(data) < 1200:
+        if header.packet_type != quic_packet.QuicPacketType.INITIAL or len(data) < 1200:
             counters["datagrams_dropped"] += 1
             return None
         cfg = self.config
@@ -914,7 +917,7 @@ class Endpoint:
         token from the address it claims, or (spoofed) never does."""
         scid = self._rng.getrandbits(64).to_bytes(8, "big")
         token = self._retry.issue(addr, header.destination_cid, scid, now)
-        self._out_stateless.append((encode_quic_retry(
+        self._out_stateless.append((quic_packet.encode_quic_retry(
             header.version, source_cid=scid, destination_cid=header.source_cid,
             original_destination_cid=header.destination_cid, retry_token=token), addr))
         self.counters["retry_sent"] += 1
@@ -1065,26 +1068,31 @@ class Endpoint:
             self.traversal.idle(link.peer_jid, None)
         return conn
 
+    def _device_certificate(self) -> Any:
+        if self._certificate is None:
+            self._certificate = auth.make_certificate(self.identity.private_key, self.jid)
+        return self._certificate
+
     def _machines(self, *, initiator: bool, expected: str | None,
                   original_dcid: bytes | None = None, retry_scid: bytes | None = None,
                   resume: sc.ResumeState | None = None,
-                  ) -> tuple[AuthenticatedQuicConnection, XmlSession, str,
+                  ) -> tuple[auth.AuthenticatedQuicConnection, sc.XmlSession, str,
                              logging.LoggerAdapter[logging.Logger]]:
         """A QUIC connection and the XML stream on it (resuming ``resume``)."""
         cfg = self.config
-        qconf = quic_configuration(
+        qconf = auth.quic_configuration(
             is_client=initiator,
             private_key=self.identity.private_key,
-            certificate=self._certificate,
+            certificate=self._device_certificate(),
             idle_timeout=cfg.idle_timeout,
             # The receiver's own limit: no DATAGRAM frame larger than a packet.
             max_datagram_frame_size=cfg.max_datagram_size if cfg.datagrams else None,
             max_datagram_size=cfg.max_datagram_size,
             congestion_control=cfg.congestion_control,
         )
-        quic = AuthenticatedQuicConnection(
+        quic = auth.AuthenticatedQuicConnection(
             configuration=qconf,
-            check=trust_check_for(self._verify, expected),
+            check=sc.trust_check_for(self._verify, expected),
             original_destination_connection_id=original_dcid,
             retry_source_connection_id=retry_scid,
         )
@@ -1092,7 +1100,7 @@ class Endpoint:
         sid = f"{self._sid_next:x}"
         self._sid_next += 1
         log = _Adapter(logger, {"sid": sid})
-        core = XmlSession(
+        core = sc.XmlSession(
             quic,
             local_jid=self.jid,
             peer_jid=expected,

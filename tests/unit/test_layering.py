@@ -101,6 +101,42 @@ def test_the_command_lines_load_uvloop_only_to_start_the_loop() -> None:
     assert_runs(code)
 
 
+def test_a_device_starts_before_the_quic_engine_loads_and_loads_it_meanwhile() -> None:
+    """A one-shot ``dtx send`` opens its socket and registers before any of
+    aioquic (or X.509) is loaded: ``dtx.cli`` and the asyncio peer import
+    none of it. A started peer loads it in a background thread while its
+    first datagrams travel, and a module read while that thread imports it
+    is the one, fully loaded module (the thread's import, not a second)."""
+    code = (
+        "import sys, asyncio, dtx.cli, dtx.aio.peer as peer_module\n"
+        "engine = ('aioquic.quic.connection', 'aioquic.tls', 'aioquic.quic.packet',"
+        " 'cryptography.x509', 'dtx.proto.session', 'dtx.proto.auth')\n"
+        "def real(m):\n"
+        "    mod = sys.modules.get(m)\n"
+        "    return mod is not None and type(mod).__name__ != '_Deferred'\n"
+        "loaded = [m for m in engine if real(m)]\n"
+        "assert not loaded, loaded\n"
+        "from dtx import _lazy\n"
+        "from dtx.identity import generate_identity\n"
+        "from dtx.trust import StaticKeys, Verifier, PinStore\n"
+        "me = generate_identity('tv@example.org/living-room')\n"
+        "async def main():\n"
+        "    p = peer_module.Peer(me, Verifier([StaticKeys({})], PinStore(None)),\n"
+        "                         config=peer_module.PeerConfig(rendezvous=('127.0.0.1', 9)))\n"
+        "    await p.start('127.0.0.1', 0, listen=False)\n"
+        "    threads = [t for t in __import__('threading').enumerate() if t.name == 'dtx-import']\n"
+        "    assert threads, 'no background import'\n"
+        "    from dtx.proto import session\n"
+        "    assert session.XmlSession.__module__ == 'dtx.proto.session'\n"
+        "    threads[0].join(60)\n"
+        "    assert all(real(m) for m in engine), [m for m in engine if not real(m)]\n"
+        "    assert sys.modules['dtx.proto.session'].XmlSession is session.XmlSession\n"
+        "    assert _lazy.deferred() == ['service_identity'], _lazy.deferred()\n"
+        "    await p.close()\n"
+        "asyncio.run(main())\n")
+    assert_runs(code)
+
+
 def test_no_import_cycle_among_the_drivers() -> None:
     aio = ROOT / "dtx" / "aio"
     names = {p.stem for p in aio.glob("*.py") if p.stem != "__init__"}
