@@ -217,3 +217,25 @@ def test_load_generators_count_what_they_send(kind: str, tmp_path: Path) -> None
     assert run.sent > 0
     assert run.received == run.sent
     assert run.send_errors == 0
+
+
+def test_the_profile_files_each_sample_under_its_innermost_frames_layer() -> None:
+    from bench.profile import OTHER, innermost, layer_of, tally
+
+    raw = "\n".join([
+        "thread (1): MainThread;Runner.run (asyncio/runners.py:118);"
+        "UdpSocket.sendto (dtx/aio/socket.py:97) 7",
+        "thread (1): MainThread;f (aioquic/quic/connection.py:609) 5",
+        "thread (1): MainThread;g (aioquic/_crypto.py:50) 3",
+        "thread (1): MainThread;h (dtx/proto/xmlstream.py:10) 2",
+        "thread (2): dtx-import;_find_and_load (<frozen importlib._bootstrap>:1) 100",
+        "thread (1): MainThread;k (somewhere/else.py:1) 1",
+        "not a sample line",
+    ])
+    frames = innermost(raw)
+    assert sum(frames.values()) == 18, "the other thread's samples are left out"
+    layers = tally(frames)
+    assert layers[layer_of("UdpSocket.sendto (dtx/aio/socket.py:97)")] == 7
+    assert layers[layer_of("g (aioquic/_crypto.py:50)")] == 3
+    assert layer_of("g (aioquic/_crypto.py:50)") != layer_of("f (aioquic/quic/connection.py:609)")
+    assert layers[OTHER] == 1
