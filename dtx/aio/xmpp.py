@@ -269,7 +269,7 @@ class XmppSignalling:
         loop = asyncio.get_running_loop()
         await self._read_roster(xmpp)
         self._signalling = JingleSignalling(
-            self.identity, fingerprint=certificate_fingerprint(endpoint._certificate),
+            self.identity, fingerprint=certificate_fingerprint(endpoint.device_certificate()),
             may_contact=self._may_contact, keys_for=self.key_source.keys_for,
             local_candidates=self.local_candidates, rng=random.Random(self._rng.getrandbits(64)),
             config=self.config.signalling)

@@ -1068,7 +1068,10 @@ class Endpoint:
             self.traversal.idle(link.peer_jid, None)
         return conn
 
-    def _device_certificate(self) -> Any:
+    def device_certificate(self) -> Any:
+        """This device's self-signed certificate (an X.509 certificate of
+        ``cryptography``), made on first use (with the first connection, or
+        when signalling needs its fingerprint)."""
         if self._certificate is None:
             self._certificate = auth.make_certificate(self.identity.private_key, self.jid)
         return self._certificate
@@ -1083,7 +1086,7 @@ class Endpoint:
         qconf = auth.quic_configuration(
             is_client=initiator,
             private_key=self.identity.private_key,
-            certificate=self._device_certificate(),
+            certificate=self.device_certificate(),
             idle_timeout=cfg.idle_timeout,
             # The receiver's own limit: no DATAGRAM frame larger than a packet.
             max_datagram_frame_size=cfg.max_datagram_size if cfg.datagrams else None,
