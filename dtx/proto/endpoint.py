@@ -552,6 +552,8 @@ class Endpoint:
             "retry_validated": 0,
             "retry_token_invalid": 0,
             "connections_superseded": 0,
+            "initial_copies_joined": 0,
+            "initial_copies_dropped": 0,
             "sessions_suspended": 0,
             "sessions_resumed": 0,
             "resume_attempts": 0,
@@ -800,6 +802,10 @@ class Endpoint:
             self._supersede(conn)
             conn = None
         if conn is None:
+            conn = self._same_handshake(data, addr)
+            if conn is not None and conn.address != addr:
+                return  # another copy of an Initial under way elsewhere (counted)
+        if conn is None:
             conn = self._admit(data, addr, now)
             if conn is None:
                 return
@@ -820,11 +826,7 @@ class Endpoint:
         if conn.initiator or link is None or link.introduced_at <= conn.started_at \
                 or len(data) < 1200 or data[0] & 0xF0 != 0xC0:  # (QUIC v1 Initial)
             return False
-        dcid = data[6:6 + data[5]]
-        quic = conn.quic
-        known = {quic.original_destination_connection_id,
-                 *(c.cid for c in quic._host_cids)}
-        return dcid not in known
+        return not _addressed_to(conn, data[6:6 + data[5]])
 
     def _supersede(self, conn: Connection) -> None:
         """A restarted peer's new connection takes the place of ``conn``:
@@ -1402,6 +1404,40 @@ class Endpoint:
                     self._rehome(ev.link)
                 self._events.append(ev)
 
+    def _same_handshake(self, data: bytes, addr: Address) -> Connection | None:
+        """The accepted handshake in progress that a copy of this Initial
+        belongs to (None: it starts one), when the copy comes another way:
+        the initiator sends its first
+        Initial through the relay and straight to the peer's candidates at
+        once, and the direct copy can come first from an address the link
+        does not know yet (a peer behind a symmetric NAT, whose port toward
+        this device no one has seen). The copy that arrives on the link's
+        mapped address moves that handshake there (as :meth:`_rehome`
+        does); a copy from an unknown address of a handshake the link has
+        already is counted and dropped. Without this each copy would start
+        a connection of its own, with its own keys, and neither would
+        finish."""
+        if len(data) < 1200 or data[0] & 0xF0 != 0xC0:  # (QUIC v1 Initial)
+            return None
+        dcid = data[6:6 + data[5]]
+        for other in self._connections.values():
+            if other.initiator or other.opened or other.ended is not None \
+                    or not _addressed_to(other, dcid):
+                continue
+            link = self.traversal.link_for_mapped(addr)
+            if other.link is None and link is not None:
+                old = other.address
+                del self._connections[old]
+                other.address, other.link = addr, link
+                other.quic.rehome(old, addr)
+                self._connections[addr] = other
+                self.traversal.idle(link.peer_jid, None)
+                self.counters["initial_copies_joined"] += 1
+                return other
+            self.counters["initial_copies_dropped"] += 1
+            return other
+        return None
+
     def _rehome(self, link: Link) -> None:
         """A handshake that began at one of ``link``'s real addresses before
         the introduction arrived (the initiator's direct copy of its Initial
@@ -1420,6 +1456,15 @@ class Endpoint:
                 self._connections[mapped] = conn
                 self.traversal.idle(link.peer_jid, None)
                 return
+
+
+def _addressed_to(conn: Connection, dcid: bytes) -> bool:
+    """Whether a long-header packet with destination ``dcid`` is ``conn``'s:
+    the id its client chose first, or one of this side's own ids (which
+    the client uses once it has the first answer)."""
+    quic = conn.quic
+    return dcid == quic.original_destination_connection_id \
+        or any(c.cid == dcid for c in quic._host_cids)
 
 
 __all__ = [

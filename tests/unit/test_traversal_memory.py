@@ -37,7 +37,7 @@ from dtx.wire.control import (
     decode_control,
     encode_probe,
 )
-from dtx.wire.demux import CONTROL_FIRST_BYTE
+from dtx.wire.demux import CONTROL_FIRST_BYTE, PROBE_FIRST_BYTE
 from tests.fakes import (
     FakeClock,
     LossyRoute,
@@ -563,6 +563,37 @@ def test_an_initial_that_beats_the_introduction_makes_one_connection() -> None:
     conns = tv.endpoint.connections()
     assert len(conns) == 1 and conns[0].address == tv.traversal.links[REMOTE].mapped
     assert conns[0].is_open and remote.sessions[TV].is_open
+    exchange(scene, PathKind.DIRECT)
+
+
+def test_an_initial_from_a_port_no_one_has_seen_and_its_relayed_copy_make_one_connection(
+        ) -> None:
+    """The remote sits behind a symmetric NAT, the TV's router maps its
+    port: the remote's direct copy of its first Initial reaches the TV
+    after the introduction but from the NAT's port toward the TV, which no
+    probe has shown yet (its probes are late here), and the relayed copy
+    comes on the link's mapped address after it. One connection takes
+    both and moves to the link; the handshake completes."""
+    probes_held = {"until": float("inf")}  # (until the session is asked for)
+
+    def route(net: MemoryNetwork, packet: Packet) -> None:
+        probe = packet.data[:1] == bytes([PROBE_FIRST_BYTE])
+        if probe and packet.src[0] == "198.51.100.1" and net.clock.now < probes_held["until"]:
+            net.deliver(packet, extra_delay=0.3)
+            return
+        net.deliver(packet)
+
+    scene = introduce("symmetric", "port-restricted-cone", route=route, session_within=None,
+                      port_mapped=(False, True))
+    remote, tv, net = scene.remote, scene.tv, scene.net
+    probes_held["until"] = net.clock.now + 1.0
+    remote.connect(TV)
+    assert net.run_until(lambda: TV in remote.sessions and REMOTE in tv.sessions, 5.0)
+    net.run(SETTLE)
+    conns = tv.endpoint.connections()
+    assert len(conns) == 1 and conns[0].address == tv.traversal.links[REMOTE].mapped
+    counters = tv.endpoint.counters
+    assert counters["initial_copies_joined"] + counters["initial_copies_dropped"] >= 1
     exchange(scene, PathKind.DIRECT)
 
 
