@@ -174,6 +174,8 @@ def markdown(doc: dict[str, Any]) -> str:
         + (f", commit {c['git_commit']}" if c.get("git_commit") else "") + ").",
         "",
         f"Python {c['python']} ({c['python_implementation']}), aioquic {c['aioquic']}"
+        + (f", qh3 {c['qh3']}" if c.get("qh3") and "loopback" in doc.get("scenarios", [])
+           else "")
         + "".join(f", {name} {c[name]}" for name in ("slixmpp", "aiortc", "prosody", "coturn")
                   if c.get(name) and any(s != "loopback" for s in doc.get("scenarios", [])))
         + f", {c['cpus_usable']} of {c['cpu_count']} CPUs usable, {c['platform']}"
@@ -186,6 +188,8 @@ def markdown(doc: dict[str, Any]) -> str:
            f"messages, {o['lab_connects']} connections)" if "lab_rtt_samples" in o else "")
         + ". With several runs a cell reads `median (min–max)` over the runs.",
     ]
+    for system, reason in (doc.get("left_out") or {}).items():
+        lines += ["", f"Left out: `{system}`, {reason}."]
     scenarios = list(doc.get("scenarios") or [])
     for scenario in scenarios:
         lines += _scenario_tables(doc, scenario, heading="###" if len(scenarios) > 1 else "##")

@@ -2,7 +2,9 @@
 
 Scenarios are modules under ``bench.scenarios``, each with
 ``run(opts: Options) -> list[Result]`` (and optionally ``SYSTEMS``, the
-display order, and ``DESCRIPTIONS``, one line per system). Adding a
+display order, ``DESCRIPTIONS``, one line per system, and ``left_out()``,
+the systems it leaves out on this machine, each with the reason; the
+document notes them under ``left_out``). Adding a
 scenario means adding a module; ``--scenario NAME`` imports
 ``bench.scenarios.NAME``.
 """
@@ -123,6 +125,7 @@ def conditions(argv: Sequence[str]) -> dict[str, Any]:
         "python": platform.python_version(),
         "python_implementation": platform.python_implementation(),
         "aioquic": _version("aioquic"),
+        "qh3": _version("qh3"),
         "cryptography": _version("cryptography"),
         "matplotlib": _version("matplotlib"),
         "slixmpp": _version("slixmpp"),
@@ -167,8 +170,10 @@ def build_document(argv: Sequence[str], opts: Options, names: Sequence[str],
     summaries = summarise(results)
     systems: dict[str, str] = {}
     order: list[str] = []
+    left_out: dict[str, str] = {}
     for module in modules:
         systems.update(getattr(module, "DESCRIPTIONS", {}))
+        left_out.update(getattr(module, "left_out", dict)())
         order.extend(s for s in getattr(module, "SYSTEMS", ()) if s not in order)
     for r in results:
         if r.system not in order:
@@ -179,6 +184,7 @@ def build_document(argv: Sequence[str], opts: Options, names: Sequence[str],
         "options": _options_json(opts),
         "scenarios": list(names),
         "systems": [{"name": s, "description": systems.get(s, "")} for s in order],
+        "left_out": left_out,
         "summaries": [_summary_json(s) for s in summaries],
         "targets": [dataclasses.asdict(t)
                     for t in [*targets(summaries), *lab_targets(summaries),

@@ -9,6 +9,10 @@ Systems, measured in the same process and event loop, one after another:
   its XML stream, acks and key checks to;
 * ``aioquic-flush`` — the same, one-way, calling ``transmit()`` after every
   message instead of once per event-loop turn;
+* ``qh3`` — the ``aioquic`` echo on qh3, aioquic's fork with its QUIC core
+  in Rust and the same asyncio API (one piece of code drives both:
+  :class:`QuicPackage`); measured when qh3 is installed (the bench extra),
+  left out with a warning and a note in the results when not;
 * ``dtx`` — a dtx session: ``<message/>`` stanzas of the same size, echoed
   back by the other side as new ``<message/>`` stanzas;
 * ``dtx-ping`` — XEP-0199 pings on the same session (answered by the core);
@@ -26,19 +30,19 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import importlib
 import logging
 import ssl
 import time
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any, cast
+from types import ModuleType
+from typing import Any, Protocol, cast
 from xml.etree.ElementTree import Element
 
-from aioquic.asyncio.client import connect
-from aioquic.asyncio.protocol import QuicConnectionProtocol
-from aioquic.asyncio.server import QuicServer, serve
-from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.events import QuicEvent, StreamDataReceived
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from dtx import stanza as st
@@ -59,9 +63,9 @@ REMOTE_JID = "remote@example.org/phone"
 ALPN = "dtx-bench-echo"
 
 ECHO = b"E"
-"""First byte of a stream the aioquic server echoes."""
+"""First byte of a stream the bare QUIC server echoes."""
 SINK = b"S"
-"""First byte of a stream the aioquic server only counts."""
+"""First byte of a stream the bare QUIC server only counts."""
 
 
 # -- messages and certificates --------------------------------------------------
@@ -101,7 +105,7 @@ def sized_stanza(size: int, *, to: str, index: int = 0) -> Element:
 
 
 def self_signed(host: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """A throwaway certificate for the bare aioquic server, made in memory."""
+    """A throwaway certificate for the bare QUIC servers, made in memory."""
     cert, key = self_signed_certificate(host)
     return cert, key
 
@@ -180,12 +184,66 @@ async def udp_rtt(opts: Options) -> tuple[list[float], float]:
     return samples, (sent + echo.sent) / (warmup(opts) + opts.rtt_samples)
 
 
-# -- bare aioquic -------------------------------------------------------------
+# -- bare QUIC: aioquic and qh3 --------------------------------------------------
+
+
+QUIC_PACKAGES: tuple[str, ...] = ("aioquic", "qh3")
+"""The QUIC packages measured bare, by import name (and system name): aioquic,
+dtx's own QUIC, and qh3, its fork with the QUIC core in Rust (its
+``QuicConnectionCore``) and the same asyncio API. The functions below are
+one piece of code for both; a :class:`QuicPackage` says which one they drive."""
+
+FLUSHED_QUIC_PACKAGES = frozenset({"aioquic"})
+"""Also measured one-way calling ``transmit()`` after every message, as the
+system ``<name>-flush`` (``aioquic-flush``)."""
+
+OPTIONAL_QUIC_PACKAGES = frozenset({"qh3"})
+"""Measured only when installed (the bench extra); left out, with a warning
+and a note in the results, when not."""
+
+
+@dataclass(frozen=True)
+class QuicPackage:
+    """A QUIC package with aioquic's asyncio API, as module objects.
+
+    ``aio`` is its ``asyncio`` package (``connect``, ``serve``,
+    ``QuicConnectionProtocol``), ``configuration`` its
+    ``quic.configuration`` (``QuicConfiguration``), ``events`` its
+    ``quic.events`` (``StreamDataReceived``), ``tls`` its ``tls`` (the PEM
+    loaders: qh3 wants certificates and keys of its own types, so the
+    server's are handed over as PEM to either). The echo protocols are made
+    on the package's ``QuicConnectionProtocol`` by :func:`quic_package`.
+    """
+
+    name: str
+    aio: ModuleType
+    configuration: ModuleType
+    events: ModuleType
+    tls: ModuleType
+    server_protocol: type[Any]
+    client_protocol: type[Any]
+
+
+class _Quic(Protocol):
+    """What the echo uses of either package's ``QuicConnection``."""
+
+    def get_next_available_stream_id(self, is_unidirectional: bool = False) -> int: ...
+
+    def send_stream_data(self, stream_id: int, data: bytes,
+                         end_stream: bool = False) -> None: ...
+
+
+class _QuicProtocol(Protocol):
+    """What the echo uses of either package's ``QuicConnectionProtocol``."""
+
+    _quic: _Quic
+
+    def transmit(self) -> None: ...
 
 
 @dataclass
 class _SinkState:
-    """What the aioquic server saw, shared by all its connections."""
+    """What the bare QUIC server saw, shared by all its connections."""
 
     target_bytes: int = 0
     received_bytes: int = 0
@@ -195,8 +253,17 @@ class _SinkState:
     first_arrival: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-class _EchoServerProtocol(QuicConnectionProtocol):
-    """Echoes ``E`` streams; counts ``S`` streams into a :class:`_SinkState`."""
+class _EchoServer:
+    """Echoes ``E`` streams; counts ``S`` streams into a :class:`_SinkState`.
+
+    Put before a package's ``QuicConnectionProtocol`` (:func:`quic_package`),
+    whose ``_quic`` and ``transmit()`` these are.
+    """
+
+    _quic: _Quic
+    transmit: Callable[[], None]
+    stream_data_received: type[Any]
+    """The package's ``StreamDataReceived``."""
 
     def __init__(self, *args: Any, state: _SinkState, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -204,8 +271,8 @@ class _EchoServerProtocol(QuicConnectionProtocol):
         self._modes: dict[int, bytes] = {}
         self._seen_data = False
 
-    def quic_event_received(self, event: QuicEvent) -> None:
-        if not isinstance(event, StreamDataReceived) or not event.data:
+    def quic_event_received(self, event: Any) -> None:
+        if not isinstance(event, self.stream_data_received) or not event.data:
             return
         state = self._state
         if not self._seen_data:
@@ -223,8 +290,13 @@ class _EchoServerProtocol(QuicConnectionProtocol):
                 state.done.set()
 
 
-class _EchoClientProtocol(QuicConnectionProtocol):
-    """Collects echoed bytes and wakes a waiter once enough came back."""
+class _EchoClient:
+    """Collects echoed bytes and wakes a waiter once enough came back
+    (before a package's ``QuicConnectionProtocol``, as :class:`_EchoServer`)."""
+
+    _quic: _Quic
+    transmit: Callable[[], None]
+    stream_data_received: type[Any]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -232,15 +304,51 @@ class _EchoClientProtocol(QuicConnectionProtocol):
         self.got = 0
         self.waiter: asyncio.Future[None] | None = None
 
-    def quic_event_received(self, event: QuicEvent) -> None:
-        if isinstance(event, StreamDataReceived):
+    def quic_event_received(self, event: Any) -> None:
+        if isinstance(event, self.stream_data_received):
             self.got += len(event.data)
             if self.waiter is not None and not self.waiter.done() and self.got >= self.expect:
                 self.waiter.set_result(None)
 
 
-class _AioquicServer:
-    def __init__(self, server: QuicServer, state: _SinkState) -> None:
+@functools.cache
+def quic_package(name: str) -> QuicPackage:
+    """QUIC package ``name`` (one of :data:`QUIC_PACKAGES`), imported, with
+    the echo protocols made on its ``QuicConnectionProtocol``; ImportError
+    when it is not installed."""
+    aio = importlib.import_module(f"{name}.asyncio")
+    events = importlib.import_module(f"{name}.quic.events")
+    base = aio.QuicConnectionProtocol
+    extra = {"stream_data_received": events.StreamDataReceived}
+    return QuicPackage(
+        name=name, aio=aio,
+        configuration=importlib.import_module(f"{name}.quic.configuration"),
+        events=events, tls=importlib.import_module(f"{name}.tls"),
+        server_protocol=type("_EchoServerProtocol", (_EchoServer, base), extra),
+        client_protocol=type("_EchoClientProtocol", (_EchoClient, base), extra))
+
+
+def quic_missing(name: str) -> str | None:
+    """Why QUIC package ``name`` cannot be measured, or None."""
+    try:
+        quic_package(name)
+    except ImportError as exc:
+        return f"{name} is not installed (the bench extra: pip install -e '.[bench]'; {exc})"
+    return None
+
+
+def left_out() -> dict[str, str]:
+    """The systems this scenario leaves out here, each with the reason
+    (``python -m bench`` notes them in the results)."""
+    return {name: reason for name in sorted(OPTIONAL_QUIC_PACKAGES)
+            if (reason := quic_missing(name)) is not None}
+
+
+class _QuicServer:
+    """A package's ``QuicServer`` on :data:`HOST`, and what it saw."""
+
+    def __init__(self, package: QuicPackage, server: Any, state: _SinkState) -> None:
+        self.package = package
         self.server = server
         self.state = state
 
@@ -248,38 +356,46 @@ class _AioquicServer:
     def port(self) -> int:
         transport = self.server._transport
         if transport is None:
-            raise RuntimeError("aioquic server closed")
+            raise RuntimeError(f"{self.package.name} server closed")
         return int(transport.get_extra_info("sockname")[1])
 
+    def connect(self, *, echo: bool = False) -> AbstractAsyncContextManager[Any]:
+        """A new client connection to this server (``echo``: with an
+        :class:`_EchoClient` protocol)."""
+        pkg = self.package
+        config = pkg.configuration.QuicConfiguration(is_client=True, alpn_protocols=[ALPN])
+        config.verify_mode = ssl.CERT_NONE  # throwaway certificate; loopback only
+        kwargs: dict[str, Any] = {"configuration": config}
+        if echo:
+            kwargs["create_protocol"] = pkg.client_protocol
+        cm: AbstractAsyncContextManager[Any] = pkg.aio.connect(HOST, self.port, **kwargs)
+        return cm
 
-async def _start_aioquic_server() -> _AioquicServer:
+
+async def _start_quic_server(package: QuicPackage) -> _QuicServer:
     cert, key = self_signed("localhost")
-    config = QuicConfiguration(is_client=False, alpn_protocols=[ALPN])
-    config.certificate = cert
-    config.private_key = key
+    config = package.configuration.QuicConfiguration(is_client=False, alpn_protocols=[ALPN])
+    config.certificate = package.tls.load_pem_x509_certificates(
+        cert.public_bytes(serialization.Encoding.PEM))[0]
+    config.private_key = package.tls.load_pem_private_key(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()), None)
     state = _SinkState()
 
-    def factory(*args: Any, **kwargs: Any) -> QuicConnectionProtocol:
-        return _EchoServerProtocol(*args, state=state, **kwargs)
+    def factory(*args: Any, **kwargs: Any) -> Any:
+        return package.server_protocol(*args, state=state, **kwargs)
 
-    server = await serve(HOST, 0, configuration=config, create_protocol=factory)
-    return _AioquicServer(server, state)
-
-
-def _client_config() -> QuicConfiguration:
-    config = QuicConfiguration(is_client=True, alpn_protocols=[ALPN])
-    config.verify_mode = ssl.CERT_NONE  # throwaway certificate; loopback only
-    return config
+    server = await package.aio.serve(HOST, 0, configuration=config, create_protocol=factory)
+    return _QuicServer(package, server, state)
 
 
-async def aioquic_rtt(opts: Options, server: _AioquicServer) -> list[float]:
+async def quic_rtt(opts: Options, server: _QuicServer) -> list[float]:
     """Sequential round trips on one bidirectional stream."""
     loop = asyncio.get_running_loop()
     payload = framed_message(opts.message_bytes, ECHO)
     samples: list[float] = []
-    async with connect(HOST, server.port, configuration=_client_config(),
-                       create_protocol=_EchoClientProtocol) as proto:
-        client = cast(_EchoClientProtocol, proto)
+    async with server.connect(echo=True) as proto:
+        client = cast(_EchoClient, proto)
         stream = client._quic.get_next_available_stream_id()
         for i in range(-warmup(opts), opts.rtt_samples):
             client.expect += len(payload)
@@ -294,7 +410,7 @@ async def aioquic_rtt(opts: Options, server: _AioquicServer) -> list[float]:
     return samples
 
 
-async def aioquic_connect(opts: Options, server: _AioquicServer) -> list[float]:
+async def quic_connect(opts: Options, server: _QuicServer) -> list[float]:
     """From ``connect()`` to the first message's arrival, new connection each."""
     samples: list[float] = []
     payload = framed_message(opts.message_bytes, SINK)
@@ -303,7 +419,8 @@ async def aioquic_connect(opts: Options, server: _AioquicServer) -> list[float]:
         state.first_arrival.clear()
         count = len(state.first_arrivals)
         start = time.perf_counter()
-        async with connect(HOST, server.port, configuration=_client_config()) as client:
+        async with server.connect() as proto:
+            client = cast(_QuicProtocol, proto)
             stream = client._quic.get_next_available_stream_id()
             client._quic.send_stream_data(stream, payload)
             client.transmit()
@@ -315,13 +432,14 @@ async def aioquic_connect(opts: Options, server: _AioquicServer) -> list[float]:
     return samples
 
 
-async def aioquic_throughput(opts: Options, server: _AioquicServer, *,
-                             flush_each: bool) -> tuple[float, float]:
+async def quic_throughput(opts: Options, server: _QuicServer, *,
+                          flush_each: bool) -> tuple[float, float]:
     """One-way messages/s and CPU seconds per message on one stream."""
     payload = framed_message(opts.message_bytes, SINK)
     n = opts.stanzas
     state = server.state
-    async with connect(HOST, server.port, configuration=_client_config()) as client:
+    async with server.connect() as proto:
+        client = cast(_QuicProtocol, proto)
         quic = client._quic
         stream = quic.get_next_available_stream_id()
         state.received_bytes = 0
@@ -550,7 +668,8 @@ async def dtx_connect(opts: Options, pair: _DtxPair) -> list[float]:
 # -- the scenario -------------------------------------------------------------
 
 
-async def _run_once(opts: Options, run: int) -> list[Result]:
+async def _run_once(opts: Options, run: int,
+                    packages: tuple[QuicPackage, ...]) -> list[Result]:
     results: list[Result] = []
     step = opts.progress.step
     tag = f"{NAME} run {run + 1}/{opts.runs}"
@@ -565,21 +684,24 @@ async def _run_once(opts: Options, run: int) -> list[Result]:
     add("udp", Metric.RTT, samples)
     add("udp", Metric.PACKETS, [packets])
 
-    step(f"{tag}: aioquic rtt x{opts.rtt_samples}")
-    server = await _start_aioquic_server()
-    try:
-        add("aioquic", Metric.RTT, await aioquic_rtt(opts, server))
-        step(f"{tag}: aioquic connect x{opts.connects}")
-        add("aioquic", Metric.CONNECT, await aioquic_connect(opts, server))
-        for system, flush in (("aioquic", False), ("aioquic-flush", True)):
-            step(f"{tag}: {system} one-way x{opts.stanzas}")
-            rate, cpu = await aioquic_throughput(opts, server, flush_each=flush)
-            note = "transmit() after every message" if flush else \
-                f"transmit() every {opts.burst} messages"
-            add(system, Metric.THROUGHPUT, [rate], note=note)
-            add(system, Metric.CPU, [cpu], note=note)
-    finally:
-        server.server.close()
+    for package in packages:
+        name = package.name
+        step(f"{tag}: {name} rtt x{opts.rtt_samples}")
+        server = await _start_quic_server(package)
+        try:
+            add(name, Metric.RTT, await quic_rtt(opts, server))
+            step(f"{tag}: {name} connect x{opts.connects}")
+            add(name, Metric.CONNECT, await quic_connect(opts, server))
+            for flush in (False, True) if name in FLUSHED_QUIC_PACKAGES else (False,):
+                system = f"{name}-flush" if flush else name
+                step(f"{tag}: {system} one-way x{opts.stanzas}")
+                rate, cpu = await quic_throughput(opts, server, flush_each=flush)
+                note = "transmit() after every message" if flush else \
+                    f"transmit() every {opts.burst} messages"
+                add(system, Metric.THROUGHPUT, [rate], note=note)
+                add(system, Metric.CPU, [cpu], note=note)
+        finally:
+            server.server.close()
 
     tv_id = generate_identity(TV_JID)
     remote_id = generate_identity(REMOTE_JID)
@@ -625,15 +747,21 @@ async def _run_once(opts: Options, run: int) -> list[Result]:
 
 
 def run(opts: Options) -> list[Result]:
-    """Measure every loopback system ``opts.runs`` times."""
+    """Measure every loopback system ``opts.runs`` times (but those of
+    :func:`left_out`, with a warning)."""
+    missing = left_out()
+    for name, reason in missing.items():
+        logger.warning("scenario %s without %s: %s", NAME, name, reason)
+        opts.progress.step(f"{NAME}: {name} left out: {reason}"[:300])
+    packages = tuple(quic_package(name) for name in QUIC_PACKAGES if name not in missing)
     results: list[Result] = []
     for i in range(opts.runs):
-        results.extend(asyncio.run(_run_once(opts, i)))
+        results.extend(asyncio.run(_run_once(opts, i, packages)))
     return results
 
 
 SYSTEMS: tuple[str, ...] = (
-    "udp", "aioquic", "aioquic-flush", "dtx", "dtx-ping", "dtx-datagram", "dtx-2proc",
+    "udp", "aioquic", "aioquic-flush", "qh3", "dtx", "dtx-ping", "dtx-datagram", "dtx-2proc",
 )
 """Every system this scenario reports, in display order."""
 
@@ -641,11 +769,13 @@ DESCRIPTIONS: dict[str, str] = {
     "udp": "raw asyncio UDP echo (the floor)",
     "aioquic": "bare aioquic, one bidirectional stream",
     "aioquic-flush": "bare aioquic, transmit() after every message",
+    "qh3": "bare qh3 (aioquic's fork, QUIC core in Rust), one bidirectional stream",
     "dtx": "dtx session, `<message/>` stanzas",
     "dtx-ping": "dtx session, XEP-0199 ping",
     "dtx-datagram": "dtx DATAGRAM channel, stanza echo",
     "dtx-2proc": "dtx session, receiving device in its own process",
 }
 
-__all__ = ["NAME", "SYSTEMS", "DESCRIPTIONS", "run", "framed_message", "sized_stanza", "stanza_id",
+__all__ = ["NAME", "SYSTEMS", "DESCRIPTIONS", "QUIC_PACKAGES", "QuicPackage", "run", "left_out",
+           "quic_package", "quic_missing", "framed_message", "sized_stanza", "stanza_id",
            "self_signed"]

@@ -15,15 +15,24 @@ from typing import Any
 
 import pytest
 
-from bench.run import available_scenarios, load_scenario, main, ScenarioError
+from bench.report import markdown
+from bench.run import available_scenarios, build_document, load_scenario, main, ScenarioError
+from bench.scenarios import loopback
 from bench.scenarios.common import Metric, Options, Result
-from bench.scenarios.loopback import SYSTEMS, framed_message, sized_stanza
+from bench.scenarios.loopback import (SYSTEMS, framed_message, left_out, quic_missing,
+                                      quic_package, sized_stanza)
 from bench.stats import percentile, summarise, targets
 from dtx.proto.xmlstream import encode_stanza
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ROOT = Path(__file__).resolve().parents[2]
 PLOTS = ("rtt_cdf.png", "throughput.png", "cpu.png", "connect.png")
+QH3_MISSING = quic_missing("qh3")
+"""Why the quick run leaves ``qh3`` out here (not installed), or None."""
+BARE_QUIC = ("aioquic",) if QH3_MISSING else ("aioquic", "qh3")
+"""The bare QUIC systems the quick run measures here."""
+MEASURED = tuple(s for s in SYSTEMS if s != "qh3" or not QH3_MISSING)
+"""Every system the quick run has figures for here."""
 
 
 @pytest.fixture(scope="module")
@@ -54,19 +63,22 @@ def test_json_has_conditions_and_options(quick_run: tuple[Path, str]) -> None:
     assert doc["options"]["prosody_nagle"] is False  # the lab's servers as docs/xmpp-server.md
     assert doc["scenarios"] == ["loopback"]
     assert [s["name"] for s in doc["systems"]] == list(SYSTEMS)
+    assert doc["left_out"] == ({"qh3": QH3_MISSING} if QH3_MISSING else {})
+    assert c["qh3"] or QH3_MISSING
 
 
 def test_json_raw_samples_are_positive_and_complete(quick_run: tuple[Path, str]) -> None:
     doc = _load(quick_run[0])
     seen = {(r["system"], r["metric"], r["run"]) for r in doc["results"]}
     for run in (0, 1):
-        for system in ("udp", "aioquic", "dtx", "dtx-ping", "dtx-datagram"):
+        for system in ("udp", *BARE_QUIC, "dtx", "dtx-ping", "dtx-datagram"):
             assert (system, "rtt", run) in seen
-        for system in ("aioquic", "aioquic-flush", "dtx"):
+        for system in (*BARE_QUIC, "aioquic-flush", "dtx"):
             assert (system, "throughput", run) in seen
             assert (system, "cpu_per_message", run) in seen
-        for system in ("aioquic", "dtx"):
+        for system in (*BARE_QUIC, "dtx"):
             assert (system, "connect", run) in seen
+    assert {r["system"] for r in doc["results"]} == set(MEASURED)
     for r in doc["results"]:
         assert r["samples"], r
         assert all(isinstance(v, float) and v > 0 and math.isfinite(v)
@@ -80,8 +92,10 @@ def test_json_raw_samples_are_positive_and_complete(quick_run: tuple[Path, str])
 
 def test_json_summaries_are_ordered_ranges(quick_run: tuple[Path, str]) -> None:
     doc = _load(quick_run[0])
-    # rtt, throughput, cpu, connect, packets per exchange
-    assert len(doc["summaries"]) == 5 + 4 + 4 + 2 + 4
+    # rtt, throughput, cpu, connect, packets per exchange; each bare QUIC
+    # system adds one of the first four
+    quic = len(BARE_QUIC)
+    assert len(doc["summaries"]) == (4 + quic) + (3 + quic) * 2 + (1 + quic) + 4
     packets = {s["system"]: s["stats"]["median"]["median"] for s in doc["summaries"]
                if s["metric"] == "packets_per_exchange"}
     assert packets["udp"] == 2.0, "raw UDP: one datagram each way"
@@ -114,8 +128,13 @@ def test_markdown_tables(quick_run: tuple[Path, str]) -> None:
     assert "| System | Messages/s | CPU µs per message | How it sends |" in md
     assert "## Connect time" in md
     assert "## Targets" in md
-    for system in SYSTEMS:
+    for system in MEASURED:
         assert f"\n| {system} |" in md, system
+    if QH3_MISSING:
+        assert "\n| qh3 |" not in md
+        assert "Left out: `qh3`, qh3 is not installed" in md
+    else:
+        assert "Left out" not in md
     assert "python -m bench --quick" in md
 
 
@@ -130,6 +149,10 @@ def test_progress_on_stderr(quick_run: tuple[Path, str]) -> None:
     stderr = quick_run[1]
     assert "loopback run 1/2: udp rtt x40" in stderr
     assert "loopback run 2/2: dtx connect x2" in stderr
+    if QH3_MISSING:
+        assert "loopback: qh3 left out: qh3 is not installed" in stderr
+    else:
+        assert "loopback run 2/2: qh3 one-way x2000" in stderr
 
 
 def test_unknown_scenario_is_refused(tmp_path: Path) -> None:
@@ -139,6 +162,43 @@ def test_unknown_scenario_is_refused(tmp_path: Path) -> None:
         load_scenario("common")
     assert "loopback" in available_scenarios()
     assert "common" not in available_scenarios()
+
+
+def test_qh3_is_left_out_with_a_note_when_it_is_not_installed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without qh3 the loopback scenario measures the rest and the results
+    say why ``qh3`` has no figures (here qh3 is made unimportable)."""
+    for name in ["qh3", *(m for m in sys.modules if m.startswith("qh3."))]:
+        monkeypatch.setitem(sys.modules, name, None)
+    quic_package.cache_clear()
+    try:
+        missing = left_out()
+        assert list(missing) == ["qh3"]
+        assert missing["qh3"].startswith("qh3 is not installed (the bench extra")
+        with pytest.raises(ImportError):
+            quic_package("qh3")
+        assert quic_package("aioquic").name == "aioquic"
+        doc = build_document(["--scenario", "loopback"], Options.quick(), ["loopback"],
+                             [loopback], [])
+    finally:
+        quic_package.cache_clear()
+    assert doc["left_out"] == missing
+    assert "qh3" in [s["name"] for s in doc["systems"]]
+    assert f"\nLeft out: `qh3`, {missing['qh3']}.\n" in markdown(doc)
+
+
+def test_one_echo_drives_both_quic_packages() -> None:
+    """aioquic and qh3 share the echo code: the protocols differ only in
+    the package's QuicConnectionProtocol and StreamDataReceived."""
+    if QH3_MISSING:
+        pytest.skip(QH3_MISSING)
+    a, q = quic_package("aioquic"), quic_package("qh3")
+    for pkg in (a, q):
+        assert issubclass(pkg.server_protocol, pkg.aio.QuicConnectionProtocol)
+        assert issubclass(pkg.client_protocol, pkg.aio.QuicConnectionProtocol)
+        assert pkg.server_protocol.stream_data_received is pkg.events.StreamDataReceived
+    assert a.server_protocol.quic_event_received is q.server_protocol.quic_event_received
+    assert a.client_protocol.quic_event_received is q.client_protocol.quic_event_received
 
 
 def test_messages_are_the_stated_size() -> None:
