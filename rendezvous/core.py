@@ -558,9 +558,11 @@ class RendezvousCore:
         # A TARGET in the REGISTER asks for the introduction at once
         # (docs/protocol.md 7.6): REGISTERED names it when the INTRODUCTIONs
         # follow in the same batch, behind it; a refusal is left to the
-        # device's own INTRODUCE, which gets the error.
+        # device's own INTRODUCE, which gets the error. A server with a
+        # mapping port waits for that INTRODUCE: only then does it know the
+        # device's NAT mapping (7.7), which a birthday search needs.
         at = len(self._out)
-        target = msg.target
+        target = msg.target if self._mapping is None else None
         if target is not None and self._introduce(reg, target, msg.txid, now) is not None:
             target = None
         self._out.insert(at, (encode_control(ControlMessage(

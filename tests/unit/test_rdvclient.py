@@ -289,3 +289,44 @@ def test_a_refused_registration_fails_the_waiting_introductions() -> None:
     names = [type(e).__name__ for e in evs]
     assert names == ["RegistrationRefused", "IntroductionFailed"], names
     assert isinstance(evs[1], IntroductionFailed) and evs[1].code == 403
+
+
+def test_a_server_with_a_mapping_port_waits_for_the_introduce() -> None:
+    """With a mapping port the INTRODUCTION must say the new device's NAT
+    mapping, known only after its mapping check: the server leaves TARGET
+    alone and the device's INTRODUCE, after the check, gets it."""
+    world = World(generate_identity("remote@example.org/phone"),
+                  generate_identity("tv@example.org/living-room"))
+    world.core = RendezvousCore(keys=world.keys,
+                                addresses=ServerAddresses(SERVER, mapping_port=SERVER[1] + 1),
+                                config=RendezvousConfig(keepalive=5.0, lifetime=15.0),
+                                secret=bytes(32), rng=random.Random(7))
+    a, b = list(world.clients)
+    sent: list[str] = []
+
+    def pump() -> None:
+        for _ in range(50):
+            moved = False
+            for addr, client in world.clients.items():
+                for data, dest in client.datagrams_to_send():
+                    moved = True
+                    if addr == a:
+                        sent.append(decode_control(data).type.name)
+                    world.core.receive_datagram(data, addr, dest, world.now)
+            for data, dest, _ in world.core.datagrams_to_send():
+                moved = True
+                if dest in world.clients:
+                    world.clients[dest].receive(decode_control(data), world.now)
+            if not moved:
+                return
+
+    world.clients[b].start(world.now)
+    pump()
+    world.events(b)
+    remote = world.clients[a]
+    remote.start(world.now)
+    remote.introduce("tv@example.org", world.now)
+    pump()
+    assert sent[:2] == ["HELLO", "REGISTER"] and "INTRODUCE" in sent
+    assert sent.index("KEEPALIVE") < sent.index("INTRODUCE"), "the mapping check first"
+    assert [type(e).__name__ for e in world.events(a)] == ["Registered", "IntroductionReceived"]
