@@ -798,7 +798,8 @@ class Endpoint:
 
     def _quic_datagram(self, data: bytes, addr: Address, now: float) -> None:
         conn = self._connections.get(addr)
-        if conn is not None and self._new_client(conn, data):
+        # (an Initial is rare on a connection: one byte decides for the rest)
+        if conn is not None and data[0] & 0xF0 == 0xC0 and self._new_client(conn, data):
             self._supersede(conn)
             conn = None
         if conn is None:
@@ -823,10 +824,10 @@ class Endpoint:
         gone. A source that could only spoof the peer's address cannot
         make a new introduction: that takes the peer's key."""
         link = conn.link
-        if conn.initiator or link is None or link.introduced_at <= conn.started_at \
-                or len(data) < 1200 or data[0] & 0xF0 != 0xC0:  # (QUIC v1 Initial)
+        if conn.initiator or link is None or link.introduced_at <= conn.started_at:
             return False
-        return not _addressed_to(conn, data[6:6 + data[5]])
+        dcid = _initial_dcid(data)
+        return dcid is not None and not _addressed_to(conn, dcid)
 
     def _supersede(self, conn: Connection) -> None:
         """A restarted peer's new connection takes the place of ``conn``:
@@ -1417,24 +1418,18 @@ class Endpoint:
         already is counted and dropped. Without this each copy would start
         a connection of its own, with its own keys, and neither would
         finish."""
-        if len(data) < 1200 or data[0] & 0xF0 != 0xC0:  # (QUIC v1 Initial)
+        dcid = _initial_dcid(data)
+        if dcid is None:
             return None
-        dcid = data[6:6 + data[5]]
         for other in self._connections.values():
-            if other.initiator or other.opened or other.ended is not None \
-                    or not _addressed_to(other, dcid):
+            if not self._half_open(other) or not _addressed_to(other, dcid):
                 continue
             link = self.traversal.link_for_mapped(addr)
             if other.link is None and link is not None:
-                old = other.address
-                del self._connections[old]
-                other.address, other.link = addr, link
-                other.quic.rehome(old, addr)
-                self._connections[addr] = other
-                self.traversal.idle(link.peer_jid, None)
+                self._move(other, link)
                 self.counters["initial_copies_joined"] += 1
-                return other
-            self.counters["initial_copies_dropped"] += 1
+            else:
+                self.counters["initial_copies_dropped"] += 1
             return other
         return None
 
@@ -1444,18 +1439,31 @@ class Endpoint:
         beat the server's INTRODUCTION) moves to the link's mapped address:
         the relayed copy of the same Initial then reaches the same
         connection instead of starting a second one with other keys."""
-        mapped = link.mapped
-        if mapped in self._connections:
+        if link.mapped in self._connections:
             return
         for addr, conn in list(self._connections.items()):
             if conn.link is None and not conn.initiator and not conn.opened \
                     and link.paths.knows(addr):
-                del self._connections[addr]
-                conn.address, conn.link = mapped, link
-                conn.quic.rehome(addr, mapped)
-                self._connections[mapped] = conn
-                self.traversal.idle(link.peer_jid, None)
+                self._move(conn, link)
                 return
+
+    def _move(self, conn: Connection, link: Link) -> None:
+        """``conn``, begun at a real address, is ``link``'s from now on, at
+        its mapped address."""
+        old = conn.address
+        del self._connections[old]
+        conn.address, conn.link = link.mapped, link
+        conn.quic.rehome(old, link.mapped)
+        self._connections[link.mapped] = conn
+        self.traversal.idle(link.peer_jid, None)
+
+
+def _initial_dcid(data: bytes) -> bytes | None:
+    """The destination connection id of a QUIC v1 Initial big enough to be
+    one (RFC 9000 14.1), or None for any other datagram."""
+    if len(data) < 1200 or data[0] & 0xF0 != 0xC0:
+        return None
+    return data[6:6 + data[5]]
 
 
 def _addressed_to(conn: Connection, dcid: bytes) -> bool:

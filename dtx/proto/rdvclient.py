@@ -179,14 +179,9 @@ class RendezvousClient:
                 self._waiting.append(target)
             return
         registration = self.registration
-        self._request(
-            MessageType.INTRODUCE,
-            lambda txid: encode_control(
-                ControlMessage(MessageType.INTRODUCE, txid, registration=registration, target=target)
-            ),
-            now,
-            target=target,
-        )
+        self._request(MessageType.INTRODUCE,
+                      lambda txid: _introduce_message(txid, registration, target), now,
+                      target=target)
 
     def accept(self, intro: bytes, now: float) -> None:
         if self.registration is None:
@@ -347,10 +342,8 @@ class RendezvousClient:
         waiting, self._waiting = self._waiting, []
         sent, self._register_target = self._register_target, None
         for target in waiting:
-            if target == sent and msg.target == sent and self.registration is not None:
-                data = encode_control(ControlMessage(
-                    MessageType.INTRODUCE, req.txid, registration=self.registration,
-                    target=target))
+            if target == sent and msg.target == sent and msg.registration is not None:
+                data = _introduce_message(req.txid, msg.registration, target)
                 self._requests[req.txid] = _Request(
                     MessageType.INTRODUCE, req.txid, data, now + self.config.retransmit[0],
                     1, target)
@@ -475,3 +468,8 @@ class RendezvousClient:
     def _drop_requests(self, *kinds: MessageType) -> None:
         for txid in [t for t, r in self._requests.items() if r.kind in kinds]:
             del self._requests[txid]
+
+
+def _introduce_message(txid: bytes, registration: bytes, target: str) -> bytes:
+    return encode_control(
+        ControlMessage(MessageType.INTRODUCE, txid, registration=registration, target=target))

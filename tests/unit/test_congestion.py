@@ -16,7 +16,9 @@ from aioquic.quic.packet import pull_quic_header
 
 from dtx import stanza as st
 from dtx.proto.auth import AuthenticatedQuicConnection
+from dtx.proto.congestion import NAME as CONTROLLER_NAME
 from dtx.proto.congestion import LossTolerantCongestionControl
+from dtx.proto.endpoint import EndpointConfig
 from dtx.proto.session import SessionOpened, StanzaReceived
 
 from .test_session_core import REMOTE, SERVER_ADDR, TV, End, end
@@ -335,3 +337,9 @@ def test_a_lost_echo_costs_less_than_a_probe_timeout() -> None:
             slow += 1
     assert path.server.quic.datagrams_duplicated > 100
     assert slow <= 4, slow
+
+
+def test_the_endpoint_default_names_dtxs_controller() -> None:
+    """EndpointConfig spells the name out (importing the controller's module
+    would load the QUIC engine at start-up); it must stay the controller's."""
+    assert EndpointConfig().congestion_control == CONTROLLER_NAME

@@ -194,15 +194,21 @@ class Wire:
                 return
 
 
-def cold_start(drop: frozenset[str] = frozenset()
-               ) -> tuple[World, Wire, tuple[str, int], tuple[str, int]]:
-    """The TV registered; the remote starts and asks for the TV at once."""
+def tv_registered() -> tuple[World, tuple[str, int], tuple[str, int]]:
+    """A remote and a TV; the TV registered (its events read)."""
     world = World(generate_identity("remote@example.org/phone"),
                   generate_identity("tv@example.org/living-room"))
     a, b = list(world.clients)
     world.clients[b].start(world.now)
     world.shuttle()
     world.events(b)
+    return world, a, b
+
+
+def cold_start(drop: frozenset[str] = frozenset()
+               ) -> tuple[World, Wire, tuple[str, int], tuple[str, int]]:
+    """The TV registered; the remote starts and asks for the TV at once."""
+    world, a, b = tv_registered()
     wire = Wire(world)
     remote = world.clients[a]
     remote.start(world.now)
@@ -237,12 +243,7 @@ def test_a_lost_introduction_after_the_register_is_asked_for_again() -> None:
 
 
 def test_an_old_server_that_ignores_the_target_gets_the_introduce() -> None:
-    world = World(generate_identity("remote@example.org/phone"),
-                  generate_identity("tv@example.org/living-room"))
-    a, b = list(world.clients)
-    world.clients[b].start(world.now)
-    world.shuttle()
-    world.events(b)
+    world, a, _ = tv_registered()
     core = world.core
     finish = core._finish_register
 

@@ -41,6 +41,7 @@ from dtx.wire.demux import CONTROL_FIRST_BYTE, PROBE_FIRST_BYTE
 from tests.fakes import (
     FakeClock,
     LossyRoute,
+    MemoryNat,
     MemoryPeer,
     MemoryNetwork,
     MemoryServer,
@@ -815,6 +816,22 @@ def test_a_peer_listing_third_parties_as_host_candidates_gets_no_reflection() ->
     assert tv.traversal.counters["punch_restarts_limited"] > 0, "re-introductions limited"
 
 
+def tv_registered(route: RouteHook = deliver_as_is
+                  ) -> tuple[MemoryNetwork, MemoryServer, MemoryNat, DeviceIdentity, MemoryPeer]:
+    """Two port-restricted homes, the TV registered in ``b``: the network,
+    the server, home ``a`` and the remote's identity, for remotes to be
+    started there, and the TV."""
+    ids = [identity_for(REMOTE, 1), identity_for(TV, 2)]
+    net, server = make_scene(ids, route_packet=route)
+    public = PublicAddresses()
+    home_a = net.add_nat("a", "port-restricted-cone", public.take(), lan_prefix="10.1.0")
+    home_b = net.add_nat("b", "port-restricted-cone", public.take(), lan_prefix="10.2.0")
+    tv = add_device(net, home_b, ids[1], server, seed=2)
+    tv.start()
+    assert net.run_until(lambda: tv.endpoint.registered, 10.0)
+    return net, server, home_a, ids[0], tv
+
+
 @pytest.mark.parametrize("exit", ["graceful", "killed"])
 def test_a_command_run_again_and_again_connects_at_once_every_time(exit: str) -> None:
     """A home-automation script runs ``dtx send`` six times in a row: each
@@ -825,18 +842,11 @@ def test_a_command_run_again_and_again_connects_at_once_every_time(exit: str) ->
     must not leave it answering a dead process: every run gets its stanza
     through within the round trips it needs, not after QUIC's
     retransmission back-off."""
-    ids = [identity_for(REMOTE, 1), identity_for(TV, 2)]
-    net, server = make_scene(ids)
-    public = PublicAddresses()
-    home_a = net.add_nat("a", "port-restricted-cone", public.take(), lan_prefix="10.1.0")
-    home_b = net.add_nat("b", "port-restricted-cone", public.take(), lan_prefix="10.2.0")
-    tv = add_device(net, home_b, ids[1], server, seed=2)
-    tv.start()
-    assert net.run_until(lambda: tv.endpoint.registered, 10.0)
+    net, server, home_a, remote_id, tv = tv_registered()
     took = []
     for run in range(6):
         started = net.clock.now
-        remote = add_device(net, home_a, ids[0], server, seed=10 + run, listen=False)
+        remote = add_device(net, home_a, remote_id, server, seed=10 + run, listen=False)
         remote.start()
         assert net.run_until(lambda: remote.endpoint.registered, 10.0)
         remote.introduce(TV)
@@ -914,15 +924,8 @@ def test_a_device_that_asks_for_its_peer_at_start_is_introduced_without_an_intro
     registration, one round trip to the rendezvous sooner, and the session
     opens on it."""
     route = Introductions(SERVER_ADDR)
-    ids = [identity_for(REMOTE, 1), identity_for(TV, 2)]
-    net, server = make_scene(ids, route_packet=route)
-    public = PublicAddresses()
-    home_a = net.add_nat("a", "port-restricted-cone", public.take(), lan_prefix="10.1.0")
-    home_b = net.add_nat("b", "port-restricted-cone", public.take(), lan_prefix="10.2.0")
-    tv = add_device(net, home_b, ids[1], server, seed=2)
-    tv.start()
-    assert net.run_until(lambda: tv.endpoint.registered, 10.0)
-    remote = add_device(net, home_a, ids[0], server, seed=1, listen=False)
+    net, server, home_a, remote_id, tv = tv_registered(route)
+    remote = add_device(net, home_a, remote_id, server, seed=1, listen=False)
     remote.start()
     remote.introduce(TV)
     assert not remote.endpoint.registered
